@@ -1,0 +1,68 @@
+"""One frozen settings object. Every field is a `softmux serve` flag and a `SOFTMUX_<NAME>` env var."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live; shared by `make serve`, the tests and the CLI."""
+    env = os.environ.get("SOFTMUX_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "softmux" if xdg else Path.home() / ".cache" / "softmux"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M-Instruct), a local HF folder or a hub id"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU) | float32 | float16 | bfloat16 | float64"})
+    store: Path = field(default=Path("prompts_store"), metadata={"help": "folder of PEFT soft-prompt adapters, one task per folder"})
+    cache_dir: Path = field(default_factory=default_cache_dir, metadata={"help": "where the converted default model is cached"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=8000, metadata={"help": "port to bind"})
+    max_batch_size: int = field(default=32, metadata={"help": "rows in the running batch"})
+    max_batch_tokens: int = field(default=16384, metadata={"help": "tokens reserved by the running batch (virtual + input + max_new_tokens per row)"})
+    max_input_tokens: int = field(default=1024, metadata={"help": "input tokens per request (virtual tokens not counted)"})
+    max_new_tokens: int = field(default=512, metadata={"help": "largest max_new_tokens a request may ask for"})
+    max_virtual_tokens: int = field(default=128, metadata={"help": "largest soft prompt (virtual tokens) the registry accepts"})
+    max_queue: int = field(default=256, metadata={"help": "waiting requests; beyond this new requests get 429"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
+    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _env_name(name: str) -> str:
+    return "SOFTMUX_" + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one `--flag` per Settings field; its default comes from `SOFTMUX_<NAME>` when set."""
+    defaults = Settings()
+    for f in dataclasses.fields(Settings):
+        env = os.environ.get(_env_name(f.name))
+        default = getattr(defaults, f.name)
+        kind = type(default)
+        if env is not None:
+            default = kind(env)
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=kind,
+            default=default,
+            help=f"{f.metadata.get('help', '')} (env {_env_name(f.name)}; default: %(default)s)",
+        )
+
+
+def from_namespace(ns: argparse.Namespace) -> Settings:
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return Settings(**{k: v for k, v in vars(ns).items() if k in names})
