@@ -1,0 +1,100 @@
+"""Request and response bodies of the native (TGI-shaped) API."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP = 4
+MAX_SEED = 2**63 - 1
+
+# TGI fields that clients send routinely: accepted at their neutral value, refused otherwise.
+_TGI_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "best_of": (None, 1),
+    "decoder_input_details": (None, False),
+    "return_full_text": (None, False),
+    "truncate": (None,),
+    "typical_p": (None, 1.0),
+    "watermark": (None, False),
+    "top_n_tokens": (None, 0),
+    "frequency_penalty": (None, 0.0),
+    "grammar": (None,),
+    "adapter_id": (None,),
+}
+
+
+class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(20, ge=1, description="tokens to generate at most (the server caps it)")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    temperature: float | None = Field(None, ge=0.0, le=100.0, description="0 means greedy; setting it turns sampling on")
+    top_k: int | None = Field(None, ge=0, description="keep the k most likely tokens (0: off)")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, description="1.0: off")
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP, description=f"up to {MAX_STOP} stop strings")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed for sampling; same seed, same text")
+    details: bool = Field(True, description="accepted for TGI compatibility; details are always returned")
+
+    best_of: int | None = None
+    decoder_input_details: bool | None = None
+    return_full_text: bool | None = None
+    truncate: int | None = None
+    typical_p: float | None = None
+    watermark: bool | None = None
+    top_n_tokens: int | None = None
+    frequency_penalty: float | None = None
+    grammar: Any = None
+    adapter_id: str | None = None
+
+    @field_validator("temperature", "top_p", "repetition_penalty")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: list[str]) -> list[str]:
+        if any(len(s) == 0 for s in v):
+            raise ValueError("stop strings must not be empty")
+        if any(len(s) > 256 for s in v):
+            raise ValueError("stop strings must be at most 256 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _neutral_tgi_fields(self) -> "GenerateParameters":
+        for name, allowed in _TGI_NEUTRAL.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported by softmux (allowed: {', '.join(map(repr, allowed))})")
+        return self
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(..., min_length=1, max_length=64, description="the task (soft prompt) to apply")
+    inputs: str = Field(..., min_length=1, description="the text that follows the soft prompt")
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class Details(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    input_tokens: int
+    virtual_tokens: int
+    seed: int | None
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details
+
+
+class ErrorBody(BaseModel):
+    error: str
+    error_type: str

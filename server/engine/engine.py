@@ -1,0 +1,265 @@
+"""The engine loop: schedule, prefill new rows, decode all rows, emit tokens. One thread owns the model."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from server.engine.batch import Batch
+from server.engine.detok import IncrementalText
+from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
+from server.engine.runner import PrefillRow, Runner
+from server.engine.sampler import SamplingTensors, sample
+from server.engine.scheduler import Scheduler
+from server.models import LoadedModel
+
+log = logging.getLogger("softmux.engine")
+
+
+@dataclass
+class EngineStats:
+    """Counters that show what batching did (read by /stats and by tests)."""
+
+    prefill_passes: int = 0
+    decode_passes: int = 0
+    rows_prefilled: int = 0
+    rows_decoded: int = 0
+    mixed_task_passes: int = 0  # forward passes whose rows belong to more than one task
+    max_tasks_in_pass: int = 0
+    max_rows_in_pass: int = 0
+    joined_running_batch: int = 0  # rows admitted while other rows were mid-generation
+    requests_finished: int = 0
+    requests_failed: int = 0
+
+    def record_pass(self, phase: str, requests: list[Request]) -> None:
+        tasks = len({r.task for r in requests})
+        if phase == "prefill":
+            self.prefill_passes += 1
+            self.rows_prefilled += len(requests)
+        else:
+            self.decode_passes += 1
+            self.rows_decoded += len(requests)
+        self.mixed_task_passes += tasks > 1
+        self.max_tasks_in_pass = max(self.max_tasks_in_pass, tasks)
+        self.max_rows_in_pass = max(self.max_rows_in_pass, len(requests))
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, scheduler: Scheduler) -> None:
+        self.lm = lm
+        self.runner = Runner(lm)
+        self.scheduler = scheduler
+        self.tokenizer = lm.tokenizer
+        self.eos_ids = lm.eos_token_ids
+        self.stats = EngineStats()
+        self.batch: Batch | None = None
+        self._texts: dict[int, IncrementalText] = {}  # request id -> its detokeniser
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # set if the loop died
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="softmux-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.scheduler.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._fail_all("the server is shutting down", "unhealthy")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def submit(self, request: Request) -> None:
+        """Thread-safe. Raises QueueFull when the waiting queue is at its limit."""
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
+        self.scheduler.add(request)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.step():
+                    self.scheduler.wait_for_work(timeout=0.1)
+        except BaseException as exc:  # the loop must never die silently: health checks read this
+            log.exception("engine loop died")
+            self.error = exc
+            self._fail_all(f"engine failure: {exc}", "generation")
+
+    # ---- one iteration ---------------------------------------------------------------------
+    def step(self) -> bool:
+        """Admit, prefill, decode once. Returns False when there was nothing to do."""
+        admitted, dropped = self.scheduler.schedule()
+        for req in dropped:
+            self._finish(req, FinishReason.CANCELLED)
+        self._drop_cancelled()
+        if admitted:
+            if self.batch is not None:
+                self.stats.joined_running_batch += len(admitted)
+            self._guarded(admitted, lambda: self._prefill(admitted))
+        if self.batch is not None:
+            rows = list(self.batch.requests)
+            self._guarded(rows, self._decode)
+        return bool(admitted or dropped or self.batch is not None)
+
+    def _guarded(self, requests: list[Request], work) -> None:
+        """A forward pass that raises fails only the requests it was running; the loop goes on."""
+        try:
+            work()
+        except Exception as exc:
+            log.exception("forward pass failed for %d rows", len(requests))
+            failed = {r.id for r in requests}
+            if self.batch is not None and any(r.id in failed for r in self.batch.requests):
+                keep = [i for i, r in enumerate(self.batch.requests) if r.id not in failed]
+                self.batch = self.batch.filter(keep) if keep else None
+            for req in requests:
+                if req in self.scheduler.running:
+                    self._fail(req, f"generation failed: {exc}")
+
+    def _prefill(self, admitted: list[Request]) -> None:
+        now = time.monotonic()
+        for req in admitted:
+            req.admitted = now
+            if req.stream or req.params.stop:
+                self._texts[req.id] = IncrementalText(self.tokenizer, req.params.stop)
+        rows = [PrefillRow(prompt=r.prompt.embeddings, input_ids=r.input_ids) for r in admitted]
+        headroom = max(r.params.max_new_tokens for r in admitted)
+        result = self.runner.prefill(rows, headroom)
+        self.stats.record_pass("prefill", admitted)
+        new = Batch(
+            requests=list(admitted),
+            cache=result.cache,
+            mask=result.mask,
+            positions=result.positions,
+            next_tokens=torch.zeros(len(admitted), dtype=torch.int64, device=result.mask.device),
+            steps=torch.zeros(len(admitted), dtype=torch.int64, device=result.mask.device),
+            sampling=self._sampling_tensors(admitted),
+            seen=self._seen(admitted),
+        )
+        new = self._sample_and_emit(new, result.logits)
+        if new is not None:
+            self.batch = new if self.batch is None else Batch.concat(self.batch, new)
+
+    def _decode(self) -> None:
+        batch = self.batch
+        assert batch is not None
+        batch.extend_mask()
+        logits = self.runner.decode(batch.cache, batch.mask, batch.next_tokens, batch.positions)
+        batch.positions = batch.positions + 1
+        self.stats.record_pass("decode", batch.requests)
+        self.batch = self._sample_and_emit(batch, logits)
+
+    # ---- tokens out ----------------------------------------------------------------------
+    def _sample_and_emit(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
+        """Choose each row's token, deliver it, and return the batch without finished rows."""
+        finite = torch.isfinite(logits).all(dim=-1)  # [B]: a poisoned row must fail alone
+        tokens, logprobs = sample(logits.masked_fill(~finite[:, None], 0.0), batch.sampling, batch.steps, batch.seen)
+        batch.append_step(tokens)
+        keep: list[int] = []
+        for i, (req, tok, lp, ok) in enumerate(zip(batch.requests, tokens.tolist(), logprobs.tolist(), finite.tolist())):
+            if not ok:
+                self._fail(req, "the model produced non-finite logits for this request")
+                continue
+            reason = self._append_token(req, tok, lp)
+            if reason is None:
+                keep.append(i)
+            else:
+                self._finish(req, reason)
+        if len(keep) == len(batch):
+            return batch
+        return batch.filter(keep) if keep else None
+
+    def _append_token(self, req: Request, tok: int, logprob: float) -> FinishReason | None:
+        req.output_ids.append(tok)
+        text = self._texts.get(req.id)
+        is_eos = tok in self.eos_ids
+        delta = text.add(tok) if text is not None and not is_eos else ""
+        if req.stream:
+            req.sink(TokenEvent(token_id=tok, text=delta, logprob=logprob, special=is_eos))
+        if is_eos:
+            return FinishReason.EOS
+        if text is not None and text.stopped:
+            return FinishReason.STOP
+        if len(req.output_ids) >= req.params.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _drop_cancelled(self) -> None:
+        if self.batch is None:
+            return
+        keep = [i for i, r in enumerate(self.batch.requests) if not r.cancelled]
+        if len(keep) == len(self.batch):
+            return
+        for r in self.batch.requests:
+            if r.cancelled:
+                self._finish(r, FinishReason.CANCELLED)
+        self.batch = self.batch.filter(keep) if keep else None
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        text = self._texts.pop(req.id, None)
+        if text is not None:
+            generated = text.text
+        else:
+            ids = req.output_ids[:-1] if reason is FinishReason.EOS else req.output_ids
+            generated = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if req in self.scheduler.running:
+            self.scheduler.finish(req)
+        now = time.monotonic()
+        self.stats.requests_finished += 1
+        req.sink(
+            FinishEvent(
+                generated_text=generated,
+                finish_reason=reason,
+                generated_tokens=len(req.output_ids),
+                input_tokens=len(req.input_ids),
+                virtual_tokens=req.virtual_tokens,
+                seed=req.seed if req.params.sampling else None,
+                queue_time=(req.admitted or now) - req.arrival,
+                total_time=now - req.arrival,
+            )
+        )
+
+    def _fail(self, req: Request, message: str, error_type: str = "generation") -> None:
+        self._texts.pop(req.id, None)
+        if req in self.scheduler.running:
+            self.scheduler.finish(req)
+        self.stats.requests_failed += 1
+        req.sink(ErrorEvent(message=message, error_type=error_type))
+
+    def _fail_all(self, message: str, error_type: str) -> None:
+        for req in list(self.scheduler.running) + self.scheduler.drain_waiting():
+            self._fail(req, message, error_type)
+        self.batch = None
+
+    # ---- per-row tensors -------------------------------------------------------------------
+    def _sampling_tensors(self, reqs: list[Request]) -> SamplingTensors:
+        dev = self.runner.device
+        return SamplingTensors(
+            sampling=torch.tensor([r.params.sampling for r in reqs], dtype=torch.bool, device=dev),
+            temperature=torch.tensor([r.params.temperature or 1.0 for r in reqs], dtype=torch.float32, device=dev),
+            top_k=torch.tensor([r.params.top_k for r in reqs], dtype=torch.int64, device=dev),
+            top_p=torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev),
+            repetition_penalty=torch.tensor([r.params.repetition_penalty for r in reqs], dtype=torch.float32, device=dev),
+            seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
+        )
+
+    def _seen(self, reqs: list[Request]) -> torch.Tensor | None:
+        """[B, V] bool of input tokens, only when some new row uses a repetition penalty."""
+        if all(r.params.repetition_penalty == 1.0 for r in reqs):
+            return None
+        seen = torch.zeros(len(reqs), self.runner.vocab_size, dtype=torch.bool, device=self.runner.device)
+        for i, r in enumerate(reqs):
+            if r.input_ids:
+                seen[i, torch.tensor(r.input_ids, device=seen.device)] = True
+        return seen

@@ -1,0 +1,110 @@
+"""A generation request as the engine sees it: token ids, sampling parameters, output channel."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+from server.prompts.types import SoftPrompt
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS = "eos_token"
+    STOP = "stop_sequence"
+    CANCELLED = "cancelled"
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def sampling(self) -> bool:
+        """TGI's rule: any warper set turns sampling on; temperature 0 means greedy (OpenAI's habit)."""
+        if self.temperature == 0.0:
+            return False
+        return self.do_sample or self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    generated_text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    input_tokens: int
+    virtual_tokens: int
+    seed: int | None
+    queue_time: float  # seconds from arrival to admission
+    total_time: float  # seconds from arrival to finish
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    message: str
+    error_type: str
+
+
+Event = Union[TokenEvent, FinishEvent, ErrorEvent]
+Sink = Callable[[Event], None]  # called on the engine thread; must not block
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    task: str
+    prompt: SoftPrompt  # resolved at submission: a task replaced later does not change this request
+    input_ids: list[int]
+    params: SamplingParams
+    seed: int  # always set: the caller's seed or one drawn for it
+    sink: Sink
+    stream: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def virtual_tokens(self) -> int:
+        return self.prompt.num_virtual_tokens
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Tokens this row may hold at most: what admission control budgets for."""
+        return self.virtual_tokens + len(self.input_ids) + self.params.max_new_tokens
+
+    def cancel(self) -> None:
+        """Thread-safe: the engine drops the row at its next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()

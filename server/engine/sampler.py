@@ -1,0 +1,105 @@
+"""Vectorised per-row sampling: every row its own temperature, top-k, top-p, repetition penalty and seed.
+
+Seeded sampling must not depend on the batch, so randomness is not drawn from a shared generator:
+each row's noise is a hash of (seed, step, token id). That makes a seeded row's draws identical
+alone or in any batch, and keeps the whole step one vectorised computation (Gumbel-max trick:
+argmax(log p + Gumbel noise) is an exact sample from p).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A well-mixing 32-bit integer hash (lowbias32), computed in int64 to avoid sign trouble."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform(0, 1) noise [B, V] that depends only on each row's (seed, step) and the token id."""
+    seeds = seeds.to(torch.int64)
+    key = _hash32(_hash32(seeds) ^ _hash32((seeds >> 32) + 0x9E3779B9) ^ _hash32(steps.to(torch.int64) * 0x85EBCA6B))  # [B]
+    token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)  # [V]
+    bits = _hash32(key[:, None] ^ _hash32(token * 0xC2B2AE35)[None, :])  # [B, V]
+    return ((bits >> 8).to(torch.float64) + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters, one entry per batch row."""
+
+    sampling: torch.Tensor  # [B] bool: False rows are greedy
+    temperature: torch.Tensor  # [B] float
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] float, 1 = off
+    repetition_penalty: torch.Tensor  # [B] float, 1 = off
+    seeds: torch.Tensor  # [B] int64
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL-style penalty (as in transformers): seen tokens' logits divided (if > 0) or multiplied by it.
+
+    logits [B, V] float, seen [B, V] bool, penalty [B].
+    """
+    p = penalty[:, None].to(logits.dtype)
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k and nucleus (top-p) to -inf. logits [B, V]."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    rank = torch.arange(vocab, device=logits.device)[None, :]  # [1, V]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))[:, None]
+    drop = rank >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p[:, None].to(probs.dtype)
+    drop[:, 0] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(
+    logits: torch.Tensor,  # [B, V] last-position logits
+    params: SamplingTensors,
+    steps: torch.Tensor,  # [B] int64: tokens generated so far per row
+    seen: torch.Tensor | None,  # [B, V] bool: tokens present in each row's input and output
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose one token per row. Returns (token ids [B] int64, their log-probabilities [B] float32).
+
+    The log-probability is that of the distribution the token was drawn from (after penalties and
+    warpers), as TGI reports it.
+    """
+    logits = logits.float()
+    if seen is not None and bool((params.repetition_penalty != 1.0).any()):
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    greedy_tokens = logits.argmax(dim=-1)  # [B]
+    if not bool(params.sampling.any()):
+        logprobs = logits.log_softmax(dim=-1).gather(-1, greedy_tokens[:, None]).squeeze(-1)
+        return greedy_tokens, logprobs
+
+    temperature = torch.where(params.sampling, params.temperature, torch.ones_like(params.temperature))
+    warped = logits / temperature[:, None].to(logits.dtype)
+    if bool(((params.top_k > 0) | (params.top_p < 1.0)).any()):
+        warped = _filter_top_k_top_p(warped, params.top_k, params.top_p)
+    logp = warped.log_softmax(dim=-1)  # [B, V]
+    gumbel = -torch.log(-torch.log(row_uniforms(params.seeds, steps, logits.shape[-1]))).to(logp.dtype)
+    sampled = (logp + gumbel).argmax(dim=-1)  # [B]
+    tokens = torch.where(params.sampling, sampled, greedy_tokens)
+    chosen_logp = torch.where(
+        params.sampling[:, None], logp, logits.log_softmax(dim=-1)
+    ).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, chosen_logp
