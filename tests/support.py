@@ -1,0 +1,78 @@
+"""Helpers shared by engine and API tests: soft prompts, a solo reference decoder, an engine driver."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from server.engine.engine import Engine
+from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
+from server.engine.scheduler import Scheduler
+from server.models import LoadedModel
+from server.prompts.types import PromptKind, SoftPrompt
+
+
+def make_prompt(name: str, num_virtual: int, lm: LoadedModel, seed: int) -> SoftPrompt:
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(num_virtual, lm.hidden_size, generator=g) * 0.5  # [P, H]
+    return SoftPrompt(name=name, kind=PromptKind.PROMPT_TUNING, embeddings=emb.to(lm.dtype), content_hash=name, source=Path(name))
+
+
+@torch.inference_mode()
+def reference_greedy(lm: LoadedModel, prompt: torch.Tensor, input_ids: list[int], max_new: int, eos: set[int] = frozenset()) -> list[int]:
+    """DESIGN.md's reference: the base model on cat(soft_prompt, embed(ids)), one request alone, no cache."""
+    embed = lm.model.get_input_embeddings()
+    x = torch.cat([prompt, embed(torch.tensor(input_ids))])[None]  # [1, P+L, H]
+    out: list[int] = []
+    for _ in range(max_new):
+        token = int(lm.model(inputs_embeds=x).logits[0, -1].argmax())
+        out.append(token)
+        if token in eos:
+            break
+        x = torch.cat([x, embed(torch.tensor([[token]]))], dim=1)
+    return out
+
+
+@dataclass
+class Tracked:
+    """A request plus everything its sink received."""
+
+    request: Request
+    events: list[Event] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def sink(self, event: Event) -> None:
+        self.events.append(event)
+        if not isinstance(event, TokenEvent):
+            self.done.set()
+
+    @property
+    def result(self) -> FinishEvent:
+        assert self.done.wait(60), "request did not finish"
+        last = self.events[-1]
+        assert isinstance(last, FinishEvent), f"expected a result, got {last}"
+        return last
+
+    @property
+    def error(self) -> ErrorEvent:
+        assert self.done.wait(60), "request did not finish"
+        last = self.events[-1]
+        assert isinstance(last, ErrorEvent), f"expected an error, got {last}"
+        return last
+
+
+def make_request(prompt: SoftPrompt, input_ids: list[int], params: SamplingParams, *, stream: bool = False, seed: int = 0) -> Tracked:
+    holder: list[Tracked] = []
+    request = Request(task=prompt.name, prompt=prompt, input_ids=input_ids, params=params,
+                      seed=params.seed if params.seed is not None else seed, sink=lambda e: holder[0].sink(e), stream=stream)
+    holder.append(Tracked(request))
+    return holder[0]
+
+
+def start_engine(lm: LoadedModel, max_batch_size: int = 16, max_batch_tokens: int = 100_000, max_queue: int = 1000) -> Engine:
+    engine = Engine(lm, Scheduler(max_batch_size, max_batch_tokens, max_queue))
+    engine.start()
+    return engine

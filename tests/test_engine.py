@@ -1,0 +1,265 @@
+"""The engine against a solo reference: mixed tasks, different lengths, late joins, limits, faults."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine.request import FinishReason, SamplingParams, TokenEvent
+from server.models import LoadedModel, load_model
+from tests.support import make_prompt, make_request, reference_greedy, start_engine
+
+VOCAB_USED = 40_000  # stay inside ordinary tokens of the real tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir: Path) -> LoadedModel:
+    # float64: the tests check the batching logic bit for bit, without float32 near-ties.
+    return load_model(str(tiny_model_dir), dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def prompts(lm: LoadedModel):
+    return [make_prompt(f"task{i}", p, lm, seed=i) for i, p in enumerate([1, 4, 9, 20])]
+
+
+def random_ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(VOCAB_USED) for _ in range(n)]
+
+
+def test_mixed_batch_matches_solo_reference_with_late_joins(lm, prompts):
+    """4 tasks with different prompt lengths, inputs of 1..23 tokens, requests joining mid-decode."""
+    rng = random.Random(0)
+    engine = start_engine(lm)
+    try:
+        tracked = []
+        specs = [(prompts[k % 4], random_ids(rng, 1 + (k * 5) % 23), 4 + (k * 7) % 15) for k in range(16)]
+        first, late = specs[:10], specs[10:]
+        for prompt, ids, n in first:
+            tracked.append(make_request(prompt, ids, SamplingParams(max_new_tokens=n)))
+            engine.submit(tracked[-1].request)
+        # Let the batch get going, then add more while it decodes.
+        assert tracked[0].done.wait(60)
+        for prompt, ids, n in late:
+            tracked.append(make_request(prompt, ids, SamplingParams(max_new_tokens=n)))
+            engine.submit(tracked[-1].request)
+        for t, (prompt, ids, n) in zip(tracked, specs):
+            result = t.result
+            expected = reference_greedy(lm, prompt.embeddings, ids, n)
+            assert t.request.output_ids == expected, f"{prompt.name} L={len(ids)} differs from the solo reference"
+            assert result.generated_tokens == n and result.finish_reason is FinishReason.LENGTH
+            assert result.input_tokens == len(ids) and result.virtual_tokens == prompt.num_virtual_tokens
+            assert result.generated_text == lm.tokenizer.decode(expected, skip_special_tokens=True)
+        stats = engine.stats
+        assert stats.mixed_task_passes > 0 and stats.max_tasks_in_pass == 4
+        assert stats.joined_running_batch > 0
+        assert stats.max_rows_in_pass > 4
+    finally:
+        engine.stop()
+
+
+def test_late_request_starts_within_two_steps(lm, prompts):
+    """A request submitted while another decodes gets its first token within two steps."""
+    engine = start_engine(lm)
+    rng = random.Random(1)
+    try:
+        order: list[str] = []
+        late = make_request(prompts[2], random_ids(rng, 7), SamplingParams(max_new_tokens=3), stream=True)
+        long = make_request(prompts[1], random_ids(rng, 5), SamplingParams(max_new_tokens=40), stream=True)
+
+        def long_sink(event, _orig=long.sink):
+            _orig(event)
+            if isinstance(event, TokenEvent):
+                order.append("long")
+                if order.count("long") == 5:
+                    engine.submit(late.request)  # from inside the loop: deterministic timing
+
+        def late_sink(event, _orig=late.sink):
+            _orig(event)
+            if isinstance(event, TokenEvent):
+                order.append("late")
+
+        long.request.sink = long_sink
+        late.request.sink = late_sink
+        engine.submit(long.request)
+        assert late.result.generated_tokens == 3 and long.result.generated_tokens == 40
+        first_late = order.index("late")
+        assert order[:first_late].count("long") <= 5 + 2
+        assert late.done.is_set() and order.index("late") < len(order) - 1, "the late request waited for the batch to drain"
+        assert engine.stats.joined_running_batch == 1
+        assert long.request.output_ids == reference_greedy(lm, prompts[1].embeddings, long.request.input_ids, 40)
+        assert late.request.output_ids == reference_greedy(lm, prompts[2].embeddings, late.request.input_ids, 3)
+    finally:
+        engine.stop()
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(lm, prompts):
+    rng = random.Random(2)
+    specs = [
+        (prompts[k % 4], random_ids(rng, 2 + k), SamplingParams(max_new_tokens=12, do_sample=True, temperature=0.7 + 0.1 * k,
+                                                                top_k=[0, 50, 5][k % 3], top_p=[1.0, 0.9, 0.5][k % 3],
+                                                                repetition_penalty=[1.0, 1.3][k % 2], seed=1000 + k))
+        for k in range(8)
+    ]
+    engine = start_engine(lm)
+    try:
+        alone = []
+        for prompt, ids, params in specs:
+            t = make_request(prompt, ids, params)
+            engine.submit(t.request)
+            alone.append(t.result.generated_text)
+            assert t.result.seed == params.seed
+        together = [make_request(p, ids, params) for p, ids, params in specs]
+        for t in together:
+            engine.submit(t.request)
+        assert [t.result.generated_text for t in together] == alone
+        assert engine.stats.mixed_task_passes > 0
+        # Different seeds give different samples (the seed is really used).
+        other = make_request(specs[0][0], specs[0][1], SamplingParams(**{**specs[0][2].__dict__, "seed": 7}))
+        engine.submit(other.request)
+        assert other.result.generated_text != alone[0]
+    finally:
+        engine.stop()
+
+
+def test_limits_rows_and_tokens_are_respected(lm, prompts):
+    rng = random.Random(3)
+    specs = [(prompts[k % 4], random_ids(rng, 3 + k), 6) for k in range(9)]
+    # Each row reserves P + L + 6 tokens; 90 tokens holds only a few rows at a time.
+    engine = start_engine(lm, max_batch_size=3, max_batch_tokens=90)
+    try:
+        tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
+        for t in tracked:
+            engine.submit(t.request)
+        for t, (p, ids, n) in zip(tracked, specs):
+            assert t.result.finish_reason is FinishReason.LENGTH
+            assert t.request.output_ids == reference_greedy(lm, p.embeddings, ids, n)
+        assert engine.stats.max_rows_in_pass <= 3
+        assert engine.scheduler.reserved_tokens == 0 and not engine.scheduler.running
+    finally:
+        engine.stop()
+
+
+def test_eos_ends_a_row_and_is_not_in_the_text(lm, prompts):
+    rng = random.Random(4)
+    ids = random_ids(rng, 6)
+    expected = reference_greedy(lm, prompts[1].embeddings, ids, 10)
+    engine = start_engine(lm)
+    engine.eos_ids = {expected[3]}
+    try:
+        t = make_request(prompts[1], ids, SamplingParams(max_new_tokens=10))
+        engine.submit(t.request)
+        first_eos = expected.index(expected[3])
+        assert t.result.finish_reason is FinishReason.EOS
+        assert t.request.output_ids == expected[: first_eos + 1]
+        assert t.result.generated_tokens == first_eos + 1
+        assert t.result.generated_text == lm.tokenizer.decode(expected[:first_eos], skip_special_tokens=True)
+    finally:
+        engine.stop()
+
+
+def test_stop_string_ends_a_row_and_is_cut(lm, prompts):
+    rng = random.Random(5)
+    ids = random_ids(rng, 6)
+    expected = reference_greedy(lm, prompts[3].embeddings, ids, 12)
+    full = lm.tokenizer.decode(expected, skip_special_tokens=True)
+    head = lm.tokenizer.decode(expected[:5], skip_special_tokens=True)
+    stop = full[len(head) : len(head) + 3]
+    assert stop.strip(), "test setup: pick a visible stop string"
+    engine = start_engine(lm)
+    try:
+        t = make_request(prompts[3], ids, SamplingParams(max_new_tokens=12, stop=(stop,)))
+        engine.submit(t.request)
+        assert t.result.finish_reason is FinishReason.STOP
+        assert t.result.generated_text == full[: full.index(stop)]
+        assert stop not in t.result.generated_text
+    finally:
+        engine.stop()
+
+
+def test_cancelled_row_leaves_and_others_are_unaffected(lm, prompts):
+    rng = random.Random(6)
+    engine = start_engine(lm)
+    try:
+        victim = make_request(prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=200), stream=True)
+        other = make_request(prompts[1], random_ids(rng, 9), SamplingParams(max_new_tokens=30))
+
+        def cancel_after_3(event, _orig=victim.sink):
+            _orig(event)
+            if isinstance(event, TokenEvent) and len(victim.request.output_ids) == 3:
+                victim.request.cancel()
+
+        victim.request.sink = cancel_after_3
+        engine.submit(victim.request)
+        engine.submit(other.request)
+        assert victim.result.finish_reason is FinishReason.CANCELLED
+        assert len(victim.request.output_ids) <= 4  # dropped at the next step
+        assert other.request.output_ids == reference_greedy(lm, prompts[1].embeddings, other.request.input_ids, 30)
+    finally:
+        engine.stop()
+
+
+def test_poisoned_prompt_fails_only_its_own_request(lm, prompts):
+    rng = random.Random(7)
+    bad = make_prompt("poisoned", 3, lm, seed=99)
+    bad.embeddings[1, 0] = float("nan")
+    engine = start_engine(lm)
+    try:
+        good = make_request(prompts[2], random_ids(rng, 5), SamplingParams(max_new_tokens=8))
+        poisoned = make_request(bad, random_ids(rng, 5), SamplingParams(max_new_tokens=8))
+        engine.submit(good.request)
+        engine.submit(poisoned.request)
+        assert "non-finite" in poisoned.error.message
+        assert good.request.output_ids == reference_greedy(lm, prompts[2].embeddings, good.request.input_ids, 8)
+        assert engine.alive
+        again = make_request(prompts[0], random_ids(rng, 3), SamplingParams(max_new_tokens=4))
+        engine.submit(again.request)
+        assert again.result.generated_tokens == 4
+    finally:
+        engine.stop()
+
+
+def test_float32_mixed_batch_matches_reference(tiny_model_dir, prompts):
+    """The serving dtype on CPU: same check in float32 (prompts recast)."""
+    lm32 = load_model(str(tiny_model_dir), dtype="float32")
+    rng = random.Random(8)
+    engine = start_engine(lm32)
+    try:
+        specs = [(p.embeddings.float(), random_ids(rng, 3 + 4 * k), 10) for k, p in enumerate(prompts)]
+        tracked = []
+        for k, (emb, ids, n) in enumerate(specs):
+            prompt = make_prompt(f"f32-{k}", emb.shape[0], lm32, seed=k)
+            object.__setattr__(prompt, "embeddings", emb)
+            tracked.append((make_request(prompt, ids, SamplingParams(max_new_tokens=n)), emb, ids, n))
+            engine.submit(tracked[-1][0].request)
+        for t, emb, ids, n in tracked:
+            t.result
+            assert t.request.output_ids == reference_greedy(lm32, emb, ids, n)
+    finally:
+        engine.stop()
+
+
+def test_engine_submit_after_stop_raises(lm):
+    engine = start_engine(lm)
+    engine.stop()
+    assert not engine.alive
+    with pytest.raises(RuntimeError):
+        engine.submit(make_request(make_prompt("x", 1, lm, 0), [1], SamplingParams()).request)
+
+
+def test_rows_from_torch_generator_do_not_leak_state(lm, prompts):
+    """Sampling never touches torch's global RNG: a user's torch.manual_seed stays in their hands."""
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    engine = start_engine(lm)
+    try:
+        t = make_request(prompts[0], [5, 6, 7], SamplingParams(max_new_tokens=5, do_sample=True, seed=1))
+        engine.submit(t.request)
+        t.result
+    finally:
+        engine.stop()
+    assert torch.equal(torch.rand(1), before)
