@@ -1,0 +1,22 @@
+"""Shared fixtures: the real default model (converted once into the shared cache) and a tiny llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import Settings
+from server.models import ensure_default_model, tiny_test_model
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    # Settings().cache_dir honours SOFTMUX_CACHE_DIR, so tests share `make model`'s cache.
+    return ensure_default_model(Settings().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """A seeded 2-layer llama (hidden 64) with SmolLM2's tokenizer: fast, deterministic tests."""
+    return tiny_test_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_from=default_model_dir)

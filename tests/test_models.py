@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from server.models import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_ID,
+    LoadedModel,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+    tiny_test_model,
+)
+
+CPU = torch.device("cpu")
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError):
+        resolve_device("not-a-device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize(
+    ("name", "device", "expected"),
+    [
+        ("auto", CPU, torch.float32),
+        ("auto", torch.device("cuda"), torch.bfloat16),
+        ("float32", CPU, torch.float32),
+        ("float16", CPU, torch.float16),
+        ("bfloat16", CPU, torch.bfloat16),
+        ("float64", CPU, torch.float64),
+    ],
+)
+def test_resolve_dtype(name: str, device: torch.device, expected: torch.dtype) -> None:
+    assert resolve_dtype(name, device) == expected
+
+
+def test_resolve_dtype_rejects_unknown() -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8", CPU)
+
+
+def test_resolve_model_passes_other_names_through(tmp_path: Path) -> None:
+    assert resolve_model("some-org/some-model", tmp_path) == "some-org/some-model"
+    assert resolve_model(str(tmp_path), tmp_path) == str(tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing converted for a non-default name
+
+
+def test_tiny_model_round_trip(tiny_model_dir: Path) -> None:
+    lm = load_model(str(tiny_model_dir), dtype="float64")
+    assert isinstance(lm, LoadedModel)
+    assert (lm.hidden_size, lm.num_layers) == (64, 2)
+    assert lm.dtype == torch.float64 and lm.device == CPU
+    assert lm.name == str(tiny_model_dir)
+    assert lm.eos_token_ids == {2}
+    assert not lm.model.training
+    assert all(not p.requires_grad and p.dtype == torch.float64 for p in lm.model.parameters())
+    assert lm.model.config.vocab_size == len(lm.tokenizer)
+    assert lm.model.get_input_embeddings().weight is lm.model.get_output_embeddings().weight
+    ids = torch.tensor([lm.tokenizer("hello world")["input_ids"]])
+    logits = lm.model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(lm.tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_tiny_model_is_deterministic(tmp_path: Path, tiny_model_dir: Path) -> None:
+    again = tiny_test_model(tmp_path / "again", tokenizer_from=tiny_model_dir)
+    a, b = load_file(tiny_model_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = tiny_test_model(tmp_path / "other", tokenizer_from=tiny_model_dir, seed=1, num_hidden_layers=3)
+    assert load_model(str(other)).num_layers == 3
+
+
+def test_default_model_cache(default_model_dir: Path) -> None:
+    assert resolve_model(DEFAULT_MODEL, default_model_dir.parent) == str(default_model_dir)
+    start = time.perf_counter()
+    lm = load_model(DEFAULT_MODEL, cache_dir=default_model_dir.parent)
+    assert time.perf_counter() - start < 10  # the safetensors cache, not a 30 s GGUF conversion
+    assert lm.name == DEFAULT_MODEL_ID
+    assert (lm.hidden_size, lm.num_layers, len(lm.tokenizer)) == (576, 30, 49152)
+    assert lm.eos_token_ids == {2}  # <|im_end|>
+    assert lm.tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
+    # The tokenizer adds no BOS: a soft prompt sits directly before the first text token.
+    assert lm.tokenizer("Hello")["input_ids"] == lm.tokenizer.encode("Hello", add_special_tokens=False)
+
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    text = lm.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([lm.tokenizer(text)["input_ids"]])
+    out = lm.model.generate(ids, max_new_tokens=16, do_sample=False)
+    answer = lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
