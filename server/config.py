@@ -34,11 +34,22 @@ class Settings:
     max_new_tokens: int = field(default=512, metadata={"help": "largest max_new_tokens a request may ask for"})
     max_virtual_tokens: int = field(default=128, metadata={"help": "largest soft prompt (virtual tokens) the registry accepts"})
     max_queue: int = field(default=256, metadata={"help": "waiting requests; beyond this new requests get 429"})
+    prefix_cache: bool = field(default=True, metadata={"help": "compute each task's key/value prefix once and reuse it (--no-prefix-cache to compare)"})
+    prefix_cache_bytes: int = field(default=256 << 20, metadata={"help": "memory for cached per-task key/value prefixes, in bytes"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true/false)")
 
 
 def _env_name(name: str) -> str:
@@ -51,16 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Settings):
         env = os.environ.get(_env_name(f.name))
         default = getattr(defaults, f.name)
-        kind = type(default)
+        kind = _parse_bool if isinstance(default, bool) else type(default)
         if env is not None:
             default = kind(env)
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=kind,
-            default=default,
-            help=f"{f.metadata.get('help', '')} (env {_env_name(f.name)}; default: %(default)s)",
-        )
+        help_text = f"{f.metadata.get('help', '')} (env {_env_name(f.name)}; default: %(default)s)"
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
 
 
 def from_namespace(ns: argparse.Namespace) -> Settings:

@@ -20,10 +20,13 @@ import torch
 from server.api.errors import GenerationFailed, NotFound, Overloaded, Unavailable, ValidationFailed
 from server.config import Settings
 from server.engine.engine import Engine
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
+from server.engine.runner import PrefillRow
 from server.engine.scheduler import QueueFull, Scheduler
 from server.models import LoadedModel, load_model
 from server.prompts.registry import Registry
+from server.prompts.types import KVShape
 
 log = logging.getLogger("softmux.service")
 
@@ -61,10 +64,12 @@ class Service:
                 max_virtual_tokens=self.settings.max_virtual_tokens,
                 dtype=self.lm.dtype,
                 device=self.lm.device,
+                kv_shape=KVShape.of(self.lm.model.config),
             )
             self.registry.load_all()
             scheduler = Scheduler(self.settings.max_batch_size, self.settings.max_batch_tokens, self.settings.max_queue)
-            self.engine = Engine(self.lm, scheduler)
+            prefix_cache = PrefixCache(self.settings.prefix_cache_bytes) if self.settings.prefix_cache else None
+            self.engine = Engine(self.lm, scheduler, prefix_cache)
             self._warm_up()
             self.engine.start()
             self.ready.set()
@@ -77,10 +82,10 @@ class Service:
         """One prefill and decode step so the first real request does not pay for lazy init."""
         assert self.engine is not None and self.lm is not None
         prompt = torch.zeros(1, self.lm.hidden_size, dtype=self.lm.dtype, device=self.lm.device)
-        from server.engine.runner import PrefillRow
-
-        result = self.engine.runner.prefill([PrefillRow(prompt=prompt, input_ids=[0])], headroom=1)
-        mask = torch.cat([result.mask, result.mask.new_ones(1, 1)], dim=1)
+        runner = self.engine.runner
+        (prefix,) = runner.compute_prefixes([prompt])
+        result = runner.prefill([PrefillRow(input_ids=[0], prompt=prompt), PrefillRow(input_ids=[0], prefix_kv=prefix)], headroom=1)
+        mask = torch.cat([result.mask, result.mask.new_ones(2, 1)], dim=1)
         self.engine.runner.decode(result.cache, mask, result.logits.argmax(-1), result.positions)
 
     def stop(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -79,8 +80,12 @@ async def health(request: Request) -> JSONResponse:
 async def stats(request: Request) -> dict[str, Any]:
     """Engine counters: forward passes by phase, rows, and how many tasks shared a pass."""
     engine, _, _ = service_of(request).require_ready()
+    cache = engine.prefix_cache
+    prefix = None if cache is None else {**asdict(cache.stats), "entries": len(cache), "bytes_used": cache.bytes_used,
+                                         "capacity_bytes": cache.capacity_bytes}
     return {
         **engine.stats.as_dict(),
+        "prefix_cache": prefix,
         "waiting": engine.scheduler.num_waiting,
         "running": len(engine.scheduler.running),
         "reserved_tokens": engine.scheduler.reserved_tokens,

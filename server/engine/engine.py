@@ -11,6 +11,7 @@ import torch
 
 from server.engine.batch import Batch
 from server.engine.detok import IncrementalText
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
 from server.engine.runner import PrefillRow, Runner
 from server.engine.sampler import SamplingTensors, sample
@@ -25,6 +26,7 @@ class EngineStats:
     """Counters that show what batching did (read by /stats and by tests)."""
 
     prefill_passes: int = 0
+    prefix_passes: int = 0  # forward passes that computed soft prompts' key/value prefixes
     decode_passes: int = 0
     rows_prefilled: int = 0
     rows_decoded: int = 0
@@ -52,10 +54,11 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, scheduler: Scheduler) -> None:
+    def __init__(self, lm: LoadedModel, scheduler: Scheduler, prefix_cache: PrefixCache | None = None) -> None:
         self.lm = lm
         self.runner = Runner(lm)
         self.scheduler = scheduler
+        self.prefix_cache = prefix_cache  # None: soft prompts go through the model with every request
         self.tokenizer = lm.tokenizer
         self.eos_ids = lm.eos_token_ids
         self.stats = EngineStats()
@@ -133,7 +136,7 @@ class Engine:
             req.admitted = now
             if req.stream or req.params.stop:
                 self._texts[req.id] = IncrementalText(self.tokenizer, req.params.stop)
-        rows = [PrefillRow(prompt=r.prompt.embeddings, input_ids=r.input_ids) for r in admitted]
+        rows = self._prefill_rows(admitted)
         headroom = max(r.params.max_new_tokens for r in admitted)
         result = self.runner.prefill(rows, headroom)
         self.stats.record_pass("prefill", admitted)
@@ -150,6 +153,38 @@ class Engine:
         new = self._sample_and_emit(new, result.logits)
         if new is not None:
             self.batch = new if self.batch is None else Batch.concat(self.batch, new)
+
+    def _prefill_rows(self, reqs: list[Request]) -> list[PrefillRow]:
+        """Each row starts from its task's key/value prefix when there is one (computing missing
+        ones together in one pass), else from its virtual-token embeddings."""
+        prefixes: dict[tuple[str, str], torch.Tensor] = {}
+        missing: dict[tuple[str, str], torch.Tensor] = {}
+        for r in reqs:
+            key = r.prompt.cache_key
+            if r.prompt.prefix_kv is not None:
+                prefixes[key] = r.prompt.prefix_kv
+            elif self.prefix_cache is not None and (key in prefixes or key in missing):
+                self.prefix_cache.stats.hits += 1  # shares a prefix another row of this pass brings
+            elif self.prefix_cache is not None:
+                kv = self.prefix_cache.get(key)
+                if kv is None:
+                    assert r.prompt.embeddings is not None
+                    missing[key] = r.prompt.embeddings
+                else:
+                    prefixes[key] = kv
+        if missing:
+            computed = self.runner.compute_prefixes(list(missing.values()))
+            self.stats.prefix_passes += 1
+            for key, kv in zip(missing, computed):
+                prefixes[key] = kv
+                assert self.prefix_cache is not None
+                self.prefix_cache.put(key, kv)
+        return [
+            PrefillRow(input_ids=r.input_ids, prefix_kv=prefixes[r.prompt.cache_key])
+            if r.prompt.cache_key in prefixes
+            else PrefillRow(input_ids=r.input_ids, prompt=r.prompt.embeddings)
+            for r in reqs
+        ]
 
     def _decode(self) -> None:
         batch = self.batch
@@ -185,15 +220,19 @@ class Engine:
         text = self._texts.get(req.id)
         is_eos = tok in self.eos_ids
         delta = text.add(tok) if text is not None and not is_eos else ""
-        if req.stream:
-            req.sink(TokenEvent(token_id=tok, text=delta, logprob=logprob, special=is_eos))
         if is_eos:
-            return FinishReason.EOS
-        if text is not None and text.stopped:
-            return FinishReason.STOP
-        if len(req.output_ids) >= req.params.max_new_tokens:
-            return FinishReason.LENGTH
-        return None
+            reason: FinishReason | None = FinishReason.EOS
+        elif text is not None and text.stopped:
+            reason = FinishReason.STOP
+        elif len(req.output_ids) >= req.params.max_new_tokens:
+            reason = FinishReason.LENGTH
+        else:
+            reason = None
+        if req.stream:
+            if reason is not None and text is not None:
+                delta += text.flush()  # text held back for a stop string that never came
+            req.sink(TokenEvent(token_id=tok, text=delta, logprob=logprob, special=is_eos))
+        return reason
 
     def _drop_cancelled(self) -> None:
         if self.batch is None:

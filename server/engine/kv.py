@@ -112,3 +112,18 @@ def concat(a: Cache, b: Cache, headroom: int) -> Cache:
         values[ba:, :, t - tb : t] = lb.values
         out.append(BufferedLayer.adopt(keys, values, t))
     return Cache(layers=out)
+
+
+def from_prefixes(prefixes: list[torch.Tensor | None], width: int, capacity: int) -> Cache:
+    """A cache whose row i ends with prefixes[i] ([L, 2, H_kv, P_i, D], or nothing), right-aligned
+    in `width` columns, with room for `capacity` columns in all."""
+    sample = next(p for p in prefixes if p is not None)
+    num_layers, _, heads, _, dim = sample.shape
+    keys = sample.new_zeros(num_layers, len(prefixes), heads, capacity, dim)  # [L, B, H_kv, capacity, D]
+    values = torch.zeros_like(keys)
+    for i, prefix in enumerate(prefixes):
+        if prefix is not None:
+            p = prefix.shape[3]
+            keys[:, i, :, width - p : width] = prefix[:, 0]
+            values[:, i, :, width - p : width] = prefix[:, 1]
+    return Cache(layers=[BufferedLayer.adopt(keys[layer], values[layer], width) for layer in range(num_layers)])

@@ -66,7 +66,8 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p[:, None].to(probs.dtype)
+    # Rows with top_p == 1 are off: float32 mass can reach 1.0 before the tail and must not cut it.
+    drop |= (mass_before >= top_p[:, None].to(probs.dtype)) & (top_p[:, None] < 1.0)
     drop[:, 0] = False  # the most likely token always survives
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

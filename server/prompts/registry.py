@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from server.prompts.store import read_adapter
-from server.prompts.types import PromptError, SoftPrompt
+from server.prompts.store import read_task_folder
+from server.prompts.types import KVShape, PromptError, SoftPrompt
 
 logger = logging.getLogger("softmux.prompts")
 
@@ -35,33 +35,43 @@ class Registry:
         max_virtual_tokens: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_shape: KVShape | None = None,
     ) -> None:
         self.store = Path(store)
         self.hidden_size = hidden_size
         self.max_virtual_tokens = max_virtual_tokens
         self.dtype = dtype
         self.device = torch.device(device)
+        self.kv_shape = kv_shape
         self._lock = threading.Lock()
         self._prompts: dict[str, SoftPrompt] = {}
         self._failures: dict[str, str] = {}
 
-    def read(self, folder: Path) -> SoftPrompt:
-        """Read one adapter folder with this registry's model limits; raises PromptError."""
-        return read_adapter(
+    def read(self, folder: Path) -> list[SoftPrompt]:
+        """Read one adapter folder (one task, or one per sub-task) with this registry's model limits."""
+        return read_task_folder(
             folder,
             hidden_size=self.hidden_size,
             max_virtual_tokens=self.max_virtual_tokens,
             dtype=self.dtype,
             device=self.device,
+            kv_shape=self.kv_shape,
         )
 
     def load_all(self) -> None:
         """(Re)scan the store: load every valid task folder, record every invalid one with its reason."""
         prompts: dict[str, SoftPrompt] = {}
         failures: dict[str, str] = {}
-        for folder in self._task_folders():
+        folders = self._task_folders()
+        folder_names = {f.name for f in folders}
+        for folder in folders:
             try:
-                prompts[folder.name] = self.read(folder)
+                loaded = self.read(folder)
+                # A multitask sub-task `<folder>.<t>` must not shadow a folder of that name.
+                clash = [p.name for p in loaded if p.name != folder.name and (p.name in folder_names or p.name in prompts)]
+                if clash:
+                    raise PromptError(f"sub-task name(s) {clash} collide with existing task names")
+                prompts.update((p.name, p) for p in loaded)
             except PromptError as e:
                 failures[folder.name] = e.reason
                 logger.warning("skipping task folder %r in %s: %s", folder.name, self.store, e.reason)
@@ -115,6 +125,8 @@ class Registry:
                     "name": p.name,
                     "peft_type": p.kind.value,
                     "num_virtual_tokens": p.num_virtual_tokens,
+                    "prefix_length": p.num_virtual_tokens,  # cache entries in front of every request of this task
+                    "folder": p.source.name,
                 }
                 for p in (prompts[n] for n in sorted(prompts))
             ],

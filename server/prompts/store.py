@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
 from safetensors.torch import load as safetensors_load
 
-from server.prompts.types import PromptError, PromptKind, SoftPrompt
+from server.prompts.types import KVShape, PromptError, PromptKind, SoftPrompt
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 TASK_NAME_RULE = (
@@ -52,10 +52,31 @@ def read_adapter(
     max_virtual_tokens: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    kv_shape: KVShape | None = None,
 ) -> SoftPrompt:
-    """Read, validate and convert one adapter folder; raise PromptError saying why it cannot be served.
+    """Read a folder that holds exactly one task (every kind but multitask prompt tuning)."""
+    prompts = read_task_folder(
+        folder, hidden_size=hidden_size, max_virtual_tokens=max_virtual_tokens, dtype=dtype, device=device, kv_shape=kv_shape
+    )
+    if len(prompts) != 1:
+        raise PromptError(f"{folder.name} holds {len(prompts)} tasks; expected one")
+    return prompts[0]
 
-    The returned embeddings are cast to `dtype`, placed on `device` and contiguous.
+
+def read_task_folder(
+    folder: Path,
+    *,
+    hidden_size: int,
+    max_virtual_tokens: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    kv_shape: KVShape | None = None,
+) -> list[SoftPrompt]:
+    """Read, validate and convert one adapter folder into its tasks; raise PromptError saying why not.
+
+    Every kind gives one task named after the folder, except MULTITASK_PROMPT_TUNING, which gives
+    one task per sub-task, named `<folder>.<t>`. Tensors are cast to `dtype`, on `device`, contiguous.
+    `kv_shape` (the model's layers, KV heads, head dim) is needed to accept PREFIX_TUNING.
     """
     folder = Path(folder)
     validate_task_name(folder.name)
@@ -68,18 +89,24 @@ def read_adapter(
     kind = _parse_kind(config)
     weights_bytes = _read_bytes(folder / WEIGHTS_FILE, MAX_WEIGHTS_BYTES)
     tensors = _load_safetensors(weights_bytes)
+    digest = content_hash(config_bytes, weights_bytes)
+    limits = Limits(hidden_size=hidden_size, max_virtual_tokens=max_virtual_tokens, kv_shape=kv_shape)
+    dev = torch.device(device)
 
-    embeddings = _TENSOR_READERS[kind](
-        tensors, config, kind, hidden_size=hidden_size, max_virtual_tokens=max_virtual_tokens
-    )  # [P, H] in the file's dtype
-    embeddings = _cast_checked(embeddings, dtype=dtype, device=torch.device(device))  # [P, H]
-    return SoftPrompt(
-        name=folder.name,
-        kind=kind,
-        embeddings=embeddings,
-        content_hash=content_hash(config_bytes, weights_bytes),
-        source=folder,
-    )
+    if kind is PromptKind.PREFIX_TUNING:
+        kv = _read_prefix(tensors, config, limits)  # [L, 2, H_kv, P, D]
+        kv = _cast_checked(kv, dtype=dtype, device=dev)
+        return [SoftPrompt(name=folder.name, kind=kind, embeddings=None, content_hash=digest, source=folder, prefix_kv=kv)]
+    if kind is PromptKind.MULTITASK_PROMPT_TUNING:
+        per_task = _read_multitask(tensors, config, limits)  # T x [P, H]
+        return [
+            SoftPrompt(name=f"{folder.name}.{t}", kind=kind, embeddings=_cast_checked(e, dtype=dtype, device=dev),
+                       content_hash=f"{digest}:{t}", source=folder)
+            for t, e in enumerate(per_task)
+        ]
+    embeddings = _read_prompt_embeddings(tensors, config, kind, limits)  # [P, H] in the file's dtype
+    embeddings = _cast_checked(embeddings, dtype=dtype, device=dev)
+    return [SoftPrompt(name=folder.name, kind=kind, embeddings=embeddings, content_hash=digest, source=folder)]
 
 
 def content_hash(config_bytes: bytes, weights_bytes: bytes) -> str:
@@ -124,7 +151,7 @@ def _parse_config(data: bytes) -> dict[str, Any]:
 
 
 def _parse_kind(config: Mapping[str, Any]) -> PromptKind:
-    supported = ", ".join(k.value for k in _TENSOR_READERS)
+    supported = ", ".join(k.value for k in PromptKind)
     if "peft_type" not in config:
         raise PromptError(f"{CONFIG_FILE} has no 'peft_type'; supported: {supported}")
     peft_type = config["peft_type"]
@@ -134,7 +161,7 @@ def _parse_kind(config: Mapping[str, Any]) -> PromptKind:
         kind = PromptKind(peft_type)
     except ValueError:
         kind = None
-    if kind is None or kind not in _TENSOR_READERS:
+    if kind is None:
         raise PromptError(f"unsupported peft_type {peft_type!r}; supported: {supported}")
     return kind
 
@@ -171,18 +198,28 @@ def _config_int(config: Mapping[str, Any], key: str) -> int | None:
 
 # ---------------------------------------------------------------------------------------------
 # Per-kind tensor readers: check the file's tensors against the config and the model, return the
-# tensor to serve. Adding a kind means adding a reader and registering it in _TENSOR_READERS.
+# tensors to serve (in the file's dtype; casting comes after).
 
-TensorReader = Callable[..., torch.Tensor]
+
+@dataclass(frozen=True)
+class Limits:
+    hidden_size: int
+    max_virtual_tokens: int
+    kv_shape: KVShape | None
+
+
+def _floating(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise PromptError(f"{name} has dtype {_dtype_name(t.dtype)}; a floating-point dtype is required")
+
+
+def _check_count(num_tokens: int, limits: Limits) -> None:
+    if not 1 <= num_tokens <= limits.max_virtual_tokens:
+        raise PromptError(f"{EMBEDDINGS_KEY} has {num_tokens} virtual tokens; allowed: 1 to {limits.max_virtual_tokens}")
 
 
 def _read_prompt_embeddings(
-    tensors: Mapping[str, torch.Tensor],
-    config: Mapping[str, Any],
-    kind: PromptKind,
-    *,
-    hidden_size: int,
-    max_virtual_tokens: int,
+    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], kind: PromptKind, limits: Limits
 ) -> torch.Tensor:
     """PROMPT_TUNING and P_TUNING: one `prompt_embeddings` tensor [P, hidden].
 
@@ -191,8 +228,8 @@ def _read_prompt_embeddings(
     """
     _expect_keys(tensors, {EMBEDDINGS_KEY})
     emb = tensors[EMBEDDINGS_KEY]
-    if not emb.is_floating_point():
-        raise PromptError(f"{EMBEDDINGS_KEY} has dtype {_dtype_name(emb.dtype)}; a floating-point dtype is required")
+    _floating(EMBEDDINGS_KEY, emb)
+    hidden_size = limits.hidden_size
     if emb.dim() != 2:
         raise PromptError(
             f"{EMBEDDINGS_KEY} has shape {list(emb.shape)} ({emb.dim()}-D); "
@@ -203,12 +240,70 @@ def _read_prompt_embeddings(
         raise PromptError(
             f"{EMBEDDINGS_KEY} has hidden size {width} (shape {list(emb.shape)}); the model's hidden size is {hidden_size}"
         )
-    if not 1 <= num_tokens <= max_virtual_tokens:
-        raise PromptError(
-            f"{EMBEDDINGS_KEY} has {num_tokens} virtual tokens; allowed: 1 to {max_virtual_tokens}"
-        )
+    _check_count(num_tokens, limits)
     _check_num_virtual_tokens(config, num_tokens)
     return emb  # [P, H]
+
+
+def _read_prefix(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], limits: Limits) -> torch.Tensor:
+    """PREFIX_TUNING: `prompt_embeddings` [P, num_layers*2*kv_heads*head_dim] -> [L, 2, H_kv, P, D].
+
+    PEFT lays a token's row out as (layer, key|value, kv head, head dim): layer i's key is slice
+    2i, its value 2i+1. Keys are stored without rotary encoding, as the cache holds them.
+    """
+    shape = limits.kv_shape
+    if shape is None:
+        raise PromptError("PREFIX_TUNING needs the model's layer geometry, which this server did not provide")
+    _expect_keys(tensors, {EMBEDDINGS_KEY})
+    emb = tensors[EMBEDDINGS_KEY]
+    _floating(EMBEDDINGS_KEY, emb)
+    layers, heads, dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
+    width = layers * 2 * heads * dim
+    for key, want in (("num_layers", layers), ("token_dim", heads * dim)):
+        got = _config_int(config, key)
+        if got is not None and got != want:
+            raise PromptError(
+                f"{CONFIG_FILE} '{key}' is {got}; the model needs {want} "
+                f"({layers} layers, {heads} KV heads of dimension {dim})"
+            )
+    if emb.dim() != 2 or emb.shape[1] != width:
+        raise PromptError(
+            f"{EMBEDDINGS_KEY} has shape {list(emb.shape)}; PREFIX_TUNING for this model needs "
+            f"[num_virtual_tokens, {width}] = num_layers {layers} x 2 x KV heads {heads} x head dim {dim}"
+        )
+    num_tokens = emb.shape[0]
+    _check_count(num_tokens, limits)
+    _check_num_virtual_tokens(config, num_tokens)
+    kv = emb.view(num_tokens, layers * 2, heads, dim).permute(1, 2, 0, 3)  # [L*2, H_kv, P, D]
+    return kv.reshape(layers, 2, heads, num_tokens, dim)
+
+
+MULTITASK_KEYS = {EMBEDDINGS_KEY, "prefix_task_cols", "prefix_task_rows"}
+
+
+def _read_multitask(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], limits: Limits) -> list[torch.Tensor]:
+    """MULTITASK_PROMPT_TUNING: sub-task t's prompt is E * (cols[t] @ rows[t]), each [P, H]."""
+    _expect_keys(tensors, MULTITASK_KEYS)
+    emb, cols, rows = (tensors[k] for k in (EMBEDDINGS_KEY, "prefix_task_cols", "prefix_task_rows"))
+    for name, t in zip(("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"), (emb, cols, rows)):
+        _floating(name, t)
+    hidden = limits.hidden_size
+    if emb.dim() != 2 or emb.shape[1] != hidden:
+        raise PromptError(f"{EMBEDDINGS_KEY} has shape {list(emb.shape)}; needs [num_virtual_tokens, {hidden}]")
+    num_tokens = emb.shape[0]
+    _check_count(num_tokens, limits)
+    _check_num_virtual_tokens(config, num_tokens)
+    if cols.dim() != 3 or rows.dim() != 3 or cols.shape[0] != rows.shape[0] or cols.shape[1] != num_tokens \
+            or rows.shape[2] != hidden or cols.shape[2] != rows.shape[1]:
+        raise PromptError(
+            f"prefix_task_cols {list(cols.shape)} and prefix_task_rows {list(rows.shape)} do not fit; "
+            f"need [T, {num_tokens}, r] and [T, r, {hidden}]"
+        )
+    declared = _config_int(config, "num_tasks")
+    if declared is not None and declared != cols.shape[0]:
+        raise PromptError(f"{CONFIG_FILE} says num_tasks={declared} but the tensors hold {cols.shape[0]} sub-tasks")
+    e, c, r = emb.double(), cols.double(), rows.double()
+    return [e * (c[t] @ r[t]) for t in range(cols.shape[0])]  # T x [P, H]
 
 
 def _check_num_virtual_tokens(config: Mapping[str, Any], num_rows: int) -> None:
@@ -241,14 +336,7 @@ def _expect_keys(tensors: Mapping[str, torch.Tensor], expected: set[str]) -> Non
     raise PromptError(f"{WEIGHTS_FILE}: {'; '.join(parts)}; expected exactly {sorted(expected)}")
 
 
-_TENSOR_READERS: Mapping[PromptKind, TensorReader] = MappingProxyType(
-    {
-        PromptKind.PROMPT_TUNING: _read_prompt_embeddings,
-        PromptKind.P_TUNING: _read_prompt_embeddings,
-    }
-)
-
-SUPPORTED_KINDS: frozenset[PromptKind] = frozenset(_TENSOR_READERS)
+SUPPORTED_KINDS: frozenset[PromptKind] = frozenset(PromptKind)
 
 
 # ---------------------------------------------------------------------------------------------

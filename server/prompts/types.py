@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,27 @@ class PromptKind(str, Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     # The saved tensor is already the encoder's output; it is served like PROMPT_TUNING.
     P_TUNING = "P_TUNING"
+    # A per-layer key/value prefix: no embeddings, inserted into the cache as it is.
+    PREFIX_TUNING = "PREFIX_TUNING"
+    # One shared prompt modulated per sub-task; each sub-task is served as its own task.
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The model geometry a key/value prefix must match."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config: Any) -> "KVShape":
+        """From a transformers model config (grouped-query attention aware)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim)
 
 
 class PromptError(ValueError):
@@ -35,13 +57,22 @@ class PromptError(ValueError):
 class SoftPrompt:
     name: str
     kind: PromptKind
-    embeddings: torch.Tensor  # [P, H] in model dtype and on the model's device, contiguous
+    embeddings: torch.Tensor | None  # [P, H] in model dtype and on the model's device; None for prefix tuning
     content_hash: str  # sha256 over adapter_config.json and adapter_model.safetensors bytes
     source: Path  # the adapter folder it was read from
+    prefix_kv: torch.Tensor | None = None  # [num_layers, 2, H_kv, P, D]: keys then values (prefix tuning only)
 
     @property
     def num_virtual_tokens(self) -> int:
-        return int(self.embeddings.shape[0])
+        if self.embeddings is not None:
+            return int(self.embeddings.shape[0])
+        assert self.prefix_kv is not None
+        return int(self.prefix_kv.shape[3])
+
+    @property
+    def cache_key(self) -> tuple[str, str]:
+        """Identifies this exact prompt: a replaced task gets a new key, so stale caches never match."""
+        return (self.name, self.content_hash)
 
     @property
     def peft_type(self) -> str:

@@ -1,0 +1,215 @@
+"""Every adapter kind through the store, mixed in one batch, against PEFT's own forward();
+the per-task key/value prefix cache on and off; eviction and invalidation."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import (
+    MultitaskPromptTuningConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from transformers import AutoModelForCausalLM
+
+from server.engine.engine import Engine
+from server.engine.prefix_cache import PrefixCache
+from server.engine.request import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.models import LoadedModel, load_model
+from server.prompts.registry import Registry
+from server.prompts.types import KVShape, PromptKind
+from tests.support import make_request, reference_greedy
+
+NUM_SUBTASKS = 3
+
+
+def base_model(tiny_model_dir: Path):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+
+
+def save_adapters(tiny_model_dir: Path, store: Path) -> None:
+    """One adapter of each kind, made and saved by PEFT itself."""
+    configs = {
+        "pt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7),
+        "ptuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32),
+        "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
+        "mpt": MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, num_tasks=NUM_SUBTASKS, num_ranks=2),
+    }
+    for seed, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(100 + seed)
+        model = get_peft_model(base_model(tiny_model_dir), config)
+        if name == "mpt":  # PEFT's init makes every sub-task nearly equal; make them differ
+            with torch.no_grad():
+                for p in model.prompt_encoder["default"].parameters():
+                    p.add_(torch.randn_like(p) * 0.5)
+        model.save_pretrained(store / name)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(str(tiny_model_dir), dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("kinds")
+    save_adapters(tiny_model_dir, root)
+    return root
+
+
+def make_registry(lm: LoadedModel, store: Path, max_virtual_tokens: int = 64) -> Registry:
+    registry = Registry(store, hidden_size=lm.hidden_size, max_virtual_tokens=max_virtual_tokens, dtype=lm.dtype,
+                        device=lm.device, kv_shape=KVShape.of(lm.model.config))
+    registry.load_all()
+    return registry
+
+
+@torch.inference_mode()
+def peft_reference(tiny_model_dir: Path, folder: Path, input_ids: list[int], max_new: int, task_id: int | None) -> list[int]:
+    """Greedy tokens from PEFT's forward() over the whole sequence at every step (no generate())."""
+    model = PeftModel.from_pretrained(base_model(tiny_model_dir), folder).eval()
+    ids = list(input_ids)
+    out: list[int] = []
+    for _ in range(max_new):
+        kwargs = {} if task_id is None else {"task_ids": torch.tensor([task_id])}
+        logits = model(input_ids=torch.tensor([ids]), **kwargs).logits
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+def test_store_reads_every_kind(lm, store):
+    registry = make_registry(lm, store)
+    assert registry.failures() == {}
+    kinds = {p.name: p.kind for p in registry.tasks()}
+    assert kinds == {"pt": PromptKind.PROMPT_TUNING, "ptuning": PromptKind.P_TUNING, "prefix": PromptKind.PREFIX_TUNING,
+                     **{f"mpt.{t}": PromptKind.MULTITASK_PROMPT_TUNING for t in range(NUM_SUBTASKS)}}
+    prefix = registry.get("prefix")
+    shape = KVShape.of(lm.model.config)
+    assert prefix.prefix_kv.shape == (shape.num_layers, 2, shape.num_kv_heads, 6, shape.head_dim)
+    described = {t["name"]: t for t in registry.describe()["tasks"]}
+    assert described["prefix"]["prefix_length"] == 6 and described["mpt.1"]["folder"] == "mpt"
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_all_kinds_mixed_in_one_batch_match_peft(lm, store, tiny_model_dir, use_cache):
+    registry = make_registry(lm, store)
+    rng = random.Random(0)
+    names = ["pt", "ptuning", "prefix", "mpt.0", "mpt.1", "mpt.2"]
+    specs = [(names[k % len(names)], [rng.randrange(40_000) for _ in range(1 + (k * 3) % 9)], 5 + k % 4) for k in range(12)]
+    engine = Engine(lm, Scheduler(16, 100_000, 100), PrefixCache(1 << 30) if use_cache else None)
+    engine.start()
+    try:
+        tracked = [make_request(registry.get(n), ids, SamplingParams(max_new_tokens=m)) for n, ids, m in specs]
+        for t in tracked:
+            engine.submit(t.request)
+        for t, (name, ids, m) in zip(tracked, specs):
+            assert t.result.generated_tokens == m
+            folder, _, sub = name.partition(".")
+            expected = peft_reference(tiny_model_dir, store / folder, ids, m, int(sub) if sub else None)
+            assert t.request.output_ids == expected, f"{name} differs from PEFT's forward()"
+        assert engine.stats.max_tasks_in_pass >= 4
+        if use_cache:
+            cache = engine.prefix_cache
+            # prompt-like tasks: computed once each (5 of them), then hits; prefix tuning needs no entry.
+            assert cache.stats.misses == 5 and len(cache) == 5 and cache.stats.hits == 12 - 2 - 5
+    finally:
+        engine.stop()
+
+
+def test_cache_on_and_off_give_the_same_tokens_over_time(lm, store):
+    """Requests arriving one after another (cache warm) equal the same requests with the cache off."""
+    registry = make_registry(lm, store)
+    rng = random.Random(1)
+    specs = [(["pt", "ptuning", "mpt.1"][k % 3], [rng.randrange(40_000) for _ in range(2 + k)], 6) for k in range(6)]
+    outputs = []
+    for cache in (PrefixCache(1 << 30), None):
+        engine = Engine(lm, Scheduler(16, 100_000, 100), cache)
+        engine.start()
+        try:
+            got = []
+            for name, ids, m in specs:
+                t = make_request(registry.get(name), ids, SamplingParams(max_new_tokens=m))
+                engine.submit(t.request)
+                t.result
+                got.append(t.request.output_ids)
+            outputs.append(got)
+        finally:
+            engine.stop()
+    assert outputs[0] == outputs[1]
+
+
+def test_prefix_equals_prepended_embeddings_numerically(lm, store):
+    """The cached prefix equals what prepending the embeddings computes, up to float rounding."""
+    registry = make_registry(lm, store)
+    prompt = registry.get("pt").embeddings
+    engine = Engine(lm, Scheduler(4, 10_000, 10), None)
+    (alone,) = engine.runner.compute_prefixes([prompt])
+    # Computed next to a longer prompt (so with left padding): the same numbers.
+    (_, padded) = engine.runner.compute_prefixes([registry.get("mpt.0").embeddings.repeat(3, 1), prompt])
+    torch.testing.assert_close(alone, padded, rtol=0, atol=1e-12)
+
+
+def test_eviction_is_least_recently_used_and_bounded(lm, store):
+    registry = make_registry(lm, store)
+    engine = Engine(lm, Scheduler(4, 10_000, 10), None)
+    sizes = {}
+    for name in ["pt", "ptuning", "mpt.0"]:
+        (kv,) = engine.runner.compute_prefixes([registry.get(name).embeddings])
+        sizes[name] = kv
+    budget = sizes["pt"].nbytes + sizes["ptuning"].nbytes + sizes["mpt.0"].nbytes - 1  # one too few for all three
+    cache = PrefixCache(budget)
+    cache.put(registry.get("pt").cache_key, sizes["pt"])
+    cache.put(registry.get("ptuning").cache_key, sizes["ptuning"])
+    assert cache.get(registry.get("pt").cache_key) is not None  # pt is now the most recent
+    cache.put(registry.get("mpt.0").cache_key, sizes["mpt.0"])
+    assert registry.get("ptuning").cache_key not in cache and registry.get("pt").cache_key in cache
+    assert cache.stats.evictions == 1 and cache.bytes_used <= budget
+
+
+def test_replaced_task_is_invalidated_and_serves_the_new_prompt(lm, store, tmp_path):
+    """Replace a task's files: the next request uses the new prompt, not the cached prefix."""
+    live = tmp_path / "store"
+    live.mkdir()
+    shutil.copytree(store / "pt", live / "task")
+    registry = make_registry(lm, live)
+    engine = Engine(lm, Scheduler(4, 10_000, 10), PrefixCache(1 << 30))
+    engine.start()
+    try:
+        ids = [11, 22, 33, 44]
+
+        def run() -> list[int]:
+            t = make_request(registry.get("task"), ids, SamplingParams(max_new_tokens=8))
+            engine.submit(t.request)
+            t.result
+            return t.request.output_ids
+
+        old = run()
+        assert run() == old and engine.prefix_cache.stats.hits == 1
+        shutil.rmtree(live / "task")
+        shutil.copytree(store / "ptuning", live / "task")
+        registry.load_all()
+        new = run()
+        assert new == reference_greedy(lm, registry.get("task").embeddings, ids, 8) and new != old
+        assert engine.prefix_cache.stats.invalidations == 1 and len(engine.prefix_cache) == 1
+    finally:
+        engine.stop()
+
+
+def test_prefix_shape_mismatch_is_rejected_with_reason(lm, store, tmp_path):
+    bad = tmp_path / "store"
+    shutil.copytree(store / "prefix", bad / "prefix")
+    registry = Registry(bad, hidden_size=lm.hidden_size, max_virtual_tokens=64, dtype=lm.dtype, device=lm.device,
+                        kv_shape=KVShape(num_layers=3, num_kv_heads=2, head_dim=16))
+    registry.load_all()
+    reason = registry.failures()["prefix"]
+    assert "num_layers" in reason and "3" in reason
