@@ -244,14 +244,14 @@ def test_json_not_an_object(tmp_path: Path) -> None:
 
 def test_missing_peft_type(tmp_path: Path) -> None:
     folder = write_adapter(tmp_path / "t", good_config(peft_type=_DROP), {"prompt_embeddings": good_tensor()})
-    with pytest.raises(PromptError, match="no 'peft_type'; supported: PROMPT_TUNING, P_TUNING"):
+    with pytest.raises(PromptError, match="no 'peft_type'; supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING"):
         read(folder)
 
 
-@pytest.mark.parametrize("peft_type", ["LORA", "prompt_tuning", "PREFIX_TUNING"])
+@pytest.mark.parametrize("peft_type", ["LORA", "prompt_tuning", "ADAPTION_PROMPT"])
 def test_unsupported_peft_type(tmp_path: Path, peft_type: str) -> None:
     folder = write_adapter(tmp_path / "t", good_config(peft_type=peft_type), {"prompt_embeddings": good_tensor()})
-    with pytest.raises(PromptError, match=rf"unsupported peft_type '{peft_type}'; supported: PROMPT_TUNING, P_TUNING"):
+    with pytest.raises(PromptError, match=rf"unsupported peft_type '{peft_type}'; supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING"):
         read(folder)
 
 
