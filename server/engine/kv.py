@@ -75,6 +75,19 @@ class BufferedLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.length = 0
+        if self._k is not None and self._v is not None:
+            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+
+    # Row and column edits go through select_rows/concat, which keep buffer and length in step;
+    # transformers' in-place variants would change `keys` behind the buffer's back.
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("BufferedLayer: use select_rows to trim a cache")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("BufferedLayer: use select_rows to drop rows")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("BufferedLayer: rows are added with concat")
 
 
 def empty_cache(num_layers: int, capacity: int) -> Cache:
