@@ -74,8 +74,10 @@ def test_tiny_model_round_trip(tiny_model_dir: Path) -> None:
 
 
 def test_tiny_model_is_deterministic(tmp_path: Path, tiny_model_dir: Path) -> None:
-    again = tiny_test_model(tmp_path / "again", tokenizer_from=tiny_model_dir)
-    a, b = load_file(tiny_model_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    torch.manual_seed(123)  # the init is seeded on its own, whatever the global RNG holds
+    one = tiny_test_model(tmp_path / "one", tokenizer_from=tiny_model_dir)
+    two = tiny_test_model(tmp_path / "two", tokenizer_from=tiny_model_dir)
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     other = tiny_test_model(tmp_path / "other", tokenizer_from=tiny_model_dir, seed=1, num_hidden_layers=3)
     assert load_model(str(other)).num_layers == 3
