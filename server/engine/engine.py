@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 
@@ -37,7 +38,8 @@ class EngineStats:
     requests_finished: int = 0
     requests_failed: int = 0
 
-    def record_pass(self, phase: str, requests: list[Request]) -> None:
+    def record_pass(self, phase: str, requests: list[Request]) -> int:
+        """Count one forward pass; returns how many distinct tasks it held."""
         tasks = len({r.task for r in requests})
         if phase == "prefill":
             self.prefill_passes += 1
@@ -48,13 +50,27 @@ class EngineStats:
         self.mixed_task_passes += tasks > 1
         self.max_tasks_in_pass = max(self.max_tasks_in_pass, tasks)
         self.max_rows_in_pass = max(self.max_rows_in_pass, len(requests))
+        return tasks
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
+class EngineObserver(Protocol):
+    """Hooks for metrics; called on the engine thread, so they must be cheap and never raise."""
+
+    def on_pass(self, phase: str, rows: int, tasks: int, seconds: float) -> None: ...
+
+
 class Engine:
-    def __init__(self, lm: LoadedModel, scheduler: Scheduler, prefix_cache: PrefixCache | None = None) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        scheduler: Scheduler,
+        prefix_cache: PrefixCache | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.observer = observer
         self.lm = lm
         self.runner = Runner(lm)
         self.scheduler = scheduler
@@ -136,10 +152,11 @@ class Engine:
             req.admitted = now
             if req.stream or req.params.stop:
                 self._texts[req.id] = IncrementalText(self.tokenizer, req.params.stop)
+        started = time.perf_counter()
         rows = self._prefill_rows(admitted)
         headroom = max(r.params.max_new_tokens for r in admitted)
         result = self.runner.prefill(rows, headroom)
-        self.stats.record_pass("prefill", admitted)
+        self._record("prefill", admitted, started)
         new = Batch(
             requests=list(admitted),
             cache=result.cache,
@@ -153,6 +170,11 @@ class Engine:
         new = self._sample_and_emit(new, result.logits)
         if new is not None:
             self.batch = new if self.batch is None else Batch.concat(self.batch, new)
+
+    def _record(self, phase: str, requests: list[Request], started: float) -> None:
+        tasks = self.stats.record_pass(phase, requests)
+        if self.observer is not None:
+            self.observer.on_pass(phase, len(requests), tasks, time.perf_counter() - started)
 
     def _prefill_rows(self, reqs: list[Request]) -> list[PrefillRow]:
         """Each row starts from its task's key/value prefix when there is one (computing missing
@@ -190,9 +212,10 @@ class Engine:
         batch = self.batch
         assert batch is not None
         batch.extend_mask()
+        started = time.perf_counter()
         logits = self.runner.decode(batch.cache, batch.mask, batch.next_tokens, batch.positions)
         batch.positions = batch.positions + 1
-        self.stats.record_pass("decode", batch.requests)
+        self._record("decode", batch.requests, started)
         self.batch = self._sample_and_emit(batch, logits)
 
     # ---- tokens out ----------------------------------------------------------------------
@@ -216,6 +239,8 @@ class Engine:
         return batch.filter(keep) if keep else None
 
     def _append_token(self, req: Request, tok: int, logprob: float) -> FinishReason | None:
+        if not req.output_ids:
+            req.first_token_at = time.monotonic()
         req.output_ids.append(tok)
         text = self._texts.get(req.id)
         is_eos = tok in self.eos_ids
@@ -266,6 +291,7 @@ class Engine:
                 seed=req.seed if req.params.sampling else None,
                 queue_time=(req.admitted or now) - req.arrival,
                 total_time=now - req.arrival,
+                first_token_time=None if req.first_token_at is None else req.first_token_at - req.arrival,
             )
         )
 

@@ -62,6 +62,7 @@ class FinishEvent:
     seed: int | None
     queue_time: float  # seconds from arrival to admission
     total_time: float  # seconds from arrival to finish
+    first_token_time: float | None = None  # seconds from arrival to the first generated token
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
     admitted: float | None = None
+    first_token_at: float | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     _cancelled: threading.Event = field(default_factory=threading.Event)
