@@ -1,0 +1,217 @@
+"""Mixed-task batching against the alternatives a user would pick, measured side by side in one run.
+
+(a) one request at a time through the engine; (b) per-task batching: requests grouped by task and
+run with transformers `generate()` on `inputs_embeds = cat(soft_prompt, embed(ids))`, one task
+batch after another (what a PEFT user does: PEFT cannot mix prompts in a batch); (c) softmux mixed
+batching through the engine; (d) the bare model's forward at the same batch shapes (the floor for
+a decode step). Plus the mixing cost: the same load on 1 task vs spread over K tasks.
+
+    python benchmarks/compare.py [--device cpu|cuda] [--threads 2] [--requests 64] [--tasks 8]
+        [--concurrency 32] [--new-tokens 32] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from benchmarks.common import add_model_arguments, load_for_bench
+from server.engine.engine import Engine
+from server.engine.prefix_cache import PrefixCache
+from server.engine.request import FinishEvent, Request, SamplingParams
+from server.engine.scheduler import Scheduler
+from server.models import LoadedModel
+from server.prompts.types import PromptKind, SoftPrompt
+
+
+@dataclass(frozen=True)
+class Job:
+    task: int
+    input_ids: list[int]
+
+
+def make_prompts(lm: LoadedModel, k: int, p: int, seed: int) -> list[SoftPrompt]:
+    """Soft prompts initialised from sampled vocabulary rows (PEFT's SAMPLE_VOCAB): realistic scale."""
+    g = torch.Generator().manual_seed(seed)
+    table = lm.model.get_input_embeddings().weight.detach()
+    return [
+        SoftPrompt(name=f"task{i}", kind=PromptKind.PROMPT_TUNING, content_hash=f"bench{i}", source=Path("."),
+                   embeddings=table[torch.randint(100, 40_000, (p,), generator=g).to(table.device)].clone())
+        for i in range(k)
+    ]
+
+
+def make_jobs(n: int, k: int, lo: int, hi: int, seed: int) -> list[Job]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [Job(task=i % k, input_ids=torch.randint(100, 40_000, (n_,), generator=g).tolist()) for i, n_ in enumerate(lengths)]
+
+
+def sync(lm: LoadedModel) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PassTimer:
+    """Engine observer: decode step times by batch size."""
+
+    def __init__(self) -> None:
+        self.decode: dict[int, list[float]] = {}
+
+    def on_pass(self, phase: str, rows: int, tasks: int, seconds: float) -> None:
+        if phase == "decode":
+            self.decode.setdefault(rows, []).append(seconds)
+
+
+def run_engine(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, concurrency: int,
+               timer: PassTimer | None = None) -> dict[str, float]:
+    """Keep `concurrency` requests in flight; returns tokens/s and the engine's batching figures."""
+    engine = Engine(lm, Scheduler(concurrency, 1 << 30, len(jobs) + 1), PrefixCache(1 << 30), observer=timer)
+    engine.eos_ids = set()  # every request generates exactly new_tokens: equal work in every variant
+    slots = threading.Semaphore(concurrency)
+    done = threading.Event()
+    remaining = [len(jobs)]
+    lock = threading.Lock()
+
+    def sink(event) -> None:
+        if isinstance(event, FinishEvent) or not hasattr(event, "token_id"):
+            slots.release()
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+    engine.start()
+    start = time.perf_counter()
+    for job in jobs:
+        slots.acquire()
+        engine.submit(Request(task=prompts[job.task].name, prompt=prompts[job.task], input_ids=job.input_ids,
+                              params=SamplingParams(max_new_tokens=new_tokens), seed=0, sink=sink))
+    done.wait()
+    sync(lm)
+    elapsed = time.perf_counter() - start
+    engine.stop()
+    s = engine.stats
+    passes = s.prefill_passes + s.decode_passes
+    return {"seconds": elapsed, "tokens_per_s": len(jobs) * new_tokens / elapsed,
+            "rows_per_pass": (s.rows_prefilled + s.rows_decoded) / passes, "tasks_per_pass": s.tasks_summed / passes}
+
+
+@torch.inference_mode()
+def run_per_task_generate(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, batch: int) -> dict[str, float]:
+    """PEFT-style serving: one task per batch, transformers generate() on prompt+input embeddings."""
+    embed = lm.model.get_input_embeddings()
+    by_task: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_task.setdefault(job.task, []).append(job)
+    start = time.perf_counter()
+    for task, group in by_task.items():
+        for i in range(0, len(group), batch):
+            chunk = group[i : i + batch]
+            prompt = prompts[task].embeddings
+            seqs = [torch.cat([prompt, embed(torch.tensor(j.input_ids, device=lm.device))]) for j in chunk]
+            t = max(len(s) for s in seqs)
+            x = torch.zeros(len(seqs), t, prompt.shape[1], dtype=lm.dtype, device=lm.device)  # [B, T, H], left-padded
+            mask = torch.zeros(len(seqs), t, dtype=torch.int64, device=lm.device)
+            for r, s in enumerate(seqs):
+                x[r, t - len(s):] = s
+                mask[r, t - len(s):] = 1
+            out = lm.model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            assert out.shape[1] == new_tokens
+    sync(lm)
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "tokens_per_s": len(jobs) * new_tokens / elapsed}
+
+
+@torch.inference_mode()
+def bare_decode_step(lm: LoadedModel, rows: int, context: int, steps: int = 8) -> float:
+    """Median seconds of one bare forward of `rows` single tokens over a `context`-long cache."""
+    ids = torch.randint(100, 40_000, (rows, context), device=lm.device)
+    cache = DynamicCache()
+    lm.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    times = []
+    token = ids[:, -1:]
+    for _ in range(steps):
+        sync(lm)
+        t = time.perf_counter()
+        logits = lm.model(input_ids=token, cache=cache, use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        sync(lm)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def median_of(fn: Callable[[], dict[str, float]], repeats: int) -> dict[str, float]:
+    runs = [fn() for _ in range(repeats)]
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(ap)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--virtual", type=int, default=20)
+    ap.add_argument("--input-min", type=int, default=16)
+    ap.add_argument("--input-max", type=int, default=48)
+    ap.add_argument("--single-requests", type=int, default=16, help="requests timed one at a time (a subset: it is slow)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = load_for_bench(args)
+    prompts = make_prompts(lm, args.tasks, args.virtual, seed=0)
+    jobs = make_jobs(args.requests, args.tasks, args.input_min, args.input_max, seed=1)
+    one_task = [Job(task=0, input_ids=j.input_ids) for j in jobs]
+    n, c = args.new_tokens, args.concurrency
+    print(f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"{args.requests} requests over {args.tasks} tasks, concurrency {c}, P={args.virtual}, "
+          f"inputs {args.input_min}-{args.input_max} tokens, {n} new tokens, medians of {args.repeats} runs", flush=True)
+
+    run_engine(lm, prompts, jobs[: c // 2], 4, c)  # warm-up (allocator, kernels)
+    timer = PassTimer()
+    results = {
+        "mixed": median_of(lambda: run_engine(lm, prompts, jobs, n, c, timer), args.repeats),
+        "one_task": median_of(lambda: run_engine(lm, prompts, one_task, n, c), args.repeats),
+        "per_task_generate": median_of(lambda: run_per_task_generate(lm, prompts, jobs, n, c), args.repeats),
+        "one_at_a_time": median_of(lambda: run_engine(lm, prompts, jobs[: args.single_requests], n, 1), args.repeats),
+    }
+    full = max(timer.decode, key=lambda rows: len(timer.decode[rows]))  # the most common batch size
+    engine_step = statistics.median(timer.decode[full])
+    context = args.virtual + (args.input_min + args.input_max) // 2 + n // 2
+    bare_step = bare_decode_step(lm, full, context)
+    mixed = results["mixed"]["tokens_per_s"]
+    print()
+    print("| variant | generated tokens/s | mixed is |")
+    print("|---|---:|---:|")
+    for name, label in [("mixed", "softmux mixed batching"), ("one_task", "softmux, all requests on 1 task"),
+                        ("per_task_generate", "per-task batches, transformers generate()"),
+                        ("one_at_a_time", "one request at a time (engine)")]:
+        tps = results[name]["tokens_per_s"]
+        print(f"| {label} | {tps:.1f} | {mixed / tps:.2f}x |")
+    print()
+    print(f"mixing cost: {args.tasks} tasks / 1 task throughput = {mixed / results['one_task']['tokens_per_s']:.3f}")
+    print(f"mixed run: {results['mixed']['rows_per_pass']:.1f} rows and {results['mixed']['tasks_per_pass']:.2f} tasks per forward pass")
+    print(f"decode step at batch {full}: engine {engine_step * 1e3:.1f} ms, bare model forward {bare_step * 1e3:.1f} ms "
+          f"(engine / bare = {engine_step / bare_step:.3f}; context ~{context})")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+                                         "decode_step": {"rows": full, "engine_s": engine_step, "bare_s": bare_step}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

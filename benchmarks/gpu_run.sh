@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The benchmark run on a lent GPU machine (see README "Benchmarks"). It expects, carried beside the
+# repo: .devmodel/ (the default model's config and tokenizer; its weights are too large to carry,
+# so the model is built with random weights: timings don't depend on them, as every request
+# generates a fixed number of tokens) and .whl/ (transformers 5.24, newer than the image's).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+M="--model .devmodel --random-weights --device cuda --dtype bfloat16"
+python3 benchmarks/compare.py $M --threads 8 --repeats 3 --json "$OUT/compare_gpu.json" 2>&1 | grep -v Warning | tee "$OUT/compare_gpu.txt"
+python3 benchmarks/compare.py $M --threads 8 --repeats 3 --requests 256 --concurrency 128 --json "$OUT/compare_gpu_256.json" 2>&1 | grep -v Warning | tee "$OUT/compare_gpu_256.txt"
+python3 benchmarks/prefix_prefill.py $M --repeats 30 --batch 1 2>&1 | tee "$OUT/prefix_gpu_b1.txt"
+python3 benchmarks/prefix_prefill.py $M --repeats 30 --batch 8 2>&1 | tee "$OUT/prefix_gpu_b8.txt"
