@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -157,16 +158,18 @@ class LoadedModel:
         return ids
 
 
-def _from_pretrained(loader: Any, source: str, local: bool, **kwargs: Any) -> Any:
-    if local:
-        return loader.from_pretrained(source, **kwargs)
-    # A hub id: use the local HF cache without touching the network; download only if absent
-    # (the user named the hub id explicitly, so fetching it is what they asked for).
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local HF-cache folder of a hub id, found without any network access; None if absent."""
     try:
-        return loader.from_pretrained(source, local_files_only=True, **kwargs)
-    except OSError:
-        log.info("%s is not in the local Hugging Face cache; downloading", source)
-        return loader.from_pretrained(source, **kwargs)
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or not a valid repo id at all
+        return None
+
+
+def _load(source: str, dt: torch.dtype, attn_implementation: str) -> tuple[Any, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation=attn_implementation)
+    return tokenizer, model
 
 
 def load_model(
@@ -187,13 +190,23 @@ def load_model(
         source, name = resolve_model(model, cache_dir), DEFAULT_MODEL_ID
     else:
         source, name = model, model
-    local = Path(source).expanduser().is_dir()
-    if local:
-        source = str(Path(source).expanduser())
-    tokenizer = _from_pretrained(AutoTokenizer, source, local)
-    lm = _from_pretrained(
-        AutoModelForCausalLM, source, local, dtype=dt, attn_implementation=attn_implementation
-    )
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        tokenizer, lm = _load(str(folder), dt, attn_implementation)
+    else:
+        # A hub id. Load its cached snapshot as a plain folder: from_pretrained(hub_id,
+        # local_files_only=True) still probes the hub for adapter_config.json (~25 s of retries
+        # offline). Download only when it is not cached: the user named the hub id explicitly.
+        snapshot, loaded = _cached_snapshot(source), None
+        if snapshot is not None:
+            try:
+                loaded = _load(str(snapshot), dt, attn_implementation)
+            except OSError:  # a partial cache: some files missing
+                pass
+        if loaded is None:
+            log.info("%s is not (fully) in the local Hugging Face cache; downloading", source)
+            loaded = _load(source, dt, attn_implementation)
+        tokenizer, lm = loaded
     lm = lm.to(device=dev, dtype=dt).eval()
     lm.requires_grad_(False)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:

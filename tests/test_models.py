@@ -101,3 +101,30 @@ def test_default_model_cache(default_model_dir: Path) -> None:
     out = lm.model.generate(ids, max_new_tokens=16, do_sample=False)
     answer = lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+@pytest.mark.timeout(60)  # a network probe means minutes of retries before the cache is used
+def test_hub_id_loads_from_local_cache_without_network(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import socket
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    attempts: list[object] = []
+
+    def no_network(host: object, *args: object, **kwargs: object) -> None:
+        attempts.append(host)  # recorded: hub clients catch the error, retry, then use the cache
+        raise socket.gaierror("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)  # every hub request resolves a name first
+    lm = load_model("acme/tiny")
+    assert lm.name == "acme/tiny" and lm.hidden_size == 64
+    assert attempts == []
