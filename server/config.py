@@ -37,7 +37,14 @@ class Settings:
     prefix_cache: bool = field(default=True, metadata={"help": "compute each task's key/value prefix once and reuse it (--no-prefix-cache to compare)"})
     prefix_cache_bytes: int = field(default=256 << 20, metadata={"help": "memory for cached per-task key/value prefixes, in bytes"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
-    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error", "choices": ("debug", "info", "warning", "error")})
+    log_format: str = field(default="text", metadata={"help": "text (human-readable lines) | json (one JSON object per line, with request_id)", "choices": ("text", "json")})
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)} (got {getattr(self, f.name)!r})")
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -63,14 +70,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = os.environ.get(_env_name(f.name))
         default = getattr(defaults, f.name)
         kind = _parse_bool if isinstance(default, bool) else type(default)
+        choices = f.metadata.get("choices")
         if env is not None:
-            default = kind(env)
+            try:
+                default = kind(env)
+            except ValueError as e:
+                parser.error(f"{_env_name(f.name)}={env!r}: {e}")
+            if choices is not None and default not in choices:
+                parser.error(f"{_env_name(f.name)}={env!r}: must be one of {', '.join(choices)}")
         help_text = f"{f.metadata.get('help', '')} (env {_env_name(f.name)}; default: %(default)s)"
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices, help=help_text)
 
 
 def from_namespace(ns: argparse.Namespace) -> Settings:

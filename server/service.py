@@ -12,7 +12,7 @@ import logging
 import random
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 import torch
@@ -24,6 +24,7 @@ from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
 from server.engine.runner import PrefillRow
 from server.engine.scheduler import QueueFull, Scheduler
+from server.metrics import UNKNOWN_TASK, LiveState, Metrics
 from server.models import LoadedModel, load_model
 from server.prompts.registry import Registry
 from server.prompts.types import KVShape
@@ -50,6 +51,16 @@ class Service:
         self.engine: Engine | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
+        self.metrics = Metrics(self._live_state)
+
+    def _live_state(self) -> LiveState:
+        engine, registry = self.engine, self.registry
+        return LiveState(
+            waiting=None if engine is None else engine.scheduler.num_waiting,
+            running=None if engine is None else len(engine.scheduler.running),
+            prompt_load_failures=None if registry is None else len(registry.failures()),
+            tasks=None if registry is None else len(registry),
+        )
 
     # ---- startup / shutdown ------------------------------------------------------------------
     def start(self) -> None:
@@ -69,7 +80,7 @@ class Service:
             self.registry.load_all()
             scheduler = Scheduler(self.settings.max_batch_size, self.settings.max_batch_tokens, self.settings.max_queue)
             prefix_cache = PrefixCache(self.settings.prefix_cache_bytes) if self.settings.prefix_cache else None
-            self.engine = Engine(self.lm, scheduler, prefix_cache)
+            self.engine = Engine(self.lm, scheduler, prefix_cache, observer=self.metrics)
             self._warm_up()
             self.engine.start()
             self.ready.set()
@@ -107,48 +118,89 @@ class Service:
         return self.engine, self.registry, self.lm
 
     # ---- requests --------------------------------------------------------------------------
-    async def prepare(self, task: str, text: str, params: SamplingParams) -> Prepared:
-        """Check the task and limits and tokenise (in a worker thread). Raises ApiError subclasses."""
+    async def prepare(
+        self,
+        task: str,
+        text: str,
+        params: SamplingParams,
+        *,
+        add_special_tokens: bool = True,
+        fit_new_tokens: bool = False,
+        names: tuple[str, str] = ("inputs", "parameters.max_new_tokens"),
+    ) -> Prepared:
+        """Check the task and limits and tokenise (in a worker thread). Raises ApiError subclasses.
+
+        `fit_new_tokens`: treat params.max_new_tokens as an upper bound and lower it to what the
+        batch budget and the model's context leave (OpenAI chat's "as long as it fits" default).
+        `names`: how the input and the token limit are called in the caller's API, for messages.
+        """
+        try:
+            return await self._prepare(task, text, params, add_special_tokens, fit_new_tokens, names)
+        except (NotFound, ValidationFailed, Unavailable) as exc:
+            known = self.registry is not None and task in self.registry
+            self.metrics.rejected(task if known else UNKNOWN_TASK, exc.error_type)
+            raise
+
+    async def _prepare(
+        self, task: str, text: str, params: SamplingParams, add_special_tokens: bool, fit_new_tokens: bool,
+        names: tuple[str, str],
+    ) -> Prepared:
         _, registry, lm = self.require_ready()
         prompt = registry.get(task)
         if prompt is None:
             known = ", ".join(registry.names()) or "(none)"
             raise NotFound(f"unknown task {task!r}; known tasks: {known}")
         s = self.settings
-        if params.max_new_tokens > s.max_new_tokens:
-            raise ValidationFailed(f"parameters.max_new_tokens must be <= {s.max_new_tokens} (got {params.max_new_tokens})")
-        ids: list[int] = await anyio.to_thread.run_sync(lambda: lm.tokenizer(text, add_special_tokens=True)["input_ids"])
+        inputs_name, limit_name = names
+        if params.max_new_tokens > s.max_new_tokens and not fit_new_tokens:
+            raise ValidationFailed(f"{limit_name} must be <= {s.max_new_tokens} (got {params.max_new_tokens})")
+        ids: list[int] = await anyio.to_thread.run_sync(
+            lambda: lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         if len(ids) > s.max_input_tokens:
-            raise ValidationFailed(f"inputs is {len(ids)} tokens; at most {s.max_input_tokens} are allowed")
+            raise ValidationFailed(f"{inputs_name} is {len(ids)} tokens; at most {s.max_input_tokens} are allowed")
         if not ids:
-            raise ValidationFailed("inputs must not be empty")
+            raise ValidationFailed(f"{inputs_name} must not be empty")
+        max_pos = getattr(lm.model.config, "max_position_embeddings", None)
+        if fit_new_tokens:
+            room = min(s.max_new_tokens, s.max_batch_tokens - prompt.num_virtual_tokens - len(ids))
+            if max_pos is not None:
+                room = min(room, max_pos - prompt.num_virtual_tokens - len(ids))
+            params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
         total = prompt.num_virtual_tokens + len(ids) + params.max_new_tokens
         if total > s.max_batch_tokens:
             raise ValidationFailed(
-                f"virtual tokens ({prompt.num_virtual_tokens}) + input tokens ({len(ids)}) + max_new_tokens "
+                f"virtual tokens ({prompt.num_virtual_tokens}) + input tokens ({len(ids)}) + {limit_name} "
                 f"({params.max_new_tokens}) = {total} exceeds max_batch_tokens ({s.max_batch_tokens})"
             )
-        max_pos = getattr(lm.model.config, "max_position_embeddings", None)
         if max_pos is not None and total > max_pos:
-            raise ValidationFailed(f"virtual + input + max_new_tokens = {total} exceeds the model's context ({max_pos})")
+            raise ValidationFailed(f"virtual + input + {limit_name} = {total} exceeds the model's context ({max_pos})")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Prepared(task=task, input_ids=ids, params=params, seed=seed)
 
-    async def events(self, prepared: Prepared, stream: bool) -> AsyncIterator[Event]:
-        """Submit to the engine and yield its events until the request ends.
-
-        If the consumer stops early (client gone, task cancelled) the request is cancelled, and
-        the engine drops its row at its next step.
-        """
+    def submit(self, prepared: Prepared, stream: bool) -> "Generation":
+        """Hand a request to the engine now (raising Overloaded/Unavailable/NotFound at once, before
+        any response has started) and return a handle to iterate its events."""
         engine, registry, _ = self.require_ready()
         prompt = registry.get(prepared.task)
         if prompt is None:  # removed between prepare() and now
+            self.metrics.rejected(UNKNOWN_TASK, NotFound.error_type)
             raise NotFound(f"unknown task {prepared.task!r}")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
+        metrics, task, n_input = self.metrics, prepared.task, len(prepared.input_ids)
 
-        def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        def sink(event: Event) -> None:  # engine thread: cheap, never raises
+            try:
+                if isinstance(event, FinishEvent):
+                    metrics.finished(task, event)
+                elif isinstance(event, ErrorEvent):
+                    metrics.failed(task, n_input)
+            except Exception:  # pragma: no cover - metrics must never break generation
+                log.exception("recording metrics failed")
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
 
         request = Request(
             task=prepared.task, prompt=prompt, input_ids=prepared.input_ids,
@@ -157,21 +209,25 @@ class Service:
         try:
             engine.submit(request)
         except QueueFull as exc:
+            self.metrics.rejected(task, Overloaded.error_type)
             raise Overloaded(f"{exc}; retry later") from exc
         except RuntimeError as exc:
+            self.metrics.rejected(task, Unavailable.error_type)
             raise Unavailable(str(exc)) from exc
-        done = False
+        return Generation(request, queue, engine)
+
+    async def events(self, prepared: Prepared, stream: bool) -> AsyncIterator[Event]:
+        """Submit to the engine and yield its events until the request ends.
+
+        If the consumer stops early (client gone, task cancelled) the request is cancelled, and
+        the engine drops its row at its next step.
+        """
+        generation = self.submit(prepared, stream)
         try:
-            while True:
-                event = await queue.get()
-                done = not isinstance(event, TokenEvent)
+            async for event in generation:
                 yield event
-                if done:
-                    return
         finally:
-            if not done:
-                request.cancel()
-                engine.scheduler.notify()
+            generation.cancel()
 
     async def generate(self, prepared: Prepared) -> FinishEvent:
         """Run a request to its end and return the final event."""
@@ -181,3 +237,35 @@ class Service:
             if isinstance(event, FinishEvent):
                 return event
         raise GenerationFailed("the request ended without a result")
+
+
+class Generation:
+    """One submitted request: iterate it for its events (the last is a FinishEvent or an
+    ErrorEvent). `cancel()` (idempotent, a no-op once it ended) makes the engine drop its row
+    at its next step; callers must call it when they stop listening early."""
+
+    def __init__(self, request: Request, queue: "asyncio.Queue[Event]", engine: Engine) -> None:
+        self.request = request
+        self._queue = queue
+        self._engine = engine
+        self.done = False
+
+    def __aiter__(self) -> "Generation":
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if not isinstance(event, TokenEvent):
+            self.done = True
+            how = event.finish_reason.value if isinstance(event, FinishEvent) else f"error ({event.error_type})"
+            log.info("request %d (task %r) ended: %s, %d token(s)", self.request.id, self.request.task, how,
+                     len(self.request.output_ids))
+        return event
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self.request.cancel()
+            self._engine.scheduler.notify()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -10,7 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import server
-from server.api import errors, routes
+from server.api import errors, openai_compat, routes
+from server.api.logs import RequestIdMiddleware, configure_logging
 from server.config import Settings
 from server.models import LoadedModel
 from server.service import Service
@@ -36,14 +36,15 @@ def create_app(settings: Settings, loader: Callable[[], LoadedModel] | None = No
     app.state.service = service
     errors.install(app)
     app.include_router(routes.router)
+    app.include_router(openai_compat.router)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
 def run_server(settings: Settings) -> None:
     import uvicorn
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    # log_config=None keeps our handler (request ids, JSON); our middleware writes the access lines.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                log_config=None, access_log=False)

@@ -22,7 +22,8 @@ class ApiError(Exception):
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
-        return {"error": self.message, "error_type": self.error_type, **self.extra}
+        extra = {k: v for k, v in self.extra.items() if k not in {"param", "code"}}
+        return {"error": self.message, "error_type": self.error_type, **extra}
 
 
 class ValidationFailed(ApiError):
@@ -55,18 +56,51 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{loc}: {msg} (got {value[:80]})"
 
 
+OPENAI_PREFIX = "/v1/"
+_OPENAI_TYPES = {
+    "validation": "invalid_request_error",
+    "not_found": "invalid_request_error",
+    "overloaded": "rate_limit_error",
+    "unhealthy": "server_error",
+    "generation": "server_error",
+}
+
+
+def openai_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": _OPENAI_TYPES.get(error_type, "server_error"),
+                      "param": param, "code": code or error_type}}
+
+
+def error_response(
+    request: Request, status: int, message: str, error_type: str, *,
+    headers: dict[str, str] | None = None, param: str | None = None, code: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    """TGI's shape on native routes, OpenAI's on /v1/ routes."""
+    if request.url.path.startswith(OPENAI_PREFIX):
+        body = openai_body(message, error_type, param, code)
+    else:
+        body = {"error": message, "error_type": error_type, **(extra or {})}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         headers = {"Retry-After": "1"} if isinstance(exc, (Overloaded, Unavailable)) else None
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+        extra = {k: v for k, v in exc.extra.items() if k not in {"param", "code"}}
+        return error_response(request, exc.status_code, exc.message, exc.error_type, headers=headers,
+                              param=exc.extra.get("param"), code=exc.extra.get("code"), extra=extra)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message = "; ".join(_describe(e) for e in exc.errors())
-        return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        message = "; ".join(_describe(e) for e in errors)
+        first = next((".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors), "") or None
+        return error_response(request, 422, message, "validation", param=first, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type = "not_found" if exc.status_code == 404 else "http"
-        return JSONResponse({"error": str(exc.detail), "error_type": error_type}, status_code=exc.status_code)
+        return error_response(request, exc.status_code, str(exc.detail), error_type, headers=exc.headers)

@@ -1,16 +1,20 @@
-"""Native routes: POST /generate, GET /tasks, GET /health, GET /stats."""
+"""Native routes: POST /generate, POST /generate_stream, GET /tasks, and the operations routes
+GET /health, /ready, /info, /metrics, /stats."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-from server.api.schemas import Details, ErrorBody, GenerateParameters, GenerateRequest, GenerateResponse
-from server.engine.request import SamplingParams
-from server.service import Service
+import server
+from server.api.schemas import MAX_STOP, Details, ErrorBody, GenerateParameters, GenerateRequest, GenerateResponse
+from server.api.sse import EventStream, sse
+from server.engine.request import ErrorEvent, FinishEvent, TokenEvent, SamplingParams
+from server.service import Generation, Prepared, Service
 
 router = APIRouter()
 
@@ -60,6 +64,59 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     )
 
 
+def _token(event: TokenEvent) -> dict[str, Any]:
+    return {"id": event.token_id, "text": event.text, "logprob": event.logprob, "special": event.special}
+
+
+def _details(event: FinishEvent) -> dict[str, Any]:
+    return {"finish_reason": event.finish_reason.value, "generated_tokens": event.generated_tokens,
+            "input_tokens": event.input_tokens, "input_length": event.input_tokens,
+            "virtual_tokens": event.virtual_tokens, "seed": event.seed}
+
+
+async def tgi_stream(generation: Generation, prepared: Prepared) -> AsyncIterator[bytes]:
+    """TGI's stream: one event per token, `{"index", "token", "generated_text": null, "details": null}`;
+    the last token's event carries `generated_text` and `details`; a failure is `{"error", "error_type"}`.
+
+    The engine sends the result after the last token, so a token that may be the last is held
+    back until the next event says which: one known to end the request (EOS, max_new_tokens)
+    waits only for its result; with stop strings every token waits one step (the engine holds
+    text back for stop strings anyway)."""
+    pending: TokenEvent | None = None
+    index = received = 0
+    max_new, hold = prepared.params.max_new_tokens, bool(prepared.params.stop)
+    async for event in generation:
+        if isinstance(event, TokenEvent):
+            received += 1
+            if pending is not None:
+                yield sse({"index": index, "token": _token(pending), "generated_text": None, "details": None})
+                index, pending = index + 1, None
+            if hold or event.special or received >= max_new:
+                pending = event
+            else:
+                yield sse({"index": index, "token": _token(event), "generated_text": None, "details": None})
+                index += 1
+        elif isinstance(event, FinishEvent):
+            token = _token(pending) if pending is not None else None
+            yield sse({"index": index, "token": token, "generated_text": event.generated_text, "details": _details(event)})
+        elif isinstance(event, ErrorEvent):
+            if pending is not None:
+                yield sse({"index": index, "token": _token(pending), "generated_text": None, "details": None})
+            yield sse({"error": event.message, "error_type": event.error_type})
+
+
+@router.post("/generate_stream", responses={200: {"content": {"text/event-stream": {}},
+                                                   "description": "server-sent events, TGI's shape"}, **_ERRORS})
+async def generate_stream(body: GenerateRequest, request: Request) -> EventStream:
+    """Tokens as server-sent events as they are generated. Errors found before the first token
+    (unknown task, invalid input, queue full) are ordinary HTTP errors; a client that disconnects
+    cancels its request."""
+    service = service_of(request)
+    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters))
+    generation = service.submit(prepared, stream=True)
+    return EventStream(tgi_stream(generation, prepared), on_close=generation.cancel)
+
+
 @router.get("/tasks")
 async def tasks(request: Request) -> dict[str, Any]:
     """The servable tasks and the store folders that failed validation, with reasons."""
@@ -69,11 +126,59 @@ async def tasks(request: Request) -> dict[str, Any]:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
+    """Liveness: 200 while the process and its engine loop are alive (also while loading); 503
+    once the model failed to load or the engine loop died."""
     service = service_of(request)
     if not service.healthy:
         reason = service.load_error or (service.engine.error if service.engine else None)
         return JSONResponse({"status": "unhealthy", "error": str(reason), "error_type": "unhealthy"}, status_code=503)
     return JSONResponse({"status": "ok", "ready": service.ready.is_set()})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: 200 once the model is loaded and warmed up and the engine runs; 503 before
+    (with Retry-After) and after a failure."""
+    service = service_of(request)
+    try:
+        service.require_ready()
+    except Exception as exc:  # Unavailable
+        return JSONResponse({"status": "unavailable", "error": str(exc), "error_type": "unhealthy"},
+                            status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/info")
+async def info(request: Request) -> dict[str, Any]:
+    """The model, where it runs, the limits a request must respect and the server version."""
+    service = service_of(request)
+    s, lm, registry = service.settings, service.lm, service.registry
+    return {
+        "version": server.__version__,
+        "model": lm.name if lm is not None else s.model,
+        "dtype": str(lm.dtype).removeprefix("torch.") if lm is not None else s.dtype,
+        "device": str(lm.device) if lm is not None else s.device,
+        "ready": service.ready.is_set(),
+        "tasks": None if registry is None else len(registry),
+        "limits": {
+            "max_batch_size": s.max_batch_size,
+            "max_batch_tokens": s.max_batch_tokens,
+            "max_input_tokens": s.max_input_tokens,
+            "max_new_tokens": s.max_new_tokens,
+            "max_virtual_tokens": s.max_virtual_tokens,
+            "max_queue": s.max_queue,
+            "max_stop_sequences": MAX_STOP,
+            "context_length": None if lm is None else getattr(lm.model.config, "max_position_embeddings", None),
+        },
+        "prefix_cache": s.prefix_cache,
+    }
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    content, content_type = service_of(request).metrics.render()
+    return Response(content, media_type=content_type)
 
 
 @router.get("/stats")

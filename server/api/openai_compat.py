@@ -1,0 +1,284 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+`model` names the task (its soft prompt goes in front of everything, chat template included);
+an unknown model is a 404 in OpenAI's error shape, never a fallback to the base model.
+Errors on these routes use `{"error": {"message", "type", "param", "code"}}` (see errors.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import anyio
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from server.api.errors import NotFound, ValidationFailed, openai_body
+from server.api.schemas import MAX_SEED, MAX_STOP
+from server.api.sse import EventStream, sse
+from server.engine.request import ErrorEvent, FinishEvent, FinishReason, SamplingParams, TokenEvent
+from server.service import Generation, Prepared, Service
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+# Fields OpenAI clients send routinely: accepted at their neutral value, refused otherwise.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1, max_length=64, description="the task (soft prompt) to apply")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0: greedy; default 1 (sampling)")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(1, description="choices per request: softmux returns exactly one")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description=f"a stop string or up to {MAX_STOP}")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    user: str | None = None
+
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    top_logprobs: int | None = None
+    best_of: int | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError("only n=1 is supported: softmux returns one choice per request; send several requests instead")
+        return v
+
+    @field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        stops = [] if v is None else [v] if isinstance(v, str) else list(v)
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        if any(not s or len(s) > 256 for s in stops):
+            raise ValueError("stop strings must be 1 to 256 characters")
+        return stops
+
+    @model_validator(mode="after")
+    def _neutral(self) -> "_Common":
+        for name, allowed in _NEUTRAL.items():
+            if name in type(self).model_fields:
+                value = getattr(self, name)
+                if value not in allowed:
+                    raise ValueError(f"{name}={value!r} is not supported by softmux (allowed: {', '.join(map(repr, allowed))})")
+        return self
+
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
+        """OpenAI samples by default (temperature 1); temperature 0 is greedy."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            stop=tuple(self.stop or ()),
+            seed=self.seed,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] = Field(..., description="the text after the soft prompt (a string, or a list of one)")
+    max_tokens: int | None = Field(16, ge=1, description="tokens to generate at most (OpenAI's default: 16)")
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        texts = [v] if isinstance(v, str) else v
+        if len(texts) != 1:
+            raise ValueError("give one prompt (a string, or a list of exactly one string); batch with concurrent requests")
+        if not texts[0]:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens (newer clients)")
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _finish_reason(reason: FinishReason) -> str:
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+def _usage(event: FinishEvent) -> dict[str, int]:
+    # prompt_tokens counts the input text's tokens; the task's virtual tokens are reported apart.
+    return {"prompt_tokens": event.input_tokens, "completion_tokens": event.generated_tokens,
+            "total_tokens": event.input_tokens + event.generated_tokens, "virtual_tokens": event.virtual_tokens}
+
+
+async def _prepare(service: Service, model: str, text: str, params: SamplingParams, **kwargs: Any) -> Prepared:
+    try:
+        return await service.prepare(model, text, params, **kwargs)
+    except NotFound as exc:
+        raise NotFound(exc.message.replace("unknown task", "unknown model (task)"), param="model", code="model_not_found") from exc
+    except ValidationFailed as exc:
+        inputs_name, limit_name = kwargs["names"]
+        raise ValidationFailed(exc.message, param=limit_name if limit_name in exc.message else inputs_name) from exc
+
+
+async def _openai_stream(generation: Generation, chunk: Any, include_usage: bool) -> AsyncIterator[bytes]:
+    """`chunk(text, finish_reason)` builds one chunk; then the usage chunk if asked, then [DONE]."""
+    first = True
+    async for event in generation:
+        if isinstance(event, TokenEvent):
+            if event.text or first:
+                yield sse(chunk(event.text, None, first))
+                first = False
+        elif isinstance(event, FinishEvent):
+            yield sse(chunk("", _finish_reason(event.finish_reason), first))
+            if include_usage:
+                final = chunk("", None, False)
+                final["choices"], final["usage"] = [], _usage(event)
+                yield sse(final)
+            yield sse("[DONE]")
+        elif isinstance(event, ErrorEvent):
+            yield sse(openai_body(event.message, event.error_type))
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """Every task, as an OpenAI model."""
+    _, registry, _ = _service(request).require_ready()
+    return {"object": "list", "data": [_model_card(name) for name in registry.names()]}
+
+
+@router.get("/models/{model}")
+async def get_model(model: str, request: Request) -> dict[str, Any]:
+    _, registry, _ = _service(request).require_ready()
+    if model not in registry:
+        raise NotFound(f"unknown model (task) {model!r}", param="model", code="model_not_found")
+    return _model_card(model)
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "softmux"}
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    service = _service(request)
+    assert body.max_tokens is not None
+    prepared = await _prepare(service, body.model, body.text, body.sampling(body.max_tokens),
+                              names=("prompt", "max_tokens"))
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(text: str, finish: str | None, _: bool) -> dict[str, Any]:
+        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+    if body.stream:
+        generation = service.submit(prepared, stream=True)
+        return EventStream(_openai_stream(generation, chunk, body.include_usage), on_close=generation.cancel)
+    result = await service.generate(prepared)
+    out = chunk(result.generated_text, _finish_reason(result.finish_reason), False)
+    out["usage"] = _usage(result)
+    return out
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    service = _service(request)
+    _, _, lm = service.require_ready()
+    tokenizer = lm.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValidationFailed(f"the model {lm.name} has no chat template; use /v1/completions", param="messages")
+    messages = [m.as_template_message() for m in body.messages]
+    try:
+        text: str = await anyio.to_thread.run_sync(
+            lambda: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    except Exception as exc:  # a template that refuses this conversation (e.g. role order)
+        raise ValidationFailed(f"the chat template refused these messages: {exc}", param="messages") from exc
+    limit = body.max_completion_tokens or body.max_tokens
+    fit = limit is None
+    # The template already holds the special tokens it wants; the soft prompt still comes first.
+    prepared = await _prepare(service, body.model, text, body.sampling(limit or service.settings.max_new_tokens),
+                              add_special_tokens=False, fit_new_tokens=fit, names=("messages", "max_tokens"))
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any]:
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    if body.stream:
+        generation = service.submit(prepared, stream=True)
+        return EventStream(_openai_stream(generation, chunk, body.include_usage), on_close=generation.cancel)
+    result = await service.generate(prepared)
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.generated_text},
+                     "logprobs": None, "finish_reason": _finish_reason(result.finish_reason)}],
+        "usage": _usage(result),
+    }

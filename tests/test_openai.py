@@ -1,0 +1,165 @@
+"""The OpenAI-compatible routes, driven by the official `openai` package against a real uvicorn
+server: completions and chat (streaming and not), models, parameter mapping, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.api.app import create_app
+from server.models import LoadedModel, load_model
+from tests.api_support import TASKS, live_server, make_store, settings_for
+from tests.support import reference_greedy
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(str(tiny_model_dir), dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, lm):
+    root = tmp_path_factory.mktemp("store")
+    return root, make_store(root, lm.hidden_size)
+
+
+@pytest.fixture(scope="module")
+def base_url(lm, store) -> Iterator[str]:
+    app = create_app(settings_for(store[0]), loader=lambda: lm, wait=True)
+    with live_server(app) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def oai(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def greedy_text(lm: LoadedModel, store, task: str, ids: list[int], n: int) -> str:
+    return lm.tokenizer.decode(reference_greedy(lm, store[1][task].double(), ids, n), skip_special_tokens=True)
+
+
+def test_models_lists_the_tasks(oai):
+    assert sorted(m.id for m in oai.models.list()) == sorted(TASKS)
+    assert oai.models.retrieve("beta").id == "beta"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("nope")
+
+
+def test_completion_greedy_matches_the_reference(oai, lm, store):
+    prompt = "The quick brown fox"
+    out = oai.completions.create(model="beta", prompt=prompt, max_tokens=7, temperature=0)
+    ids = lm.tokenizer(prompt)["input_ids"]
+    assert out.object == "text_completion" and out.model == "beta"
+    assert out.choices[0].text == greedy_text(lm, store, "beta", ids, 7)
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (len(ids), 7, len(ids) + 7)
+
+
+def test_completion_stream_equals_the_whole_answer(oai):
+    kwargs = dict(model="alpha", prompt="one two three", max_tokens=9, temperature=0)
+    whole = oai.completions.create(**kwargs).choices[0].text
+    chunks = list(oai.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 9
+
+
+def test_completion_stop_string_and_list(oai):
+    free = oai.completions.create(model="gamma", prompt="hello world", max_tokens=12, temperature=0).choices[0].text
+    stop = free[4:7]
+    assert stop.strip()
+    for value in (stop, [stop, "zzzz"]):
+        out = oai.completions.create(model="gamma", prompt="hello world", max_tokens=12, temperature=0, stop=value)
+        assert out.choices[0].text == free[:free.index(stop)] and out.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(oai):
+    kwargs = dict(model="gamma", prompt="hello", max_tokens=8, temperature=0.9, top_p=0.95, seed=123)
+    a = oai.completions.create(**kwargs).choices[0].text
+    b = oai.completions.create(**kwargs).choices[0].text
+    assert a == b
+
+
+def test_chat_applies_the_template_after_the_soft_prompt(oai, lm, store):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    out = oai.chat.completions.create(model="beta", messages=messages, max_tokens=6, temperature=0)
+    text = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == greedy_text(lm, store, "beta", ids, 6)
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 6
+
+
+def test_chat_stream_and_content_parts(oai):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}]
+    whole = oai.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0)
+    chunks = list(oai.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_without_max_tokens_fits_the_limits(oai):
+    out = oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], temperature=0)
+    assert 1 <= out.usage.completion_tokens <= 64
+
+
+def test_unknown_model_is_404_in_openai_shape(oai, base_url):
+    with pytest.raises(openai.NotFoundError) as info:
+        oai.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert info.value.status_code == 404
+    r = httpx.post(f"{base_url}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == "model" and error["code"] == "model_not_found" and "'nope'" in error["message"]
+
+
+def test_n_greater_than_one_is_422(oai, base_url):
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        oai.completions.create(model="alpha", prompt="x", max_tokens=2, n=2)
+    assert "n=1" in str(info.value)
+    r = httpx.post(f"{base_url}/v1/chat/completions",
+                   json={"model": "alpha", "n": 3, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "n"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 65}, "max_tokens"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "temperature": 3}, "temperature"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "top_p": 0}, "top_p"),
+        ("/v1/completions", {"model": "alpha", "prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {"model": "alpha", "prompt": ""}, "prompt"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "stop": ["a"] * 5}, "stop"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "logprobs": 3}, None),
+        ("/v1/completions", {"model": "alpha", "prompt": " word" * 100}, "prompt"),
+        ("/v1/completions", {"model": "alpha"}, "prompt"),
+        ("/v1/chat/completions", {"model": "alpha", "messages": []}, "messages"),
+        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed"),
+        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_bad_requests_are_422_in_openai_shape(base_url, path, body, param):
+    r = httpx.post(base_url + path, json=body)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_malformed_json_is_422(base_url):
+    r = httpx.post(f"{base_url}/v1/completions", content=b"{oops", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error"
