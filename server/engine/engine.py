@@ -32,6 +32,7 @@ class EngineStats:
     rows_prefilled: int = 0
     rows_decoded: int = 0
     mixed_task_passes: int = 0  # forward passes whose rows belong to more than one task
+    tasks_summed: int = 0  # distinct tasks per pass, summed over passes (mean = tasks_summed / passes)
     max_tasks_in_pass: int = 0
     max_rows_in_pass: int = 0
     joined_running_batch: int = 0  # rows admitted while other rows were mid-generation
@@ -48,6 +49,7 @@ class EngineStats:
             self.decode_passes += 1
             self.rows_decoded += len(requests)
         self.mixed_task_passes += tasks > 1
+        self.tasks_summed += tasks
         self.max_tasks_in_pass = max(self.max_tasks_in_pass, tasks)
         self.max_rows_in_pass = max(self.max_rows_in_pass, len(requests))
         return tasks
