@@ -15,7 +15,7 @@ from server.engine.detok import IncrementalText
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
 from server.engine.runner import PrefillRow, Runner
-from server.engine.sampler import SamplingTensors, sample
+from server.engine.sampler import BatchFlags, SamplingTensors, sample
 from server.engine.scheduler import Scheduler
 from server.models import LoadedModel
 
@@ -224,10 +224,15 @@ class Engine:
     def _sample_and_emit(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
         """Choose each row's token, deliver it, and return the batch without finished rows."""
         finite = torch.isfinite(logits).all(dim=-1)  # [B]: a poisoned row must fail alone
-        tokens, logprobs = sample(logits.masked_fill(~finite[:, None], 0.0), batch.sampling, batch.steps, batch.seen)
+        finite_rows = finite.tolist()
+        if not all(finite_rows):
+            logits = logits.masked_fill(~finite[:, None], 0.0)
+        tokens, logprobs = sample(logits, batch.sampling, batch.steps, batch.seen, self._flags(batch.requests))
         batch.append_step(tokens)
         keep: list[int] = []
-        for i, (req, tok, lp, ok) in enumerate(zip(batch.requests, tokens.tolist(), logprobs.tolist(), finite.tolist())):
+        token_list = tokens.tolist()
+        logprob_list = [0.0] * len(token_list) if logprobs is None else logprobs.tolist()
+        for i, (req, tok, lp, ok) in enumerate(zip(batch.requests, token_list, logprob_list, finite_rows)):
             if not ok:
                 self._fail(req, "the model produced non-finite logits for this request")
                 continue
@@ -239,6 +244,16 @@ class Engine:
         if len(keep) == len(batch):
             return batch
         return batch.filter(keep) if keep else None
+
+    @staticmethod
+    def _flags(requests: list[Request]) -> BatchFlags:
+        sampling = [r.params.sampling for r in requests]
+        return BatchFlags(
+            sampling=any(sampling),
+            penalty=any(r.params.repetition_penalty != 1.0 for r in requests),
+            filtering=any(s and (r.params.top_k > 0 or r.params.top_p < 1.0) for s, r in zip(sampling, requests)),
+            logprobs=any(r.stream for r in requests),
+        )
 
     def _append_token(self, req: Request, tok: int, logprob: float) -> FinishReason | None:
         if not req.output_ids:

@@ -73,33 +73,60 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+@dataclass(frozen=True)
+class BatchFlags:
+    """What the batch's rows need, known on the host: skipping work (and device syncs) for the rest."""
+
+    sampling: bool  # some row samples
+    penalty: bool  # some row has a repetition penalty
+    filtering: bool  # some sampling row uses top-k or top-p
+    logprobs: bool  # some row wants log-probabilities (streams report them)
+
+    @classmethod
+    def of(cls, params: SamplingTensors) -> "BatchFlags":
+        """Derived from the tensors (syncs a device); the engine builds them from its requests instead."""
+        sampling = bool(params.sampling.any())
+        return cls(
+            sampling=sampling,
+            penalty=bool((params.repetition_penalty != 1.0).any()),
+            filtering=sampling and bool(((params.top_k > 0) | (params.top_p < 1.0)).any()),
+            logprobs=True,
+        )
+
+
 def sample(
     logits: torch.Tensor,  # [B, V] last-position logits
     params: SamplingTensors,
     steps: torch.Tensor,  # [B] int64: tokens generated so far per row
     seen: torch.Tensor | None,  # [B, V] bool: tokens present in each row's input and output
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose one token per row. Returns (token ids [B] int64, their log-probabilities [B] float32).
+    flags: BatchFlags | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Choose one token per row. Returns (token ids [B] int64, their log-probabilities [B] float32,
+    or None when no row asked for them).
 
     The log-probability is that of the distribution the token was drawn from (after penalties and
     warpers), as TGI reports it.
     """
+    flags = flags or BatchFlags.of(params)
     logits = logits.float()
-    if seen is not None and bool((params.repetition_penalty != 1.0).any()):
+    if seen is not None and flags.penalty:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     greedy_tokens = logits.argmax(dim=-1)  # [B]
-    if not bool(params.sampling.any()):
-        logprobs = logits.log_softmax(dim=-1).gather(-1, greedy_tokens[:, None]).squeeze(-1)
-        return greedy_tokens, logprobs
+    if not flags.sampling:
+        if not flags.logprobs:
+            return greedy_tokens, None
+        return greedy_tokens, logits.log_softmax(dim=-1).gather(-1, greedy_tokens[:, None]).squeeze(-1)
 
     temperature = torch.where(params.sampling, params.temperature, torch.ones_like(params.temperature))
     warped = logits / temperature[:, None].to(logits.dtype)
-    if bool(((params.top_k > 0) | (params.top_p < 1.0)).any()):
+    if flags.filtering:
         warped = _filter_top_k_top_p(warped, params.top_k, params.top_p)
     logp = warped.log_softmax(dim=-1)  # [B, V]
     gumbel = -torch.log(-torch.log(row_uniforms(params.seeds, steps, logits.shape[-1]))).to(logp.dtype)
     sampled = (logp + gumbel).argmax(dim=-1)  # [B]
     tokens = torch.where(params.sampling, sampled, greedy_tokens)
+    if not flags.logprobs:
+        return tokens, None
     chosen_logp = torch.where(
         params.sampling[:, None], logp, logits.log_softmax(dim=-1)
     ).gather(-1, tokens[:, None]).squeeze(-1)
