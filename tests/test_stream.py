@@ -170,4 +170,6 @@ def test_client_disconnect_cancels_the_request(lm, store):
         assert engine.batch is None  # its cache rows are gone with it
         stats = httpx.get(f"{base}/stats").json()
         assert stats["running"] == 0 and stats["reserved_tokens"] == 0
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'softmux_request_count_total{outcome="cancelled",task="beta"} 1.0' in metrics
         engine.runner.decode = real_decode
