@@ -263,3 +263,50 @@ def test_rows_from_torch_generator_do_not_leak_state(lm, prompts):
     finally:
         engine.stop()
     assert torch.equal(torch.rand(1), before)
+
+
+def test_deadline_ends_a_running_row_and_a_waiting_one(lm, prompts):
+    """A passed deadline ends the request with TIMEOUT and its text so far; the others go on."""
+    import time
+
+    rng = random.Random(9)
+    engine = start_engine(lm, max_batch_size=1)
+    try:
+        running = make_request(prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=500), stream=True)
+        waiting = make_request(prompts[1], random_ids(rng, 4), SamplingParams(max_new_tokens=5))
+        after = make_request(prompts[2], random_ids(rng, 4), SamplingParams(max_new_tokens=3))
+        running.request.deadline = time.monotonic() + 0.3
+        waiting.request.deadline = time.monotonic() + 0.1  # expires in the queue behind `running`
+        for t in (running, waiting, after):
+            engine.submit(t.request)
+        assert running.result.finish_reason is FinishReason.TIMEOUT
+        assert 0 < running.result.generated_tokens < 500
+        assert running.result.generated_text == lm.tokenizer.decode(running.request.output_ids, skip_special_tokens=True)
+        assert waiting.result.finish_reason is FinishReason.TIMEOUT and waiting.result.generated_tokens == 0
+        assert after.request.output_ids == reference_greedy(lm, prompts[2].embeddings, after.request.input_ids, 3)
+        assert engine.scheduler.reserved_tokens == 0
+    finally:
+        engine.stop()
+
+
+def test_drain_finishes_accepted_requests_and_refuses_new_ones(lm, prompts):
+    from server.engine.scheduler import ShuttingDown
+
+    rng = random.Random(10)
+    engine = start_engine(lm, max_batch_size=2)
+    accepted = [make_request(prompts[k], random_ids(rng, 3), SamplingParams(max_new_tokens=6)) for k in range(4)]
+    for t in accepted:
+        engine.submit(t.request)
+    assert engine.drain(grace=60) is True
+    for t in accepted:
+        assert t.result.finish_reason is FinishReason.LENGTH and t.result.generated_tokens == 6
+    with pytest.raises((ShuttingDown, RuntimeError)):
+        engine.submit(make_request(prompts[0], [1], SamplingParams()).request)
+
+
+def test_drain_past_grace_fails_the_rest_clearly(lm, prompts):
+    engine = start_engine(lm)
+    long = make_request(prompts[0], [5, 6], SamplingParams(max_new_tokens=100_000))
+    engine.submit(long.request)
+    assert engine.drain(grace=0.2) is False
+    assert "shutting down" in long.error.message

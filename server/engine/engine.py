@@ -91,6 +91,19 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="softmux-engine", daemon=True)
         self._thread.start()
 
+    def drain(self, grace: float) -> bool:
+        """Stop admitting, let accepted requests finish for up to `grace` seconds, then stop.
+
+        Returns True when everything finished in time; otherwise the rest fail with a clear error.
+        """
+        self.scheduler.close()
+        deadline = time.monotonic() + grace
+        while self.alive and not self.scheduler.idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        finished = self.scheduler.idle
+        self.stop()
+        return finished
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self.scheduler.notify()
@@ -122,9 +135,10 @@ class Engine:
     def step(self) -> bool:
         """Admit, prefill, decode once. Returns False when there was nothing to do."""
         admitted, dropped = self.scheduler.schedule()
+        now = time.monotonic()
         for req in dropped:
-            self._finish(req, FinishReason.CANCELLED)
-        self._drop_cancelled()
+            self._finish(req, req.ended_reason(now) or FinishReason.CANCELLED)
+        self._drop_ended(now)
         if admitted:
             if self.batch is not None:
                 self.stats.joined_running_batch += len(admitted)
@@ -276,15 +290,17 @@ class Engine:
             req.sink(TokenEvent(token_id=tok, text=delta, logprob=logprob, special=is_eos))
         return reason
 
-    def _drop_cancelled(self) -> None:
+    def _drop_ended(self, now: float) -> None:
+        """Rows whose client left or whose deadline passed leave the batch before the next pass."""
         if self.batch is None:
             return
-        keep = [i for i, r in enumerate(self.batch.requests) if not r.cancelled]
-        if len(keep) == len(self.batch):
+        reasons = [r.ended_reason(now) for r in self.batch.requests]
+        if not any(reasons):
             return
-        for r in self.batch.requests:
-            if r.cancelled:
-                self._finish(r, FinishReason.CANCELLED)
+        for r, reason in zip(self.batch.requests, reasons):
+            if reason is not None:
+                self._finish(r, reason)
+        keep = [i for i, reason in enumerate(reasons) if reason is None]
         self.batch = self.batch.filter(keep) if keep else None
 
     def _finish(self, req: Request, reason: FinishReason) -> None:

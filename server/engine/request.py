@@ -17,6 +17,7 @@ class FinishReason(str, enum.Enum):
     EOS = "eos_token"
     STOP = "stop_sequence"
     CANCELLED = "cancelled"
+    TIMEOUT = "timeout"  # the request's deadline passed; the text so far is returned
 
 
 class RequestStatus(enum.Enum):
@@ -89,6 +90,7 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
     admitted: float | None = None
+    deadline: float | None = None  # time.monotonic() after which the request ends with TIMEOUT
     first_token_at: float | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -110,3 +112,14 @@ class Request:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def ended_reason(self, now: float) -> FinishReason | None:
+        """Why the engine should drop this request now, if it should."""
+        if self.cancelled:
+            return FinishReason.CANCELLED
+        if self.expired(now):
+            return FinishReason.TIMEOUT
+        return None

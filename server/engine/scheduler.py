@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 from server.engine.request import Request, RequestStatus
@@ -10,6 +11,10 @@ from server.engine.request import Request, RequestStatus
 
 class QueueFull(Exception):
     """The waiting queue is at its limit (the API answers 429)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is draining: no new requests (the API answers 503)."""
 
 
 class Scheduler:
@@ -29,10 +34,13 @@ class Scheduler:
         self._reserved = 0
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
+        self.closed = False
 
     def add(self, request: Request) -> None:
         """Called from any thread. Raises QueueFull when the queue is at its limit."""
         with self._lock:
+            if self.closed:
+                raise ShuttingDown("the server is shutting down and accepts no new requests")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"queue is full ({self.max_queue} waiting requests)")
             self._waiting.append(request)
@@ -43,6 +51,17 @@ class Scheduler:
         with self._lock:
             if not self._waiting and not self.running:
                 self._wakeup.wait(timeout)
+
+    def close(self) -> None:
+        """Refuse new requests from now on; those already accepted still run."""
+        with self._lock:
+            self.closed = True
+            self._wakeup.notify_all()
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._waiting and not self.running
 
     def notify(self) -> None:
         with self._lock:
@@ -57,15 +76,18 @@ class Scheduler:
         return self._reserved
 
     def schedule(self) -> tuple[list[Request], list[Request]]:
-        """Admit waiting requests that fit. Returns (admitted, cancelled while waiting)."""
+        """Admit waiting requests that fit. Returns (admitted, cancelled or expired while waiting)."""
         admitted: list[Request] = []
         dropped: list[Request] = []
+        now = time.monotonic()
         with self._lock:
+            if any(r.deadline is not None or r.cancelled for r in self._waiting):
+                ended = [r for r in self._waiting if r.ended_reason(now) is not None]
+                for r in ended:
+                    self._waiting.remove(r)
+                dropped.extend(ended)
             while self._waiting:
                 head = self._waiting[0]
-                if head.cancelled:
-                    dropped.append(self._waiting.popleft())
-                    continue
                 rows = len(self.running) + len(admitted)
                 if rows >= self.max_batch_size or self._reserved + head.reserved_tokens > self.max_batch_tokens:
                     break
