@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.softmux-installed
 ARGS   ?=
 
-.PHONY: venv model serve test
+.PHONY: venv model serve test image-test
 
 venv: $(STAMP)
 
@@ -28,3 +28,8 @@ serve: venv model
 
 test: venv model
 	$(BIN)/python -m pytest $(ARGS)
+
+# Build the Docker image with podman, run it, POST /generate, stop it (not part of `make test`;
+# needs root and `apt-get install -y podman runc debootstrap`). See scripts/image_test.sh.
+image-test:
+	bash scripts/image_test.sh
