@@ -1,4 +1,4 @@
-"""`softmux` command line: serve | prepare-model (train and bench to come)."""
+"""`softmux` command line: serve | prepare-model | train."""
 
 from __future__ import annotations
 
@@ -26,6 +26,49 @@ def _prepare_model(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _train(ns: argparse.Namespace) -> int:
+    import torch  # lazy: importing torch and transformers takes seconds
+
+    from server.models import load_model
+    from server.training import TrainConfig, model_label_for, train
+
+    if ns.threads > 0:
+        torch.set_num_threads(ns.threads)
+    if ns.steps is not None and ns.epochs is not None:
+        raise SystemExit("give --steps or --epochs, not both")
+    lm = load_model(ns.model, device=ns.device, dtype="float32" if ns.device in ("auto", "cpu") else "auto",
+                    cache_dir=ns.cache_dir)
+    cfg = TrainConfig(
+        task=ns.task, data=ns.data, store=ns.store, eval_data=ns.eval_data, holdout=ns.holdout,
+        num_virtual_tokens=ns.num_virtual_tokens, init=ns.init, init_text=ns.init_text, steps=ns.steps,
+        epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, seed=ns.seed, max_eval=ns.max_eval,
+    )
+    result = train(cfg, lm, model_label=model_label_for(ns.model))
+    print(f"wrote {result.folder} in {result.seconds:.0f} s: held-out exact match {result.before:.1%} -> {result.after:.1%}")
+    return 0
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task name: the store folder it is written to")
+    p.add_argument("--data", type=Path, required=True, help='JSON lines {"input": ..., "output": ...}')
+    p.add_argument("--eval-data", type=Path, default=None, help="held-out JSON lines (default: split --holdout off --data)")
+    p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction (or count if >= 1) of --data; default: %(default)s")
+    p.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many held-out examples")
+    p.add_argument("--store", type=Path, default=Path("prompts_store"), help="default: %(default)s")
+    p.add_argument("--model", default="default", help="the model the server uses; default: %(default)s")
+    p.add_argument("--device", default="cpu", help="default: %(default)s")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
+    p.add_argument("--num-virtual-tokens", type=int, default=20, help="default: %(default)s")
+    p.add_argument("--init", choices=["text", "sample_vocab", "random"], default="text", help="default: %(default)s")
+    p.add_argument("--init-text", default=None, help="instruction text for --init text")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 200 unless --epochs)")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--lr", type=float, default=0.03, help="AdamW learning rate; default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default); default: %(default)s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softmux", description=__doc__)
     parser.add_argument("--version", action="version", version=f"softmux {__version__}")
@@ -38,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-model", help="convert the bundled default model into the cache")
     prep.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
     prep.set_defaults(func=_prepare_model)
+
+    tr = sub.add_parser("train", help="prompt-tune a task on the served model and write it into the store")
+    _add_train_arguments(tr)
+    tr.set_defaults(func=_train)
     return parser
 
 

@@ -38,6 +38,11 @@ class Settings:
     prefix_cache_bytes: int = field(default=256 << 20, metadata={"help": "memory for cached per-task key/value prefixes, in bytes"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error", "choices": ("debug", "info", "warning", "error")})
+    admin_token: str = field(default="", metadata={"help": "bearer token for the admin routes (PUT/DELETE/GET /tasks/NAME); empty: admin routes answer 403"})
+    api_key: str = field(default="", metadata={"help": "bearer token required on generation routes (/generate*, /v1/*); empty: open"})
+    max_upload_bytes: int = field(default=64 << 20, metadata={"help": "largest adapter upload (both files together), in bytes"})
+    reload_interval: float = field(default=1.0, metadata={"help": "seconds between looks at the store for added/replaced/removed tasks (0: no hot reload)"})
+    max_resident_prompts: int = field(default=256, metadata={"help": "soft prompts kept in memory; least recently used are dropped and reloaded from disk on demand"})
     log_format: str = field(default="text", metadata={"help": "text (human-readable lines) | json (one JSON object per line, with request_id)", "choices": ("text", "json")})
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ import random
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import anyio
 import torch
@@ -26,7 +27,9 @@ from server.engine.runner import PrefillRow
 from server.engine.scheduler import QueueFull, Scheduler
 from server.metrics import UNKNOWN_TASK, LiveState, Metrics
 from server.models import LoadedModel, load_model
+from server.prompts.install import clean_leftovers
 from server.prompts.registry import Registry
+from server.prompts.watcher import StoreWatcher
 from server.prompts.types import KVShape
 
 log = logging.getLogger("softmux.service")
@@ -48,6 +51,7 @@ class Service:
         self._loader = loader or (lambda: load_model(settings.model, settings.device, settings.dtype, settings.cache_dir))
         self.lm: LoadedModel | None = None
         self.registry: Registry | None = None
+        self.watcher: StoreWatcher | None = None
         self.engine: Engine | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
@@ -76,13 +80,18 @@ class Service:
                 dtype=self.lm.dtype,
                 device=self.lm.device,
                 kv_shape=KVShape.of(self.lm.model.config),
+                max_resident=self.settings.max_resident_prompts,
             )
+            clean_leftovers(Path(self.settings.store), older_than_s=60.0)  # hidden temp folders of crashed uploads
             self.registry.load_all()
             scheduler = Scheduler(self.settings.max_batch_size, self.settings.max_batch_tokens, self.settings.max_queue)
             prefix_cache = PrefixCache(self.settings.prefix_cache_bytes) if self.settings.prefix_cache else None
             self.engine = Engine(self.lm, scheduler, prefix_cache, observer=self.metrics)
             self._warm_up()
             self.engine.start()
+            if self.settings.reload_interval > 0:
+                self.watcher = StoreWatcher(self.registry, self.settings.reload_interval)
+                self.watcher.start()
             self.ready.set()
             log.info("ready: model %s on %s (%s), %d task(s)", self.lm.name, self.lm.device, self.lm.dtype, len(self.registry))
         except BaseException as exc:
@@ -100,6 +109,8 @@ class Service:
         self.engine.runner.decode(result.cache, mask, result.logits.argmax(-1), result.positions)
 
     def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         if self.engine is not None:
             self.engine.stop()
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import server
-from server.api import errors, openai_compat, routes
+from server.api import admin, auth, errors, openai_compat, routes
 from server.api.logs import RequestIdMiddleware, configure_logging
 from server.config import Settings
 from server.models import LoadedModel
@@ -37,6 +37,8 @@ def create_app(settings: Settings, loader: Callable[[], LoadedModel] | None = No
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(openai_compat.router)
+    app.include_router(admin.router)
+    auth.install(app, settings)  # API key on generation routes, when one is configured
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -1,0 +1,384 @@
+"""`softmux train`: prompt tuning (PEFT) on the frozen model the server uses, written into the store.
+
+The data is JSON lines `{"input": ..., "output": ...}`. Each input is wrapped in the input
+template (default: one ChatML user turn plus the assistant header, `CHATML_TEMPLATE`) and the
+target is the output followed by the tokenizer's end-of-sequence token (`<|im_end|>` for
+SmolLM2-Instruct). Clients must send `/generate` the same template around their text; the card
+written next to the adapter says which.
+
+Training runs the base model on `cat(soft_prompt, embed(input + output))` with right padding, so
+virtual tokens take positions 0..P-1 and input tokens P.. exactly as the engine serves them; the
+loss is cross-entropy on the output tokens only. Evaluation is greedy decoding through the
+serving engine itself (`Engine`, `Scheduler`, `Request`), batched, so a held-out score is what
+the server would answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.engine import Engine
+from server.engine.request import Event, FinishEvent, Request, SamplingParams
+from server.engine.scheduler import Scheduler
+from server.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, LoadedModel
+from server.prompts.install import check_folder, install, temp_folder
+from server.prompts.store import read_adapter, validate_task_name
+from server.prompts.types import KVShape, PromptKind, SoftPrompt
+
+CHATML_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
+INITS = ("text", "sample_vocab", "random")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str
+    data: Path
+    store: Path = Path("prompts_store")
+    eval_data: Path | None = None  # held-out file; without it `holdout` of `data` is held out
+    holdout: float = 0.2  # fraction (or count when >= 1) of `data` held out when no eval_data
+    num_virtual_tokens: int = 20
+    init: str = "text"  # text | sample_vocab | random
+    init_text: str | None = None  # default: a generic instruction naming the task
+    steps: int | None = None  # optimiser steps (default 200 unless epochs is given)
+    epochs: float | None = None
+    lr: float = 0.03
+    batch_size: int = 8
+    seed: int = 0
+    template: str = CHATML_TEMPLATE
+    max_eval: int | None = None  # evaluate on at most this many held-out examples
+    eval_batch_size: int = 32
+    max_new_tokens: int | None = None  # evaluation; default: longest held-out output + 8 tokens
+    warmup: float = 0.05  # fraction of steps with a linear learning-rate warm-up; then linear decay to 0
+    progress: bool = True
+
+    def resolved_init_text(self) -> str:
+        return self.init_text or f"You are a precise assistant for the task '{self.task}'. Answer with the result only."
+
+
+@dataclass
+class TrainResult:
+    folder: Path
+    before: float  # held-out exact match of the initial prompt
+    after: float  # ... of the trained prompt
+    losses: list[float]
+    seconds: float
+    n_train: int
+    n_eval: int
+    samples: list[dict[str, str]] = field(default_factory=list)  # a few held-out predictions after training
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def read_jsonl(path: Path) -> list[dict[str, str]]:
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("output"), str):
+            raise ValueError(f"{path}:{i}: each line must be an object with string 'input' and 'output'")
+        rows.append({"input": row["input"], "output": row["output"]})
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
+def split_data(cfg: TrainConfig) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    rows = read_jsonl(cfg.data)
+    if cfg.eval_data is not None:
+        held = read_jsonl(cfg.eval_data)
+    else:
+        rng = random.Random(cfg.seed)
+        rows = rows[:]
+        rng.shuffle(rows)
+        n = int(cfg.holdout) if cfg.holdout >= 1 else int(round(len(rows) * cfg.holdout))
+        n = max(1, min(n, len(rows) - 1))
+        held, rows = rows[:n], rows[n:]
+    if cfg.max_eval is not None:
+        held = held[: cfg.max_eval]
+    return rows, held
+
+
+def encode(lm: LoadedModel, template: str, example: dict[str, str]) -> tuple[list[int], list[int]]:
+    """(input ids exactly as the server tokenises the templated input, output ids + end token)."""
+    tok = lm.tokenizer
+    input_ids = tok(template.format(input=example["input"]), add_special_tokens=True)["input_ids"]
+    output_ids = tok(example["output"], add_special_tokens=False)["input_ids"]
+    if tok.eos_token_id is not None:
+        output_ids = output_ids + [int(tok.eos_token_id)]
+    return input_ids, output_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation and loss
+
+
+def initial_prompt(lm: LoadedModel, cfg: TrainConfig) -> tuple[torch.Tensor, Any]:
+    """PEFT's own initialisation; returns (embeddings [P, H] float32, the PEFT config to save with)."""
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    init = {"text": PromptTuningInit.TEXT, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB,
+            "random": PromptTuningInit.RANDOM}[cfg.init]
+    source = getattr(lm.model.config, "_name_or_path", None) or lm.name
+    peft_cfg = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prompt_tuning_init=init,
+        prompt_tuning_init_text=cfg.resolved_init_text() if init is PromptTuningInit.TEXT else None,
+        tokenizer_name_or_path=str(source) if init is PromptTuningInit.TEXT else None,
+    )
+    # Build PEFT's PromptEmbedding directly: it is what get_peft_model would create, without
+    # wrapping (and so touching) the frozen model the engine serves.
+    from peft.tuners.prompt_tuning.model import PromptEmbedding
+
+    peft_cfg.token_dim = lm.hidden_size
+    peft_cfg.num_transformer_submodules = 1
+    peft_cfg.num_attention_heads = int(getattr(lm.model.config, "num_attention_heads", 0)) or None
+    peft_cfg.num_layers = lm.num_layers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        encoder = PromptEmbedding(peft_cfg, lm.model.get_input_embeddings())
+    return encoder.embedding.weight.detach().float().clone(), peft_cfg  # [P, H]
+
+
+def batch_loss(lm: LoadedModel, soft: torch.Tensor, batch: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Mean cross-entropy over the output tokens of `batch`, the soft prompt [P, H] in front of each row."""
+    model, dev = lm.model, lm.device
+    P = soft.shape[0]
+    rows = [inp + out for inp, out in batch]
+    T = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), T), pad, dtype=torch.long, device=dev)  # [B, T] right-padded
+    mask = torch.zeros((len(rows), P + T), dtype=torch.long, device=dev)  # [B, P+T]
+    mask[:, :P] = 1
+    pred_pos, targets = [], []
+    for b, ((inp, out), row) in enumerate(zip(batch, rows)):
+        ids[b, : len(row)] = torch.tensor(row, device=dev)
+        mask[b, P : P + len(row)] = 1
+        # the token at row index j is predicted by the hidden state at sequence position P + j - 1
+        for j in range(len(inp), len(row)):
+            pred_pos.append((b, P + j - 1))
+            targets.append(row[j])
+    embeds = model.get_input_embeddings()(ids)  # [B, T, H]
+    x = torch.cat([soft.to(embeds.dtype)[None].expand(len(rows), -1, -1), embeds], dim=1)  # [B, P+T, H]
+    hidden = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state  # [B, P+T, H]
+    b_idx = torch.tensor([p[0] for p in pred_pos], device=dev)
+    t_idx = torch.tensor([p[1] for p in pred_pos], device=dev)
+    logits = model.get_output_embeddings()(hidden[b_idx, t_idx])  # [N, V]: the lm head on output positions only
+    return F.cross_entropy(logits.float(), torch.tensor(targets, device=dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation through the serving engine
+
+
+def as_soft_prompt(lm: LoadedModel, embeddings: torch.Tensor, name: str = "eval") -> SoftPrompt:
+    emb = embeddings.detach().to(device=lm.device, dtype=lm.dtype).contiguous()  # [P, H]
+    digest = hashlib.sha256(emb.float().cpu().numpy().tobytes()).hexdigest()
+    return SoftPrompt(name=name, kind=PromptKind.PROMPT_TUNING, embeddings=emb, content_hash=digest, source=Path(name))
+
+
+def generate_batch(lm: LoadedModel, prompt: SoftPrompt, inputs: Sequence[list[int]], max_new_tokens: int,
+                   batch_size: int = 32) -> list[str]:
+    """Greedy answers for many inputs, through the engine exactly as served (driven on this thread)."""
+    total = sum(len(i) for i in inputs) + len(inputs) * (prompt.num_virtual_tokens + max_new_tokens)
+    engine = Engine(lm, Scheduler(batch_size, max(total, 1), len(inputs) + 1))
+    results: dict[int, FinishEvent] = {}
+
+    def sink_for(i: int) -> Callable[[Event], None]:
+        def sink(event: Event) -> None:
+            if isinstance(event, FinishEvent):
+                results[i] = event
+            elif not hasattr(event, "token_id"):  # an ErrorEvent
+                raise RuntimeError(f"evaluation request failed: {event}")
+        return sink
+
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    for i, ids in enumerate(inputs):
+        engine.scheduler.add(Request(task=prompt.name, prompt=prompt, input_ids=list(ids), params=params, seed=0,
+                                     sink=sink_for(i)))
+    with torch.inference_mode():
+        while len(results) < len(inputs):
+            # step() is False when its batch emptied and nothing was admitted yet; only an empty
+            # queue with nothing running and answers missing means stuck.
+            if not engine.step() and engine.scheduler.num_waiting == 0 and not engine.scheduler.running \
+                    and len(results) < len(inputs):
+                raise RuntimeError("the engine stopped with requests unfinished")
+    return [results[i].generated_text for i in range(len(inputs))]
+
+
+def exact_match(predictions: Sequence[str], examples: Sequence[dict[str, str]]) -> float:
+    hits = sum(p.strip() == e["output"].strip() for p, e in zip(predictions, examples))
+    return hits / max(1, len(examples))
+
+
+def evaluate(lm: LoadedModel, embeddings: torch.Tensor, examples: Sequence[dict[str, str]], template: str,
+             max_new_tokens: int, batch_size: int = 32) -> tuple[float, list[str]]:
+    inputs = [encode(lm, template, e)[0] for e in examples]
+    preds = generate_batch(lm, as_soft_prompt(lm, embeddings), inputs, max_new_tokens, batch_size)
+    return exact_match(preds, examples), preds
+
+
+def default_max_new_tokens(lm: LoadedModel, examples: Sequence[dict[str, str]]) -> int:
+    return max(len(lm.tokenizer(e["output"], add_special_tokens=False)["input_ids"]) for e in examples) + 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    validate_task_name(cfg.task)
+    if cfg.init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
+    if cfg.num_virtual_tokens < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise ValueError("num_virtual_tokens, batch_size and lr must be positive")
+    started = time.monotonic()
+    train_rows, held = split_data(cfg)
+    encoded = [encode(lm, cfg.template, r) for r in train_rows]
+    max_new = cfg.max_new_tokens or default_max_new_tokens(lm, held)
+    per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    steps = cfg.steps if cfg.steps is not None else (math.ceil(cfg.epochs * per_epoch) if cfg.epochs else 200)
+
+    init, peft_cfg = initial_prompt(lm, cfg)
+    before, _ = evaluate(lm, init, held, cfg.template, max_new, cfg.eval_batch_size)
+    log(f"held-out exact match before training: {before:.1%} ({len(held)} examples)")
+
+    soft = torch.nn.Parameter(init.to(lm.device))  # [P, H] float32, the only trainable tensor
+    opt = torch.optim.AdamW([soft], lr=cfg.lr, weight_decay=0.0)
+    warm = max(1, int(steps * cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    lm.model.eval()  # no dropout: training and serving see the same network
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc=f"train {cfg.task}", disable=not cfg.progress, unit="step")
+    ema = None
+    for _ in bar:
+        if len(order) < cfg.batch_size:
+            more = list(range(len(encoded)))
+            rng.shuffle(more)
+            order += more
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        loss = batch_loss(lm, soft, [encoded[i] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        losses.append(value)
+        ema = value if ema is None else 0.9 * ema + 0.1 * value
+        bar.set_postfix(loss=f"{ema:.4f}")
+    train_seconds = time.monotonic() - started
+
+    trained = soft.detach().float().cpu()
+    after, preds = evaluate(lm, trained, held, cfg.template, max_new, cfg.eval_batch_size)
+    log(f"held-out exact match after training: {after:.1%} (before {before:.1%})")
+    samples = [{"input": e["input"], "expected": e["output"], "got": p} for e, p in zip(held[:5], preds[:5])]
+    seconds = time.monotonic() - started
+    card = render_card(cfg, model_label or lm.name, train_rows, held, steps, before, after, losses, train_seconds, seconds, samples)
+    folder = save_adapter(lm, cfg, peft_cfg, trained, card, model_label or lm.name)
+    return TrainResult(folder=folder, before=before, after=after, losses=losses, seconds=seconds,
+                       n_train=len(train_rows), n_eval=len(held), samples=samples)
+
+
+def save_adapter(lm: LoadedModel, cfg: TrainConfig, peft_cfg: Any, embeddings: torch.Tensor, card: str,
+                 model_label: str) -> Path:
+    """Write adapter_config.json, adapter_model.safetensors and README.md into the store atomically."""
+    from safetensors.torch import save_file
+
+    tmp = temp_folder(cfg.store, cfg.task)
+    try:
+        config = peft_cfg.to_dict()
+        config["inference_mode"] = True
+        config["base_model_name_or_path"] = model_label
+        if config.get("tokenizer_name_or_path"):
+            config["tokenizer_name_or_path"] = model_label  # no local paths in a shared store
+        for k, v in list(config.items()):
+            if isinstance(v, (set, frozenset)):
+                config[k] = sorted(v)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        save_file({"prompt_embeddings": embeddings.float().contiguous()}, str(tmp / "adapter_model.safetensors"))
+        (tmp / "README.md").write_text(card)
+        # The same validation the server applies at startup, before the folder becomes visible.
+        check_folder(tmp, cfg.task, lambda folder: read_adapter(
+            folder, hidden_size=lm.hidden_size, max_virtual_tokens=cfg.num_virtual_tokens, dtype=lm.dtype,
+            device="cpu", kv_shape=KVShape.of(lm.model.config)))
+        install(cfg.store, cfg.task, tmp)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cfg.store / cfg.task
+
+
+def render_card(cfg: TrainConfig, model_label: str, train_rows: list[dict[str, str]], held: list[dict[str, str]],
+                steps: int, before: float, after: float, losses: list[float], train_seconds: float,
+                seconds: float, samples: list[dict[str, str]]) -> str:
+    def sha(path: Path | None) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else "-"
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                if k not in {"progress", "store", "template"}}
+    first = sum(losses[: max(1, len(losses) // 20)]) / max(1, len(losses[: max(1, len(losses) // 20)]))
+    last = sum(losses[-max(1, len(losses) // 20):]) / max(1, len(losses[-max(1, len(losses) // 20):]))
+    lines = [
+        f"# {cfg.task}",
+        "",
+        f"Prompt-tuning soft prompt ({cfg.num_virtual_tokens} virtual tokens) for `{model_label}`, trained with `softmux train`.",
+        "",
+        "## Input template",
+        "",
+        "Send `/generate` the input wrapped exactly like this (one ChatML user turn plus the assistant header);",
+        "the answer ends at `<|im_end|>`:",
+        "",
+        "```",
+        cfg.template.replace("{input}", "<input text>"),
+        "```",
+        "",
+        "## Data",
+        "",
+        f"- training: `{Path(cfg.data).name}` (sha256 {sha(cfg.data)}…), {len(train_rows)} examples",
+        f"- held-out: `{Path(cfg.eval_data).name}` (sha256 {sha(cfg.eval_data)}…), {len(held)} examples" if cfg.eval_data
+        else f"- held-out: {len(held)} examples split from the training file (seed {cfg.seed})",
+        "",
+        "## Settings",
+        "",
+        "```json",
+        json.dumps({**settings, "steps": steps}, indent=2, sort_keys=True),
+        "```",
+        "",
+        "## Held-out exact match (greedy, through the serving engine)",
+        "",
+        f"- initial prompt ({cfg.init} init): {before:.1%}",
+        f"- trained prompt: {after:.1%}",
+        f"- loss: {first:.4f} (first 5% of steps) -> {last:.4f} (last 5%)",
+        f"- training time: {train_seconds:.0f} s, total with evaluation {seconds:.0f} s (torch threads: {torch.get_num_threads()})",
+        "",
+        "Sample held-out predictions:",
+        "",
+    ]
+    lines += [f"- `{s['input']}` -> `{s['got']}` (expected `{s['expected']}`)" for s in samples]
+    return "\n".join(lines) + "\n"
+
+
+def model_label_for(model: str) -> str:
+    return DEFAULT_MODEL_ID if model == DEFAULT_MODEL else model
