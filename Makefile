@@ -33,3 +33,9 @@ test: venv model
 # needs root and `apt-get install -y podman runc debootstrap`). See scripts/image_test.sh.
 image-test:
 	bash scripts/image_test.sh
+
+# Re-make the data (scripts/make_datasets.py) and re-train the shipped tasks into prompts_store/<task>-trained,
+# then score them against hand-written instructions (data/scores.json and a markdown table).
+.PHONY: train-tasks
+train-tasks: venv model
+	$(BIN)/python scripts/train_tasks.py $(ARGS)

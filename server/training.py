@@ -58,7 +58,7 @@ class TrainConfig:
     template: str = CHATML_TEMPLATE
     max_eval: int | None = None  # evaluate on at most this many held-out examples
     eval_batch_size: int = 32
-    max_new_tokens: int | None = None  # evaluation; default: longest held-out output + 8 tokens
+    max_new_tokens: int | None = None  # evaluation; default: longest held-out output + 4 tokens
     warmup: float = 0.05  # fraction of steps with a linear learning-rate warm-up; then linear decay to 0
     progress: bool = True
 
@@ -233,7 +233,7 @@ def evaluate(lm: LoadedModel, embeddings: torch.Tensor, examples: Sequence[dict[
 
 
 def default_max_new_tokens(lm: LoadedModel, examples: Sequence[dict[str, str]]) -> int:
-    return max(len(lm.tokenizer(e["output"], add_special_tokens=False)["input_ids"]) for e in examples) + 8
+    return max(len(lm.tokenizer(e["output"], add_special_tokens=False)["input_ids"]) for e in examples) + 4
 
 
 # ---------------------------------------------------------------------------------------------
