@@ -43,6 +43,11 @@ class Settings:
     max_upload_bytes: int = field(default=64 << 20, metadata={"help": "largest adapter upload (both files together), in bytes"})
     reload_interval: float = field(default=1.0, metadata={"help": "seconds between looks at the store for added/replaced/removed tasks (0: no hot reload)"})
     max_resident_prompts: int = field(default=256, metadata={"help": "soft prompts kept in memory; least recently used are dropped and reloaded from disk on demand"})
+    request_timeout: float = field(default=0.0, metadata={"help": "seconds a request may take (queue + generation) before it ends with finish_reason 'timeout' and the text so far; also the ceiling for parameters.timeout (0: no default and no ceiling)"})
+    shutdown_grace: float = field(default=30.0, metadata={"help": "on SIGTERM: seconds to let accepted requests finish (new ones get 503) before the rest fail and the server exits"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body on all routes but adapter uploads (--max-upload-bytes), in bytes; larger bodies get 413"})
+    limit_concurrency: int = field(default=0, metadata={"help": "uvicorn: open connections + in-flight requests beyond which new ones get 503 (0: no limit)"})
+    timeout_keep_alive: int = field(default=5, metadata={"help": "uvicorn: seconds an idle keep-alive connection stays open"})
     log_format: str = field(default="text", metadata={"help": "text (human-readable lines) | json (one JSON object per line, with request_id)", "choices": ("text", "json")})
 
     def __post_init__(self) -> None:

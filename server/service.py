@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +44,7 @@ class Prepared:
     input_ids: list[int]
     params: SamplingParams
     seed: int
+    deadline: float | None = None  # time.monotonic() after which the engine ends it with TIMEOUT
 
 
 class Service:
@@ -55,6 +57,7 @@ class Service:
         self.engine: Engine | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
+        self.draining = False  # set on SIGTERM: new requests get 503, accepted ones finish
         self.metrics = Metrics(self._live_state)
 
     def _live_state(self) -> LiveState:
@@ -108,6 +111,20 @@ class Service:
         mask = torch.cat([result.mask, result.mask.new_ones(2, 1)], dim=1)
         self.engine.runner.decode(result.cache, mask, result.logits.argmax(-1), result.positions)
 
+    def drain(self, grace: float) -> bool:
+        """Graceful shutdown: refuse new requests (503) and let accepted ones finish for up to
+        `grace` seconds; those still running then fail with "the server is shutting down".
+        Returns True when every accepted request finished in time."""
+        self.draining = True
+        engine = self.engine
+        if engine is None:
+            return True
+        waiting, running = engine.scheduler.num_waiting, len(engine.scheduler.running)
+        log.info("draining: %d waiting and %d running request(s), grace %.1fs", waiting, running, grace)
+        finished = engine.drain(grace)
+        log.info("drained: %s", "every accepted request finished" if finished else "grace ran out; the rest failed")
+        return finished
+
     def stop(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
@@ -117,11 +134,15 @@ class Service:
     # ---- health --------------------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
+        if self.draining:  # the engine stops at the end of a drain; the process is exiting, not broken
+            return self.load_error is None and (self.engine is None or self.engine.error is None)
         return self.load_error is None and (not self.ready.is_set() or (self.engine is not None and self.engine.alive))
 
     def require_ready(self) -> tuple[Engine, Registry, LoadedModel]:
         if self.load_error is not None:
             raise Unavailable(f"the model failed to load: {self.load_error}")
+        if self.draining:
+            raise Unavailable("the server is shutting down and accepts no new requests")
         if not self.ready.is_set() or self.engine is None or self.registry is None or self.lm is None:
             raise Unavailable("the model is still loading; retry shortly")
         if not self.engine.alive:
@@ -138,19 +159,26 @@ class Service:
         add_special_tokens: bool = True,
         fit_new_tokens: bool = False,
         names: tuple[str, str] = ("inputs", "parameters.max_new_tokens"),
+        timeout: float | None = None,
     ) -> Prepared:
         """Check the task and limits and tokenise (in a worker thread). Raises ApiError subclasses.
 
         `fit_new_tokens`: treat params.max_new_tokens as an upper bound and lower it to what the
         batch budget and the model's context leave (OpenAI chat's "as long as it fits" default).
         `names`: how the input and the token limit are called in the caller's API, for messages.
+        `timeout`: seconds the request may take from now (None: the server's --request-timeout,
+        which also caps it when set).
         """
+        arrival = time.monotonic()
         try:
-            return await self._prepare(task, text, params, add_special_tokens, fit_new_tokens, names)
+            prepared = await self._prepare(task, text, params, add_special_tokens, fit_new_tokens, names)
         except (NotFound, ValidationFailed, Unavailable) as exc:
             known = self.registry is not None and task in self.registry
             self.metrics.rejected(task if known else UNKNOWN_TASK, exc.error_type)
             raise
+        limit = self.settings.request_timeout
+        seconds = min(timeout, limit) if timeout is not None and limit > 0 else (timeout or limit or None)
+        return replace(prepared, deadline=None if seconds is None else arrival + seconds)
 
     async def _prepare(
         self, task: str, text: str, params: SamplingParams, add_special_tokens: bool, fit_new_tokens: bool,
@@ -215,7 +243,7 @@ class Service:
 
         request = Request(
             task=prepared.task, prompt=prompt, input_ids=prepared.input_ids,
-            params=prepared.params, seed=prepared.seed, sink=sink, stream=stream,
+            params=prepared.params, seed=prepared.seed, sink=sink, stream=stream, deadline=prepared.deadline,
         )
         try:
             engine.submit(request)
@@ -267,7 +295,14 @@ class Generation:
     async def __anext__(self) -> Event:
         if self.done:
             raise StopAsyncIteration
-        event = await self._queue.get()
+        while True:
+            try:  # wake up now and then: a request must not wait forever on an engine that died
+                event = await asyncio.wait_for(self._queue.get(), timeout=1.0)
+                break
+            except asyncio.TimeoutError:
+                if not self._engine.alive and self._queue.empty():
+                    event = ErrorEvent(f"the engine stopped: {self._engine.error or 'shut down'}", "unhealthy")
+                    break
         if not isinstance(event, TokenEvent):
             self.done = True
             how = event.finish_reason.value if isinstance(event, FinishEvent) else f"error ({event.error_type})"

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 import server
 from server.api import admin, auth, errors, openai_compat, routes
+from server.api.limits import BodyLimitMiddleware, DrainingServer
 from server.api.logs import RequestIdMiddleware, configure_logging
 from server.config import Settings
 from server.models import LoadedModel
@@ -39,6 +40,7 @@ def create_app(settings: Settings, loader: Callable[[], LoadedModel] | None = No
     app.include_router(openai_compat.router)
     app.include_router(admin.router)
     auth.install(app, settings)  # API key on generation routes, when one is configured
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)  # 413 for oversized bodies
     app.add_middleware(RequestIdMiddleware)
     return app
 
@@ -47,6 +49,14 @@ def run_server(settings: Settings) -> None:
     import uvicorn
 
     configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings)
     # log_config=None keeps our handler (request ids, JSON); our middleware writes the access lines.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None, access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=None, access_log=False,
+                            limit_concurrency=settings.limit_concurrency or None,
+                            timeout_keep_alive=settings.timeout_keep_alive,
+                            # after the drain every accepted request has its answer; this bounds
+                            # how long slow readers may hold their connection open
+                            timeout_graceful_shutdown=max(settings.shutdown_grace, 1.0))
+    # SIGTERM/SIGINT: drain the engine (503 for new requests, accepted ones finish), then exit 0.
+    DrainingServer(config, app.state.service, settings.shutdown_grace).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -85,6 +86,10 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -99,6 +104,17 @@ def install(app: FastAPI) -> None:
         message = "; ".join(_describe(e) for e in errors)
         first = next((".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors), "") or None
         return error_response(request, 422, message, "validation", param=first, code="invalid_value")
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        """Disk trouble (the store full or read-only, on an upload or delete): say so, never a bare 500."""
+        reason = exc.strerror or str(exc)
+        if exc.errno in _FULL:
+            return error_response(request, 507, f"the prompt store is full: {reason}", "insufficient_storage")
+        if exc.errno in _READ_ONLY:
+            return error_response(request, 503, f"the prompt store is not writable: {reason}", "store_unavailable",
+                                  headers={"Retry-After": "60"})
+        raise exc  # anything else stays an internal error (500, logged with its traceback)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

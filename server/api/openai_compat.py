@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from server.api.errors import NotFound, ValidationFailed, openai_body
 from server.api.schemas import MAX_SEED, MAX_STOP
+from server.api.routes import generate_unless_gone
 from server.api.sse import EventStream, sse
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, SamplingParams, TokenEvent
 from server.service import Generation, Prepared, Service
@@ -169,7 +170,8 @@ def _service(request: Request) -> Service:
 
 
 def _finish_reason(reason: FinishReason) -> str:
-    return "length" if reason is FinishReason.LENGTH else "stop"
+    """OpenAI knows "stop" and "length"; a request cut short by its deadline was truncated: "length"."""
+    return "length" if reason in (FinishReason.LENGTH, FinishReason.TIMEOUT) else "stop"
 
 
 def _usage(event: FinishEvent) -> dict[str, int]:
@@ -241,7 +243,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.stream:
         generation = service.submit(prepared, stream=True)
         return EventStream(_openai_stream(generation, chunk, body.include_usage), on_close=generation.cancel)
-    result = await service.generate(prepared)
+    result = await generate_unless_gone(service, prepared, request)
     out = chunk(result.generated_text, _finish_reason(result.finish_reason), False)
     out["usage"] = _usage(result)
     return out
@@ -275,7 +277,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.stream:
         generation = service.submit(prepared, stream=True)
         return EventStream(_openai_stream(generation, chunk, body.include_usage), on_close=generation.cancel)
-    result = await service.generate(prepared)
+    result = await generate_unless_gone(service, prepared, request)
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.generated_text},

@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 import server
+from server.api.errors import ApiError
 from server.api.schemas import MAX_STOP, Details, ErrorBody, GenerateParameters, GenerateRequest, GenerateResponse
 from server.api.sse import EventStream, sse
 from server.engine.request import ErrorEvent, FinishEvent, TokenEvent, SamplingParams
@@ -34,6 +36,37 @@ def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
+class ClientGone(ApiError):
+    """The client closed the connection before its answer was ready (nginx's 499; nobody reads it)."""
+
+    status_code, error_type = 499, "client_closed"
+
+
+async def generate_unless_gone(service: Service, prepared: Prepared, request: Request) -> FinishEvent:
+    """`service.generate`, cancelled (its row freed at the engine's next step) if the client
+    disconnects first: a plain JSON response never writes until the end, so it has to listen."""
+    result: FinishEvent | None = None
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def listen() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(listen)
+        try:
+            result = await service.generate(prepared)
+        except Exception as exc:  # raised after the group, not wrapped in an ExceptionGroup
+            error = exc
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if result is None:
+        raise ClientGone("the client disconnected")
+    return result
+
+
 def sampling_params(p: GenerateParameters) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=p.max_new_tokens,
@@ -50,8 +83,9 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     service = service_of(request)
-    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters))
-    result = await service.generate(prepared)
+    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters),
+                                     timeout=body.parameters.timeout)
+    result = await generate_unless_gone(service, prepared, request)
     return GenerateResponse(
         generated_text=result.generated_text,
         details=Details(
@@ -112,7 +146,8 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
     (unknown task, invalid input, queue full) are ordinary HTTP errors; a client that disconnects
     cancels its request."""
     service = service_of(request)
-    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters))
+    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters),
+                                     timeout=body.parameters.timeout)
     generation = service.submit(prepared, stream=True)
     return EventStream(tgi_stream(generation, prepared), on_close=generation.cancel)
 

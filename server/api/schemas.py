@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_STOP = 4
 MAX_SEED = 2**63 - 1
+MAX_TIMEOUT = 3600.0  # seconds; parameters.timeout above this is refused
+MAX_TOP_K = 1 << 20  # larger than any vocabulary; bigger values only overflow the sampler
 
 # TGI fields that clients send routinely: accepted at their neutral value, refused otherwise.
 _TGI_NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -31,11 +33,14 @@ class GenerateParameters(BaseModel):
     max_new_tokens: int = Field(20, ge=1, description="tokens to generate at most (the server caps it)")
     do_sample: bool = Field(False, description="sample instead of greedy decoding")
     temperature: float | None = Field(None, ge=0.0, le=100.0, description="0 means greedy; setting it turns sampling on")
-    top_k: int | None = Field(None, ge=0, description="keep the k most likely tokens (0: off)")
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="keep the k most likely tokens (0: off)")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, description="1.0: off")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP, description=f"up to {MAX_STOP} stop strings")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed for sampling; same seed, same text")
+    timeout: float | None = Field(None, gt=0.0, le=MAX_TIMEOUT, description=(
+        "seconds this request may take, queue included; when they pass it ends with finish_reason "
+        "'timeout' and the text so far (the server's --request-timeout, when set, is the default and the ceiling)"))
     details: bool = Field(True, description="accepted for TGI compatibility; details are always returned")
 
     best_of: int | None = None
@@ -49,7 +54,7 @@ class GenerateParameters(BaseModel):
     grammar: Any = None
     adapter_id: str | None = None
 
-    @field_validator("temperature", "top_p", "repetition_penalty")
+    @field_validator("temperature", "top_p", "repetition_penalty", "timeout")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
@@ -83,7 +88,7 @@ class GenerateRequest(BaseModel):
 
 
 class Details(BaseModel):
-    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    finish_reason: Literal["length", "eos_token", "stop_sequence", "timeout"]
     generated_tokens: int
     input_tokens: int
     virtual_tokens: int
