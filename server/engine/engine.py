@@ -287,7 +287,7 @@ class Engine:
         if req.stream:
             if reason is not None and text is not None:
                 delta += text.flush()  # text held back for a stop string that never came
-            req.sink(TokenEvent(token_id=tok, text=delta, logprob=logprob, special=is_eos))
+            req.sink(TokenEvent(token_id=tok, text=delta, logprob=logprob, special=is_eos, final=reason is not None))
         return reason
 
     def _drop_ended(self, now: float) -> None:

@@ -51,6 +51,7 @@ class TokenEvent:
     text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
     logprob: float
     special: bool
+    final: bool = False  # the request's last token: its FinishEvent follows at once
 
 
 @dataclass(frozen=True)
