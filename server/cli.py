@@ -1,4 +1,4 @@
-"""`softmux` command line: serve | prepare-model | train."""
+"""`softmux` command line: serve | prepare-model | train | bench."""
 
 from __future__ import annotations
 
@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="prompt-tune a task on the served model and write it into the store")
     _add_train_arguments(tr)
     tr.set_defaults(func=_train)
+
+    from server import bench  # light: httpx only
+
+    be = sub.add_parser("bench", help="HTTP load generator: throughput, TTFT and latency against a server")
+    bench.add_arguments(be)
+    be.set_defaults(func=bench.main)
     return parser
 
 
