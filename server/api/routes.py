@@ -112,30 +112,21 @@ async def tgi_stream(generation: Generation, prepared: Prepared) -> AsyncIterato
     """TGI's stream: one event per token, `{"index", "token", "generated_text": null, "details": null}`;
     the last token's event carries `generated_text` and `details`; a failure is `{"error", "error_type"}`.
 
-    The engine sends the result after the last token, so a token that may be the last is held
-    back until the next event says which: one known to end the request (EOS, max_new_tokens)
-    waits only for its result; with stop strings every token waits one step (the engine holds
-    text back for stop strings anyway)."""
-    pending: TokenEvent | None = None
-    index = received = 0
-    max_new, hold = prepared.params.max_new_tokens, bool(prepared.params.stop)
+    The engine marks a request's last token (`final`), whose result follows at once: only that
+    token waits for it, so every other token goes out as soon as it is chosen."""
+    last: TokenEvent | None = None
+    index = 0
     async for event in generation:
         if isinstance(event, TokenEvent):
-            received += 1
-            if pending is not None:
-                yield sse({"index": index, "token": _token(pending), "generated_text": None, "details": None})
-                index, pending = index + 1, None
-            if hold or event.special or received >= max_new:
-                pending = event
+            if event.final:
+                last = event
             else:
                 yield sse({"index": index, "token": _token(event), "generated_text": None, "details": None})
                 index += 1
         elif isinstance(event, FinishEvent):
-            token = _token(pending) if pending is not None else None
+            token = _token(last) if last is not None else None
             yield sse({"index": index, "token": token, "generated_text": event.generated_text, "details": _details(event)})
         elif isinstance(event, ErrorEvent):
-            if pending is not None:
-                yield sse({"index": index, "token": _token(pending), "generated_text": None, "details": None})
             yield sse({"error": event.message, "error_type": event.error_type})
 
 
