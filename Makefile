@@ -29,6 +29,16 @@ serve: venv model
 test: venv model
 	$(BIN)/python -m pytest $(ARGS)
 
+# Not part of `make test`. soak: 5,000 requests at concurrency 64 against a server it starts like
+# `make serve` (ARGS go to the script; `-- FLAGS` to softmux serve). fuzz: schemathesis, >= 1,000
+# cases over every route of the OpenAPI schema, on the tiny model; no 5xx, no hang.
+.PHONY: soak fuzz
+soak: venv model
+	$(BIN)/python scripts/soak.py $(ARGS)
+
+fuzz: venv model
+	$(BIN)/python scripts/fuzz.py $(ARGS)
+
 # Build the Docker image with podman, run it, POST /generate, stop it (not part of `make test`;
 # needs root and `apt-get install -y podman runc debootstrap`). See scripts/image_test.sh.
 image-test:
