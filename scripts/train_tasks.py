@@ -94,7 +94,7 @@ def main() -> None:
             cfg = TrainConfig(task=task + args.suffix, data=train_file, eval_data=test_file, store=args.store,
                               init="text", init_text=instruction, seed=0, max_eval=args.max_eval, **settings)
             result = train(cfg, lm, model_label=DEFAULT_MODEL_ID)
-            entry.update(text_init=result.before, trained=result.after, train_seconds=round(result.seconds),
+            entry.update(text_init=result.before, trained=result.after, train_seconds=round(result.train_seconds), total_seconds=round(result.seconds),
                          loss_first=result.losses[0], loss_last=result.losses[-1], steps=len(result.losses),
                          folder=result.folder.name, threads=args.threads)
             scores_path.write_text(json.dumps(scores, indent=2) + "\n")

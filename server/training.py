@@ -72,10 +72,11 @@ class TrainResult:
     before: float  # held-out exact match of the initial prompt
     after: float  # ... of the trained prompt
     losses: list[float]
-    seconds: float
+    seconds: float  # everything: data, both evaluations, training, writing
     n_train: int
     n_eval: int
     samples: list[dict[str, str]] = field(default_factory=list)  # a few held-out predictions after training
+    train_seconds: float = 0.0  # the optimiser steps alone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +270,8 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None,
     lm.model.eval()  # no dropout: training and serving see the same network
     from tqdm.auto import tqdm
 
+    loop_started = time.monotonic()
+
     bar = tqdm(range(steps), desc=f"train {cfg.task}", disable=not cfg.progress, unit="step")
     ema = None
     for _ in bar:
@@ -286,7 +289,7 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None,
         losses.append(value)
         ema = value if ema is None else 0.9 * ema + 0.1 * value
         bar.set_postfix(loss=f"{ema:.4f}")
-    train_seconds = time.monotonic() - started
+    train_seconds = time.monotonic() - loop_started  # the optimiser steps alone
 
     trained = soft.detach().float().cpu()
     after, preds = evaluate(lm, trained, held, cfg.template, max_new, cfg.eval_batch_size)
@@ -296,7 +299,7 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None,
     card = render_card(cfg, model_label or lm.name, train_rows, held, steps, before, after, losses, train_seconds, seconds, samples)
     folder = save_adapter(lm, cfg, peft_cfg, trained, card, model_label or lm.name)
     return TrainResult(folder=folder, before=before, after=after, losses=losses, seconds=seconds,
-                       n_train=len(train_rows), n_eval=len(held), samples=samples)
+                       n_train=len(train_rows), n_eval=len(held), samples=samples, train_seconds=train_seconds)
 
 
 def save_adapter(lm: LoadedModel, cfg: TrainConfig, peft_cfg: Any, embeddings: torch.Tensor, card: str,
@@ -336,7 +339,7 @@ def render_card(cfg: TrainConfig, model_label: str, train_rows: list[dict[str, s
     def sha(path: Path | None) -> str:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else "-"
 
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+    settings = {k: (v.name if isinstance(v, Path) else v) for k, v in asdict(cfg).items()  # no local paths
                 if k not in {"progress", "store", "template"}}
     first = sum(losses[: max(1, len(losses) // 20)]) / max(1, len(losses[: max(1, len(losses) // 20)]))
     last = sum(losses[-max(1, len(losses) // 20):]) / max(1, len(losses[-max(1, len(losses) // 20):]))
@@ -353,6 +356,8 @@ def render_card(cfg: TrainConfig, model_label: str, train_rows: list[dict[str, s
         "```",
         cfg.template.replace("{input}", "<input text>"),
         "```",
+        "",
+        f"(as a Python string: `{cfg.template!r}`)",
         "",
         "## Data",
         "",
@@ -371,7 +376,8 @@ def render_card(cfg: TrainConfig, model_label: str, train_rows: list[dict[str, s
         f"- initial prompt ({cfg.init} init): {before:.1%}",
         f"- trained prompt: {after:.1%}",
         f"- loss: {first:.4f} (first 5% of steps) -> {last:.4f} (last 5%)",
-        f"- training time: {train_seconds:.0f} s, total with evaluation {seconds:.0f} s (torch threads: {torch.get_num_threads()})",
+        f"- training time: {train_seconds:.0f} s for {steps} steps, {seconds:.0f} s in all with data loading and both "
+        f"evaluations (torch threads: {torch.get_num_threads()})",
         "",
         "Sample held-out predictions:",
         "",
