@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,26 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from server.api.app import create_app
-from server.config import Settings
 from server.models import LoadedModel, load_model
+from tests.api_support import TASKS, make_store, open_client, settings_for
 from tests.support import reference_greedy
-
-TASKS = {"alpha": 2, "beta": 5, "gamma": 11}
-
-
-def write_task(store: Path, name: str, num_virtual: int, hidden: int, seed: int) -> torch.Tensor:
-    folder = store / name
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(num_virtual, hidden, generator=g) * 0.5  # [P, H]
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": num_virtual}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    save_file({"prompt_embeddings": emb}, str(folder / "adapter_model.safetensors"))
-    return emb
-
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir: Path) -> LoadedModel:
@@ -40,20 +24,9 @@ def lm(tiny_model_dir: Path) -> LoadedModel:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, lm) -> tuple[Path, dict[str, torch.Tensor]]:
     root = tmp_path_factory.mktemp("store")
-    embeddings = {name: write_task(root, name, p, lm.hidden_size, seed=i) for i, (name, p) in enumerate(TASKS.items())}
-    write_task(root, "wrong-width", 3, lm.hidden_size + 1, seed=9)
+    embeddings = make_store(root, lm.hidden_size)  # TASKS plus a folder of the wrong width
     (root / "Bad_Name").mkdir()
     return root, embeddings
-
-
-def settings_for(store: Path, **changes) -> Settings:
-    return Settings(store=store, max_input_tokens=64, max_new_tokens=64, max_batch_tokens=4096).replace(**changes)
-
-
-async def open_client(app) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            yield client
 
 
 @pytest.fixture
