@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.config import Settings
-from server.models import ensure_default_model, tiny_test_model
+from server.models import LoadedModel, ensure_default_model, load_model, tiny_test_model
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +24,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
     barely matter, so a wrong position or mask would go unnoticed; peaked attention exposes them.
     """
     return tiny_test_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_from=default_model_dir, initializer_range=0.3)
+
+
+@pytest.fixture(scope="session")
+def lm(tiny_model_dir: Path) -> LoadedModel:
+    """The tiny model loaded once, in float64: engine and API tests check batching logic bit for bit,
+    without float32 near-ties. Nothing in the tests mutates it."""
+    return load_model(str(tiny_model_dir), dtype="float64")

@@ -16,16 +16,10 @@ from safetensors.torch import save
 
 from server.api.app import create_app
 from server.config import Settings
-from server.models import LoadedModel, load_model
 from tests.support import reference_greedy
 
 TOKEN = "s3cret-admin"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir), dtype="float64")
 
 
 def adapter_files(hidden: int, num_virtual: int = 3, seed: int = 0, *, peft_type: str = "PROMPT_TUNING",

@@ -12,14 +12,9 @@ import pytest
 import torch
 
 from server.api.app import create_app
-from server.models import LoadedModel, load_model
+from server.models import LoadedModel
 from tests.api_support import TASKS, make_store, open_client, settings_for
 from tests.support import reference_greedy
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir), dtype="float64")
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, lm) -> tuple[Path, dict[str, torch.Tensor]]:

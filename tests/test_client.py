@@ -13,13 +13,7 @@ import pytest
 
 from server.api.app import create_app
 from server.client import AsyncClient, Client, Details, Generation, SoftmuxError, Token
-from server.models import LoadedModel, load_model
 from tests.api_support import TASKS, live_server, make_store, settings_for
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir), dtype="float64")
 
 
 @pytest.fixture(scope="module")

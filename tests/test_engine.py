@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +12,6 @@ from server.models import LoadedModel, load_model
 from tests.support import make_prompt, make_request, reference_greedy, start_engine
 
 VOCAB_USED = 40_000  # stay inside ordinary tokens of the real tokenizer
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir: Path) -> LoadedModel:
-    # float64: the tests check the batching logic bit for bit, without float32 near-ties.
-    return load_model(str(tiny_model_dir), dtype="float64")
 
 
 @pytest.fixture(scope="module")

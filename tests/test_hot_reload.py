@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -18,15 +17,10 @@ from server.api.app import create_app
 from server.config import Settings
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
-from server.models import LoadedModel, load_model
+from server.models import LoadedModel
 from server.prompts.install import install, temp_folder
 from server.prompts.registry import Registry
 from tests.support import make_request, reference_greedy, start_engine
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir), dtype="float64")
 
 
 def write(folder: Path, hidden: int, num_virtual: int, seed: int) -> torch.Tensor:

@@ -4,21 +4,15 @@ server: completions and chat (streaming and not), models, parameter mapping, err
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from server.api.app import create_app
-from server.models import LoadedModel, load_model
+from server.models import LoadedModel
 from tests.api_support import TASKS, live_server, make_store, settings_for
 from tests.support import reference_greedy
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir), dtype="float64")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,8 @@ from server.api.app import create_app
 from server.api.logs import make_handler
 from server.cli import build_parser
 from server.config import Settings, from_namespace
-from server.models import LoadedModel, load_model
+from server.models import LoadedModel
 from tests.api_support import TASKS, make_store, open_client, settings_for
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir), dtype="float64")
 
 
 @pytest.fixture(scope="module")

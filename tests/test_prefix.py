@@ -23,7 +23,7 @@ from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
 from server.engine.scheduler import Scheduler
-from server.models import LoadedModel, load_model
+from server.models import LoadedModel
 from server.prompts.registry import Registry
 from server.prompts.types import KVShape, PromptKind
 from tests.support import make_request, reference_greedy
@@ -51,11 +51,6 @@ def save_adapters(tiny_model_dir: Path, store: Path) -> None:
                 for p in model.prompt_encoder["default"].parameters():
                     p.add_(torch.randn_like(p) * 0.5)
         model.save_pretrained(store / name)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir), dtype="float64")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ import httpx
 import pytest
 
 from server.api.app import create_app
-from server.models import LoadedModel, load_model
 from tests.api_support import live_server, make_store, open_client, settings_for, wait_until
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_model_dir), dtype="float64")
 
 
 @pytest.fixture(scope="module")
