@@ -7,7 +7,6 @@ Errors on these routes use `{"error": {"message", "type", "param", "code"}}` (se
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.errors import NotFound, ValidationFailed, openai_body
-from server.api.schemas import MAX_SEED, MAX_STOP
+from server.api.schemas import MAX_SEED, MAX_STOP, finite_or_none
 from server.api.routes import generate_unless_gone
 from server.api.sse import EventStream, sse
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, SamplingParams, TokenEvent
@@ -74,12 +73,7 @@ class _Common(BaseModel):
             raise ValueError("only n=1 is supported: softmux returns one choice per request; send several requests instead")
         return v
 
-    @field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+    _finite = field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty")(finite_or_none)
 
     @field_validator("stop")
     @classmethod

@@ -27,6 +27,13 @@ _TGI_NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
+def finite_or_none(v: float | None) -> float | None:
+    """Field validator shared with the OpenAI schemas: JSON NaN and Infinity are refused."""
+    if v is not None and not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
 class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,12 +61,7 @@ class GenerateParameters(BaseModel):
     grammar: Any = None
     adapter_id: str | None = None
 
-    @field_validator("temperature", "top_p", "repetition_penalty", "timeout")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+    _finite = field_validator("temperature", "top_p", "repetition_penalty", "timeout")(finite_or_none)
 
     @field_validator("stop")
     @classmethod
