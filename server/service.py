@@ -21,17 +21,17 @@ import torch
 
 from server.api.errors import GenerationFailed, NotFound, Overloaded, Unavailable, ValidationFailed
 from server.config import Settings
-from server.engine.engine import Engine
+from server.engine.engine import Engine, EngineStats
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
-from server.engine.runner import PrefillRow
+from server.engine.runner import default_kv_cache_bytes
 from server.engine.scheduler import QueueFull, Scheduler
 from server.metrics import UNKNOWN_TASK, LiveState, Metrics
 from server.models import LoadedModel, load_model
 from server.prompts.install import clean_leftovers
 from server.prompts.registry import Registry
 from server.prompts.watcher import StoreWatcher
-from server.prompts.types import KVShape
+from server.prompts.types import KVShape, PromptKind, SoftPrompt
 
 log = logging.getLogger("softmux.service")
 
@@ -89,7 +89,9 @@ class Service:
             self.registry.load_all()
             scheduler = Scheduler(self.settings.max_batch_size, self.settings.max_batch_tokens, self.settings.max_queue)
             prefix_cache = PrefixCache(self.settings.prefix_cache_bytes) if self.settings.prefix_cache else None
-            self.engine = Engine(self.lm, scheduler, prefix_cache, observer=self.metrics)
+            kv_bytes = self.settings.kv_cache_bytes or default_kv_cache_bytes(self.lm.device)
+            max_context = self.settings.max_virtual_tokens + self.settings.max_input_tokens + self.settings.max_new_tokens
+            self.engine = Engine(self.lm, scheduler, prefix_cache, observer=self.metrics, kv_cache_bytes=kv_bytes, max_context=max_context)
             self._warm_up()
             self.engine.start()
             if self.settings.reload_interval > 0:
@@ -102,14 +104,20 @@ class Service:
             self.load_error = exc
 
     def _warm_up(self) -> None:
-        """One prefill and decode step so the first real request does not pay for lazy init."""
-        assert self.engine is not None and self.lm is not None
-        prompt = torch.zeros(1, self.lm.hidden_size, dtype=self.lm.dtype, device=self.lm.device)
-        runner = self.engine.runner
-        (prefix,) = runner.compute_prefixes([prompt])
-        result = runner.prefill([PrefillRow(input_ids=[0], prompt=prompt), PrefillRow(input_ids=[0], prefix_kv=prefix)], headroom=1)
-        mask = torch.cat([result.mask, result.mask.new_ones(2, 1)], dim=1)
-        self.engine.runner.decode(result.cache, mask, result.logits.argmax(-1), result.positions)
+        """Two requests through prefix, prefill and decode passes before the loop starts, so the
+        first real request does not pay for lazy initialisation; their traces are then wiped."""
+        engine, lm = self.engine, self.lm
+        assert engine is not None and lm is not None
+        prompt = SoftPrompt(name="_warmup", kind=PromptKind.PROMPT_TUNING, content_hash="warmup", source=Path("."),
+                            embeddings=torch.zeros(1, lm.hidden_size, dtype=lm.dtype, device=lm.device))
+        for n in (1, 2):
+            engine.scheduler.add(Request(task="_warmup", prompt=prompt, input_ids=[0] * n, params=SamplingParams(max_new_tokens=2),
+                                         seed=0, sink=lambda event: None))
+        while not engine.scheduler.idle:
+            engine.step()
+        engine.prefix_cache.invalidate("_warmup")
+        engine.prefix_cache.stats = type(engine.prefix_cache.stats)()
+        engine.stats = EngineStats()
 
     def drain(self, grace: float) -> bool:
         """Graceful shutdown: refuse new requests (503) and let accepted ones finish for up to

@@ -176,7 +176,7 @@ async def test_concurrent_requests_over_three_tasks_share_forward_passes(client,
         assert r.json()["generated_text"] == lm.tokenizer.decode(expected, skip_special_tokens=True)
     stats = (await client.get("/stats")).json()
     assert stats["mixed_task_passes"] > 0 and stats["max_tasks_in_pass"] == 3
-    assert stats["running"] == 0 and stats["reserved_tokens"] == 0
+    assert stats["running"] == 0 and stats["kv_pool"]["row_tokens_held"] == 0
 
 
 async def test_openapi_schema_is_served(client):

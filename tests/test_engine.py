@@ -131,7 +131,7 @@ def test_limits_rows_and_tokens_are_respected(lm, prompts):
             assert t.result.finish_reason is FinishReason.LENGTH
             assert t.request.output_ids == reference_greedy(lm, p.embeddings, ids, n)
         assert engine.stats.max_rows_in_pass <= 3
-        assert engine.scheduler.reserved_tokens == 0 and not engine.scheduler.running
+        assert engine.scheduler.held_tokens == 0 and not engine.scheduler.running
     finally:
         engine.stop()
 
@@ -277,7 +277,7 @@ def test_deadline_ends_a_running_row_and_a_waiting_one(lm, prompts):
         assert running.result.generated_text == lm.tokenizer.decode(running.request.output_ids, skip_special_tokens=True)
         assert waiting.result.finish_reason is FinishReason.TIMEOUT and waiting.result.generated_tokens == 0
         assert after.request.output_ids == reference_greedy(lm, prompts[2].embeddings, after.request.input_ids, 3)
-        assert engine.scheduler.reserved_tokens == 0
+        assert engine.scheduler.held_tokens == 0
     finally:
         engine.stop()
 

@@ -103,8 +103,8 @@ def test_a_client_leaving_frees_its_row_and_others_are_unaffected(lm, store, str
         assert wait_until(lambda: not engine.scheduler.running, timeout=5)
         assert time.monotonic() - left < 2.5  # well before its 64 tokens (~3 s) were done
         stats = httpx.get(f"{base}/stats").json()
-        assert stats["running"] == 0 and stats["waiting"] == 0 and stats["reserved_tokens"] == 0
-        assert engine.batch is None
+        assert stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_pool"]["row_tokens_held"] == 0
+        assert engine.scheduler.held_tokens == 0
         assert outcome_count(httpx.get(f"{base}/metrics").text, "alpha", "cancelled") == 1
 
 
@@ -120,7 +120,7 @@ async def test_a_deadline_ends_the_request_with_finish_reason_timeout_and_the_te
         details = r.json()["details"]
         assert details["finish_reason"] == "timeout" and 0 < details["generated_tokens"] < 64
         assert time.monotonic() - started < 1.5
-        assert not engine.scheduler.running and engine.scheduler.reserved_tokens == 0
+        assert not engine.scheduler.running and engine.scheduler.held_tokens == 0
 
         async with client.stream("POST", "/generate_stream", json=gen("beta", "tick", max_new_tokens=64, timeout=0.3)) as s:
             events = [json.loads(line[5:]) async for line in s.aiter_lines() if line.startswith("data:")]
@@ -146,7 +146,7 @@ async def test_a_queued_request_times_out_too_and_the_server_default_applies(lm,
         c = await client.post("/v1/completions", json={"model": "gamma", "prompt": "x", "max_tokens": 64})
         assert c.status_code == 200 and c.json()["choices"][0]["finish_reason"] == "length"
         assert c.json()["usage"]["completion_tokens"] < 64
-        assert engine.scheduler.idle and engine.scheduler.reserved_tokens == 0
+        assert engine.scheduler.idle and engine.scheduler.held_tokens == 0
 
 
 @pytest.mark.parametrize("timeout", [0, -1, 3601, "NaN", "Infinity"])

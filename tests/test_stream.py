@@ -161,9 +161,9 @@ def test_client_disconnect_cancels_the_request(lm, store):
         assert time.monotonic() - left_at < 2.0
         assert wait_until(lambda: engine.stats.requests_finished == finished_before + 1, timeout=5)
         assert request.cancelled and len(request.output_ids) < 200
-        assert engine.batch is None  # its cache rows are gone with it
+        assert engine.scheduler.held_tokens == 0  # its key/value blocks are gone with it
         stats = httpx.get(f"{base}/stats").json()
-        assert stats["running"] == 0 and stats["reserved_tokens"] == 0
+        assert stats["running"] == 0 and stats["kv_pool"]["row_tokens_held"] == 0
         metrics = httpx.get(f"{base}/metrics").text
         assert 'softmux_request_count_total{outcome="cancelled",task="beta"} 1.0' in metrics
         engine.runner.decode = real_decode

@@ -219,5 +219,5 @@ async def stats(request: Request) -> dict[str, Any]:
         "prefix_cache": prefix,
         "waiting": engine.scheduler.num_waiting,
         "running": len(engine.scheduler.running),
-        "reserved_tokens": engine.scheduler.reserved_tokens,
+        "kv_pool": engine.pool_stats(),
     }

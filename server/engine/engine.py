@@ -1,25 +1,34 @@
-"""The engine loop: schedule, prefill new rows, decode all rows, emit tokens. One thread owns the model."""
+"""The engine loop: schedule, run, postprocess. One thread owns the model.
+
+    step():  plan = scheduler.schedule()        admit waiting rows the key/value pool can hold
+             runner.fill_prefixes(...)           soft-prompt prefixes not resident yet, one pass
+             runner.prefill(admitted)            every new row, whatever its task, one pass
+             scheduler.grow(); runner.decode()   every running row, one pass
+             postprocess                         sample, emit, finish; rows leave, blocks return
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
 
-from server.engine.batch import Batch
 from server.engine.detok import IncrementalText
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
-from server.engine.runner import PrefillRow, Runner
-from server.engine.sampler import BatchFlags, SamplingTensors, sample
+from server.engine.runner import Runner
+from server.engine.sampler import prepare, sample
 from server.engine.scheduler import Scheduler
 from server.models import LoadedModel
 
 log = logging.getLogger("softmux.engine")
+
+DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -71,17 +80,21 @@ class Engine:
         scheduler: Scheduler,
         prefix_cache: PrefixCache | None = None,
         observer: EngineObserver | None = None,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        max_context: int = 1 << 30,
     ) -> None:
         self.observer = observer
         self.lm = lm
-        self.runner = Runner(lm)
+        self.runner = Runner(lm, kv_cache_bytes, max_context=max_context)
         self.scheduler = scheduler
-        self.prefix_cache = prefix_cache  # None: soft prompts go through the model with every request
+        # None: prefixes are still computed once and shared by the rows running at the same time,
+        # but not kept once the last of them leaves.
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
+        self.prefix_cache.bind(self.runner.pool, self.runner.block_bytes)
+        scheduler.bind(self.runner.pool, self.prefix_cache)
         self.tokenizer = lm.tokenizer
         self.eos_ids = lm.eos_token_ids
         self.stats = EngineStats()
-        self.batch: Batch | None = None
-        self._texts: dict[int, IncrementalText] = {}  # request id -> its detokeniser
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # set if the loop died
@@ -131,149 +144,102 @@ class Engine:
             self.error = exc
             self._fail_all(f"engine failure: {exc}", "generation")
 
+    def pool_stats(self) -> dict[str, int]:
+        """The key/value pool's counters: what rows hold (their own tokens only) and what prefixes hold."""
+        pool = self.runner.pool
+        return {
+            **asdict(pool.stats),
+            "block_size": pool.block_size,
+            "blocks": pool.capacity,
+            "blocks_used": pool.num_used,
+            "blocks_free": pool.num_free,
+            "bytes_per_token": self.runner.bytes_per_token,
+            "row_tokens_held": self.scheduler.held_tokens,
+            "row_tokens_used": sum(r.kv.own_len for r in self.scheduler.running if r.kv is not None),
+            "prefix_blocks": sum(len(e.seq.own_blocks) for e in self.prefix_cache.entries()),
+        }
+
     # ---- one iteration ---------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit, prefill, decode once. Returns False when there was nothing to do."""
-        admitted, dropped = self.scheduler.schedule()
+        """Schedule, prefill the admitted rows, decode every running row. False: nothing to do."""
+        plan = self.scheduler.schedule()
         now = time.monotonic()
-        for req in dropped:
+        for req in plan.dropped:
             self._finish(req, req.ended_reason(now) or FinishReason.CANCELLED)
+        for req in plan.rejected:
+            self._fail(req, "the request needs more key/value memory than the pool holds (--kv-cache-bytes)", "validation")
         self._drop_ended(now)
-        if admitted:
-            if self.batch is not None:
-                self.stats.joined_running_batch += len(admitted)
-            self._guarded(admitted, lambda: self._prefill(admitted))
-        if self.batch is not None:
-            rows = list(self.batch.requests)
-            self._guarded(rows, self._decode)
-        return bool(admitted or dropped or self.batch is not None)
+        if plan.admitted:
+            self._start(plan.admitted)
+            self._guarded(plan.admitted, lambda: self._prefill(plan))
+        if self.scheduler.running:
+            self.scheduler.grow()
+            rows = list(self.scheduler.running)
+            if rows:
+                self._guarded(rows, lambda: self._run("decode", rows, self.runner.decode))
+        return bool(plan.admitted or plan.dropped or plan.rejected or self.scheduler.running)
 
-    def _guarded(self, requests: list[Request], work) -> None:
+    def _start(self, admitted: list[Request]) -> None:
+        now = time.monotonic()
+        if len(admitted) < len(self.scheduler.running):
+            self.stats.joined_running_batch += len(admitted)
+        for req in admitted:
+            if req.admitted is None:
+                req.admitted = now
+            if req.text is None and (req.stream or req.params.stop):
+                req.text = IncrementalText(self.tokenizer, req.params.stop)
+
+    def _prefill(self, plan) -> None:
+        if plan.new_prefixes:
+            try:
+                self.runner.fill_prefixes(plan.new_prefixes)
+            except Exception:
+                for entry, _ in plan.new_prefixes:
+                    self.prefix_cache.discard(entry.key)
+                raise
+            self.stats.prefix_passes += 1
+        self._run("prefill", plan.admitted, self.runner.prefill)
+
+    def _run(self, phase: str, rows: list[Request], forward: Callable[[list[Request]], torch.Tensor]) -> None:
+        started = time.perf_counter()
+        logits = forward(rows)
+        tasks = self.stats.record_pass(phase, rows)
+        if self.observer is not None:
+            self.observer.on_pass(phase, len(rows), tasks, time.perf_counter() - started)
+        self._postprocess(rows, logits)
+
+    def _guarded(self, requests: list[Request], work: Callable[[], None]) -> None:
         """A forward pass that raises fails only the requests it was running; the loop goes on."""
         try:
             work()
         except Exception as exc:
             log.exception("forward pass failed for %d rows", len(requests))
-            failed = {r.id for r in requests}
-            if self.batch is not None and any(r.id in failed for r in self.batch.requests):
-                keep = [i for i, r in enumerate(self.batch.requests) if r.id not in failed]
-                self.batch = self.batch.filter(keep) if keep else None
             for req in requests:
                 if req in self.scheduler.running:
                     self._fail(req, f"generation failed: {exc}")
 
-    def _prefill(self, admitted: list[Request]) -> None:
-        now = time.monotonic()
-        for req in admitted:
-            req.admitted = now
-            if req.stream or req.params.stop:
-                self._texts[req.id] = IncrementalText(self.tokenizer, req.params.stop)
-        started = time.perf_counter()
-        rows = self._prefill_rows(admitted)
-        headroom = max(r.params.max_new_tokens for r in admitted)
-        result = self.runner.prefill(rows, headroom)
-        self._record("prefill", admitted, started)
-        new = Batch(
-            requests=list(admitted),
-            cache=result.cache,
-            mask=result.mask,
-            positions=result.positions,
-            next_tokens=torch.zeros(len(admitted), dtype=torch.int64, device=result.mask.device),
-            steps=torch.zeros(len(admitted), dtype=torch.int64, device=result.mask.device),
-            sampling=self._sampling_tensors(admitted),
-            seen=self._seen(admitted),
-        )
-        new = self._sample_and_emit(new, result.logits)
-        if new is not None:
-            self.batch = new if self.batch is None else Batch.concat(self.batch, new)
-
-    def _record(self, phase: str, requests: list[Request], started: float) -> None:
-        tasks = self.stats.record_pass(phase, requests)
-        if self.observer is not None:
-            self.observer.on_pass(phase, len(requests), tasks, time.perf_counter() - started)
-
-    def _prefill_rows(self, reqs: list[Request]) -> list[PrefillRow]:
-        """Each row starts from its task's key/value prefix when there is one (computing missing
-        ones together in one pass), else from its virtual-token embeddings."""
-        prefixes: dict[tuple[str, str], torch.Tensor] = {}
-        missing: dict[tuple[str, str], torch.Tensor] = {}
-        for r in reqs:
-            key = r.prompt.cache_key
-            if r.prompt.prefix_kv is not None:
-                prefixes[key] = r.prompt.prefix_kv
-            elif self.prefix_cache is not None and (key in prefixes or key in missing):
-                self.prefix_cache.stats.hits += 1  # shares a prefix another row of this pass brings
-            elif self.prefix_cache is not None:
-                kv = self.prefix_cache.get(key)
-                if kv is None:
-                    assert r.prompt.embeddings is not None
-                    missing[key] = r.prompt.embeddings
-                else:
-                    prefixes[key] = kv
-        if missing:
-            computed = self.runner.compute_prefixes(list(missing.values()))
-            self.stats.prefix_passes += 1
-            for key, kv in zip(missing, computed):
-                prefixes[key] = kv
-                assert self.prefix_cache is not None
-                self.prefix_cache.put(key, kv)
-        return [
-            PrefillRow(input_ids=r.input_ids, prefix_kv=prefixes[r.prompt.cache_key])
-            if r.prompt.cache_key in prefixes
-            else PrefillRow(input_ids=r.input_ids, prompt=r.prompt.embeddings)
-            for r in reqs
-        ]
-
-    def _decode(self) -> None:
-        batch = self.batch
-        assert batch is not None
-        batch.extend_mask()
-        started = time.perf_counter()
-        logits = self.runner.decode(batch.cache, batch.mask, batch.next_tokens, batch.positions)
-        batch.positions = batch.positions + 1
-        self._record("decode", batch.requests, started)
-        self.batch = self._sample_and_emit(batch, logits)
-
     # ---- tokens out ----------------------------------------------------------------------
-    def _sample_and_emit(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
-        """Choose each row's token, deliver it, and return the batch without finished rows."""
+    def _postprocess(self, rows: list[Request], logits: torch.Tensor) -> None:
+        """Choose each row's token, deliver it, and finish the rows that are done."""
         finite = torch.isfinite(logits).all(dim=-1)  # [B]: a poisoned row must fail alone
-        finite_rows = finite.tolist()
-        if not all(finite_rows):
-            logits = logits.masked_fill(~finite[:, None], 0.0)
-        tokens, logprobs = sample(logits, batch.sampling, batch.steps, batch.seen, self._flags(batch.requests))
-        batch.append_step(tokens)
-        keep: list[int] = []
-        token_list = tokens.tolist()
-        logprob_list = [0.0] * len(token_list) if logprobs is None else logprobs.tolist()
-        for i, (req, tok, lp, ok) in enumerate(zip(batch.requests, token_list, logprob_list, finite_rows)):
+        logits = logits.masked_fill(~finite[:, None], 0.0)
+        batch = prepare(rows, self.runner.vocab_size, logits.device)
+        tokens, logprobs = sample(logits, batch.params, batch.steps, batch.seen, batch.flags)
+        host = torch.stack([tokens, finite.to(torch.int64)]).tolist()  # one host sync
+        logprob_list = [0.0] * len(rows) if logprobs is None else logprobs.tolist()
+        for req, tok, ok, lp in zip(rows, host[0], host[1], logprob_list):
             if not ok:
                 self._fail(req, "the model produced non-finite logits for this request")
                 continue
             reason = self._append_token(req, tok, lp)
-            if reason is None:
-                keep.append(i)
-            else:
+            if reason is not None:
                 self._finish(req, reason)
-        if len(keep) == len(batch):
-            return batch
-        return batch.filter(keep) if keep else None
-
-    @staticmethod
-    def _flags(requests: list[Request]) -> BatchFlags:
-        sampling = [r.params.sampling for r in requests]
-        return BatchFlags(
-            sampling=any(sampling),
-            penalty=any(r.params.repetition_penalty != 1.0 for r in requests),
-            filtering=any(s and (r.params.top_k > 0 or r.params.top_p < 1.0) for s, r in zip(sampling, requests)),
-            logprobs=any(r.stream for r in requests),
-        )
 
     def _append_token(self, req: Request, tok: int, logprob: float) -> FinishReason | None:
         if not req.output_ids:
             req.first_token_at = time.monotonic()
         req.output_ids.append(tok)
-        text = self._texts.get(req.id)
+        text = req.text
         is_eos = tok in self.eos_ids
         delta = text.add(tok) if text is not None and not is_eos else ""
         if is_eos:
@@ -291,22 +257,15 @@ class Engine:
         return reason
 
     def _drop_ended(self, now: float) -> None:
-        """Rows whose client left or whose deadline passed leave the batch before the next pass."""
-        if self.batch is None:
-            return
-        reasons = [r.ended_reason(now) for r in self.batch.requests]
-        if not any(reasons):
-            return
-        for r, reason in zip(self.batch.requests, reasons):
+        """Rows whose client left or whose deadline passed leave before the next pass."""
+        for req in list(self.scheduler.running):
+            reason = req.ended_reason(now)
             if reason is not None:
-                self._finish(r, reason)
-        keep = [i for i, reason in enumerate(reasons) if reason is None]
-        self.batch = self.batch.filter(keep) if keep else None
+                self._finish(req, reason)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
-        text = self._texts.pop(req.id, None)
-        if text is not None:
-            generated = text.text
+        if req.text is not None:
+            generated = req.text.text
         else:
             ids = req.output_ids[:-1] if reason is FinishReason.EOS else req.output_ids
             generated = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -329,7 +288,6 @@ class Engine:
         )
 
     def _fail(self, req: Request, message: str, error_type: str = "generation") -> None:
-        self._texts.pop(req.id, None)
         if req in self.scheduler.running:
             self.scheduler.finish(req)
         self.stats.requests_failed += 1
@@ -338,26 +296,3 @@ class Engine:
     def _fail_all(self, message: str, error_type: str) -> None:
         for req in list(self.scheduler.running) + self.scheduler.drain_waiting():
             self._fail(req, message, error_type)
-        self.batch = None
-
-    # ---- per-row tensors -------------------------------------------------------------------
-    def _sampling_tensors(self, reqs: list[Request]) -> SamplingTensors:
-        dev = self.runner.device
-        return SamplingTensors(
-            sampling=torch.tensor([r.params.sampling for r in reqs], dtype=torch.bool, device=dev),
-            temperature=torch.tensor([r.params.temperature or 1.0 for r in reqs], dtype=torch.float32, device=dev),
-            top_k=torch.tensor([r.params.top_k for r in reqs], dtype=torch.int64, device=dev),
-            top_p=torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev),
-            repetition_penalty=torch.tensor([r.params.repetition_penalty for r in reqs], dtype=torch.float32, device=dev),
-            seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
-        )
-
-    def _seen(self, reqs: list[Request]) -> torch.Tensor | None:
-        """[B, V] bool of input tokens, only when some new row uses a repetition penalty."""
-        if all(r.params.repetition_penalty == 1.0 for r in reqs):
-            return None
-        seen = torch.zeros(len(reqs), self.runner.vocab_size, dtype=torch.bool, device=self.runner.device)
-        for i, r in enumerate(reqs):
-            if r.input_ids:
-                seen[i, torch.tensor(r.input_ids, device=seen.device)] = True
-        return seen

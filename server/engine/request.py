@@ -7,9 +7,13 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Union
 
+from server.engine.pool import SeqBlocks
 from server.prompts.types import SoftPrompt
+
+if TYPE_CHECKING:
+    from server.engine.detok import IncrementalText
 
 
 class FinishReason(str, enum.Enum):
@@ -95,6 +99,12 @@ class Request:
     first_token_at: float | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
+    # Engine-thread state while running: where its keys and values live, the shared prefix blocks it
+    # holds a reference to, its text so far (streams and stop strings only), times preempted.
+    kv: SeqBlocks | None = None
+    prefix_blocks: list[int] = field(default_factory=list)
+    text: IncrementalText | None = None
+    preemptions: int = 0
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -103,7 +113,7 @@ class Request:
 
     @property
     def reserved_tokens(self) -> int:
-        """Tokens this row may hold at most: what admission control budgets for."""
+        """Tokens this row may hold at most (its prefix included): it must fit in the pool."""
         return self.virtual_tokens + len(self.input_ids) + self.params.max_new_tokens
 
     def cancel(self) -> None:

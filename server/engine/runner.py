@@ -1,119 +1,189 @@
-"""Owns the frozen model and runs its forward passes: prefixes, prefill of new rows, decode. No policy."""
+"""Owns the model's tensors: the decoder weights, the key/value pool, and the forward passes. No policy.
+
+The pool is one tensor per layer for keys and one for values, `[slots, H_kv, D]`; which slots hold
+which sequence is decided by the scheduler (server/engine/pool.py). A forward pass feeds the new
+tokens of every row packed together, writes their keys and values into the rows' slots, and lets
+each row attend to its slots (its task's shared soft-prompt prefix first, then its own tokens).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache
+import torch.nn.functional as F
 
-from server.engine import kv
+from server.engine.decoder import Decoder
+from server.engine.pool import BlockPool, SeqBlocks
+from server.engine.prefix_cache import PrefixEntry
+from server.engine.request import Request
 from server.models import LoadedModel
+from server.prompts.types import SoftPrompt
+
+NULL_SLOT = 0  # a slot of the reserved block 0: padding columns read it, padding rows write it
 
 
 @dataclass
-class PrefillRow:
-    """One new row: either a key/value prefix or virtual-token embeddings, then input tokens."""
+class Chunk:
+    """New tokens of one sequence fed in this pass."""
 
-    input_ids: list[int]  # [L]
-    prompt: torch.Tensor | None = None  # [P, H] virtual-token embeddings, run through the model here
-    prefix_kv: torch.Tensor | None = None  # [num_layers, 2, H_kv, P, D] already computed
-
-    @property
-    def prefix_len(self) -> int:
-        return 0 if self.prefix_kv is None else int(self.prefix_kv.shape[3])
-
-    @property
-    def chunk_len(self) -> int:
-        """Tokens this row feeds through the model now."""
-        return (0 if self.prompt is None else int(self.prompt.shape[0])) + len(self.input_ids)
+    seq: SeqBlocks
+    embeds: torch.Tensor  # [n, hidden]
+    start: int  # position of the first new token
 
 
 @dataclass
-class PrefillResult:
-    cache: Cache  # per layer [B, H_kv, T, D], left-padded
-    mask: torch.Tensor  # [B, T] int64
-    positions: torch.Tensor  # [B] int64: position of each row's next token (P + L)
-    logits: torch.Tensor  # [B, V] logits at each row's last token
+class _Layout:
+    """Index tensors of one pass, shared by every layer."""
+
+    write: torch.Tensor  # [N] slot of each new token
+    keys: torch.Tensor  # [B * T] slot of each key column, row-major, padding -> NULL_SLOT
+    rows: int  # B
+    width: int  # T, key columns per row
+    queries: int  # Tq, query rows per row (1 for decode)
+    q_index: torch.Tensor | None  # [N] where each packed token sits in [B * Tq] (None: decode, N == B)
+    mask: torch.Tensor  # decode: [B, 1, 1, T] additive float; prefill: [B, 1, Tq, T] bool
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """A quarter of available memory, at most 4 GiB, on CPU; half of the free memory on a GPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    available = 8 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return min(available // 4, 4 << 30)
+
+
+def kv_bytes_per_token(lm: LoadedModel, decoder: Decoder) -> int:
+    elem = torch.empty((), dtype=lm.dtype).element_size()
+    return decoder.num_layers * 2 * decoder.num_kv_heads * decoder.head_dim * elem
 
 
 class Runner:
-    def __init__(self, lm: LoadedModel) -> None:
-        self.model = lm.model
+    def __init__(self, lm: LoadedModel, kv_cache_bytes: int, block_size: int = 16, max_context: int = 1 << 30) -> None:
+        self.lm = lm
         self.device = lm.device
         self.dtype = lm.dtype
-        self.embed = lm.model.get_input_embeddings()
-        self.num_layers = lm.model.config.get_text_config().num_hidden_layers
-        self.vocab_size = int(self.embed.weight.shape[0])
+        self.decoder = Decoder(lm.model, max_context)
+        self.vocab_size = int(self.decoder.lm_head_w.shape[0])
+        self.bytes_per_token = kv_bytes_per_token(lm, self.decoder)
+        num_blocks = max(2, kv_cache_bytes // (self.bytes_per_token * block_size))
+        self.pool = BlockPool(num_blocks, block_size)
+        shape = (self.decoder.num_layers, num_blocks * block_size, self.decoder.num_kv_heads, self.decoder.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, slots, H_kv, D]
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.bytes_per_token * self.pool.block_size
+
+    # ---- passes ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def fill_prefixes(self, items: list[tuple[PrefixEntry, SoftPrompt]]) -> None:
+        """Write soft prompts' keys and values into their (new) prefix entries: prefix-tuning
+        prompts as they are, embedding prompts through one forward pass at positions 0..P-1."""
+        chunks = []
+        for entry, prompt in items:
+            if prompt.prefix_kv is not None:
+                self._write_prefix_kv(entry.seq, prompt.prefix_kv)
+            else:
+                assert prompt.embeddings is not None
+                chunks.append(Chunk(seq=entry.seq, embeds=prompt.embeddings, start=0))
+        if chunks:
+            self._forward(chunks, logits=False)
+
+    def _write_prefix_kv(self, seq: SeqBlocks, kv: torch.Tensor) -> None:
+        """kv [L, 2, H_kv, P, D] -> the sequence's next P slots in every layer."""
+        p = kv.shape[3]
+        slots = torch.tensor(seq.new_slots(p), dtype=torch.int64, device=self.device)
+        self.k.index_copy_(1, slots, kv[:, 0].transpose(1, 2).to(self.dtype))  # [L, P, H_kv, D]
+        self.v.index_copy_(1, slots, kv[:, 1].transpose(1, 2).to(self.dtype))
+        seq.own_len += p
 
     @torch.inference_mode()
-    def compute_prefixes(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Key/value prefixes of soft prompts ([P_i, H] each) in one forward pass at positions 0..P_i-1.
+    def prefill(self, requests: list[Request]) -> torch.Tensor:
+        """Feed each request's uncomputed tokens (its input, plus what it generated before a
+        preemption); returns next-token logits [B, V]."""
+        ids = [r.input_ids + r.output_ids for r in requests]
+        flat = torch.tensor([t for row in ids for t in row], dtype=torch.int64, device=self.device)
+        embeds = self.decoder.embed_tokens(flat).split([len(row) for row in ids])  # each [L_i, hidden]
+        chunks = [Chunk(seq=r.kv, embeds=e, start=r.virtual_tokens) for r, e in zip(requests, embeds)]
+        return self._forward(chunks, logits=True)
 
-        Returns one [num_layers, 2, H_kv, P_i, D] per prompt.
-        """
-        rows = [PrefillRow(input_ids=[], prompt=p) for p in prompts]
-        cache, mask, _ = self._forward_chunk(rows, headroom=0, keep_logits=False)
-        t = mask.shape[1]
-        layers = kv.layers_of(cache)
-        out = []
-        for i, p in enumerate(prompts):
-            n = p.shape[0]
-            per_layer = [torch.stack([layer.keys[i, :, t - n :], layer.values[i, :, t - n :]]) for layer in layers]
-            out.append(torch.stack(per_layer).contiguous())  # [L, 2, H_kv, P, D]
+    @torch.inference_mode()
+    def decode(self, requests: list[Request]) -> torch.Tensor:
+        """Feed each row its last generated token; returns next-token logits [B, V]."""
+        tokens = torch.tensor([r.output_ids[-1] for r in requests], dtype=torch.int64, device=self.device)
+        embeds = self.decoder.embed_tokens(tokens)  # [B, hidden]
+        chunks = [Chunk(seq=r.kv, embeds=embeds[i : i + 1], start=r.virtual_tokens + r.kv.own_len) for i, r in enumerate(requests)]
+        return self._forward(chunks, logits=True)
+
+    def _forward(self, chunks: list[Chunk], logits: bool) -> torch.Tensor:
+        lengths = [int(c.embeds.shape[0]) for c in chunks]
+        layout = self._layout(chunks, lengths)
+        positions = torch.tensor([c.start + j for c, n in zip(chunks, lengths) for j in range(n)], dtype=torch.int64, device=self.device)
+        embeds = torch.cat([c.embeds for c in chunks]).to(self.dtype)  # [N, hidden]
+        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1  # [B] last token of each row
+        rows = ends if logits else ends[:0]
+        out = self.decoder.forward(embeds, positions, lambda i, q, k, v, s: self._attend(layout, i, q, k, v, s), rows)
+        for c, n in zip(chunks, lengths):
+            c.seq.own_len += n
         return out
 
-    @torch.inference_mode()
-    def prefill(self, rows: list[PrefillRow], headroom: int) -> PrefillResult:
-        """One forward pass over all new rows, whatever their tasks, kinds and lengths.
-
-        Row i's columns are [pad, prefix_i (cache) | pad, prompt_i?, input_i (this pass)], each part
-        right-aligned; positions count only the row's own tokens, so they equal the solo positions.
-        """
-        cache, mask, logits = self._forward_chunk(rows, headroom, keep_logits=True)
-        positions = torch.tensor([r.prefix_len + r.chunk_len for r in rows], dtype=torch.int64, device=self.device)
-        assert logits is not None
-        return PrefillResult(cache=cache, mask=mask, positions=positions, logits=logits)
-
-    def _forward_chunk(self, rows: list[PrefillRow], headroom: int, keep_logits: bool) -> tuple[Cache, torch.Tensor, torch.Tensor | None]:
-        b = len(rows)
-        t0 = max(r.prefix_len for r in rows)  # cache columns before this pass
-        t1 = max(r.chunk_len for r in rows)  # columns fed now
-        hidden = self.embed.weight.shape[1]
-        flat_ids = torch.tensor([i for r in rows for i in r.input_ids], dtype=torch.int64, device=self.device)
-        token_embeds = self.embed(flat_ids).split([len(r.input_ids) for r in rows])  # each [L_i, H]
-        embeds = torch.zeros(b, t1, hidden, dtype=self.dtype, device=self.device)  # [B, T1, H]
-        mask = torch.zeros(b, t0 + t1, dtype=torch.int64, device=self.device)  # [B, T0+T1]
-        position_ids = torch.zeros(b, t1, dtype=torch.int64, device=self.device)  # [B, T1]
-        for i, row in enumerate(rows):
-            p, n = row.prefix_len, row.chunk_len
-            chunk = token_embeds[i] if row.prompt is None else torch.cat([row.prompt, token_embeds[i]])  # [n, H]
-            embeds[i, t1 - n :] = chunk
-            mask[i, t0 - p : t0] = 1
-            mask[i, t0 + t1 - n :] = 1
-            position_ids[i, t1 - n :] = torch.arange(p, p + n, device=self.device)
-        if t0 > 0:
-            cache = kv.from_prefixes([r.prefix_kv for r in rows], t0, t0 + t1 + headroom)
+    # ---- attention over the pool -----------------------------------------------------------
+    def _layout(self, chunks: list[Chunk], lengths: list[int]) -> _Layout:
+        write = [s for c, n in zip(chunks, lengths) for s in c.seq.new_slots(n)]
+        contexts = [c.seq.length for c in chunks]  # keys already cached per row
+        totals = [ctx + n for ctx, n in zip(contexts, lengths)]
+        width, queries, b = max(totals), max(lengths), len(chunks)
+        keys = []
+        for c, n, total in zip(chunks, lengths, totals):
+            slots = c.seq.slots() + c.seq.new_slots(n)
+            keys.extend(slots + [NULL_SLOT] * (width - total))
+        dev = self.device
+        total_t = torch.tensor(totals, device=dev)[:, None]  # [B, 1]
+        col = torch.arange(width, device=dev)[None, :]  # [1, T]
+        if queries == 1:
+            visible = col < total_t  # [B, T]
+            mask = torch.zeros(b, 1, 1, width, dtype=self.dtype, device=dev)
+            mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
+            q_index = None
         else:
-            cache = kv.empty_cache(self.num_layers, t1 + headroom)
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
+            ctx_t = torch.tensor(contexts, device=dev)[:, None, None]  # [B, 1, 1]
+            qi = torch.arange(queries, device=dev)[None, :, None]  # [1, Tq, 1]
+            mask = ((col[:, None, :] < total_t[:, :, None]) & (col[:, None, :] <= ctx_t + qi))[:, None]  # [B, 1, Tq, T]
+            q_index = torch.tensor([i * queries + j for i, n in enumerate(lengths) for j in range(n)], dtype=torch.int64, device=dev)
+        return _Layout(
+            write=torch.tensor(write, dtype=torch.int64, device=dev),
+            keys=torch.tensor(keys, dtype=torch.int64, device=dev),
+            rows=b, width=width, queries=queries, q_index=q_index, mask=mask,
         )
-        return cache, mask, (out.logits[:, -1] if keep_logits else None)
 
-    @torch.inference_mode()
-    def decode(self, cache: Cache, mask: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row. mask [B, T+1] already covers the new column; returns logits [B, V]."""
-        out = self.model(
-            input_ids=tokens[:, None],  # [B, 1]
-            attention_mask=mask,
-            position_ids=positions[:, None],  # [B, 1]
-            cache=cache,
-            use_cache=True,
-        )
-        return out.logits[:, -1]
+    def _attend(self, lay: _Layout, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+        """q [N, H, D], k/v [N, H_kv, D] of the new tokens -> attention output [N, H * D]."""
+        kpool, vpool = self.k[layer], self.v[layer]  # [slots, H_kv, D]
+        kpool.index_copy_(0, lay.write, k)
+        vpool.index_copy_(0, lay.write, v)
+        b, t = lay.rows, lay.width
+        n, h, d = q.shape
+        hk = k.shape[1]
+        keys = kpool.index_select(0, lay.keys).view(b, t, hk, d)  # [B, T, H_kv, D]
+        values = vpool.index_select(0, lay.keys).view(b, t, hk, d)
+        if lay.q_index is None:  # decode: one query per row; the G query heads of a KV head share it
+            qg = q.view(b, hk, h // hk, d)  # [B, H_kv, G, D]
+            scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * scaling + lay.mask  # [B, H_kv, G, T]
+            out = torch.matmul(scores.softmax(dim=-1), values.transpose(1, 2))  # [B, H_kv, G, D]
+            return out.reshape(b, h * d)
+        tq = lay.queries
+        qp = q.new_zeros(b * tq, h, d).index_copy_(0, lay.q_index, q).view(b, tq, h, d).transpose(1, 2)  # [B, H, Tq, D]
+        out = F.scaled_dot_product_attention(
+            qp, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=lay.mask, scale=scaling, enable_gqa=hk != h
+        )  # [B, H, Tq, D]
+        return out.transpose(1, 2).reshape(b * tq, h * d).index_select(0, lay.q_index)

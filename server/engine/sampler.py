@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.request import Request
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -131,3 +133,45 @@ def sample(
         params.sampling[:, None], logp, logits.log_softmax(dim=-1)
     ).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, chosen_logp
+
+
+@dataclass
+class SamplingBatch:
+    """Everything `sample` needs for a batch of rows, built from the requests themselves."""
+
+    params: SamplingTensors
+    steps: torch.Tensor  # [B] int64: tokens generated so far per row
+    seen: torch.Tensor | None  # [B, V] bool, only when some row has a repetition penalty
+    flags: BatchFlags
+
+
+def prepare(requests: list[Request], vocab_size: int, device: torch.device) -> SamplingBatch:
+    """One rule for what a batch needs: per-row tensors, plus host-side flags that skip the work
+    (and device syncs) no row asks for."""
+    params = [r.params for r in requests]
+    sampling = [p.sampling for p in params]
+    penalty = any(p.repetition_penalty != 1.0 for p in params)
+    seen = None
+    if penalty:  # a row's seen tokens are its input and what it generated
+        rows = [i for i, r in enumerate(requests) for _ in range(len(r.input_ids) + len(r.output_ids))]
+        cols = [t for r in requests for t in (*r.input_ids, *r.output_ids)]
+        seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64, device=device)] = True
+    return SamplingBatch(
+        params=SamplingTensors(
+            sampling=torch.tensor(sampling, dtype=torch.bool, device=device),
+            temperature=torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device),
+            seeds=torch.tensor([r.seed for r in requests], dtype=torch.int64, device=device),
+        ),
+        steps=torch.tensor([len(r.output_ids) for r in requests], dtype=torch.int64, device=device),
+        seen=seen,
+        flags=BatchFlags(
+            sampling=any(sampling),
+            penalty=penalty,
+            filtering=any(s and (p.top_k > 0 or p.top_p < 1.0) for s, p in zip(sampling, params)),
+            logprobs=any(r.stream for r in requests),
+        ),
+    )

@@ -1,12 +1,26 @@
-"""Waiting and running queues and the admission policy. No torch here: policy only."""
+"""The request lifecycle and the key/value pool's bookkeeping. No torch here: policy only.
+
+waiting --schedule()--> running --finish()--> finished
+               ^                  |
+               +---- preempt() ---+   (pool exhausted mid-generation: blocks taken back, recomputed later)
+
+Admission is FIFO under three limits: rows in the batch, tokens fed by one prefill pass, and what
+the key/value pool can hold now (a row takes blocks for the tokens it feeds, plus its task's
+shared soft-prompt prefix when that is not resident). Rows then grow one block at a time; when the
+pool runs dry, cached prefixes nobody uses are evicted first, then the youngest rows are preempted.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
+from server.engine.pool import BlockPool
+from server.engine.prefix_cache import PrefixCache, PrefixEntry
 from server.engine.request import Request, RequestStatus
+from server.prompts.types import SoftPrompt
 
 
 class QueueFull(Exception):
@@ -17,27 +31,46 @@ class ShuttingDown(RuntimeError):
     """The server is draining: no new requests (the API answers 503)."""
 
 
+@dataclass
+class Plan:
+    """What one schedule() decided."""
+
+    admitted: list[Request] = field(default_factory=list)  # rows to prefill now
+    dropped: list[Request] = field(default_factory=list)  # cancelled or expired while waiting
+    rejected: list[Request] = field(default_factory=list)  # can never fit in the pool
+    new_prefixes: list[tuple[PrefixEntry, SoftPrompt]] = field(default_factory=list)  # to fill before prefill
+
+
 class Scheduler:
-    """FIFO admission under two limits: rows in the batch and tokens reserved by them.
-
-    Each running row reserves its virtual + input + max_new_tokens, so a batch once admitted can
-    always run to completion without running out of room. Admission is strictly FIFO: a request
-    that does not fit yet blocks those behind it, so large requests are not starved.
-    """
-
     def __init__(self, max_batch_size: int, max_batch_tokens: int, max_queue: int) -> None:
         self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = max_batch_tokens  # tokens one prefill pass may feed
         self.max_queue = max_queue
         self._waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self._reserved = 0
+        self.running: list[Request] = []  # admission order: oldest first
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self.closed = False
+        self._pool: BlockPool | None = None
+        self._prefixes: PrefixCache | None = None
 
+    def bind(self, pool: BlockPool, prefixes: PrefixCache) -> None:
+        """Attach the key/value pool and the prefix cache (the engine does this once)."""
+        self._pool, self._prefixes = pool, prefixes
+
+    @property
+    def pool(self) -> BlockPool:
+        assert self._pool is not None, "Scheduler.bind(pool, prefixes) first"
+        return self._pool
+
+    @property
+    def prefixes(self) -> PrefixCache:
+        assert self._prefixes is not None, "Scheduler.bind(pool, prefixes) first"
+        return self._prefixes
+
+    # ---- any thread ---------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        """Called from any thread. Raises QueueFull when the queue is at its limit."""
+        """Raises ShuttingDown after close(), QueueFull when the queue is at its limit."""
         with self._lock:
             if self.closed:
                 raise ShuttingDown("the server is shutting down and accepts no new requests")
@@ -72,37 +105,105 @@ class Scheduler:
         return len(self._waiting)
 
     @property
-    def reserved_tokens(self) -> int:
-        return self._reserved
+    def held_tokens(self) -> int:
+        """Token slots held by running rows' own blocks (their tasks' shared prefixes not counted)."""
+        return sum(len(r.kv.own_blocks) for r in self.running if r.kv is not None) * self.pool.block_size
 
-    def schedule(self) -> tuple[list[Request], list[Request]]:
-        """Admit waiting requests that fit. Returns (admitted, cancelled or expired while waiting)."""
-        admitted: list[Request] = []
-        dropped: list[Request] = []
+    # ---- engine thread ------------------------------------------------------------------------
+    def schedule(self) -> Plan:
+        """Admit waiting requests that fit now, oldest first."""
+        plan = Plan()
         now = time.monotonic()
+        fed = 0
         with self._lock:
             if any(r.deadline is not None or r.cancelled for r in self._waiting):
                 ended = [r for r in self._waiting if r.ended_reason(now) is not None]
                 for r in ended:
                     self._waiting.remove(r)
-                dropped.extend(ended)
-            while self._waiting:
+                plan.dropped.extend(ended)
+            while self._waiting and len(self.running) < self.max_batch_size:
                 head = self._waiting[0]
-                rows = len(self.running) + len(admitted)
-                if rows >= self.max_batch_size or self._reserved + head.reserved_tokens > self.max_batch_tokens:
+                tokens = len(head.input_ids) + len(head.output_ids)
+                if plan.admitted and fed + tokens > self.max_batch_tokens:
+                    break
+                verdict = self._admit(head, plan)
+                if verdict == "wait":
                     break
                 self._waiting.popleft()
-                self._reserved += head.reserved_tokens
+                if verdict == "never":
+                    plan.rejected.append(head)
+                    continue
+                fed += tokens
                 head.status = RequestStatus.RUNNING
-                admitted.append(head)
-        self.running.extend(admitted)
-        return admitted, dropped
+                self.running.append(head)
+                plan.admitted.append(head)
+        return plan
+
+    def _admit(self, req: Request, plan: Plan) -> str:
+        """Give `req` its blocks: 'ok', 'wait' (not now) or 'never' (larger than the whole pool)."""
+        pool, prefixes = self.pool, self.prefixes
+        key = req.prompt.cache_key
+        entry = prefixes.peek(key)
+        own = pool.blocks_for(len(req.input_ids) + len(req.output_ids) + 1)  # +1: the first decode step
+        need = own + (0 if entry is not None else pool.blocks_for(req.virtual_tokens))
+        if need > pool.capacity:
+            return "never"
+        headroom = len(self.running)  # about one growth block per running row
+        if not self._ensure_free(need + headroom, key) and not (not self.running and self._ensure_free(need, key)):
+            return "wait"
+        entry = prefixes.lookup(key)  # counted once, on admission
+        if entry is None:
+            entry = prefixes.create(key, req.virtual_tokens)
+            plan.new_prefixes.append((entry, req.prompt))
+        req.kv = prefixes.attach(entry)
+        req.prefix_blocks = list(entry.seq.own_blocks)
+        req.kv.own_blocks = pool.allocate(own)
+        return "ok"
+
+    def _ensure_free(self, blocks: int, keep: tuple[str, str] | None = None) -> bool:
+        return self.pool.num_free >= blocks or self.prefixes.free_blocks(blocks, keep)
+
+    def grow(self) -> list[Request]:
+        """Before a decode step: make room for one more token in every running row, preempting the
+        youngest rows when the pool is exhausted. Returns the rows preempted."""
+        preempted: list[Request] = []
+        for req in list(self.running):
+            if req not in self.running:  # preempted earlier in this loop
+                continue
+            assert req.kv is not None
+            while req.kv.own_len + 1 > req.kv.own_capacity:
+                if self._ensure_free(1):
+                    req.kv.own_blocks += self.pool.allocate(1)
+                    continue
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+        return preempted
+
+    def preempt(self, req: Request) -> None:
+        """Take a running row's blocks back; it waits at the head of the queue and is recomputed
+        (input plus what it generated so far) when readmitted."""
+        self.running.remove(req)
+        self._release(req)
+        req.status = RequestStatus.WAITING
+        req.preemptions += 1
+        self.pool.stats.preemptions += 1
+        with self._lock:
+            self._waiting.appendleft(req)
 
     def finish(self, request: Request) -> None:
-        """Release a running row's reservation (engine thread only)."""
+        """A running row leaves: its blocks return to the pool (engine thread only)."""
         self.running.remove(request)
-        self._reserved -= request.reserved_tokens
+        self._release(request)
         request.status = RequestStatus.FINISHED
+        self.prefixes.trim()
+
+    def _release(self, req: Request) -> None:
+        if req.kv is not None:
+            self.pool.release(req.kv.own_blocks + req.prefix_blocks)
+        req.kv, req.prefix_blocks = None, []
 
     def drain_waiting(self) -> list[Request]:
         """Remove and return every waiting request (used when the engine stops)."""
