@@ -110,9 +110,11 @@ class Service:
         assert engine is not None and lm is not None
         prompt = SoftPrompt(name="_warmup", kind=PromptKind.PROMPT_TUNING, content_hash="warmup", source=Path("."),
                             embeddings=torch.zeros(1, lm.hidden_size, dtype=lm.dtype, device=lm.device))
+        queue_limit, engine.scheduler.max_queue = engine.scheduler.max_queue, 2  # also with --max-queue 0
         for n in (1, 2):
             engine.scheduler.add(Request(task="_warmup", prompt=prompt, input_ids=[0] * n, params=SamplingParams(max_new_tokens=2),
                                          seed=0, sink=lambda event: None))
+        engine.scheduler.max_queue = queue_limit
         while not engine.scheduler.idle:
             engine.step()
         engine.prefix_cache.invalidate("_warmup")

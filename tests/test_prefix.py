@@ -4,6 +4,7 @@ the per-task key/value prefix cache on and off; eviction and invalidation."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 import shutil
 from pathlib import Path
 
@@ -20,12 +21,13 @@ from peft import (
 from transformers import AutoModelForCausalLM
 
 from server.engine.engine import Engine
+from server.engine.pool import BlockPool
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.models import LoadedModel
 from server.prompts.registry import Registry
-from server.prompts.types import KVShape, PromptKind
+from server.prompts.types import KVShape, PromptKind, SoftPrompt
 from tests.support import make_request, reference_greedy
 
 NUM_SUBTASKS = 3
@@ -115,8 +117,8 @@ def test_all_kinds_mixed_in_one_batch_match_peft(lm, store, tiny_model_dir, use_
         assert engine.stats.max_tasks_in_pass >= 4
         if use_cache:
             cache = engine.prefix_cache
-            # prompt-like tasks: computed once each (5 of them), then hits; prefix tuning needs no entry.
-            assert cache.stats.misses == 5 and len(cache) == 5 and cache.stats.hits == 12 - 2 - 5
+            # every task's prefix (prefix tuning's too) is stored once in the pool, then hit
+            assert cache.stats.misses == 6 and len(cache) == 6 and cache.stats.hits == 12 - 6
     finally:
         engine.stop()
 
@@ -143,32 +145,58 @@ def test_cache_on_and_off_give_the_same_tokens_over_time(lm, store):
     assert outputs[0] == outputs[1]
 
 
+def prefixes_via_pool(engine: Engine, prompts: list[SoftPrompt]) -> list[torch.Tensor]:
+    """Fill prefix entries for `prompts` in one pass and read them back: [L, 2, H_kv, P, D] each."""
+    cache = engine.prefix_cache
+    entries = [cache.create((f"p{i}", "x"), p.num_virtual_tokens) for i, p in enumerate(prompts)]
+    engine.runner.fill_prefixes(list(zip(entries, prompts)))
+    out = []
+    for e in entries:
+        slots = torch.tensor(e.seq.slots())
+        k, v = engine.runner.k[:, slots], engine.runner.v[:, slots]  # [L, P, H_kv, D]
+        out.append(torch.stack([k, v], dim=1).transpose(2, 3))
+    return out
+
+
+@torch.inference_mode()
 def test_prefix_equals_prepended_embeddings_numerically(lm, store):
-    """The cached prefix equals what prepending the embeddings computes, up to float rounding."""
+    """The pooled prefix equals the keys and values that running the prompt embeddings through the
+    transformers model gives (what prepending computes), alone or next to a longer prompt."""
     registry = make_registry(lm, store)
-    prompt = registry.get("pt").embeddings
-    engine = Engine(lm, Scheduler(4, 10_000, 10), None)
-    (alone,) = engine.runner.compute_prefixes([prompt])
-    # Computed next to a longer prompt (so with left padding): the same numbers.
-    (_, padded) = engine.runner.compute_prefixes([registry.get("mpt.0").embeddings.repeat(3, 1), prompt])
-    torch.testing.assert_close(alone, padded, rtol=0, atol=1e-12)
+    prompt = registry.get("pt")
+    engine = Engine(lm, Scheduler(4, 10_000, 10), PrefixCache(1 << 30))
+    out = lm.model(inputs_embeds=prompt.embeddings[None], use_cache=True)
+    expected = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers])
+    (alone,) = prefixes_via_pool(engine, [prompt])
+    torch.testing.assert_close(alone, expected, rtol=0, atol=1e-12)
+    longer = replace(registry.get("mpt.0"), embeddings=registry.get("mpt.0").embeddings.repeat(3, 1))
+    (_, together) = prefixes_via_pool(engine, [longer, prompt])
+    torch.testing.assert_close(together, expected, rtol=0, atol=1e-12)
 
 
-def test_eviction_is_least_recently_used_and_bounded(lm, store):
-    registry = make_registry(lm, store)
-    engine = Engine(lm, Scheduler(4, 10_000, 10), None)
-    sizes = {}
-    for name in ["pt", "ptuning", "mpt.0"]:
-        (kv,) = engine.runner.compute_prefixes([registry.get(name).embeddings])
-        sizes[name] = kv
-    budget = sizes["pt"].nbytes + sizes["ptuning"].nbytes + sizes["mpt.0"].nbytes - 1  # one too few for all three
-    cache = PrefixCache(budget)
-    cache.put(registry.get("pt").cache_key, sizes["pt"])
-    cache.put(registry.get("ptuning").cache_key, sizes["ptuning"])
-    assert cache.get(registry.get("pt").cache_key) is not None  # pt is now the most recent
-    cache.put(registry.get("mpt.0").cache_key, sizes["mpt.0"])
-    assert registry.get("ptuning").cache_key not in cache and registry.get("pt").cache_key in cache
-    assert cache.stats.evictions == 1 and cache.bytes_used <= budget
+def test_prefix_cache_hit_miss_lru_eviction_and_in_use_protection() -> None:
+    pool = BlockPool(64, block_size=4)
+    cache = PrefixCache(capacity_bytes=2 * 3)  # block_bytes 1: room for two 3-block prefixes
+    cache.bind(pool, block_bytes=1)
+    a, b, c = ("a", "1"), ("b", "1"), ("c", "1")
+    assert cache.lookup(a) is None and cache.stats.misses == 1
+    for key in (a, b):
+        cache.create(key, 10)  # 3 blocks each
+    assert cache.lookup(a) is not None and cache.stats.hits == 1  # a is now the most recent
+    b_blocks = list(cache.peek(b).seq.own_blocks)
+    row = cache.attach(cache.peek(b))  # a running row uses b
+    assert len(row.prefix_slots) == 10 and pool.refs(b_blocks[0]) == 2
+    cache.create(c, 10)
+    cache.trim()  # over budget: the least recently used entry nobody uses goes (a); b is in use
+    assert a not in cache and b in cache and c in cache and cache.stats.evictions == 1
+    assert pool.num_used == 6
+    pool.release(b_blocks)  # the row leaves
+    cache.trim()  # now b is unused and the budget (6) holds b + c: nothing to do
+    assert b in cache and c in cache
+    assert cache.free_blocks(pool.capacity, keep=c) is False  # b evicted; c kept; still short of everything
+    assert b not in cache and c in cache and pool.num_used == 3
+    cache.invalidate("c")
+    assert len(cache) == 0 and pool.num_used == 0 and cache.stats.invalidations == 1
 
 
 def test_replaced_task_is_invalidated_and_serves_the_new_prompt(lm, store, tmp_path):

@@ -1,4 +1,5 @@
-"""Tests for server/engine/scheduler.py: FIFO admission under row and token limits."""
+"""Tests for server/engine/scheduler.py: FIFO admission against the key/value pool, shared prefixes,
+growth, preemption and resume, and the queue's thread safety. No model, no torch tensors needed."""
 
 from __future__ import annotations
 
@@ -8,19 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.engine.pool import BlockPool
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import Request, RequestStatus, SamplingParams
-from server.engine.scheduler import QueueFull, Scheduler
+from server.engine.scheduler import QueueFull, Scheduler, ShuttingDown
 from server.prompts.types import PromptKind, SoftPrompt
 
-
-def soft_prompt(p: int) -> SoftPrompt:
-    return SoftPrompt(name=f"task{p}", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(p, 8), content_hash="", source=Path("."))
+BS = 4  # block size in these tests
 
 
-def req(virtual: int = 2, inputs: int = 3, max_new: int = 5, task: str = "t") -> Request:
+def soft_prompt(p: int, name: str | None = None) -> SoftPrompt:
+    return SoftPrompt(name=name or f"task{p}", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(p, 8), content_hash="", source=Path("."))
+
+
+def req(virtual: int = 2, inputs: int = 3, max_new: int = 5, task: str | None = None) -> Request:
     return Request(
-        task=task,
-        prompt=soft_prompt(virtual),
+        task=task or f"task{virtual}",
+        prompt=soft_prompt(virtual, task),
         input_ids=list(range(inputs)),
         params=SamplingParams(max_new_tokens=max_new),
         seed=0,
@@ -28,113 +33,203 @@ def req(virtual: int = 2, inputs: int = 3, max_new: int = 5, task: str = "t") ->
     )
 
 
-def test_reserved_tokens_is_virtual_plus_input_plus_max_new() -> None:
-    assert req(virtual=4, inputs=7, max_new=11).reserved_tokens == 22
-    assert req(virtual=0, inputs=1, max_new=1).reserved_tokens == 2
+def sched(rows: int = 100, tokens: int = 10_000, queue: int = 100, blocks: int = 1000, prefix_bytes: int = 1 << 20) -> Scheduler:
+    s = Scheduler(max_batch_size=rows, max_batch_tokens=tokens, max_queue=queue)
+    pool = BlockPool(blocks + 1, BS)  # + the reserved block
+    cache = PrefixCache(prefix_bytes)
+    cache.bind(pool, block_bytes=1)
+    s.bind(pool, cache)
+    return s
 
 
 def test_fifo_admission_and_status() -> None:
-    s = Scheduler(max_batch_size=10, max_batch_tokens=10_000, max_queue=100)
+    s = sched()
     reqs = [req() for _ in range(5)]
     for r in reqs:
         s.add(r)
     assert s.num_waiting == 5
-    admitted, dropped = s.schedule()
-    assert admitted == reqs  # same objects, arrival order
-    assert dropped == []
+    plan = s.schedule()
+    assert plan.admitted == reqs  # same objects, arrival order
+    assert plan.dropped == [] and plan.rejected == []
     assert s.running == reqs
     assert all(r.status is RequestStatus.RUNNING for r in reqs)
     assert s.num_waiting == 0
-    assert s.reserved_tokens == sum(r.reserved_tokens for r in reqs)
-    assert s.schedule() == ([], [])  # nothing new
+    assert s.schedule().admitted == []  # nothing new
 
 
 def test_row_limit() -> None:
-    s = Scheduler(max_batch_size=3, max_batch_tokens=10_000, max_queue=100)
+    s = sched(rows=3)
     reqs = [req() for _ in range(5)]
     for r in reqs:
         s.add(r)
-    admitted, _ = s.schedule()
-    assert admitted == reqs[:3]
+    assert s.schedule().admitted == reqs[:3]
     assert s.num_waiting == 2
     assert all(r.status is RequestStatus.WAITING for r in reqs[3:])
-    assert s.schedule()[0] == []  # still full
+    assert s.schedule().admitted == []  # still full
     s.finish(reqs[1])
-    admitted, _ = s.schedule()
-    assert admitted == [reqs[3]]  # exactly one row freed, the next in line takes it
+    assert s.schedule().admitted == [reqs[3]]  # exactly one row freed, the next in line takes it
     assert s.running == [reqs[0], reqs[2], reqs[3]]
 
 
-def test_token_limit_counts_virtual_input_and_max_new() -> None:
-    # each reserves 2 + 3 + 5 = 10 tokens
-    s = Scheduler(max_batch_size=100, max_batch_tokens=35, max_queue=100)
-    reqs = [req(virtual=2, inputs=3, max_new=5) for _ in range(4)]
+def test_prefill_token_limit_counts_fed_tokens_but_always_admits_one() -> None:
+    s = sched(tokens=10)
+    reqs = [req(inputs=4) for _ in range(3)] + [req(inputs=30)]
     for r in reqs:
         s.add(r)
-    admitted, _ = s.schedule()
-    assert admitted == reqs[:3]
-    assert s.reserved_tokens == 30
-    # an exact fit is allowed
-    s2 = Scheduler(max_batch_size=100, max_batch_tokens=40, max_queue=100)
-    for r in [req(virtual=2, inputs=3, max_new=5) for _ in range(4)]:
-        s2.add(r)
-    assert len(s2.schedule()[0]) == 4
-    assert s2.reserved_tokens == 40
-    # virtual tokens alone can tip it over: 9 + 1 + 1 = 11 > 10
-    s3 = Scheduler(max_batch_size=100, max_batch_tokens=10, max_queue=100)
-    s3.add(req(virtual=9, inputs=1, max_new=1))
-    assert s3.schedule()[0] == []
-    # and max_new_tokens alone too: 1 + 1 + 9 = 11 > 10
-    s4 = Scheduler(max_batch_size=100, max_batch_tokens=10, max_queue=100)
-    s4.add(req(virtual=1, inputs=1, max_new=9))
-    assert s4.schedule()[0] == []
+    assert s.schedule().admitted == reqs[:2]  # 4 + 4 <= 10 < 12
+    assert s.schedule().admitted == [reqs[2]]  # the next pass
+    assert s.schedule().admitted == [reqs[3]]  # larger than the limit alone: runs alone
 
 
-def test_finish_releases_the_reservation() -> None:
-    s = Scheduler(max_batch_size=100, max_batch_tokens=25, max_queue=100)
-    a, b, c = req(max_new=5), req(max_new=5), req(max_new=5)  # 10 each
+def test_a_row_takes_blocks_for_its_own_tokens_and_shares_its_task_prefix() -> None:
+    s = sched()
+    a, b = req(virtual=6, inputs=5, task="t"), req(virtual=6, inputs=9, task="t")
+    for r in (a, b):
+        s.add(r)
+    plan = s.schedule()
+    assert [e.key[0] for e, _ in plan.new_prefixes] == ["t"]  # computed once for both rows
+    assert a.kv is not None and b.kv is not None
+    assert len(a.kv.own_blocks) == 2 and len(b.kv.own_blocks) == 3  # ceil((L + 1) / 4): own tokens only
+    assert a.kv.prefix_slots == b.kv.prefix_slots and len(a.kv.prefix_slots) == 6  # the same slots
+    assert not set(a.kv.own_blocks) & set(b.kv.own_blocks)
+    prefix_block = a.prefix_blocks[0]
+    assert s.pool.refs(prefix_block) == 3  # the cache and both rows
+    assert s.pool.num_used == 2 + 2 + 3
+    s.finish(a)
+    s.finish(b)
+    assert s.pool.refs(prefix_block) == 1 and s.pool.num_used == 2  # only the cached prefix is left
+    assert s.held_tokens == 0
+
+
+def test_cached_prefix_is_reused_and_counted() -> None:
+    s = sched()
+    first = req(task="t")
+    s.add(first)
+    assert len(s.schedule().new_prefixes) == 1
+    s.finish(first)
+    second = req(task="t")
+    s.add(second)
+    assert s.schedule().new_prefixes == []  # resident: nothing to compute
+    assert s.prefixes.stats.misses == 1 and s.prefixes.stats.hits == 1
+
+
+def test_without_a_budget_a_prefix_lives_only_while_used() -> None:
+    s = sched(prefix_bytes=0)
+    a, b = req(task="t"), req(task="t")
+    s.add(a)
+    s.add(b)
+    assert len(s.schedule().new_prefixes) == 1  # still shared by rows running together
+    s.finish(a)
+    assert len(s.prefixes) == 1  # b still uses it
+    s.finish(b)
+    assert len(s.prefixes) == 0 and s.pool.num_used == 0
+
+
+def test_admission_waits_for_the_pool_fifo_and_unused_prefixes_are_evicted_for_room() -> None:
+    s = sched(blocks=8)
+    old = req(virtual=4, inputs=3, task="old")  # prefix 1 block + own 1 block
+    s.add(old)
+    s.schedule()
+    s.finish(old)  # its prefix stays cached (1 block)
+    big = req(virtual=4, inputs=24, task="big")  # 1 + 7 blocks: fits only if "old"'s prefix goes
+    small = req(virtual=4, inputs=1, task="old")
+    s.add(big)
+    s.add(small)
+    assert s.schedule().admitted == [big]
+    assert "old" not in {k[0] for k in (e.key for e in s.prefixes.entries())}
+    assert s.prefixes.stats.evictions == 1
+    assert s.schedule().admitted == []  # small waits behind: no room, and it cannot overtake
+    s.finish(big)
+    assert s.schedule().admitted == [small]
+
+
+def test_larger_than_the_whole_pool_is_rejected_not_waited_for() -> None:
+    s = sched(blocks=4)
+    huge, fine = req(inputs=40), req()
+    s.add(huge)
+    s.add(fine)
+    plan = s.schedule()
+    assert plan.rejected == [huge] and plan.admitted == [fine]
+
+
+def test_rows_grow_one_block_at_a_time() -> None:
+    s = sched()
+    r = req(virtual=0, inputs=3)
+    s.add(r)
+    s.schedule()
+    r.kv.own_len = 3  # prefilled
+    s.grow()
+    assert len(r.kv.own_blocks) == 1  # 3 tokens + the first decode token fit in one block
+    r.kv.own_len = 4
+    s.grow()  # the 5th own token needs a second block
+    assert len(r.kv.own_blocks) == 2 and s.pool.num_used == 2
+
+
+def test_exhausted_pool_preempts_the_youngest_and_resumes_it_first() -> None:
+    s = sched(blocks=6)
+    a, b, c = (req(virtual=0, inputs=3, task=f"t{i}") for i in range(3))  # 1 own block each, no prefix
+
+    def write(tokens: int) -> None:
+        for r in s.running:
+            for _ in range(tokens):
+                r.output_ids.append(0)
+                r.kv.own_len += 1
+
     for r in (a, b, c):
         s.add(r)
-    assert s.schedule()[0] == [a, b]
-    assert s.reserved_tokens == 20
-    s.finish(a)
-    assert s.reserved_tokens == 10
-    assert a.status is RequestStatus.FINISHED
-    assert a not in s.running
-    assert s.schedule()[0] == [c]
-    s.finish(b)
-    s.finish(c)
-    assert s.reserved_tokens == 0
-    assert s.running == []
-
-
-def test_head_of_line_blocking_prevents_starvation_of_large_requests() -> None:
-    s = Scheduler(max_batch_size=100, max_batch_tokens=100, max_queue=100)
-    running = req(virtual=0, inputs=10, max_new=40)  # 50
-    s.add(running)
-    assert s.schedule()[0] == [running]
-    big = req(virtual=0, inputs=20, max_new=40)  # 60: does not fit next to 50
-    small = [req(virtual=0, inputs=1, max_new=4) for _ in range(3)]  # 5 each: would fit
-    s.add(big)
-    for r in small:
-        s.add(r)
-    # The small ones must wait behind the big one rather than overtake it.
-    assert s.schedule()[0] == []
-    assert big.status is RequestStatus.WAITING and all(r.status is RequestStatus.WAITING for r in small)
-    assert s.num_waiting == 4
-    # More small arrivals cannot overtake it either.
-    late = req(virtual=0, inputs=1, max_new=1)
+    assert s.schedule().admitted == [a, b, c]
+    for r in (a, b, c):
+        r.kv.own_len = 3  # prefilled
+    assert s.grow() == [] and s.pool.num_free == 3  # the first decode token fits the first block
+    write(1)
+    assert s.grow() == [] and s.pool.num_free == 0  # each row takes its second block
+    write(4)
+    preempted = s.grow()  # a needs a third block: c, the youngest, gives its two back
+    assert preempted == [c] and c.status is RequestStatus.WAITING and c.kv is None
+    assert s.running == [a, b] and all(len(r.kv.own_blocks) == 3 for r in (a, b))
+    assert c.preemptions == 1 and s.pool.stats.preemptions == 1
+    # c waits at the head of the queue, keeping what it generated: on resume it feeds input + output
+    # so far (recompute) and takes blocks for exactly that.
+    late = req(virtual=0, inputs=1, task="late")
     s.add(late)
-    assert s.schedule()[0] == []
-    s.finish(running)
-    admitted, _ = s.schedule()
-    assert admitted[0] is big  # the big request goes first once room frees up
-    assert admitted == [big, *small, late]  # 60 + 15 + 2 <= 100
-    assert s.reserved_tokens == 77
+    s.finish(a)
+    assert s.schedule().admitted == []  # 3 blocks free: c's 3 plus one block of headroom for b do not fit yet
+    s.finish(b)
+    plan = s.schedule()
+    assert plan.admitted == [c, late]
+    assert len(c.kv.own_blocks) == s.pool.blocks_for(len(c.input_ids) + len(c.output_ids) + 1)
+
+
+def test_cancelled_waiting_requests_are_dropped_not_admitted() -> None:
+    s = sched()
+    reqs = [req() for _ in range(5)]
+    for r in reqs:
+        s.add(r)
+    reqs[0].cancel()
+    reqs[3].cancel()
+    plan = s.schedule()
+    assert plan.admitted == [reqs[1], reqs[2], reqs[4]]
+    assert plan.dropped == [reqs[0], reqs[3]]
+    assert all(r not in s.running and r.kv is None for r in plan.dropped)  # they hold no blocks
+    assert s.num_waiting == 0
+    assert s.schedule().dropped == []  # reported once
+
+
+def test_cancelled_request_behind_a_blocked_head_is_never_admitted() -> None:
+    s = sched(rows=1)
+    first, second, third = req(), req(), req()
+    for r in (first, second, third):
+        s.add(r)
+    assert s.schedule().admitted == [first]
+    second.cancel()
+    s.finish(first)
+    plan = s.schedule()
+    assert plan.admitted == [third] and plan.dropped == [second]
+    assert second.status is RequestStatus.WAITING  # never ran
 
 
 def test_queue_full_beyond_max_queue() -> None:
-    s = Scheduler(max_batch_size=1, max_batch_tokens=1000, max_queue=3)
+    s = sched(rows=1, queue=3)
     for _ in range(3):
         s.add(req())
     with pytest.raises(QueueFull):
@@ -147,38 +242,20 @@ def test_queue_full_beyond_max_queue() -> None:
     assert s.num_waiting == 3
 
 
-def test_cancelled_waiting_requests_are_dropped_not_admitted() -> None:
-    s = Scheduler(max_batch_size=10, max_batch_tokens=1000, max_queue=100)
-    reqs = [req() for _ in range(5)]
-    for r in reqs:
+def test_close_refuses_new_requests_and_keeps_accepted_ones() -> None:
+    s = sched(rows=1)
+    accepted = [req(), req()]
+    for r in accepted:
         s.add(r)
-    reqs[0].cancel()
-    reqs[3].cancel()
-    admitted, dropped = s.schedule()
-    assert admitted == [reqs[1], reqs[2], reqs[4]]
-    assert dropped == [reqs[0], reqs[3]]
-    assert all(r not in s.running for r in dropped)
-    assert s.reserved_tokens == 3 * reqs[1].reserved_tokens  # the dropped reserve nothing
-    assert s.num_waiting == 0
-    assert s.schedule() == ([], [])  # reported once
-
-
-def test_cancelled_request_behind_a_blocked_head_is_never_admitted() -> None:
-    s = Scheduler(max_batch_size=1, max_batch_tokens=1000, max_queue=100)
-    first, second, third = req(), req(), req()
-    for r in (first, second, third):
-        s.add(r)
-    assert s.schedule()[0] == [first]
-    second.cancel()
-    s.finish(first)
-    admitted, dropped = s.schedule()
-    assert admitted == [third]
-    assert dropped == [second]
-    assert second.status is RequestStatus.WAITING  # never ran
+    s.close()
+    with pytest.raises(ShuttingDown):
+        s.add(req())
+    assert s.num_waiting == 2
+    assert s.schedule().admitted == [accepted[0]]  # accepted requests still run
 
 
 def test_drain_waiting_returns_everything_waiting() -> None:
-    s = Scheduler(max_batch_size=1, max_batch_tokens=1000, max_queue=100)
+    s = sched(rows=1)
     reqs = [req() for _ in range(4)]
     for r in reqs:
         s.add(r)
@@ -191,7 +268,7 @@ def test_drain_waiting_returns_everything_waiting() -> None:
 
 def test_concurrent_add_from_many_threads() -> None:
     threads_n, per_thread = 8, 200
-    s = Scheduler(max_batch_size=10_000, max_batch_tokens=10**9, max_queue=threads_n * per_thread - 50)
+    s = sched(rows=10_000, tokens=10**9, queue=threads_n * per_thread - 50, blocks=20_000)
     made: list[list[Request]] = [[] for _ in range(threads_n)]
     rejected = [0] * threads_n
     barrier = threading.Barrier(threads_n)
@@ -211,43 +288,35 @@ def test_concurrent_add_from_many_threads() -> None:
         t.start()
     for t in threads:
         t.join()
-    # Exactly max_queue were accepted: none lost, none over the limit.
-    assert sum(rejected) == 50
+    assert sum(rejected) == 50  # exactly max_queue accepted: none lost, none over the limit
     assert s.num_waiting == s.max_queue
-    admitted, dropped = s.schedule()
-    assert dropped == []
+    admitted = s.schedule().admitted
     assert len(admitted) == s.max_queue
-    assert len({id(r) for r in admitted}) == len(admitted)
     assert {id(r) for r in admitted} == {id(r) for rs in made for r in rs}
-    # Per thread, the queue keeps each thread's own order.
-    for k in range(threads_n):
+    for k in range(threads_n):  # per thread, the queue keeps each thread's own order
         assert [r for r in admitted if r.task == f"thread{k}"] == made[k]
 
 
 def test_concurrent_add_while_the_engine_thread_schedules() -> None:
     producers, per_thread = 4, 250
-    s = Scheduler(max_batch_size=7, max_batch_tokens=10**9, max_queue=10**6)
+    s = sched(rows=7, tokens=10**9, queue=10**6)
     seen: list[Request] = []
     done = threading.Event()
     errors: list[BaseException] = []
 
     def engine() -> None:
         try:
-            run_engine()
+            while True:
+                finished_adding = done.is_set()
+                plan = s.schedule()
+                assert plan.dropped == [] and len(s.running) <= 7
+                seen.extend(plan.admitted)
+                for r in list(s.running):
+                    s.finish(r)
+                if finished_adding and not plan.admitted and s.num_waiting == 0:
+                    return
         except BaseException as e:  # surface assertion failures from this thread
             errors.append(e)
-
-    def run_engine() -> None:
-        while True:
-            finished_adding = done.is_set()
-            admitted, dropped = s.schedule()
-            assert dropped == []
-            assert len(s.running) <= 7
-            seen.extend(admitted)
-            for r in list(s.running):
-                s.finish(r)
-            if finished_adding and not admitted and s.num_waiting == 0:
-                return
 
     def producer(k: int) -> None:
         for _ in range(per_thread):
@@ -261,10 +330,9 @@ def test_concurrent_add_while_the_engine_thread_schedules() -> None:
     for t in ps:
         t.join()
     done.set()
-    eng.join(timeout=10)
-    assert not eng.is_alive()
-    assert errors == []
+    eng.join(timeout=30)
+    assert not eng.is_alive() and errors == []
     assert len(seen) == producers * per_thread
     assert len({id(r) for r in seen}) == len(seen)  # each admitted exactly once
     assert all(r.status is RequestStatus.FINISHED for r in seen)
-    assert s.reserved_tokens == 0 and s.running == []
+    assert s.held_tokens == 0 and s.running == []
