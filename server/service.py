@@ -194,7 +194,7 @@ class Service:
         self, task: str, text: str, params: SamplingParams, add_special_tokens: bool, fit_new_tokens: bool,
         names: tuple[str, str],
     ) -> Prepared:
-        _, registry, lm = self.require_ready()
+        engine, registry, lm = self.require_ready()
         prompt = registry.get(task)
         if prompt is None:
             known = ", ".join(registry.names()) or "(none)"
@@ -223,6 +223,9 @@ class Service:
             )
         if max_pos is not None and total > max_pos:
             raise ValidationFailed(f"virtual + input + {limit_name} = {total} exceeds the model's context ({max_pos})")
+        pool_tokens = engine.runner.pool.capacity * engine.runner.pool.block_size
+        if total > pool_tokens:
+            raise ValidationFailed(f"virtual + input + {limit_name} = {total} exceeds the key/value pool ({pool_tokens} tokens, --kv-cache-bytes)")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Prepared(task=task, input_ids=ids, params=params, seed=seed)
 

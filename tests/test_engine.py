@@ -7,7 +7,10 @@ import random
 import pytest
 import torch
 
+from server.engine.engine import Engine
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishReason, SamplingParams, TokenEvent
+from server.engine.scheduler import Scheduler
 from server.models import LoadedModel, load_model
 from tests.support import make_prompt, make_request, reference_greedy, start_engine
 
@@ -303,3 +306,45 @@ def test_drain_past_grace_fails_the_rest_clearly(lm, prompts):
     engine.submit(long.request)
     assert engine.drain(grace=0.2) is False
     assert "shutting down" in long.error.message
+
+
+def test_preemption_in_a_tiny_pool_keeps_every_answer_exact(lm, prompts):
+    """A pool far too small for the load: rows are preempted mid-generation and recomputed later,
+    and every request still gets exactly its solo reference tokens."""
+    rng = random.Random(7)
+    specs = [(prompts[k % 4], random_ids(rng, 2 + k % 5), 30 + 3 * (k % 7)) for k in range(8)]
+    block_bytes = Engine(lm, Scheduler(1, 1, 1)).runner.block_bytes
+    # 13 usable blocks of 16 tokens: the four prefixes take 5, each row grows to 3 blocks.
+    engine = Engine(lm, Scheduler(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=14 * block_bytes)
+    engine.start()
+    try:
+        tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
+        for t in tracked:
+            engine.submit(t.request)
+        for t, (p, ids, n) in zip(tracked, specs):
+            assert t.result.finish_reason is FinishReason.LENGTH
+            assert t.request.output_ids == reference_greedy(lm, p.embeddings, ids, n), f"{p.name} L={len(ids)}"
+        assert engine.runner.pool.stats.preemptions > 0
+        assert any(t.request.preemptions > 0 for t in tracked)
+        assert engine.scheduler.held_tokens == 0
+    finally:
+        engine.stop()
+
+
+def test_memory_per_row_is_its_own_tokens_only(lm, prompts):
+    """Rows of one task hold blocks for their own tokens; the task's prefix is stored once."""
+    engine = Engine(lm, Scheduler(16, 100_000, 1000), PrefixCache(1 << 30))
+    prompt = prompts[3]  # 20 virtual tokens
+    tracked = [make_request(prompt, [5] * 3, SamplingParams(max_new_tokens=8)) for _ in range(6)]
+    for t in tracked:
+        engine.scheduler.add(t.request)
+    engine.step()  # admit, prefill, one decode step
+    stats = engine.pool_stats()
+    bs = stats["block_size"]
+    assert stats["prefix_blocks"] == -(-20 // bs)  # once, not once per row
+    assert stats["row_tokens_used"] == 6 * (3 + 1)  # input + the token fed by the first decode step
+    assert stats["row_tokens_held"] == 6 * bs  # one block each: no prefix, no worst-case reservation
+    assert stats["blocks_used"] == stats["prefix_blocks"] + 6
+    while not engine.scheduler.idle:
+        engine.step()
+    assert [t.request.output_ids for t in tracked] == [reference_greedy(lm, prompt.embeddings, [5] * 3, 8)] * 6

@@ -153,8 +153,8 @@ def prefixes_via_pool(engine: Engine, prompts: list[SoftPrompt]) -> list[torch.T
     out = []
     for e in entries:
         slots = torch.tensor(e.seq.slots())
-        k, v = engine.runner.k[:, slots], engine.runner.v[:, slots]  # [L, P, H_kv, D]
-        out.append(torch.stack([k, v], dim=1).transpose(2, 3))
+        k, v = engine.runner.k[:, :, slots], engine.runner.v[:, :, slots]  # [L, H_kv, P, D]
+        out.append(torch.stack([k, v], dim=1))
     return out
 
 

@@ -71,7 +71,7 @@ def _bias(m: nn.Module) -> torch.Tensor | None:
     return None if b is None else b.detach()
 
 
-def _check_llama_like(config, max_context: int) -> None:
+def _check_llama_like(config, max_context: int | None) -> None:
     for attr in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, attr, None):
             raise UnsupportedModel(f"{config.model_type}: {attr} is not supported")
@@ -81,7 +81,7 @@ def _check_llama_like(config, max_context: int) -> None:
     )
     if config.model_type == "qwen2":
         uses_window = window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or [])
-    if uses_window and window < max_context:
+    if uses_window and max_context is not None and window < max_context:
         raise UnsupportedModel(
             f"{config.model_type}: sliding-window attention ({window} tokens) is shorter than the longest "
             f"sequence this server admits ({max_context}); lower --max-input-tokens/--max-new-tokens"
@@ -91,7 +91,8 @@ def _check_llama_like(config, max_context: int) -> None:
 class Decoder:
     """Weights and the forward pass. Call `forward` under torch.inference_mode()."""
 
-    def __init__(self, model: nn.Module, max_context: int) -> None:
+    def __init__(self, model: nn.Module, max_context: int | None = None) -> None:
+        """max_context: the longest sequence (prefix + input + output) the server admits; None: unchecked."""
         config = model.config.get_text_config()
         self.family = config.model_type
         if self.family not in SUPPORTED:
@@ -102,6 +103,11 @@ class Decoder:
         head = model.get_output_embeddings()
         self.lm_head_w, self.lm_head_b = head.weight.detach(), _bias(head)
         if self.family == "gpt2":
+            if max_context is not None and max_context > config.n_positions:
+                raise UnsupportedModel(
+                    f"gpt2: learned positions end at {config.n_positions}, shorter than the longest sequence this server "
+                    f"admits ({max_context}); lower --max-input-tokens/--max-new-tokens"
+                )
             self._init_gpt2(model, config)
         else:
             _check_llama_like(config, max_context)

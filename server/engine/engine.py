@@ -81,7 +81,7 @@ class Engine:
         prefix_cache: PrefixCache | None = None,
         observer: EngineObserver | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
-        max_context: int = 1 << 30,
+        max_context: int | None = None,
     ) -> None:
         self.observer = observer
         self.lm = lm

@@ -42,7 +42,7 @@ class _Layout:
     width: int  # T, key columns per row
     queries: int  # Tq, query rows per row (1 for decode)
     q_index: torch.Tensor | None  # [N] where each packed token sits in [B * Tq] (None: decode, N == B)
-    mask: torch.Tensor  # decode: [B, 1, 1, T] additive float; prefill: [B, 1, Tq, T] bool
+    mask: torch.Tensor  # decode: [H_kv * B, 1, T] additive float; prefill: [B, 1, Tq, T] bool
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:
@@ -67,7 +67,7 @@ def kv_bytes_per_token(lm: LoadedModel, decoder: Decoder) -> int:
 
 
 class Runner:
-    def __init__(self, lm: LoadedModel, kv_cache_bytes: int, block_size: int = 16, max_context: int = 1 << 30) -> None:
+    def __init__(self, lm: LoadedModel, kv_cache_bytes: int, block_size: int = 16, max_context: int | None = None) -> None:
         self.lm = lm
         self.device = lm.device
         self.dtype = lm.dtype
@@ -76,8 +76,8 @@ class Runner:
         self.bytes_per_token = kv_bytes_per_token(lm, self.decoder)
         num_blocks = max(2, kv_cache_bytes // (self.bytes_per_token * block_size))
         self.pool = BlockPool(num_blocks, block_size)
-        shape = (self.decoder.num_layers, num_blocks * block_size, self.decoder.num_kv_heads, self.decoder.head_dim)
-        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, slots, H_kv, D]
+        shape = (self.decoder.num_layers, self.decoder.num_kv_heads, num_blocks * block_size, self.decoder.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, H_kv, slots, D]
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     @property
@@ -103,8 +103,8 @@ class Runner:
         """kv [L, 2, H_kv, P, D] -> the sequence's next P slots in every layer."""
         p = kv.shape[3]
         slots = torch.tensor(seq.new_slots(p), dtype=torch.int64, device=self.device)
-        self.k.index_copy_(1, slots, kv[:, 0].transpose(1, 2).to(self.dtype))  # [L, P, H_kv, D]
-        self.v.index_copy_(1, slots, kv[:, 1].transpose(1, 2).to(self.dtype))
+        self.k.index_copy_(2, slots, kv[:, 0].to(self.dtype))  # kv[:, 0]: [L, H_kv, P, D]
+        self.v.index_copy_(2, slots, kv[:, 1].to(self.dtype))
         seq.own_len += p
 
     @torch.inference_mode()
@@ -152,8 +152,9 @@ class Runner:
         col = torch.arange(width, device=dev)[None, :]  # [1, T]
         if queries == 1:
             visible = col < total_t  # [B, T]
-            mask = torch.zeros(b, 1, 1, width, dtype=self.dtype, device=dev)
-            mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
+            mask = torch.zeros(b, 1, width, dtype=self.dtype, device=dev)
+            mask.masked_fill_(~visible[:, None, :], float("-inf"))
+            mask = mask.repeat(self.decoder.num_kv_heads, 1, 1)  # [H_kv * B, 1, T], the bmm batch order
             q_index = None
         else:
             ctx_t = torch.tensor(contexts, device=dev)[:, None, None]  # [B, 1, 1]
@@ -168,22 +169,25 @@ class Runner:
 
     def _attend(self, lay: _Layout, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
         """q [N, H, D], k/v [N, H_kv, D] of the new tokens -> attention output [N, H * D]."""
-        kpool, vpool = self.k[layer], self.v[layer]  # [slots, H_kv, D]
-        kpool.index_copy_(0, lay.write, k)
-        vpool.index_copy_(0, lay.write, v)
+        kpool, vpool = self.k[layer], self.v[layer]  # [H_kv, slots, D]
+        kpool.index_copy_(1, lay.write, k.transpose(0, 1))
+        vpool.index_copy_(1, lay.write, v.transpose(0, 1))
         b, t = lay.rows, lay.width
         n, h, d = q.shape
         hk = k.shape[1]
-        keys = kpool.index_select(0, lay.keys).view(b, t, hk, d)  # [B, T, H_kv, D]
-        values = vpool.index_select(0, lay.keys).view(b, t, hk, d)
-        if lay.q_index is None:  # decode: one query per row; the G query heads of a KV head share it
-            qg = q.view(b, hk, h // hk, d)  # [B, H_kv, G, D]
-            scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * scaling + lay.mask  # [B, H_kv, G, T]
-            out = torch.matmul(scores.softmax(dim=-1), values.transpose(1, 2))  # [B, H_kv, G, D]
-            return out.reshape(b, h * d)
+        # One gather per layer; (H_kv, B) as the batch dims keeps it contiguous for bmm: no more copies.
+        keys = kpool.index_select(1, lay.keys).view(hk * b, t, d)  # [H_kv * B, T, D]
+        values = vpool.index_select(1, lay.keys).view(hk * b, t, d)
+        if lay.q_index is None:  # decode: one query per row; the G query heads of a KV head share its keys
+            g = h // hk
+            qg = q.view(b, hk, g, d).transpose(0, 1).reshape(hk * b, g, d)  # [H_kv * B, G, D]
+            scores = torch.baddbmm(lay.mask, qg, keys.transpose(1, 2), alpha=scaling)  # [H_kv * B, G, T]
+            out = torch.bmm(scores.softmax(dim=-1), values)  # [H_kv * B, G, D]
+            return out.view(hk, b, g, d).transpose(0, 1).reshape(b, h * d)
         tq = lay.queries
         qp = q.new_zeros(b * tq, h, d).index_copy_(0, lay.q_index, q).view(b, tq, h, d).transpose(1, 2)  # [B, H, Tq, D]
         out = F.scaled_dot_product_attention(
-            qp, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=lay.mask, scale=scaling, enable_gqa=hk != h
+            qp, keys.view(hk, b, t, d).transpose(0, 1), values.view(hk, b, t, d).transpose(0, 1),
+            attn_mask=lay.mask, scale=scaling, enable_gqa=hk != h,
         )  # [B, H, Tq, D]
         return out.transpose(1, 2).reshape(b * tq, h * d).index_select(0, lay.q_index)
