@@ -115,10 +115,15 @@ class Service:
             engine.scheduler.add(Request(task="_warmup", prompt=prompt, input_ids=[0] * n, params=SamplingParams(max_new_tokens=2),
                                          seed=0, sink=lambda event: None))
         engine.scheduler.max_queue = queue_limit
+        observer, engine.observer = engine.observer, None  # warm-up passes are not traffic
         while not engine.scheduler.idle:
             engine.step()
+        engine.observer = observer
         engine.prefix_cache.invalidate("_warmup")
         engine.prefix_cache.stats = type(engine.prefix_cache.stats)()
+        if engine.block_cache is not None:
+            engine.block_cache.clear()
+            engine.block_cache.stats = type(engine.block_cache.stats)()
         engine.stats = EngineStats()
 
     def drain(self, grace: float) -> bool:

@@ -348,3 +348,33 @@ def test_memory_per_row_is_its_own_tokens_only(lm, prompts):
     while not engine.scheduler.idle:
         engine.step()
     assert [t.request.output_ids for t in tracked] == [reference_greedy(lm, prompt.embeddings, [5] * 3, 8)] * 6
+
+
+def test_requests_sharing_a_token_prefix_reuse_its_blocks_and_stay_exact(lm, prompts):
+    """Automatic prefix caching: a later request of the same task that starts with the same 40
+    tokens prefills only what follows them; another task with the same tokens reuses nothing."""
+    rng = random.Random(11)
+    shared = random_ids(rng, 40)
+    engine = Engine(lm, Scheduler(16, 100_000, 1000), PrefixCache(1 << 30))
+    engine.start()
+    try:
+        def run(prompt, ids):
+            t = make_request(prompt, ids, SamplingParams(max_new_tokens=6))
+            engine.submit(t.request)
+            t.result
+            assert t.request.output_ids == reference_greedy(lm, prompt.embeddings, ids, 6)
+            return t
+
+        run(prompts[1], shared + random_ids(rng, 5))
+        stats = engine.block_cache.stats
+        assert stats.hit_tokens == 0
+        run(prompts[1], shared + random_ids(rng, 3))  # 2 full blocks of 16 reused
+        assert stats.hit_tokens == 32 and stats.hit_requests == 1
+        run(prompts[2], shared + random_ids(rng, 3))  # another task: its keys differ, nothing reused
+        assert stats.hit_tokens == 32
+        run(prompts[1], shared[:16] + random_ids(rng, 20))  # only the first block is shared
+        assert stats.hit_tokens == 48
+        run(prompts[1], shared[:16])  # exactly one block: its last token must still be computed
+        assert stats.hit_tokens == 48
+    finally:
+        engine.stop()

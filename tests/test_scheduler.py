@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.engine.block_cache import BlockCache
 from server.engine.pool import BlockPool
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import Request, RequestStatus, SamplingParams
@@ -336,3 +337,48 @@ def test_concurrent_add_while_the_engine_thread_schedules() -> None:
     assert len({id(r) for r in seen}) == len(seen)  # each admitted exactly once
     assert all(r.status is RequestStatus.FINISHED for r in seen)
     assert s.held_tokens == 0 and s.running == []
+
+
+def sched_with_blocks(blocks: int = 1000) -> Scheduler:
+    s = sched(blocks=blocks)
+    s.blocks = BlockCache(s.pool)
+    return s
+
+
+def test_token_blocks_are_reused_by_the_same_task_version_only() -> None:
+    s = sched_with_blocks()
+    first = req(virtual=2, inputs=13, task="t")  # 3 full blocks of 4
+    s.add(first)
+    s.schedule()
+    first.kv.own_len = 13
+    s.prefilled([first])
+    cached = first.kv.own_blocks[:3]
+    s.finish(first)
+    assert len(s.blocks) == 3 and all(s.pool.refs(b) == 1 for b in cached)  # kept by the cache alone
+    again = req(virtual=2, inputs=13, task="t")
+    s.add(again)
+    s.schedule()
+    assert again.kv.own_blocks[:3] == cached and again.kv.own_len == 12  # feeds only the 13th token
+    replaced = Request(task="t", prompt=SoftPrompt(name="t", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(2, 8),
+                                                   content_hash="v2", source=Path(".")),
+                       input_ids=list(range(13)), params=SamplingParams(max_new_tokens=5), seed=0, sink=lambda e: None)
+    s.add(replaced)
+    s.schedule()
+    assert replaced.kv.own_len == 0 and not set(replaced.kv.own_blocks) & set(cached)
+    assert s.blocks.stats.hit_tokens == 12 and s.blocks.stats.queries == 3
+
+
+def test_unused_token_blocks_are_evicted_for_room_chain_ends_first() -> None:
+    s = sched_with_blocks(blocks=6)
+    first = req(virtual=0, inputs=12, task="t")  # 3 full blocks + 1 for the first decode token
+    s.add(first)
+    s.schedule()
+    first.kv.own_len = 12
+    s.prefilled([first])
+    chain = first.kv.own_blocks[:3]
+    s.finish(first)
+    other = req(virtual=0, inputs=19, task="u")  # needs 5 blocks: 3 free + 2 evicted from the cached chain
+    s.add(other)
+    assert s.schedule().admitted == [other]
+    assert s.blocks.stats.evictions == 2 and s.pool.refs(chain[0]) == 1  # the chain's head survives
+    assert len(s.blocks) == 1

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from server.engine.block_cache import BlockCache
 from server.engine.detok import IncrementalText
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
@@ -91,7 +92,9 @@ class Engine:
         # but not kept once the last of them leaves.
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self.prefix_cache.bind(self.runner.pool, self.runner.block_bytes)
-        scheduler.bind(self.runner.pool, self.prefix_cache)
+        # Input-token blocks are cached only with the prefix cache on (--no-prefix-cache: neither).
+        self.block_cache = BlockCache(self.runner.pool) if prefix_cache is not None else None
+        scheduler.bind(self.runner.pool, self.prefix_cache, self.block_cache)
         self.tokenizer = lm.tokenizer
         self.eos_ids = lm.eos_token_ids
         self.stats = EngineStats()
@@ -157,6 +160,7 @@ class Engine:
             "row_tokens_held": self.scheduler.held_tokens,
             "row_tokens_used": sum(r.kv.own_len for r in self.scheduler.running if r.kv is not None),
             "prefix_blocks": sum(len(e.seq.own_blocks) for e in self.prefix_cache.entries()),
+            "cached_token_blocks": 0 if self.block_cache is None else len(self.block_cache),
         }
 
     # ---- one iteration ---------------------------------------------------------------------
@@ -176,7 +180,7 @@ class Engine:
             self.scheduler.grow()
             rows = list(self.scheduler.running)
             if rows:
-                self._guarded(rows, lambda: self._run("decode", rows, self.runner.decode))
+                self._guarded(rows, lambda: self._postprocess(rows, self._forward("decode", rows, self.runner.decode)))
         return bool(plan.admitted or plan.dropped or plan.rejected or self.scheduler.running)
 
     def _start(self, admitted: list[Request]) -> None:
@@ -198,15 +202,17 @@ class Engine:
                     self.prefix_cache.discard(entry.key)
                 raise
             self.stats.prefix_passes += 1
-        self._run("prefill", plan.admitted, self.runner.prefill)
+        logits = self._forward("prefill", plan.admitted, self.runner.prefill)
+        self.scheduler.prefilled(plan.admitted)  # before rows that end now give their blocks back
+        self._postprocess(plan.admitted, logits)
 
-    def _run(self, phase: str, rows: list[Request], forward: Callable[[list[Request]], torch.Tensor]) -> None:
+    def _forward(self, phase: str, rows: list[Request], forward: Callable[[list[Request]], torch.Tensor]) -> torch.Tensor:
         started = time.perf_counter()
         logits = forward(rows)
         tasks = self.stats.record_pass(phase, rows)
         if self.observer is not None:
             self.observer.on_pass(phase, len(rows), tasks, time.perf_counter() - started)
-        self._postprocess(rows, logits)
+        return logits
 
     def _guarded(self, requests: list[Request], work: Callable[[], None]) -> None:
         """A forward pass that raises fails only the requests it was running; the loop goes on."""

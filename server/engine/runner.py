@@ -110,11 +110,11 @@ class Runner:
     @torch.inference_mode()
     def prefill(self, requests: list[Request]) -> torch.Tensor:
         """Feed each request's uncomputed tokens (its input, plus what it generated before a
-        preemption); returns next-token logits [B, V]."""
-        ids = [r.input_ids + r.output_ids for r in requests]
+        preemption, less the blocks found in the token block cache); returns next-token logits [B, V]."""
+        ids = [(r.input_ids + r.output_ids)[r.kv.own_len :] for r in requests]
         flat = torch.tensor([t for row in ids for t in row], dtype=torch.int64, device=self.device)
         embeds = self.decoder.embed_tokens(flat).split([len(row) for row in ids])  # each [L_i, hidden]
-        chunks = [Chunk(seq=r.kv, embeds=e, start=r.virtual_tokens) for r, e in zip(requests, embeds)]
+        chunks = [Chunk(seq=r.kv, embeds=e, start=r.virtual_tokens + r.kv.own_len) for r, e in zip(requests, embeds)]
         return self._forward(chunks, logits=True)
 
     @torch.inference_mode()

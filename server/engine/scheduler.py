@@ -17,6 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from server.engine.block_cache import BlockCache
 from server.engine.pool import BlockPool
 from server.engine.prefix_cache import PrefixCache, PrefixEntry
 from server.engine.request import Request, RequestStatus
@@ -53,10 +54,12 @@ class Scheduler:
         self.closed = False
         self._pool: BlockPool | None = None
         self._prefixes: PrefixCache | None = None
+        self.blocks: BlockCache | None = None
 
-    def bind(self, pool: BlockPool, prefixes: PrefixCache) -> None:
-        """Attach the key/value pool and the prefix cache (the engine does this once)."""
-        self._pool, self._prefixes = pool, prefixes
+    def bind(self, pool: BlockPool, prefixes: PrefixCache, blocks: BlockCache | None = None) -> None:
+        """Attach the key/value pool, the soft-prompt prefixes and (optionally) the cache of input
+        token blocks (the engine does this once)."""
+        self._pool, self._prefixes, self.blocks = pool, prefixes, blocks
 
     @property
     def pool(self) -> BlockPool:
@@ -143,13 +146,16 @@ class Scheduler:
         """Give `req` its blocks: 'ok', 'wait' (not now) or 'never' (larger than the whole pool)."""
         pool, prefixes = self.pool, self.prefixes
         key = req.prompt.cache_key
+        tokens = req.input_ids + req.output_ids
         entry = prefixes.peek(key)
-        own = pool.blocks_for(len(req.input_ids) + len(req.output_ids) + 1)  # +1: the first decode step
-        need = own + (0 if entry is not None else pool.blocks_for(req.virtual_tokens))
+        cached = self.blocks.match(key, tokens) if self.blocks is not None else []
+        total = pool.blocks_for(len(tokens) + 1)  # +1: the first decode step
+        need = total - len(cached) + (0 if entry is not None else pool.blocks_for(req.virtual_tokens))
         if need > pool.capacity:
             return "never"
         headroom = len(self.running)  # about one growth block per running row
-        if not self._ensure_free(need + headroom, key) and not (not self.running and self._ensure_free(need, key)):
+        keep = set(cached)
+        if not self._ensure_free(need + headroom, key, keep) and not (not self.running and self._ensure_free(need, key, keep)):
             return "wait"
         entry = prefixes.lookup(key)  # counted once, on admission
         if entry is None:
@@ -157,11 +163,28 @@ class Scheduler:
             plan.new_prefixes.append((entry, req.prompt))
         req.kv = prefixes.attach(entry)
         req.prefix_blocks = list(entry.seq.own_blocks)
-        req.kv.own_blocks = pool.allocate(own)
+        pool.share(cached)
+        req.kv.own_blocks = cached + pool.allocate(total - len(cached))
+        req.kv.own_len = len(cached) * pool.block_size  # already computed: prefill starts after them
+        if self.blocks is not None:
+            self.blocks.record_hit(len(cached))
         return "ok"
 
-    def _ensure_free(self, blocks: int, keep: tuple[str, str] | None = None) -> bool:
-        return self.pool.num_free >= blocks or self.prefixes.free_blocks(blocks, keep)
+    def _ensure_free(self, blocks: int, key: tuple[str, str] | None = None, keep: set[int] = frozenset()) -> bool:  # type: ignore[assignment]
+        """Evict what no row uses until `blocks` are free: token blocks first, then task prefixes."""
+        if self.pool.num_free >= blocks:
+            return True
+        if self.blocks is not None and self.blocks.free_blocks(blocks, keep):
+            return True
+        return self.prefixes.free_blocks(blocks, key)
+
+    def prefilled(self, requests: list[Request]) -> None:
+        """Offer the rows' full blocks of input tokens to the token block cache."""
+        if self.blocks is None:
+            return
+        for r in requests:
+            if r.kv is not None:
+                self.blocks.insert(r.prompt.cache_key, r.input_ids, r.kv.own_blocks)
 
     def grow(self) -> list[Request]:
         """Before a decode step: make room for one more token in every running row, preempting the
