@@ -31,3 +31,15 @@ def load_for_bench(args: argparse.Namespace) -> LoadedModel:
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, name=f"{args.model} (random weights)")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu's 'Model name'), to print beside every figure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

@@ -1,64 +1,97 @@
-"""Prefill time per request with the task's cached key/value prefix vs the soft prompt's embeddings.
+"""Time to first token of one request in three cache states, measured interleaved in one run:
 
-Default model, P virtual tokens, inputs of several lengths; both variants are timed interleaved in
-one run (the machine is noisy), and the table gives medians. Usage:
+  cold   the task's soft-prompt prefix is not resident: one prefix pass, then the prefill
+  task   the task's prefix is resident (computed once per task): only the input is prefilled
+  shared the task's prefix and a shared token prefix of the task (e.g. a 100-token instruction or
+         chat header other requests of the task sent before) are resident: only the suffix is prefilled
 
-    python benchmarks/prefix_prefill.py [--threads 2] [--virtual 20] [--lengths 8 16 64] [--repeats 30] [--batch 1]
+Default model, P virtual tokens, a shared token prefix then a distinct suffix per request; the table
+gives medians. Usage:
+
+    python benchmarks/prefix_prefill.py [--threads 2] [--virtual 20] [--shared 100] [--suffix 12] [--repeats 15]
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_model_arguments, load_for_bench
-from server.engine.runner import PrefillRow, Runner
+from benchmarks.common import add_model_arguments, cpu_model, load_for_bench
+from server.engine.engine import Engine
+from server.engine.prefix_cache import PrefixCache
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import Scheduler
+from server.prompts.types import PromptKind, SoftPrompt
+
+
+def ttft(engine: Engine, prompt: SoftPrompt, ids: list[int]) -> float:
+    """Seconds from admission to the first token's logits (the prefix pass, if any, plus the prefill)."""
+    req = Request(task=prompt.name, prompt=prompt, input_ids=ids, params=SamplingParams(max_new_tokens=1), seed=0,
+                  sink=lambda event: None)
+    engine.scheduler.add(req)
+    started = time.perf_counter()
+    engine.step()  # admit, fill the prefix if missing, prefill, sample: the request ends with its one token
+    elapsed = time.perf_counter() - started
+    assert engine.scheduler.idle and len(req.output_ids) == 1
+    return elapsed
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--virtual", type=int, default=20)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 64])
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=1, help="requests prefilled together per pass")
+    ap.add_argument("--shared", type=int, default=100, help="tokens every request of the task starts with")
+    ap.add_argument("--suffix", type=int, default=12, help="tokens that differ per request")
+    ap.add_argument("--repeats", type=int, default=15)
     add_model_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_for_bench(args)
-    runner = Runner(lm)
     g = torch.Generator().manual_seed(0)
-    prompt = (torch.randn(args.virtual, lm.hidden_size, generator=g) * 0.02).to(lm.device, lm.dtype)  # [P, H]
-    (prefix,) = runner.compute_prefixes([prompt])
+    table = lm.model.get_input_embeddings().weight.detach()
+    shared = torch.randint(100, 40_000, (args.shared,), generator=g).tolist()
+    engine = Engine(lm, Scheduler(8, 1 << 20, 100), PrefixCache(1 << 30))
+    times: dict[str, list[float]] = {"cold": [], "task": [], "shared": []}
+    for i in range(args.repeats + 1):
+        prompt = SoftPrompt(name=f"task{i}", kind=PromptKind.PROMPT_TUNING, content_hash=str(i), source=Path("."),
+                            embeddings=table[torch.randint(100, 40_000, (args.virtual,), generator=g)].clone())
 
-    def timed(rows: list[PrefillRow]) -> float:
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        runner.prefill(rows, headroom=1)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / len(rows)
+        def suffix() -> list[int]:
+            return torch.randint(100, 40_000, (args.suffix,), generator=g).tolist()
 
-    print(f"model {lm.name} on {lm.device} ({lm.dtype}), {args.threads} threads, P={args.virtual}, batch {args.batch}, "
-          f"{args.repeats} repeats, medians per request")
-    print(f"| input tokens | embeddings (ms) | KV prefix (ms) | speed-up |")
-    print(f"|---:|---:|---:|---:|")
-    for length in args.lengths:
-        ids = torch.randint(100, 40_000, (args.batch, length), generator=g).tolist()
-        embed_rows = [PrefillRow(input_ids=i, prompt=prompt) for i in ids]
-        kv_rows = [PrefillRow(input_ids=i, prefix_kv=prefix) for i in ids]
-        for _ in range(3):  # warm-up
-            timed(embed_rows), timed(kv_rows)
-        a, b = [], []
-        for _ in range(args.repeats):
-            a.append(timed(embed_rows))
-            b.append(timed(kv_rows))
-        ma, mb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
-        print(f"| {length} | {ma:.2f} | {mb:.2f} | {ma / mb:.2f}x |")
+        other = replace_key(prompt)
+        ttft(engine, other, [5])  # makes the other task's prefix resident (no full token block)
+        samples = {
+            "cold": ttft(engine, prompt, shared + suffix()),  # a new task: prefix pass + full prefill
+            "task": ttft(engine, other, shared + suffix()),  # its prefix resident, its tokens not
+            "shared": ttft(engine, prompt, shared + suffix()),  # prefix and the shared tokens resident
+        }
+        if i > 0:  # the first round warms up the allocator and kernels
+            for k, v in samples.items():
+                times[k].append(v)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"# time to first token, {lm.name} ({lm.dtype}), {cpu_model() or platform.processor()}, {args.threads} threads, "
+          f"P={args.virtual}, shared {args.shared} + suffix {args.suffix} tokens, median of {args.repeats}")
+    print("| state | prefilled tokens | TTFT ms | speed-up vs cold |")
+    print("|---|---|---|---|")
+    tokens = {"cold": f"{args.virtual} (prefix) + {args.shared + args.suffix}", "task": str(args.shared + args.suffix),
+              "shared": str(args.suffix + args.shared % engine.runner.pool.block_size)}
+    for k in ("cold", "task", "shared"):
+        print(f"| {k} | {tokens[k]} | {med[k]:.1f} | {med['cold'] / med[k]:.2f}x |")
+    print(f"shared-prefix hit vs task prefix only: {med['task'] / med['shared']:.2f}x faster time to first token")
+
+
+def replace_key(prompt: SoftPrompt) -> SoftPrompt:
+    """The same soft prompt under another task name: token blocks are keyed by task, so the original
+    task's cached blocks are never used for it."""
+    from dataclasses import replace
+
+    return replace(prompt, name=prompt.name + "-b", content_hash=prompt.content_hash + "-b")
 
 
 if __name__ == "__main__":

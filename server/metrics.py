@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.engine.request import FinishEvent
@@ -37,6 +37,11 @@ class LiveState:
     running: int | None
     prompt_load_failures: int | None
     tasks: int | None
+    kv_blocks_used: int | None = None
+    kv_blocks_total: int | None = None
+    preemptions: int | None = None  # counters from here on
+    prefix_hit_tokens: int | None = None
+    prefix_hit_requests: int | None = None
 
 
 class _LiveCollector(Collector):
@@ -52,6 +57,16 @@ class _LiveCollector(Collector):
             ("softmux_tasks", "servable tasks", state.tasks),
         ):
             yield GaugeMetricFamily(name, doc, value=0 if value is None else value)
+        yield GaugeMetricFamily("softmux_kv_cache_blocks_used", "key/value pool blocks in use (rows, prefixes, cached blocks)",
+                                value=state.kv_blocks_used or 0)
+        yield GaugeMetricFamily("softmux_kv_cache_blocks_total", "key/value pool blocks", value=state.kv_blocks_total or 0)
+        for name, doc, value in (
+            ("softmux_preemptions", "rows preempted when the key/value pool ran out (recomputed later)", state.preemptions),
+            ("softmux_prefix_cache_hit_tokens", "input tokens whose keys and values came from the per-task token cache",
+             state.prefix_hit_tokens),
+            ("softmux_prefix_cache_hit_requests", "requests that reused cached input-token blocks", state.prefix_hit_requests),
+        ):
+            yield CounterMetricFamily(name, doc, value=value or 0)
 
 
 class Metrics:

@@ -67,6 +67,7 @@ class Service:
             running=None if engine is None else len(engine.scheduler.running),
             prompt_load_failures=None if registry is None else len(registry.failures()),
             tasks=None if registry is None else len(registry),
+            **({} if engine is None else engine.live_counters()),
         )
 
     # ---- startup / shutdown ------------------------------------------------------------------

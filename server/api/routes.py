@@ -220,4 +220,5 @@ async def stats(request: Request) -> dict[str, Any]:
         "waiting": engine.scheduler.num_waiting,
         "running": len(engine.scheduler.running),
         "kv_pool": engine.pool_stats(),
+        "token_block_cache": None if engine.block_cache is None else asdict(engine.block_cache.stats),
     }

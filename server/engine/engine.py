@@ -163,6 +163,17 @@ class Engine:
             "cached_token_blocks": 0 if self.block_cache is None else len(self.block_cache),
         }
 
+    def live_counters(self) -> dict[str, int]:
+        """Pool and cache counters for the metrics scrape (read from another thread: ints only)."""
+        pool, blocks = self.runner.pool, self.block_cache
+        return {
+            "kv_blocks_used": pool.num_used,
+            "kv_blocks_total": pool.capacity,
+            "preemptions": pool.stats.preemptions,
+            "prefix_hit_tokens": 0 if blocks is None else blocks.stats.hit_tokens,
+            "prefix_hit_requests": 0 if blocks is None else blocks.stats.hit_requests,
+        }
+
     # ---- one iteration ---------------------------------------------------------------------
     def step(self) -> bool:
         """Schedule, prefill the admitted rows, decode every running row. False: nothing to do."""

@@ -77,8 +77,12 @@ class Runner:
         num_blocks = max(2, kv_cache_bytes // (self.bytes_per_token * block_size))
         self.pool = BlockPool(num_blocks, block_size)
         shape = (self.decoder.num_layers, self.decoder.num_kv_heads, num_blocks * block_size, self.decoder.head_dim)
-        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, H_kv, slots, D]
-        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Uninitialised, so the memory is only committed as blocks get used: every slot is written
+        # before it is read, except the reserved block's, which padding reads and which stays zero.
+        self.k = torch.empty(shape, dtype=self.dtype, device=self.device)  # [L, H_kv, slots, D]
+        self.v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.k[:, :, :block_size].zero_()
+        self.v[:, :, :block_size].zero_()
 
     @property
     def block_bytes(self) -> int:
