@@ -12,10 +12,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 import server
-from server.api.errors import ApiError
+from server.api.errors import ApiError, tgi_error
 from server.api.schemas import MAX_STOP, Details, ErrorBody, GenerateParameters, GenerateRequest, GenerateResponse
 from server.api.sse import EventStream, sse
-from server.engine.request import ErrorEvent, FinishEvent, TokenEvent, SamplingParams
+from server.engine.request import ErrorEvent, FinishEvent, SamplingParams, TokenEvent
+from server.errors import ErrorKind, Unavailable
 from server.service import Generation, Prepared, Service
 
 router = APIRouter()
@@ -127,7 +128,7 @@ async def tgi_stream(generation: Generation, prepared: Prepared) -> AsyncIterato
             token = _token(last) if last is not None else None
             yield sse({"index": index, "token": token, "generated_text": event.generated_text, "details": _details(event)})
         elif isinstance(event, ErrorEvent):
-            yield sse({"error": event.message, "error_type": event.error_type})
+            yield sse(tgi_error(event.kind, event.message))
 
 
 @router.post("/generate_stream", responses={200: {"content": {"text/event-stream": {}},
@@ -157,7 +158,7 @@ async def health(request: Request) -> JSONResponse:
     service = service_of(request)
     if not service.healthy:
         reason = service.load_error or (service.engine.error if service.engine else None)
-        return JSONResponse({"status": "unhealthy", "error": str(reason), "error_type": "unhealthy"}, status_code=503)
+        return JSONResponse({"status": "unhealthy", **tgi_error(ErrorKind.UNAVAILABLE, str(reason))}, status_code=503)
     return JSONResponse({"status": "ok", "ready": service.ready.is_set()})
 
 
@@ -168,8 +169,8 @@ async def ready(request: Request) -> JSONResponse:
     service = service_of(request)
     try:
         service.require_ready()
-    except Exception as exc:  # Unavailable
-        return JSONResponse({"status": "unavailable", "error": str(exc), "error_type": "unhealthy"},
+    except Unavailable as exc:
+        return JSONResponse({"status": "unavailable", **tgi_error(exc.kind, exc.message)},
                             status_code=503, headers={"Retry-After": "1"})
     return JSONResponse({"status": "ready"})
 

@@ -17,6 +17,7 @@ from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request
 from server.engine.runner import PrefillRow, Runner
 from server.engine.sampler import BatchFlags, SamplingTensors, sample
 from server.engine.scheduler import Scheduler
+from server.errors import ErrorKind
 from server.models import LoadedModel
 
 log = logging.getLogger("softmux.engine")
@@ -109,7 +110,7 @@ class Engine:
         self.scheduler.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._fail_all("the server is shutting down", "unhealthy")
+        self._fail_all("the server is shutting down", ErrorKind.UNAVAILABLE)
 
     @property
     def alive(self) -> bool:
@@ -129,7 +130,7 @@ class Engine:
         except BaseException as exc:  # the loop must never die silently: health checks read this
             log.exception("engine loop died")
             self.error = exc
-            self._fail_all(f"engine failure: {exc}", "generation")
+            self._fail_all(f"engine failure: {exc}", ErrorKind.GENERATION_FAILED)
 
     # ---- one iteration ---------------------------------------------------------------------
     def step(self) -> bool:
@@ -328,16 +329,16 @@ class Engine:
             )
         )
 
-    def _fail(self, req: Request, message: str, error_type: str = "generation") -> None:
+    def _fail(self, req: Request, message: str, kind: ErrorKind = ErrorKind.GENERATION_FAILED) -> None:
         self._texts.pop(req.id, None)
         if req in self.scheduler.running:
             self.scheduler.finish(req)
         self.stats.requests_failed += 1
-        req.sink(ErrorEvent(message=message, error_type=error_type))
+        req.sink(ErrorEvent(message=message, kind=kind))
 
-    def _fail_all(self, message: str, error_type: str) -> None:
+    def _fail_all(self, message: str, kind: ErrorKind) -> None:
         for req in list(self.scheduler.running) + self.scheduler.drain_waiting():
-            self._fail(req, message, error_type)
+            self._fail(req, message, kind)
         self.batch = None
 
     # ---- per-row tensors -------------------------------------------------------------------

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+from server.errors import ErrorKind
 from server.prompts.types import SoftPrompt
 
 
@@ -70,7 +71,7 @@ class FinishEvent:
 @dataclass(frozen=True)
 class ErrorEvent:
     message: str
-    error_type: str
+    kind: ErrorKind = ErrorKind.GENERATION_FAILED
 
 
 Event = Union[TokenEvent, FinishEvent, ErrorEvent]

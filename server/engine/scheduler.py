@@ -7,14 +7,9 @@ import time
 from collections import deque
 
 from server.engine.request import Request, RequestStatus
+from server.errors import QueueFull, ShuttingDown
 
-
-class QueueFull(Exception):
-    """The waiting queue is at its limit (the API answers 429)."""
-
-
-class ShuttingDown(RuntimeError):
-    """The server is draining: no new requests (the API answers 503)."""
+__all__ = ["QueueFull", "Scheduler", "ShuttingDown"]
 
 
 class Scheduler:
