@@ -33,7 +33,7 @@ from server.models import LoadedModel, load_model
 from server.prompts.install import clean_leftovers
 from server.prompts.registry import Registry
 from server.prompts.watcher import StoreWatcher
-from server.prompts.types import KVShape
+from server.prompts.types import PromptGeometry
 
 log = logging.getLogger("softmux.service")
 
@@ -78,15 +78,8 @@ class Service:
             if self.settings.threads > 0:
                 torch.set_num_threads(self.settings.threads)
             self.lm = self._loader()
-            self.registry = Registry(
-                self.settings.store,
-                hidden_size=self.lm.hidden_size,
-                max_virtual_tokens=self.settings.max_virtual_tokens,
-                dtype=self.lm.dtype,
-                device=self.lm.device,
-                kv_shape=KVShape.of(self.lm.model.config),
-                max_resident=self.settings.max_resident_prompts,
-            )
+            geometry = PromptGeometry.of(self.lm, self.settings.max_virtual_tokens)
+            self.registry = Registry(self.settings.store, geometry, max_resident=self.settings.max_resident_prompts)
             clean_leftovers(Path(self.settings.store), older_than_s=60.0)  # hidden temp folders of crashed uploads
             self.registry.load_all()
             scheduler = Scheduler(self.settings.max_batch_size, self.settings.max_batch_tokens, self.settings.max_queue)

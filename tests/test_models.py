@@ -15,8 +15,8 @@ from server.models import (
     resolve_device,
     resolve_dtype,
     resolve_model,
-    tiny_test_model,
 )
+from tests.tiny_model import tiny_test_model
 
 CPU = torch.device("cpu")
 

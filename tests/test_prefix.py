@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from server.engine.request import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.models import LoadedModel
 from server.prompts.registry import Registry
-from server.prompts.types import KVShape, PromptKind
+from server.prompts.types import KVShape, PromptGeometry, PromptKind
 from tests.support import make_request, reference_greedy
 
 NUM_SUBTASKS = 3
@@ -61,8 +62,7 @@ def store(tmp_path_factory, tiny_model_dir: Path) -> Path:
 
 
 def make_registry(lm: LoadedModel, store: Path, max_virtual_tokens: int = 64) -> Registry:
-    registry = Registry(store, hidden_size=lm.hidden_size, max_virtual_tokens=max_virtual_tokens, dtype=lm.dtype,
-                        device=lm.device, kv_shape=KVShape.of(lm.model.config))
+    registry = Registry(store, PromptGeometry.of(lm, max_virtual_tokens))
     registry.load_all()
     return registry
 
@@ -203,8 +203,8 @@ def test_replaced_task_is_invalidated_and_serves_the_new_prompt(lm, store, tmp_p
 def test_prefix_shape_mismatch_is_rejected_with_reason(lm, store, tmp_path):
     bad = tmp_path / "store"
     shutil.copytree(store / "prefix", bad / "prefix")
-    registry = Registry(bad, hidden_size=lm.hidden_size, max_virtual_tokens=64, dtype=lm.dtype, device=lm.device,
-                        kv_shape=KVShape(num_layers=3, num_kv_heads=2, head_dim=16))
+    wrong = KVShape(num_layers=3, num_kv_heads=2, head_dim=16)
+    registry = Registry(bad, replace(PromptGeometry.of(lm, 64), kv_shape=wrong))
     registry.load_all()
     reason = registry.failures()["prefix"]
     assert "num_layers" in reason and "3" in reason

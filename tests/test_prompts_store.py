@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.prompts.store import TASK_NAME_RE, read_adapter, validate_task_name
-from server.prompts.types import PromptError, PromptKind, SoftPrompt
+from server.prompts.types import PromptError, PromptGeometry, PromptKind, SoftPrompt
 
 HIDDEN = 32
 MAX_P = 8
@@ -83,7 +83,7 @@ def good_tensor(p: int = NUM_VIRTUAL, h: int = HIDDEN) -> torch.Tensor:
 
 
 def read(folder: Path, dtype: torch.dtype = torch.float32) -> SoftPrompt:
-    return read_adapter(folder, hidden_size=HIDDEN, max_virtual_tokens=MAX_P, dtype=dtype, device=torch.device("cpu"))
+    return read_adapter(folder, PromptGeometry(HIDDEN, MAX_P, dtype))
 
 
 @pytest.fixture(scope="module")

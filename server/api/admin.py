@@ -43,11 +43,8 @@ def _service(request: Request) -> Service:
 
 
 def _admin_lock(request: Request) -> threading.Lock:
-    """Serialises store writes from this server (a lock per app, kept on app.state)."""
-    state = request.app.state
-    lock = getattr(state, "admin_lock", None)
-    if lock is None:
-        lock = state.admin_lock = threading.Lock()
+    """Serialises store writes from this server (one lock per app, made by `create_app`)."""
+    lock: threading.Lock = request.app.state.admin_lock
     return lock
 
 
@@ -152,7 +149,33 @@ def _describe(registry: Registry, name: str) -> dict[str, Any]:
     }
 
 
-@router.put("/tasks/{name:path}")
+def _file_part(description: str) -> dict[str, Any]:
+    return {"type": "string", "format": "binary", "description": description}
+
+
+# The body is read by hand (size limits before parsing), so FastAPI cannot infer it: describe it.
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": [CONFIG_FILE, WEIGHTS_FILE],
+            "properties": {
+                CONFIG_FILE: _file_part("PEFT adapter config (peft_type, num_virtual_tokens, ...)"),
+                WEIGHTS_FILE: _file_part("safetensors file with the tensor prompt_embeddings (and, for multitask "
+                                         "prompt tuning, prefix_task_cols and prefix_task_rows)"),
+                CARD_FILE: _file_part("optional task card (markdown), shown by GET /tasks/{name}"),
+            },
+        }}},
+    },
+}
+
+
+@router.put("/tasks/{name:path}", openapi_extra=_UPLOAD_BODY, status_code=201, responses={
+    200: {"description": "an existing task was replaced"},
+    413: {"description": "the upload is over --max-upload-bytes"},
+    422: {"description": "an invalid task name, multipart body or adapter (the reason says which)"},
+})
 async def put_task(name: str, request: Request) -> JSONResponse:
     """Upload (create or replace) a task: multipart files adapter_config.json and adapter_model.safetensors."""
     _name(name)

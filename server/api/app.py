@@ -35,6 +35,7 @@ def create_app(settings: Settings, loader: Callable[[], LoadedModel] | None = No
 
     app = FastAPI(title="softmux", version=server.__version__, lifespan=lifespan)
     app.state.service = service
+    app.state.admin_lock = threading.Lock()  # serialises this server's store writes (admin routes)
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(openai_compat.router)

@@ -109,7 +109,7 @@ def _details(event: FinishEvent) -> dict[str, Any]:
             "virtual_tokens": event.virtual_tokens, "seed": event.seed}
 
 
-async def tgi_stream(generation: Generation, prepared: Prepared) -> AsyncIterator[bytes]:
+async def tgi_stream(generation: Generation) -> AsyncIterator[bytes]:
     """TGI's stream: one event per token, `{"index", "token", "generated_text": null, "details": null}`;
     the last token's event carries `generated_text` and `details`; a failure is `{"error", "error_type"}`.
 
@@ -141,7 +141,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
     prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters),
                                      timeout=body.parameters.timeout)
     generation = service.submit(prepared, stream=True)
-    return EventStream(tgi_stream(generation, prepared), on_close=generation.cancel)
+    return EventStream(tgi_stream(generation), on_close=generation.cancel)
 
 
 @router.get("/tasks")
