@@ -85,8 +85,7 @@ def test_replaced_task_old_request_finishes_with_old_prompt(lm, tmp_path):
     store = tmp_path / "store"
     old_emb = write(store / "t", lm.hidden_size, 3, seed=0)
     registry = registry_for(lm, store)
-    engine = start_engine(lm)
-    engine.prefix_cache = PrefixCache(1 << 30)
+    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30))
     try:
         ids = [5, 6, 7, 8]
         old = make_request(registry.get("t"), ids, SamplingParams(max_new_tokens=40), stream=True)

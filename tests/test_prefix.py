@@ -20,14 +20,12 @@ from peft import (
 )
 from transformers import AutoModelForCausalLM
 
-from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
-from server.engine.scheduler import Scheduler
 from server.models import LoadedModel
 from server.prompts.registry import Registry
 from server.prompts.types import KVShape, PromptGeometry, PromptKind
-from tests.support import make_request, reference_greedy
+from tests.support import make_engine, make_request, reference_greedy, start_engine
 
 NUM_SUBTASKS = 3
 
@@ -101,8 +99,7 @@ def test_all_kinds_mixed_in_one_batch_match_peft(lm, store, tiny_model_dir, use_
     rng = random.Random(0)
     names = ["pt", "ptuning", "prefix", "mpt.0", "mpt.1", "mpt.2"]
     specs = [(names[k % len(names)], [rng.randrange(40_000) for _ in range(1 + (k * 3) % 9)], 5 + k % 4) for k in range(12)]
-    engine = Engine(lm, Scheduler(16, 100_000, 100), PrefixCache(1 << 30) if use_cache else None)
-    engine.start()
+    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30) if use_cache else None)
     try:
         tracked = [make_request(registry.get(n), ids, SamplingParams(max_new_tokens=m)) for n, ids, m in specs]
         for t in tracked:
@@ -128,8 +125,7 @@ def test_cache_on_and_off_give_the_same_tokens_over_time(lm, store):
     specs = [(["pt", "ptuning", "mpt.1"][k % 3], [rng.randrange(40_000) for _ in range(2 + k)], 6) for k in range(6)]
     outputs = []
     for cache in (PrefixCache(1 << 30), None):
-        engine = Engine(lm, Scheduler(16, 100_000, 100), cache)
-        engine.start()
+        engine = start_engine(lm, prefix_cache=cache)
         try:
             got = []
             for name, ids, m in specs:
@@ -147,7 +143,7 @@ def test_prefix_equals_prepended_embeddings_numerically(lm, store):
     """The cached prefix equals what prepending the embeddings computes, up to float rounding."""
     registry = make_registry(lm, store)
     prompt = registry.get("pt").embeddings
-    engine = Engine(lm, Scheduler(4, 10_000, 10), None)
+    engine = make_engine(lm)
     (alone,) = engine.runner.compute_prefixes([prompt])
     # Computed next to a longer prompt (so with left padding): the same numbers.
     (_, padded) = engine.runner.compute_prefixes([registry.get("mpt.0").embeddings.repeat(3, 1), prompt])
@@ -156,7 +152,7 @@ def test_prefix_equals_prepended_embeddings_numerically(lm, store):
 
 def test_eviction_is_least_recently_used_and_bounded(lm, store):
     registry = make_registry(lm, store)
-    engine = Engine(lm, Scheduler(4, 10_000, 10), None)
+    engine = make_engine(lm)
     sizes = {}
     for name in ["pt", "ptuning", "mpt.0"]:
         (kv,) = engine.runner.compute_prefixes([registry.get(name).embeddings])
@@ -177,8 +173,7 @@ def test_replaced_task_is_invalidated_and_serves_the_new_prompt(lm, store, tmp_p
     live.mkdir()
     shutil.copytree(store / "pt", live / "task")
     registry = make_registry(lm, live)
-    engine = Engine(lm, Scheduler(4, 10_000, 10), PrefixCache(1 << 30))
-    engine.start()
+    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30))
     try:
         ids = [11, 22, 33, 44]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.engine.request import Request, RequestStatus, SamplingParams
-from server.engine.scheduler import QueueFull, Scheduler
+from server.engine.scheduler import QueueFull, Scheduler, ShuttingDown
 from server.prompts.types import PromptKind, SoftPrompt
 
 
@@ -175,6 +175,22 @@ def test_cancelled_request_behind_a_blocked_head_is_never_admitted() -> None:
     assert admitted == [third]
     assert dropped == [second]
     assert second.status is RequestStatus.WAITING  # never ran
+
+
+def test_close_refuses_new_requests_and_keeps_the_accepted_ones() -> None:
+    s = Scheduler(max_batch_size=1, max_batch_tokens=1000, max_queue=100)
+    accepted = [req(), req()]
+    for r in accepted:
+        s.add(r)
+    s.close()
+    late = req()
+    with pytest.raises(ShuttingDown):
+        s.add(late)
+    assert s.num_waiting == 2
+    assert s.schedule() == ([accepted[0]], [])
+    s.finish(accepted[0])
+    assert s.schedule() == ([accepted[1]], [])
+    assert late.status is RequestStatus.WAITING and late not in s.running
 
 
 def test_drain_waiting_returns_everything_waiting() -> None:
