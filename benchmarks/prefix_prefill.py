@@ -45,8 +45,8 @@ def main() -> None:
 
     print(f"model {lm.name} on {lm.device} ({lm.dtype}), {args.threads} threads, P={args.virtual}, batch {args.batch}, "
           f"{args.repeats} repeats, medians per request")
-    print(f"| input tokens | embeddings (ms) | KV prefix (ms) | speed-up |")
-    print(f"|---:|---:|---:|---:|")
+    print("| input tokens | embeddings (ms) | KV prefix (ms) | speed-up |")
+    print("|---:|---:|---:|---:|")
     for length in args.lengths:
         ids = torch.randint(100, 40_000, (args.batch, length), generator=g).tolist()
         embed_rows = [PrefillRow(input_ids=i, prompt=prompt) for i in ids]

@@ -26,14 +26,22 @@ from server.engine.request import ErrorEvent, Event, FinishEvent, Request, Sampl
 from server.engine.runner import PrefillRow
 from server.engine.scheduler import Scheduler
 from server.errors import (
-    DomainError, ErrorKind, GenerationFailed, InvalidRequest, Overloaded, QueueFull, Unavailable, UnknownTask, error_of,
+    DomainError,
+    ErrorKind,
+    GenerationFailed,
+    InvalidRequest,
+    Overloaded,
+    QueueFull,
+    Unavailable,
+    UnknownTask,
+    error_of,
 )
 from server.metrics import UNKNOWN_TASK, LiveState, Metrics
 from server.models import LoadedModel, load_model
 from server.prompts.install import clean_leftovers
 from server.prompts.registry import Registry
-from server.prompts.watcher import StoreWatcher
 from server.prompts.types import PromptGeometry
+from server.prompts.watcher import StoreWatcher
 
 log = logging.getLogger("softmux.service")
 
@@ -212,7 +220,7 @@ class Service:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Prepared(task=task, input_ids=ids, params=params, seed=seed)
 
-    def submit(self, prepared: Prepared, stream: bool) -> "Generation":
+    def submit(self, prepared: Prepared, stream: bool) -> Generation:
         """Hand a request to the engine now (raising Overloaded/Unavailable/UnknownTask at once, before
         any response has started) and return a handle to iterate its events."""
         engine, registry, _ = self.require_ready()
@@ -282,13 +290,13 @@ class Generation:
     ErrorEvent). `cancel()` (idempotent, a no-op once it ended) makes the engine drop its row
     at its next step; callers must call it when they stop listening early."""
 
-    def __init__(self, request: Request, queue: "asyncio.Queue[Event]", engine: Engine) -> None:
+    def __init__(self, request: Request, queue: asyncio.Queue[Event], engine: Engine) -> None:
         self.request = request
         self._queue = queue
         self._engine = engine
         self.done = False
 
-    def __aiter__(self) -> "Generation":
+    def __aiter__(self) -> Generation:
         return self
 
     async def __anext__(self) -> Event:
@@ -298,7 +306,7 @@ class Generation:
             try:  # wake up now and then: a request must not wait forever on an engine that died
                 event = await asyncio.wait_for(self._queue.get(), timeout=1.0)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if not self._engine.alive and self._queue.empty():
                     event = ErrorEvent(f"the engine stopped: {self._engine.error or 'shut down'}", ErrorKind.UNAVAILABLE)
                     break

@@ -166,7 +166,7 @@ def batch_loss(lm: LoadedModel, soft: torch.Tensor, batch: Sequence[tuple[list[i
     mask = torch.zeros((len(rows), P + T), dtype=torch.long, device=dev)  # [B, P+T]
     mask[:, :P] = 1
     pred_pos, targets = [], []
-    for b, ((inp, out), row) in enumerate(zip(batch, rows)):
+    for b, ((inp, _), row) in enumerate(zip(batch, rows)):
         ids[b, : len(row)] = torch.tensor(row, device=dev)
         mask[b, P : P + len(row)] = 1
         # the token at row index j is predicted by the hidden state at sequence position P + j - 1

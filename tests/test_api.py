@@ -16,6 +16,7 @@ from server.models import LoadedModel
 from tests.api_support import TASKS, make_store, open_client, settings_for
 from tests.support import reference_greedy
 
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, lm) -> tuple[Path, dict[str, torch.Tensor]]:
     root = tmp_path_factory.mktemp("store")

@@ -160,7 +160,7 @@ async def test_a_queued_request_times_out_too_and_the_server_default_applies(lm,
 async def test_bad_timeouts_are_422(lm, store, timeout):
     app = make_app(lm, store)
     async for client in open_client(app):
-        body = '{"task": "alpha", "inputs": "x", "parameters": {"timeout": %s}}' % timeout  # NaN: not JSON, but Python's
+        body = f'{{"task": "alpha", "inputs": "x", "parameters": {{"timeout": {timeout}}}}}'  # NaN: not JSON, but Python's
         r = await client.post("/generate", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 422 and "parameters.timeout" in r.json()["error"], r.text
 

@@ -131,7 +131,7 @@ def test_cache_on_and_off_give_the_same_tokens_over_time(lm, store):
             for name, ids, m in specs:
                 t = make_request(registry.get(name), ids, SamplingParams(max_new_tokens=m))
                 engine.submit(t.request)
-                t.result
+                assert t.result.generated_tokens == m
                 got.append(t.request.output_ids)
             outputs.append(got)
         finally:
@@ -180,7 +180,7 @@ def test_replaced_task_is_invalidated_and_serves_the_new_prompt(lm, store, tmp_p
         def run() -> list[int]:
             t = make_request(registry.get("task"), ids, SamplingParams(max_new_tokens=8))
             engine.submit(t.request)
-            t.result
+            assert t.result.generated_tokens == 8
             return t.request.output_ids
 
         old = run()

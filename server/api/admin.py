@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -20,11 +20,11 @@ from starlette.datastructures import UploadFile
 
 from server.api.auth import require_admin
 from server.api.errors import ApiError
+from server.errors import InvalidRequest, UnknownTask
 from server.prompts.install import check_folder, install, remove, temp_folder
 from server.prompts.registry import Registry
 from server.prompts.store import CONFIG_FILE, WEIGHTS_FILE, validate_task_name
 from server.prompts.types import PromptError
-from server.errors import InvalidRequest, UnknownTask
 from server.service import Service
 
 router = APIRouter(dependencies=[Depends(require_admin)], tags=["admin"])
@@ -143,7 +143,7 @@ def _describe(registry: Registry, name: str) -> dict[str, Any]:
         "num_virtual_tokens": info.num_virtual_tokens,
         "folder": info.folder.name,
         "content_hash": info.content_hash,
-        "created": datetime.fromtimestamp(info.created, timezone.utc).isoformat(),
+        "created": datetime.fromtimestamp(info.created, UTC).isoformat(),
         "resident": name in registry.resident(),
         "card": card,
     }

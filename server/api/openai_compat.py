@@ -17,8 +17,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.errors import openai_error
-from server.api.schemas import MAX_SEED, MAX_STOP, finite_or_none
 from server.api.routes import generate_unless_gone
+from server.api.schemas import MAX_SEED, MAX_STOP, finite_or_none
 from server.api.sse import EventStream, sse
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, SamplingParams, TokenEvent
 from server.errors import InvalidRequest, UnknownTask, error_of
@@ -87,7 +87,7 @@ class _Common(BaseModel):
         return stops
 
     @model_validator(mode="after")
-    def _neutral(self) -> "_Common":
+    def _neutral(self) -> _Common:
         for name, allowed in _NEUTRAL.items():
             if name in type(self).model_fields:
                 value = getattr(self, name)
@@ -243,7 +243,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     messages = [m.as_template_message() for m in body.messages]
     try:
         text: str = await anyio.to_thread.run_sync(
-            lambda: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            lambda: str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)))
     except Exception as exc:  # a template that refuses this conversation (e.g. role order)
         raise InvalidRequest(f"the chat template refused these messages: {exc}", "messages") from exc
     limit = body.max_completion_tokens or body.max_tokens

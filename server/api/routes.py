@@ -90,7 +90,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     return GenerateResponse(
         generated_text=result.generated_text,
         details=Details(
-            finish_reason=result.finish_reason.value,  # type: ignore[arg-type]
+            finish_reason=result.finish_reason.value,
             generated_tokens=result.generated_tokens,
             input_tokens=result.input_tokens,
             virtual_tokens=result.virtual_tokens,

@@ -38,7 +38,7 @@ class KVShape:
     head_dim: int
 
     @classmethod
-    def of(cls, config: Any) -> "KVShape":
+    def of(cls, config: Any) -> KVShape:
         """From a transformers model config (grouped-query attention aware)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
