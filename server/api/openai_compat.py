@@ -17,9 +17,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.errors import openai_error
-from server.api.routes import generate_unless_gone
+from server.api.routes import event_stream, generate_unless_gone
 from server.api.schemas import MAX_SEED, MAX_STOP, finite_or_none
-from server.api.sse import EventStream, sse
+from server.api.sse import sse
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, SamplingParams, TokenEvent
 from server.errors import InvalidRequest, UnknownTask, error_of
 from server.service import Generation, Service
@@ -225,8 +225,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
     if body.stream:
-        generation = service.submit(prepared, stream=True)
-        return EventStream(_openai_stream(generation, chunk, body.include_usage), on_close=generation.cancel)
+        return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage))
     result = await generate_unless_gone(service, prepared, request)
     out = chunk(result.generated_text, _finish_reason(result.finish_reason), False)
     out["usage"] = _usage(result)
@@ -259,8 +258,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
     if body.stream:
-        generation = service.submit(prepared, stream=True)
-        return EventStream(_openai_stream(generation, chunk, body.include_usage), on_close=generation.cancel)
+        return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage))
     result = await generate_unless_gone(service, prepared, request)
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": body.model,

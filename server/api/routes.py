@@ -3,7 +3,7 @@ GET /health, /ready, /info, /metrics, /stats."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -66,6 +66,13 @@ async def generate_unless_gone(service: Service, prepared: Prepared, request: Re
     if result is None:
         raise ClientGone("the client disconnected")
     return result
+
+
+def event_stream(service: Service, prepared: Prepared, render: Callable[[Generation], AsyncIterator[bytes]]) -> EventStream:
+    """Submit now, so that errors before the first byte (queue full, not ready) stay plain HTTP
+    errors, and stream `render(generation)`; a client that leaves cancels the request."""
+    generation = service.submit(prepared, stream=True)
+    return EventStream(render(generation), on_close=generation.cancel)
 
 
 def sampling_params(p: GenerateParameters) -> SamplingParams:
@@ -140,8 +147,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
     service = service_of(request)
     prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters),
                                      timeout=body.parameters.timeout)
-    generation = service.submit(prepared, stream=True)
-    return EventStream(tgi_stream(generation), on_close=generation.cancel)
+    return event_stream(service, prepared, tgi_stream)
 
 
 @router.get("/tasks")
