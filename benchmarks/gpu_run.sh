@@ -13,5 +13,4 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 M="--model .devmodel --random-weights --device cuda --dtype bfloat16"
 python3 benchmarks/compare.py $M --threads 8 --repeats 3 --json "$OUT/compare_gpu.json" 2>&1 | grep -v Warning | tee "$OUT/compare_gpu.txt"
 python3 benchmarks/compare.py $M --threads 8 --repeats 3 --requests 256 --concurrency 128 --json "$OUT/compare_gpu_256.json" 2>&1 | grep -v Warning | tee "$OUT/compare_gpu_256.txt"
-python3 benchmarks/prefix_prefill.py $M --repeats 30 --batch 1 2>&1 | tee "$OUT/prefix_gpu_b1.txt"
-python3 benchmarks/prefix_prefill.py $M --repeats 30 --batch 8 2>&1 | tee "$OUT/prefix_gpu_b8.txt"
+python3 benchmarks/prefix_prefill.py $M --repeats 30 2>&1 | tee "$OUT/prefix_gpu_ttft.txt"

@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from server.api.app import create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.models import ensure_default_model, load_model, tiny_test_model  # noqa: E402
+from server.models import ensure_default_model, load_model  # noqa: E402
 from tests.api_support import live_server, make_store  # noqa: E402
+from tests.tiny_model import tiny_test_model  # noqa: E402
 
 ADMIN_TOKEN = "fuzz-admin-token"
 

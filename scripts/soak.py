@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -31,6 +28,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from server.bench import start_server  # noqa: E402
+
 WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls count silver stars".split()
 
 
@@ -134,29 +135,6 @@ async def soak(url: str, pid: int, n: int, concurrency: int, warmup: int, max_ne
     return tally, figures
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    softmux = Path(sys.executable).with_name("softmux")
-    cmd = [str(softmux) if softmux.exists() else "softmux", "serve", "--port", str(port), *args.serve_args]
-    print("starting:", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL if not args.verbose else None, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not become ready in 300 s")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=5000)
@@ -176,7 +154,8 @@ def main() -> int:
             p.error("--url needs --pid (the server's process id, for its memory)")
         url, pid = args.url.rstrip("/"), args.pid
     else:
-        proc, url = start_server(args)
+        print("starting: softmux serve", " ".join(args.serve_args), flush=True)
+        proc, url = start_server(args.serve_args, cwd=ROOT, verbose=args.verbose)
         pid = proc.pid
     try:
         tally, f = asyncio.run(soak(url, pid, args.requests, args.concurrency, min(args.warmup, args.requests), args.max_new_tokens,

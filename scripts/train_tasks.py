@@ -29,7 +29,12 @@ sys.path.insert(0, str(ROOT))
 from scripts.make_datasets import SIZES, generate  # noqa: E402
 from server.models import DEFAULT_MODEL_ID, LoadedModel, load_model  # noqa: E402
 from server.training import (  # noqa: E402
-    CHATML_TEMPLATE, TrainConfig, default_max_new_tokens, evaluate, read_jsonl, train,
+    CHATML_TEMPLATE,
+    TrainConfig,
+    default_max_new_tokens,
+    evaluate,
+    read_jsonl,
+    train,
 )
 
 # name -> (hand-written instruction, training settings)

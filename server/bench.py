@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,15 +206,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(extra: list[str], *, cwd: Path | None = None, verbose: bool = False,
+                 ready_timeout: float = 300.0) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `softmux serve` on a free loopback port (in its own process group) and wait until
+    /ready answers 200. Returns the process and its base URL; the caller stops it (SIGTERM).
+    Its log goes to this terminal when `verbose`, else to a temp file shown if it fails to start."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log = None if verbose else tempfile.TemporaryFile()  # never a pipe: nobody drains it during a long run
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+
+    def tail() -> str:
+        if log is None:
+            return ""
+        log.seek(0)
+        return log.read().decode(errors="replace")[-2000:]
+
+    deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+            raise SystemExit(f"server exited with {proc.returncode}: {tail()}")
         try:
             if httpx.get(url + "/ready", timeout=2).status_code == 200:
                 return proc, url
@@ -221,7 +234,7 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
             pass
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGTERM)
-    raise SystemExit("server did not become ready in 300 s")
+    raise SystemExit(f"server did not become ready in {ready_timeout:.0f} s: {tail()}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

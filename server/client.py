@@ -180,7 +180,7 @@ class Client:
         self._sleep = sleep
         self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers, transport=transport)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -251,7 +251,7 @@ class AsyncClient:
         self._sleep = sleep
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers, transport=transport)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -16,10 +16,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.engine.request import FinishEvent
+from server.errors import ErrorKind
 
 # Outcomes of a request that reached the engine: its finish reason, or "error".
-# Requests refused before the engine get their error_type: validation, not_found, overloaded, unhealthy.
+# Requests refused before the engine get a label for their error kind (TGI's error_type names).
 OUTCOME_ERROR = "error"
+REFUSED_OUTCOMES: dict[ErrorKind, str] = {
+    ErrorKind.UNKNOWN_TASK: "not_found",
+    ErrorKind.INVALID_REQUEST: "validation",
+    ErrorKind.OVERLOADED: "overloaded",
+    ErrorKind.UNAVAILABLE: "unhealthy",
+    ErrorKind.GENERATION_FAILED: "generation",
+}
 UNKNOWN_TASK = "_unknown"  # label for requests naming a task that does not exist (bounded label values)
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -124,9 +132,9 @@ class Metrics:
         self.requests.labels(task, OUTCOME_ERROR).inc()
         self.input_length.labels(task, OUTCOME_ERROR).observe(input_tokens)
 
-    def rejected(self, task: str, error_type: str) -> None:
+    def rejected(self, task: str, kind: ErrorKind) -> None:
         """A request refused before it reached the engine (validation, unknown task, queue full, not ready)."""
-        self.requests.labels(task, error_type).inc()
+        self.requests.labels(task, REFUSED_OUTCOMES[kind]).inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

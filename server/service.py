@@ -19,19 +19,29 @@ from pathlib import Path
 import anyio
 import torch
 
-from server.api.errors import GenerationFailed, NotFound, Overloaded, Unavailable, ValidationFailed
 from server.config import Settings
 from server.engine.engine import Engine, EngineStats
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
 from server.engine.runner import default_kv_cache_bytes
-from server.engine.scheduler import QueueFull, Scheduler
+from server.engine.scheduler import Scheduler
+from server.errors import (
+    DomainError,
+    ErrorKind,
+    GenerationFailed,
+    InvalidRequest,
+    Overloaded,
+    QueueFull,
+    Unavailable,
+    UnknownTask,
+    error_of,
+)
 from server.metrics import UNKNOWN_TASK, LiveState, Metrics
 from server.models import LoadedModel, load_model
 from server.prompts.install import clean_leftovers
 from server.prompts.registry import Registry
+from server.prompts.types import PromptGeometry, PromptKind, SoftPrompt
 from server.prompts.watcher import StoreWatcher
-from server.prompts.types import KVShape, PromptKind, SoftPrompt
 
 log = logging.getLogger("softmux.service")
 
@@ -77,15 +87,8 @@ class Service:
             if self.settings.threads > 0:
                 torch.set_num_threads(self.settings.threads)
             self.lm = self._loader()
-            self.registry = Registry(
-                self.settings.store,
-                hidden_size=self.lm.hidden_size,
-                max_virtual_tokens=self.settings.max_virtual_tokens,
-                dtype=self.lm.dtype,
-                device=self.lm.device,
-                kv_shape=KVShape.of(self.lm.model.config),
-                max_resident=self.settings.max_resident_prompts,
-            )
+            geometry = PromptGeometry.of(self.lm, self.settings.max_virtual_tokens)
+            self.registry = Registry(self.settings.store, geometry, max_resident=self.settings.max_resident_prompts)
             clean_leftovers(Path(self.settings.store), older_than_s=60.0)  # hidden temp folders of crashed uploads
             self.registry.load_all()
             scheduler = Scheduler(self.settings.max_batch_size, self.settings.max_batch_tokens, self.settings.max_queue)
@@ -177,7 +180,8 @@ class Service:
         names: tuple[str, str] = ("inputs", "parameters.max_new_tokens"),
         timeout: float | None = None,
     ) -> Prepared:
-        """Check the task and limits and tokenise (in a worker thread). Raises ApiError subclasses.
+        """Check the task and limits and tokenise (in a worker thread). Raises UnknownTask,
+        InvalidRequest (its `field` named as in `names`) or Unavailable.
 
         `fit_new_tokens`: treat params.max_new_tokens as an upper bound and lower it to what the
         batch budget and the model's context leave (OpenAI chat's "as long as it fits" default).
@@ -188,9 +192,9 @@ class Service:
         arrival = time.monotonic()
         try:
             prepared = await self._prepare(task, text, params, add_special_tokens, fit_new_tokens, names)
-        except (NotFound, ValidationFailed, Unavailable) as exc:
+        except DomainError as exc:
             known = self.registry is not None and task in self.registry
-            self.metrics.rejected(task if known else UNKNOWN_TASK, exc.error_type)
+            self.metrics.rejected(task if known else UNKNOWN_TASK, exc.kind)
             raise
         limit = self.settings.request_timeout
         seconds = min(timeout, limit) if timeout is not None and limit > 0 else (timeout or limit or None)
@@ -203,18 +207,17 @@ class Service:
         engine, registry, lm = self.require_ready()
         prompt = registry.get(task)
         if prompt is None:
-            known = ", ".join(registry.names()) or "(none)"
-            raise NotFound(f"unknown task {task!r}; known tasks: {known}")
+            raise UnknownTask(task, known=registry.names())
         s = self.settings
         inputs_name, limit_name = names
         if params.max_new_tokens > s.max_new_tokens and not fit_new_tokens:
-            raise ValidationFailed(f"{limit_name} must be <= {s.max_new_tokens} (got {params.max_new_tokens})")
+            raise InvalidRequest(f"{limit_name} must be <= {s.max_new_tokens} (got {params.max_new_tokens})", limit_name)
         ids: list[int] = await anyio.to_thread.run_sync(
             lambda: lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         if len(ids) > s.max_input_tokens:
-            raise ValidationFailed(f"{inputs_name} is {len(ids)} tokens; at most {s.max_input_tokens} are allowed")
+            raise InvalidRequest(f"{inputs_name} is {len(ids)} tokens; at most {s.max_input_tokens} are allowed", inputs_name)
         if not ids:
-            raise ValidationFailed(f"{inputs_name} must not be empty")
+            raise InvalidRequest(f"{inputs_name} must not be empty", inputs_name)
         max_pos = getattr(lm.model.config, "max_position_embeddings", None)
         if fit_new_tokens:
             room = min(s.max_new_tokens, s.max_batch_tokens - prompt.num_virtual_tokens - len(ids))
@@ -223,26 +226,29 @@ class Service:
             params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
         total = prompt.num_virtual_tokens + len(ids) + params.max_new_tokens
         if total > s.max_batch_tokens:
-            raise ValidationFailed(
+            raise InvalidRequest(
                 f"virtual tokens ({prompt.num_virtual_tokens}) + input tokens ({len(ids)}) + {limit_name} "
-                f"({params.max_new_tokens}) = {total} exceeds max_batch_tokens ({s.max_batch_tokens})"
+                f"({params.max_new_tokens}) = {total} exceeds max_batch_tokens ({s.max_batch_tokens})",
+                limit_name,
             )
         if max_pos is not None and total > max_pos:
-            raise ValidationFailed(f"virtual + input + {limit_name} = {total} exceeds the model's context ({max_pos})")
+            raise InvalidRequest(f"virtual + input + {limit_name} = {total} exceeds the model's context ({max_pos})", limit_name)
         pool_tokens = engine.runner.pool.capacity * engine.runner.pool.block_size
         if total > pool_tokens:
-            raise ValidationFailed(f"virtual + input + {limit_name} = {total} exceeds the key/value pool ({pool_tokens} tokens, --kv-cache-bytes)")
+            raise InvalidRequest(
+                f"virtual + input + {limit_name} = {total} exceeds the key/value pool ({pool_tokens} tokens, --kv-cache-bytes)", limit_name
+            )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Prepared(task=task, input_ids=ids, params=params, seed=seed)
 
-    def submit(self, prepared: Prepared, stream: bool) -> "Generation":
-        """Hand a request to the engine now (raising Overloaded/Unavailable/NotFound at once, before
+    def submit(self, prepared: Prepared, stream: bool) -> Generation:
+        """Hand a request to the engine now (raising Overloaded/Unavailable/UnknownTask at once, before
         any response has started) and return a handle to iterate its events."""
         engine, registry, _ = self.require_ready()
         prompt = registry.get(prepared.task)
         if prompt is None:  # removed between prepare() and now
-            self.metrics.rejected(UNKNOWN_TASK, NotFound.error_type)
-            raise NotFound(f"unknown task {prepared.task!r}")
+            self.metrics.rejected(UNKNOWN_TASK, ErrorKind.UNKNOWN_TASK)
+            raise UnknownTask(prepared.task)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         metrics, task, n_input = self.metrics, prepared.task, len(prepared.input_ids)
@@ -267,10 +273,13 @@ class Service:
         try:
             engine.submit(request)
         except QueueFull as exc:
-            self.metrics.rejected(task, Overloaded.error_type)
+            self.metrics.rejected(task, exc.kind)
             raise Overloaded(f"{exc}; retry later") from exc
-        except RuntimeError as exc:
-            self.metrics.rejected(task, Unavailable.error_type)
+        except DomainError as exc:
+            self.metrics.rejected(task, exc.kind)
+            raise
+        except RuntimeError as exc:  # the engine is not running
+            self.metrics.rejected(task, ErrorKind.UNAVAILABLE)
             raise Unavailable(str(exc)) from exc
         return Generation(request, queue, engine)
 
@@ -291,7 +300,7 @@ class Service:
         """Run a request to its end and return the final event."""
         async for event in self.events(prepared, stream=False):
             if isinstance(event, ErrorEvent):
-                raise (Unavailable if event.error_type == "unhealthy" else GenerationFailed)(event.message)
+                raise error_of(event.kind, event.message)
             if isinstance(event, FinishEvent):
                 return event
         raise GenerationFailed("the request ended without a result")
@@ -302,13 +311,13 @@ class Generation:
     ErrorEvent). `cancel()` (idempotent, a no-op once it ended) makes the engine drop its row
     at its next step; callers must call it when they stop listening early."""
 
-    def __init__(self, request: Request, queue: "asyncio.Queue[Event]", engine: Engine) -> None:
+    def __init__(self, request: Request, queue: asyncio.Queue[Event], engine: Engine) -> None:
         self.request = request
         self._queue = queue
         self._engine = engine
         self.done = False
 
-    def __aiter__(self) -> "Generation":
+    def __aiter__(self) -> Generation:
         return self
 
     async def __anext__(self) -> Event:
@@ -318,13 +327,13 @@ class Generation:
             try:  # wake up now and then: a request must not wait forever on an engine that died
                 event = await asyncio.wait_for(self._queue.get(), timeout=1.0)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if not self._engine.alive and self._queue.empty():
-                    event = ErrorEvent(f"the engine stopped: {self._engine.error or 'shut down'}", "unhealthy")
+                    event = ErrorEvent(f"the engine stopped: {self._engine.error or 'shut down'}", ErrorKind.UNAVAILABLE)
                     break
         if not isinstance(event, TokenEvent):
             self.done = True
-            how = event.finish_reason.value if isinstance(event, FinishEvent) else f"error ({event.error_type})"
+            how = event.finish_reason.value if isinstance(event, FinishEvent) else f"error ({event.kind.value})"
             log.info("request %d (task %r) ended: %s, %d token(s)", self.request.id, self.request.task, how,
                      len(self.request.output_ids))
         return event

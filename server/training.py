@@ -34,7 +34,7 @@ from server.engine.scheduler import Scheduler
 from server.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, LoadedModel
 from server.prompts.install import check_folder, install, temp_folder
 from server.prompts.store import read_adapter, validate_task_name
-from server.prompts.types import KVShape, PromptKind, SoftPrompt
+from server.prompts.types import PromptGeometry, PromptKind, SoftPrompt
 
 CHATML_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 INITS = ("text", "sample_vocab", "random")
@@ -166,7 +166,7 @@ def batch_loss(lm: LoadedModel, soft: torch.Tensor, batch: Sequence[tuple[list[i
     mask = torch.zeros((len(rows), P + T), dtype=torch.long, device=dev)  # [B, P+T]
     mask[:, :P] = 1
     pred_pos, targets = [], []
-    for b, ((inp, out), row) in enumerate(zip(batch, rows)):
+    for b, ((inp, _), row) in enumerate(zip(batch, rows)):
         ids[b, : len(row)] = torch.tensor(row, device=dev)
         mask[b, P : P + len(row)] = 1
         # the token at row index j is predicted by the hidden state at sequence position P + j - 1
@@ -321,9 +321,8 @@ def save_adapter(lm: LoadedModel, cfg: TrainConfig, peft_cfg: Any, embeddings: t
         save_file({"prompt_embeddings": embeddings.float().contiguous()}, str(tmp / "adapter_model.safetensors"))
         (tmp / "README.md").write_text(card)
         # The same validation the server applies at startup, before the folder becomes visible.
-        check_folder(tmp, cfg.task, lambda folder: read_adapter(
-            folder, hidden_size=lm.hidden_size, max_virtual_tokens=cfg.num_virtual_tokens, dtype=lm.dtype,
-            device="cpu", kv_shape=KVShape.of(lm.model.config)))
+        geometry = PromptGeometry.of(lm, cfg.num_virtual_tokens, device="cpu")
+        check_folder(tmp, cfg.task, lambda folder: read_adapter(folder, geometry))
         install(cfg.store, cfg.task, tmp)
     except BaseException:
         import shutil

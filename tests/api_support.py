@@ -17,6 +17,9 @@ import uvicorn
 from safetensors.torch import save_file
 
 from server.config import Settings
+from tests.support import wait_until
+
+__all__ = ["TASKS", "free_port", "live_server", "make_store", "open_client", "settings_for", "wait_until", "write_task"]
 
 TASKS = {"alpha": 2, "beta": 5, "gamma": 11}
 
@@ -74,12 +77,3 @@ def live_server(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

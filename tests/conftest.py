@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from server.config import Settings
-from server.models import LoadedModel, ensure_default_model, load_model, tiny_test_model
+from server.models import LoadedModel, ensure_default_model, load_model
+from tests.tiny_model import tiny_test_model
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from server.engine.engine import Engine
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
 from server.engine.scheduler import Scheduler
 from server.models import LoadedModel
@@ -23,7 +27,8 @@ def make_prompt(name: str, num_virtual: int, lm: LoadedModel, seed: int) -> Soft
 
 @torch.inference_mode()
 def reference_greedy(lm: LoadedModel, prompt: torch.Tensor, input_ids: list[int], max_new: int, eos: set[int] = frozenset()) -> list[int]:
-    """DESIGN.md's reference: the base model on cat(soft_prompt, embed(ids)), one request alone, no cache."""
+    """The solo reference (docs/architecture.md, "Semantics"): the base model on cat(soft_prompt, embed(ids)),
+    one request alone, no cache."""
     embed = lm.model.get_input_embeddings()
     x = torch.cat([prompt, embed(torch.tensor(input_ids))])[None]  # [1, P+L, H]
     out: list[int] = []
@@ -72,7 +77,25 @@ def make_request(prompt: SoftPrompt, input_ids: list[int], params: SamplingParam
     return holder[0]
 
 
-def start_engine(lm: LoadedModel, max_batch_size: int = 16, max_batch_tokens: int = 100_000, max_queue: int = 1000) -> Engine:
-    engine = Engine(lm, Scheduler(max_batch_size, max_batch_tokens, max_queue))
+def make_engine(lm: LoadedModel, *, max_batch_size: int = 16, max_batch_tokens: int = 100_000, max_queue: int = 1000,
+                prefix_cache: PrefixCache | None = None, **options: Any) -> Engine:
+    """The one place tests construct an engine: adapt it here when the engine's constructor changes.
+    `options`: Engine's keyword arguments (kv_cache_bytes, max_context, observer)."""
+    return Engine(lm, Scheduler(max_batch_size, max_batch_tokens, max_queue), prefix_cache, **options)
+
+
+def start_engine(lm: LoadedModel, **limits: Any) -> Engine:
+    """`make_engine(lm, **limits)`, its loop started; stop it with `engine.stop()`."""
+    engine = make_engine(lm, **limits)
     engine.start()
     return engine
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass (a bound, not a budget: pass generously)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

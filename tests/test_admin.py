@@ -208,3 +208,16 @@ async def test_api_key_guards_generation_routes_only(lm, tmp_path):
         assert (await c.post("/generate", json=gen, headers={"Authorization": "Bearer k3y"})).status_code == 200
         assert (await c.get("/health")).status_code == 200
         assert (await c.get("/tasks")).status_code == 200
+
+
+async def test_the_upload_is_described_in_the_openapi_schema_well_enough_to_use(client, lm):
+    """A generated client knows the two file parts: an upload built from the schema alone succeeds."""
+    schema = (await client.get("/openapi.json")).json()
+    put = schema["paths"]["/tasks/{name}"]["put"]
+    body = put["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["required"] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert all(body["properties"][part]["format"] == "binary" for part in body["required"])
+    files = adapter_files(lm.hidden_size)
+    r = await client.put("/tasks/from-schema", headers=AUTH, files=multipart({part: files[part] for part in body["required"]}))
+    assert r.status_code == 201 and r.json()["status"] == "created", r.text
+    assert {"200", "201", "413", "422"} <= set(put["responses"])

@@ -13,7 +13,7 @@ import pytest
 
 from server.api.app import create_app
 from server.client import AsyncClient, Client, Details, Generation, SoftmuxError, Token
-from tests.api_support import TASKS, live_server, make_store, settings_for
+from tests.api_support import TASKS, live_server, make_store, settings_for, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,10 @@ def test_sync_stream_closed_early_frees_the_row(lm, store):
         engine.runner.decode = lambda *a, **k: (time.sleep(0.02), real(*a, **k))[1]
         stream = c.generate_stream("alpha", "go on", max_new_tokens=1000)
         next(stream), next(stream)
+        (request,) = engine.scheduler.running
         stream.close()
-        deadline = time.monotonic() + 5
-        while engine.scheduler.running and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not engine.scheduler.running
+        assert wait_until(lambda: not engine.scheduler.running, timeout=60)
+        assert request.cancelled and len(request.output_ids) < 1000  # freed, not run to its end
         engine.runner.decode = real
 
 

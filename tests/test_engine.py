@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -10,9 +12,9 @@ import torch
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishReason, SamplingParams, TokenEvent
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Scheduler, ShuttingDown
 from server.models import LoadedModel, load_model
-from tests.support import make_prompt, make_request, reference_greedy, start_engine
+from tests.support import make_prompt, make_request, reference_greedy, start_engine, wait_until
 
 VOCAB_USED = 40_000  # stay inside ordinary tokens of the real tokenizer
 
@@ -232,7 +234,7 @@ def test_float32_mixed_batch_matches_reference(tiny_model_dir, prompts):
             tracked.append((make_request(prompt, ids, SamplingParams(max_new_tokens=n)), emb, ids, n))
             engine.submit(tracked[-1][0].request)
         for t, emb, ids, n in tracked:
-            t.result
+            assert t.result.finish_reason is FinishReason.LENGTH
             assert t.request.output_ids == reference_greedy(lm32, emb, ids, n)
     finally:
         engine.stop()
@@ -255,28 +257,37 @@ def test_rows_from_torch_generator_do_not_leak_state(lm, prompts):
     try:
         t = make_request(prompts[0], [5, 6, 7], SamplingParams(max_new_tokens=5, do_sample=True, seed=1))
         engine.submit(t.request)
-        t.result
+        assert t.result.generated_tokens >= 1
     finally:
         engine.stop()
     assert torch.equal(torch.rand(1), before)
 
 
 def test_deadline_ends_a_running_row_and_a_waiting_one(lm, prompts):
-    """A passed deadline ends the request with TIMEOUT and its text so far; the others go on."""
-    import time
+    """A passed deadline ends the request with TIMEOUT and its text so far; the others go on.
 
+    The deadlines are set from the running request's own tokens, so no wall-clock budget decides
+    the outcome: the running row's deadline passes at its 3rd token, the queued one's at the 2nd."""
     rng = random.Random(9)
     engine = start_engine(lm, max_batch_size=1)
     try:
         running = make_request(prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=500), stream=True)
         waiting = make_request(prompts[1], random_ids(rng, 4), SamplingParams(max_new_tokens=5))
         after = make_request(prompts[2], random_ids(rng, 4), SamplingParams(max_new_tokens=3))
-        running.request.deadline = time.monotonic() + 0.3
-        waiting.request.deadline = time.monotonic() + 0.1  # expires in the queue behind `running`
+
+        def expire(event, _orig=running.sink):
+            _orig(event)
+            produced = len(running.request.output_ids)
+            if produced == 2:
+                waiting.request.deadline = time.monotonic()  # still queued behind `running` (one row at a time)
+            if produced == 3:
+                running.request.deadline = time.monotonic()
+
+        running.request.sink = expire
         for t in (running, waiting, after):
             engine.submit(t.request)
         assert running.result.finish_reason is FinishReason.TIMEOUT
-        assert 0 < running.result.generated_tokens < 500
+        assert 3 <= running.result.generated_tokens <= 4  # dropped before the next step
         assert running.result.generated_text == lm.tokenizer.decode(running.request.output_ids, skip_special_tokens=True)
         assert waiting.result.finish_reason is FinishReason.TIMEOUT and waiting.result.generated_tokens == 0
         assert after.request.output_ids == reference_greedy(lm, prompts[2].embeddings, after.request.input_ids, 3)
@@ -285,19 +296,39 @@ def test_deadline_ends_a_running_row_and_a_waiting_one(lm, prompts):
         engine.stop()
 
 
-def test_drain_finishes_accepted_requests_and_refuses_new_ones(lm, prompts):
-    from server.engine.scheduler import ShuttingDown
-
+def test_drain_refuses_new_requests_while_accepted_ones_still_run(lm, prompts):
+    """The refusal happens at the scheduler while the engine is alive and busy, not because it stopped."""
     rng = random.Random(10)
     engine = start_engine(lm, max_batch_size=2)
+    started, gate = threading.Event(), threading.Event()
     accepted = [make_request(prompts[k], random_ids(rng, 3), SamplingParams(max_new_tokens=6)) for k in range(4)]
+
+    def hold(event, _orig=accepted[0].sink):  # the engine thread waits here until the refusal is checked
+        _orig(event)
+        if not started.is_set():
+            started.set()
+            gate.wait(60)
+
+    accepted[0].request.sink = hold
     for t in accepted:
         engine.submit(t.request)
-    assert engine.drain(grace=60) is True
+    assert started.wait(60)
+    drained: list[bool] = []
+    drainer = threading.Thread(target=lambda: drained.append(engine.drain(grace=60)))
+    drainer.start()
+    try:
+        assert wait_until(lambda: engine.scheduler.closed, timeout=30)
+        assert engine.alive and not all(t.done.is_set() for t in accepted)
+        late = make_request(prompts[0], [1], SamplingParams())
+        with pytest.raises(ShuttingDown):
+            engine.submit(late.request)
+    finally:
+        gate.set()
+        drainer.join(120)
+    assert drained == [True]
     for t in accepted:
         assert t.result.finish_reason is FinishReason.LENGTH and t.result.generated_tokens == 6
-    with pytest.raises((ShuttingDown, RuntimeError)):
-        engine.submit(make_request(prompts[0], [1], SamplingParams()).request)
+    assert late.events == []
 
 
 def test_drain_past_grace_fails_the_rest_clearly(lm, prompts):
@@ -361,7 +392,7 @@ def test_requests_sharing_a_token_prefix_reuse_its_blocks_and_stay_exact(lm, pro
         def run(prompt, ids):
             t = make_request(prompt, ids, SamplingParams(max_new_tokens=6))
             engine.submit(t.request)
-            t.result
+            assert t.result.generated_tokens > 0
             assert t.request.output_ids == reference_greedy(lm, prompt.embeddings, ids, 6)
             return t
 
@@ -378,3 +409,68 @@ def test_requests_sharing_a_token_prefix_reuse_its_blocks_and_stay_exact(lm, pro
         assert stats.hit_tokens == 48
     finally:
         engine.stop()
+
+
+@torch.inference_mode()
+def step_logits(lm: LoadedModel, prompt: torch.Tensor, input_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """[n, V]: the solo reference's logits before each of the n generated tokens (one forward pass)."""
+    embed = lm.model.get_input_embeddings()
+    x = torch.cat([prompt, embed(torch.tensor(input_ids + output_ids[:-1]))])[None]  # [1, P+L+n-1, H]
+    return lm.model(inputs_embeds=x).logits[0, prompt.shape[0] + len(input_ids) - 1:].double()
+
+
+def outside_filters(logits: torch.Tensor, tokens: list[int], temperature: float, top_k: int, top_p: float,
+                    tol: float = 1e-4) -> list[int]:
+    """Steps whose token lies outside the top-k and/or the nucleus of that step's tempered distribution."""
+    bad = []
+    for step, (row, token) in enumerate(zip(logits, tokens)):
+        warped = row / temperature  # [V]
+        if top_k:
+            kth = warped.topk(top_k).values[-1]
+            if warped[token] < kth - tol:
+                bad.append(step)
+                continue
+            warped = warped.masked_fill(warped < kth, float("-inf"))
+        probs = warped.softmax(-1)
+        mass_before = probs[probs > probs[token] + 1e-12].sum()  # mass of the strictly more likely tokens
+        if top_p < 1.0 and mass_before >= top_p + tol:
+            bad.append(step)
+    return bad
+
+
+def test_sampled_tokens_stay_inside_each_rows_top_k_and_nucleus_in_a_mixed_batch(lm, prompts):
+    """Hot temperatures make the filters matter: an unfiltered row at the same temperature leaves its
+    top 3 (so the check can fail), while each filtered row's every token lies in its own set."""
+    rng = random.Random(11)
+    rows = [  # (prompt, temperature, top_k, top_p)
+        (prompts[0], 5.0, 3, 1.0),
+        (prompts[1], 1.5, 0, 0.3),
+        (prompts[2], 3.0, 20, 0.6),
+        (prompts[3], 5.0, 0, 1.0),  # the unfiltered control
+        (prompts[1], 4.0, 2, 0.9),
+    ]
+    engine = start_engine(lm)
+    try:
+        tracked = []
+        for k, (prompt, temperature, top_k, top_p) in enumerate(rows):
+            params = SamplingParams(max_new_tokens=24, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=500 + k)
+            tracked.append(make_request(prompt, random_ids(rng, 3 + k), params))
+        tracked.append(make_request(prompts[2], random_ids(rng, 5), SamplingParams(max_new_tokens=24)))  # greedy
+        for t in tracked:
+            engine.submit(t.request)
+        for t in tracked:
+            assert t.result.generated_tokens > 0
+        assert engine.stats.mixed_task_passes > 0
+    finally:
+        engine.stop()
+    for t, (prompt, temperature, top_k, top_p) in zip(tracked, rows):
+        out = t.request.output_ids
+        logits = step_logits(lm, prompt.embeddings, t.request.input_ids, out)
+        if top_k or top_p < 1.0:
+            assert outside_filters(logits, out, temperature, top_k, top_p) == [], (top_k, top_p)
+            assert any(tok != int(row.argmax()) for row, tok in zip(logits, out)), "the row never sampled"
+        else:
+            assert outside_filters(logits, out, temperature, 3, 1.0), "the control never left its top 3"
+    greedy = tracked[-1]
+    assert greedy.request.output_ids == reference_greedy(lm, prompts[2].embeddings, greedy.request.input_ids, 24)

@@ -20,6 +20,7 @@ from server.engine.request import SamplingParams
 from server.models import LoadedModel
 from server.prompts.install import install, temp_folder
 from server.prompts.registry import Registry
+from server.prompts.types import PromptGeometry
 from tests.support import make_request, reference_greedy, start_engine
 
 
@@ -40,7 +41,7 @@ def deploy(store: Path, name: str, hidden: int, num_virtual: int, seed: int) -> 
 
 
 def registry_for(lm: LoadedModel, store: Path, **kw) -> Registry:
-    r = Registry(store, hidden_size=lm.hidden_size, max_virtual_tokens=32, dtype=lm.dtype, device=lm.device, **kw)
+    r = Registry(store, PromptGeometry.of(lm, 32), **kw)
     r.load_all()
     return r
 
@@ -84,8 +85,7 @@ def test_replaced_task_old_request_finishes_with_old_prompt(lm, tmp_path):
     store = tmp_path / "store"
     old_emb = write(store / "t", lm.hidden_size, 3, seed=0)
     registry = registry_for(lm, store)
-    engine = start_engine(lm)
-    engine.prefix_cache = PrefixCache(1 << 30)
+    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30))
     try:
         ids = [5, 6, 7, 8]
         old = make_request(registry.get("t"), ids, SamplingParams(max_new_tokens=40), stream=True)

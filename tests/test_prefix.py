@@ -4,8 +4,8 @@ the per-task key/value prefix cache on and off; eviction and invalidation."""
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,11 +24,10 @@ from server.engine.engine import Engine
 from server.engine.pool import BlockPool
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
-from server.engine.scheduler import Scheduler
 from server.models import LoadedModel
 from server.prompts.registry import Registry
-from server.prompts.types import KVShape, PromptKind, SoftPrompt
-from tests.support import make_request, reference_greedy
+from server.prompts.types import KVShape, PromptGeometry, PromptKind, SoftPrompt
+from tests.support import make_engine, make_request, reference_greedy, start_engine
 
 NUM_SUBTASKS = 3
 
@@ -63,8 +62,7 @@ def store(tmp_path_factory, tiny_model_dir: Path) -> Path:
 
 
 def make_registry(lm: LoadedModel, store: Path, max_virtual_tokens: int = 64) -> Registry:
-    registry = Registry(store, hidden_size=lm.hidden_size, max_virtual_tokens=max_virtual_tokens, dtype=lm.dtype,
-                        device=lm.device, kv_shape=KVShape.of(lm.model.config))
+    registry = Registry(store, PromptGeometry.of(lm, max_virtual_tokens))
     registry.load_all()
     return registry
 
@@ -103,8 +101,7 @@ def test_all_kinds_mixed_in_one_batch_match_peft(lm, store, tiny_model_dir, use_
     rng = random.Random(0)
     names = ["pt", "ptuning", "prefix", "mpt.0", "mpt.1", "mpt.2"]
     specs = [(names[k % len(names)], [rng.randrange(40_000) for _ in range(1 + (k * 3) % 9)], 5 + k % 4) for k in range(12)]
-    engine = Engine(lm, Scheduler(16, 100_000, 100), PrefixCache(1 << 30) if use_cache else None)
-    engine.start()
+    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30) if use_cache else None)
     try:
         tracked = [make_request(registry.get(n), ids, SamplingParams(max_new_tokens=m)) for n, ids, m in specs]
         for t in tracked:
@@ -130,14 +127,13 @@ def test_cache_on_and_off_give_the_same_tokens_over_time(lm, store):
     specs = [(["pt", "ptuning", "mpt.1"][k % 3], [rng.randrange(40_000) for _ in range(2 + k)], 6) for k in range(6)]
     outputs = []
     for cache in (PrefixCache(1 << 30), None):
-        engine = Engine(lm, Scheduler(16, 100_000, 100), cache)
-        engine.start()
+        engine = start_engine(lm, prefix_cache=cache)
         try:
             got = []
             for name, ids, m in specs:
                 t = make_request(registry.get(name), ids, SamplingParams(max_new_tokens=m))
                 engine.submit(t.request)
-                t.result
+                assert t.result.generated_tokens == m
                 got.append(t.request.output_ids)
             outputs.append(got)
         finally:
@@ -164,7 +160,7 @@ def test_prefix_equals_prepended_embeddings_numerically(lm, store):
     transformers model gives (what prepending computes), alone or next to a longer prompt."""
     registry = make_registry(lm, store)
     prompt = registry.get("pt")
-    engine = Engine(lm, Scheduler(4, 10_000, 10), PrefixCache(1 << 30))
+    engine = make_engine(lm, prefix_cache=PrefixCache(1 << 30))
     out = lm.model(inputs_embeds=prompt.embeddings[None], use_cache=True)
     expected = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers])
     (alone,) = prefixes_via_pool(engine, [prompt])
@@ -205,15 +201,14 @@ def test_replaced_task_is_invalidated_and_serves_the_new_prompt(lm, store, tmp_p
     live.mkdir()
     shutil.copytree(store / "pt", live / "task")
     registry = make_registry(lm, live)
-    engine = Engine(lm, Scheduler(4, 10_000, 10), PrefixCache(1 << 30))
-    engine.start()
+    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30))
     try:
         ids = [11, 22, 33, 44]
 
         def run() -> list[int]:
             t = make_request(registry.get("task"), ids, SamplingParams(max_new_tokens=8))
             engine.submit(t.request)
-            t.result
+            assert t.result.generated_tokens == 8
             return t.request.output_ids
 
         old = run()
@@ -231,8 +226,8 @@ def test_replaced_task_is_invalidated_and_serves_the_new_prompt(lm, store, tmp_p
 def test_prefix_shape_mismatch_is_rejected_with_reason(lm, store, tmp_path):
     bad = tmp_path / "store"
     shutil.copytree(store / "prefix", bad / "prefix")
-    registry = Registry(bad, hidden_size=lm.hidden_size, max_virtual_tokens=64, dtype=lm.dtype, device=lm.device,
-                        kv_shape=KVShape(num_layers=3, num_kv_heads=2, head_dim=16))
+    wrong = KVShape(num_layers=3, num_kv_heads=2, head_dim=16)
+    registry = Registry(bad, replace(PromptGeometry.of(lm, 64), kv_shape=wrong))
     registry.load_all()
     reason = registry.failures()["prefix"]
     assert "num_layers" in reason and "3" in reason

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from server.prompts.registry import Registry
-from server.prompts.types import PromptKind
+from server.prompts.types import PromptGeometry, PromptKind
 from tests.test_prompts_store import (
     HIDDEN,
     MAX_P,
@@ -25,7 +25,7 @@ from tests.test_prompts_store import (
 
 
 def make_registry(store: Path, dtype: torch.dtype = torch.float32) -> Registry:
-    return Registry(store, hidden_size=HIDDEN, max_virtual_tokens=MAX_P, dtype=dtype, device=torch.device("cpu"))
+    return Registry(store, PromptGeometry(HIDDEN, MAX_P, dtype))
 
 
 @pytest.fixture(scope="module")

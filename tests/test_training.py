@@ -16,6 +16,7 @@ from server.cli import main as cli_main
 from server.config import Settings
 from server.models import LoadedModel, load_model
 from server.prompts.store import read_adapter
+from server.prompts.types import PromptGeometry
 from server.training import CHATML_TEMPLATE, TrainConfig, as_soft_prompt, encode, generate_batch, train
 from tests.support import reference_greedy
 
@@ -51,7 +52,7 @@ def test_training_lowers_loss_and_writes_a_valid_adapter(lm, data, tmp_path):
     assert config["task_type"] == "CAUSAL_LM"
     card = (store / "toy" / "README.md").read_text()
     assert "toy.jsonl" in card and "trained prompt:" in card and "<|im_start|>user" in card
-    prompt = read_adapter(store / "toy", hidden_size=lm.hidden_size, max_virtual_tokens=8, dtype=lm.dtype, device="cpu")
+    prompt = read_adapter(store / "toy", PromptGeometry.of(lm, 8, device="cpu"))
     assert prompt.num_virtual_tokens == 4
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from server.api.auth import require_admin
-from server.api.errors import ApiError, NotFound, ValidationFailed
+from server.api.errors import ApiError
+from server.errors import InvalidRequest, UnknownTask
 from server.prompts.install import check_folder, install, remove, temp_folder
 from server.prompts.registry import Registry
 from server.prompts.store import CONFIG_FILE, WEIGHTS_FILE, validate_task_name
@@ -42,11 +43,8 @@ def _service(request: Request) -> Service:
 
 
 def _admin_lock(request: Request) -> threading.Lock:
-    """Serialises store writes from this server (a lock per app, kept on app.state)."""
-    state = request.app.state
-    lock = getattr(state, "admin_lock", None)
-    if lock is None:
-        lock = state.admin_lock = threading.Lock()
+    """Serialises store writes from this server (one lock per app, made by `create_app`)."""
+    lock: threading.Lock = request.app.state.admin_lock
     return lock
 
 
@@ -54,7 +52,7 @@ def _name(name: str) -> str:
     try:
         validate_task_name(name)
     except PromptError as e:
-        raise ValidationFailed(e.reason) from None
+        raise InvalidRequest(e.reason) from None
     return name
 
 
@@ -76,27 +74,27 @@ async def _files(request: Request, body: bytes, limit: int) -> dict[str, bytes]:
         return {"type": "http.request", "body": body, "more_body": False}
 
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ValidationFailed(f"send multipart/form-data with the files {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise InvalidRequest(f"send multipart/form-data with the files {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         form = await Request(request.scope, replay).form(max_files=8, max_fields=8)
     except Exception as e:  # malformed multipart
-        raise ValidationFailed(f"cannot parse the multipart upload: {e}") from None
+        raise InvalidRequest(f"cannot parse the multipart upload: {e}") from None
     files: dict[str, bytes] = {}
     try:
         for field, value in form.multi_items():
             if not isinstance(value, UploadFile):
-                raise ValidationFailed(f"form field {field!r} must be a file")
+                raise InvalidRequest(f"form field {field!r} must be a file")
             key = field if field in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE) else (value.filename or field)
             if key not in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE):
-                raise ValidationFailed(f"unexpected file {key!r}; send {CONFIG_FILE} and {WEIGHTS_FILE} (and optionally {CARD_FILE})")
+                raise InvalidRequest(f"unexpected file {key!r}; send {CONFIG_FILE} and {WEIGHTS_FILE} (and optionally {CARD_FILE})")
             if key in files:
-                raise ValidationFailed(f"{key} sent twice")
+                raise InvalidRequest(f"{key} sent twice")
             files[key] = await value.read()
     finally:
         await form.close()
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
     if missing:
-        raise ValidationFailed(f"missing file(s) {missing}: an adapter upload needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise InvalidRequest(f"missing file(s) {missing}: an adapter upload needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     total = len(files[CONFIG_FILE]) + len(files[WEIGHTS_FILE])
     if total > limit:
         raise TooLarge(f"adapter files are {total} bytes; at most {limit} bytes are accepted")
@@ -116,14 +114,14 @@ def _write_and_install(registry: Registry, name: str, files: dict[str, bytes], l
         try:
             check_folder(tmp, name, registry.read)  # the same validation as at startup
         except PromptError as e:
-            raise ValidationFailed(f"invalid adapter: {e.reason}") from None
+            raise InvalidRequest(f"invalid adapter: {e.reason}") from None
         with lock:
             replaced = (registry.store / name).exists()
             install(registry.store, name, tmp)
             try:
                 registry.load_folder(name)
             except PromptError as e:  # e.g. a multitask sub-task name now clashes with another task
-                raise ValidationFailed(f"adapter stored but not servable: {e.reason}") from None
+                raise InvalidRequest(f"adapter stored but not servable: {e.reason}") from None
         return replaced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when installed
@@ -133,7 +131,7 @@ def _describe(registry: Registry, name: str) -> dict[str, Any]:
     info = registry.info(name)
     if info is None:
         failure = registry.failures().get(name)
-        raise NotFound(f"unknown task {name!r}" + (f"; its folder failed validation: {failure}" if failure else ""))
+        raise UnknownTask(name, reason=f"its folder failed validation: {failure}" if failure else None)
     card_path = info.folder / CARD_FILE
     try:
         card = card_path.read_bytes()[:MAX_CARD_BYTES].decode("utf-8", errors="replace") if card_path.is_file() else None
@@ -145,13 +143,39 @@ def _describe(registry: Registry, name: str) -> dict[str, Any]:
         "num_virtual_tokens": info.num_virtual_tokens,
         "folder": info.folder.name,
         "content_hash": info.content_hash,
-        "created": datetime.fromtimestamp(info.created, timezone.utc).isoformat(),
+        "created": datetime.fromtimestamp(info.created, UTC).isoformat(),
         "resident": name in registry.resident(),
         "card": card,
     }
 
 
-@router.put("/tasks/{name:path}")
+def _file_part(description: str) -> dict[str, Any]:
+    return {"type": "string", "format": "binary", "description": description}
+
+
+# The body is read by hand (size limits before parsing), so FastAPI cannot infer it: describe it.
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": [CONFIG_FILE, WEIGHTS_FILE],
+            "properties": {
+                CONFIG_FILE: _file_part("PEFT adapter config (peft_type, num_virtual_tokens, ...)"),
+                WEIGHTS_FILE: _file_part("safetensors file with the tensor prompt_embeddings (and, for multitask "
+                                         "prompt tuning, prefix_task_cols and prefix_task_rows)"),
+                CARD_FILE: _file_part("optional task card (markdown), shown by GET /tasks/{name}"),
+            },
+        }}},
+    },
+}
+
+
+@router.put("/tasks/{name:path}", openapi_extra=_UPLOAD_BODY, status_code=201, responses={
+    200: {"description": "an existing task was replaced"},
+    413: {"description": "the upload is over --max-upload-bytes"},
+    422: {"description": "an invalid task name, multipart body or adapter (the reason says which)"},
+})
 async def put_task(name: str, request: Request) -> JSONResponse:
     """Upload (create or replace) a task: multipart files adapter_config.json and adapter_model.safetensors."""
     _name(name)
@@ -172,7 +196,7 @@ async def delete_task(name: str, request: Request) -> dict[str, Any]:
     def work() -> list[str]:
         with _admin_lock(request):
             if not remove(registry.store, name):
-                raise NotFound(f"no task folder {name!r} in the store")
+                raise UnknownTask(name, message=f"no task folder {name!r} in the store")
             return registry.remove_folder(name)
 
     removed = await anyio.to_thread.run_sync(work)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -35,6 +36,7 @@ def create_app(settings: Settings, loader: Callable[[], LoadedModel] | None = No
 
     app = FastAPI(title="softmux", version=server.__version__, lifespan=lifespan)
     app.state.service = service
+    app.state.admin_lock = threading.Lock()  # serialises this server's store writes (admin routes)
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(openai_compat.router)
@@ -57,6 +59,6 @@ def run_server(settings: Settings) -> None:
                             timeout_keep_alive=settings.timeout_keep_alive,
                             # after the drain every accepted request has its answer; this bounds
                             # how long slow readers may hold their connection open
-                            timeout_graceful_shutdown=max(settings.shutdown_grace, 1.0))
+                            timeout_graceful_shutdown=max(math.ceil(settings.shutdown_grace), 1))
     # SIGTERM/SIGINT: drain the engine (503 for new requests, accepted ones finish), then exit 0.
     DrainingServer(config, app.state.service, settings.shutdown_grace).run()

@@ -1,8 +1,12 @@
-"""Errors in TGI's shape, `{"error": ..., "error_type": ...}`, and the handlers that produce them."""
+"""Errors at the edge: domain errors (`server.errors`) and HTTP-layer errors become TGI's shape,
+`{"error": ..., "error_type": ...}`, on native routes and OpenAI's, `{"error": {"message", "type",
+"param", "code"}}`, on /v1/ routes. `SHAPES` is the one table from a domain error kind to its status."""
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,41 +14,54 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.errors import DomainError, ErrorKind, InvalidRequest, UnknownTask
+
 
 class ApiError(Exception):
-    """An error a client should see: HTTP status, TGI error_type and a message saying what to change."""
+    """An error of the HTTP layer itself (auth, body size, a client gone): its status and TGI error_type.
+
+    What goes wrong with a request below the API is a `server.errors.DomainError`; `SHAPES` maps it.
+    """
 
     status_code = 500
     error_type = "internal"
 
-    def __init__(self, message: str, **extra: Any) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.extra = extra
-
-    def body(self) -> dict[str, Any]:
-        extra = {k: v for k, v in self.extra.items() if k not in {"param", "code"}}
-        return {"error": self.message, "error_type": self.error_type, **extra}
 
 
-class ValidationFailed(ApiError):
-    status_code, error_type = 422, "validation"
+@dataclass(frozen=True)
+class Shape:
+    """How one kind of domain error looks on the wire."""
+
+    status: int
+    error_type: str  # TGI's error_type (also the Prometheus outcome label of a refused request)
+    openai_type: str  # OpenAI's error.type
+    retry_after: bool = False  # worth retrying: answer with Retry-After
 
 
-class NotFound(ApiError):
-    status_code, error_type = 404, "not_found"
+SHAPES: dict[ErrorKind, Shape] = {
+    ErrorKind.UNKNOWN_TASK: Shape(404, "not_found", "invalid_request_error"),
+    ErrorKind.INVALID_REQUEST: Shape(422, "validation", "invalid_request_error"),
+    ErrorKind.OVERLOADED: Shape(429, "overloaded", "rate_limit_error", retry_after=True),
+    ErrorKind.UNAVAILABLE: Shape(503, "unhealthy", "server_error", retry_after=True),
+    ErrorKind.GENERATION_FAILED: Shape(424, "generation", "server_error"),
+}
 
 
-class Overloaded(ApiError):
-    status_code, error_type = 429, "overloaded"
+def tgi_error(kind: ErrorKind, message: str) -> dict[str, Any]:
+    """TGI's error body, also the payload of a failed stream's last event."""
+    return {"error": message, "error_type": SHAPES[kind].error_type}
 
 
-class Unavailable(ApiError):
-    status_code, error_type = 503, "unhealthy"
-
-
-class GenerationFailed(ApiError):
-    status_code, error_type = 424, "generation"
+def openai_error(exc: DomainError) -> dict[str, Any]:
+    """OpenAI's error body for a domain error: the task is the `model`, an invalid field the `param`."""
+    shape = SHAPES[exc.kind]
+    if isinstance(exc, UnknownTask):
+        return openai_body(exc.describe("model (task)"), shape.openai_type, param="model", code="model_not_found")
+    param = exc.field if isinstance(exc, InvalidRequest) else None
+    return openai_body(exc.message, shape.openai_type, param=param, code=shape.error_type)
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -58,31 +75,23 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 OPENAI_PREFIX = "/v1/"
-_OPENAI_TYPES = {
-    "validation": "invalid_request_error",
-    "not_found": "invalid_request_error",
-    "overloaded": "rate_limit_error",
-    "unhealthy": "server_error",
-    "generation": "server_error",
-}
+_HTTP_OPENAI_TYPES = {"validation": "invalid_request_error", "not_found": "invalid_request_error"}
 
 
-def openai_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def openai_body(message: str, openai_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": _OPENAI_TYPES.get(error_type, "server_error"),
-                      "param": param, "code": code or error_type}}
+    return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}
 
 
 def error_response(
     request: Request, status: int, message: str, error_type: str, *,
-    headers: dict[str, str] | None = None, param: str | None = None, code: str | None = None,
-    extra: dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None, param: str | None = None, code: str | None = None,
 ) -> JSONResponse:
-    """TGI's shape on native routes, OpenAI's on /v1/ routes."""
+    """An HTTP-layer error: TGI's shape on native routes, OpenAI's on /v1/ routes."""
     if request.url.path.startswith(OPENAI_PREFIX):
-        body = openai_body(message, error_type, param, code)
+        body = openai_body(message, _HTTP_OPENAI_TYPES.get(error_type, "server_error"), param, code or error_type)
     else:
-        body = {"error": message, "error_type": error_type, **(extra or {})}
+        body = {"error": message, "error_type": error_type}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -91,12 +100,17 @@ _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def install(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
+        """The one place where a domain error becomes an HTTP answer."""
+        shape = SHAPES[exc.kind]
+        headers = {"Retry-After": "1"} if shape.retry_after else None
+        body = openai_error(exc) if request.url.path.startswith(OPENAI_PREFIX) else tgi_error(exc.kind, exc.message)
+        return JSONResponse(body, status_code=shape.status, headers=headers)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if isinstance(exc, (Overloaded, Unavailable)) else None
-        extra = {k: v for k, v in exc.extra.items() if k not in {"param", "code"}}
-        return error_response(request, exc.status_code, exc.message, exc.error_type, headers=headers,
-                              param=exc.extra.get("param"), code=exc.extra.get("code"), extra=extra)
+        return error_response(request, exc.status_code, exc.message, exc.error_type)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

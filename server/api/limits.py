@@ -80,7 +80,7 @@ class BodyLimitMiddleware:
     @staticmethod
     async def _refuse(scope: Scope, send: Send, message: str) -> None:
         if scope.get("path", "").startswith(OPENAI_PREFIX):
-            payload: dict[str, Any] = openai_body(message, "too_large", code="request_too_large")
+            payload: dict[str, Any] = openai_body(message, "server_error", code="request_too_large")
         else:
             payload = {"error": message, "error_type": "too_large"}
         body = json.dumps(payload).encode()

@@ -23,10 +23,6 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("sof
 access_log = logging.getLogger("softmux.access")
 
 
-def current_request_id() -> str | None:
-    return request_id_var.get()
-
-
 def new_request_id() -> str:
     return uuid.uuid4().hex
 

@@ -16,12 +16,13 @@ import anyio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.api.errors import NotFound, ValidationFailed, openai_body
+from server.api.errors import openai_error
+from server.api.routes import event_stream, generate_unless_gone
 from server.api.schemas import MAX_SEED, MAX_STOP, finite_or_none
-from server.api.routes import generate_unless_gone
-from server.api.sse import EventStream, sse
+from server.api.sse import sse
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, SamplingParams, TokenEvent
-from server.service import Generation, Prepared, Service
+from server.errors import InvalidRequest, UnknownTask, error_of
+from server.service import Generation, Service
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -86,7 +87,7 @@ class _Common(BaseModel):
         return stops
 
     @model_validator(mode="after")
-    def _neutral(self) -> "_Common":
+    def _neutral(self) -> _Common:
         for name, allowed in _NEUTRAL.items():
             if name in type(self).model_fields:
                 value = getattr(self, name)
@@ -174,16 +175,6 @@ def _usage(event: FinishEvent) -> dict[str, int]:
             "total_tokens": event.input_tokens + event.generated_tokens, "virtual_tokens": event.virtual_tokens}
 
 
-async def _prepare(service: Service, model: str, text: str, params: SamplingParams, **kwargs: Any) -> Prepared:
-    try:
-        return await service.prepare(model, text, params, **kwargs)
-    except NotFound as exc:
-        raise NotFound(exc.message.replace("unknown task", "unknown model (task)"), param="model", code="model_not_found") from exc
-    except ValidationFailed as exc:
-        inputs_name, limit_name = kwargs["names"]
-        raise ValidationFailed(exc.message, param=limit_name if limit_name in exc.message else inputs_name) from exc
-
-
 async def _openai_stream(generation: Generation, chunk: Any, include_usage: bool) -> AsyncIterator[bytes]:
     """`chunk(text, finish_reason)` builds one chunk; then the usage chunk if asked, then [DONE]."""
     first = True
@@ -200,7 +191,7 @@ async def _openai_stream(generation: Generation, chunk: Any, include_usage: bool
                 yield sse(final)
             yield sse("[DONE]")
         elif isinstance(event, ErrorEvent):
-            yield sse(openai_body(event.message, event.error_type))
+            yield sse(openai_error(error_of(event.kind, event.message)))
 
 
 @router.get("/models")
@@ -214,7 +205,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     _, registry, _ = _service(request).require_ready()
     if model not in registry:
-        raise NotFound(f"unknown model (task) {model!r}", param="model", code="model_not_found")
+        raise UnknownTask(model)
     return _model_card(model)
 
 
@@ -226,8 +217,7 @@ def _model_card(name: str) -> dict[str, Any]:
 async def completions(body: CompletionRequest, request: Request) -> Any:
     service = _service(request)
     assert body.max_tokens is not None
-    prepared = await _prepare(service, body.model, body.text, body.sampling(body.max_tokens),
-                              names=("prompt", "max_tokens"))
+    prepared = await service.prepare(body.model, body.text, body.sampling(body.max_tokens), names=("prompt", "max_tokens"))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(text: str, finish: str | None, _: bool) -> dict[str, Any]:
@@ -235,8 +225,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
     if body.stream:
-        generation = service.submit(prepared, stream=True)
-        return EventStream(_openai_stream(generation, chunk, body.include_usage), on_close=generation.cancel)
+        return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage))
     result = await generate_unless_gone(service, prepared, request)
     out = chunk(result.generated_text, _finish_reason(result.finish_reason), False)
     out["usage"] = _usage(result)
@@ -249,18 +238,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     _, _, lm = service.require_ready()
     tokenizer = lm.tokenizer
     if not getattr(tokenizer, "chat_template", None):
-        raise ValidationFailed(f"the model {lm.name} has no chat template; use /v1/completions", param="messages")
+        raise InvalidRequest(f"the model {lm.name} has no chat template; use /v1/completions", "messages")
     messages = [m.as_template_message() for m in body.messages]
     try:
         text: str = await anyio.to_thread.run_sync(
-            lambda: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            lambda: str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)))
     except Exception as exc:  # a template that refuses this conversation (e.g. role order)
-        raise ValidationFailed(f"the chat template refused these messages: {exc}", param="messages") from exc
+        raise InvalidRequest(f"the chat template refused these messages: {exc}", "messages") from exc
     limit = body.max_completion_tokens or body.max_tokens
     fit = limit is None
     # The template already holds the special tokens it wants; the soft prompt still comes first.
-    prepared = await _prepare(service, body.model, text, body.sampling(limit or service.settings.max_new_tokens),
-                              add_special_tokens=False, fit_new_tokens=fit, names=("messages", "max_tokens"))
+    prepared = await service.prepare(body.model, text, body.sampling(limit or service.settings.max_new_tokens),
+                                     add_special_tokens=False, fit_new_tokens=fit, names=("messages", "max_tokens"))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any]:
@@ -269,8 +258,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
     if body.stream:
-        generation = service.submit(prepared, stream=True)
-        return EventStream(_openai_stream(generation, chunk, body.include_usage), on_close=generation.cancel)
+        return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage))
     result = await generate_unless_gone(service, prepared, request)
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": body.model,

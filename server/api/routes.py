@@ -3,7 +3,7 @@ GET /health, /ready, /info, /metrics, /stats."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -12,10 +12,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 import server
-from server.api.errors import ApiError
+from server.api.errors import ApiError, tgi_error
 from server.api.schemas import MAX_STOP, Details, ErrorBody, GenerateParameters, GenerateRequest, GenerateResponse
 from server.api.sse import EventStream, sse
-from server.engine.request import ErrorEvent, FinishEvent, TokenEvent, SamplingParams
+from server.engine.request import ErrorEvent, FinishEvent, SamplingParams, TokenEvent
+from server.errors import ErrorKind, Unavailable
 from server.service import Generation, Prepared, Service
 
 router = APIRouter()
@@ -67,6 +68,13 @@ async def generate_unless_gone(service: Service, prepared: Prepared, request: Re
     return result
 
 
+def event_stream(service: Service, prepared: Prepared, render: Callable[[Generation], AsyncIterator[bytes]]) -> EventStream:
+    """Submit now, so that errors before the first byte (queue full, not ready) stay plain HTTP
+    errors, and stream `render(generation)`; a client that leaves cancels the request."""
+    generation = service.submit(prepared, stream=True)
+    return EventStream(render(generation), on_close=generation.cancel)
+
+
 def sampling_params(p: GenerateParameters) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=p.max_new_tokens,
@@ -89,7 +97,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     return GenerateResponse(
         generated_text=result.generated_text,
         details=Details(
-            finish_reason=result.finish_reason.value,  # type: ignore[arg-type]
+            finish_reason=result.finish_reason.value,
             generated_tokens=result.generated_tokens,
             input_tokens=result.input_tokens,
             virtual_tokens=result.virtual_tokens,
@@ -108,7 +116,7 @@ def _details(event: FinishEvent) -> dict[str, Any]:
             "virtual_tokens": event.virtual_tokens, "seed": event.seed}
 
 
-async def tgi_stream(generation: Generation, prepared: Prepared) -> AsyncIterator[bytes]:
+async def tgi_stream(generation: Generation) -> AsyncIterator[bytes]:
     """TGI's stream: one event per token, `{"index", "token", "generated_text": null, "details": null}`;
     the last token's event carries `generated_text` and `details`; a failure is `{"error", "error_type"}`.
 
@@ -127,7 +135,7 @@ async def tgi_stream(generation: Generation, prepared: Prepared) -> AsyncIterato
             token = _token(last) if last is not None else None
             yield sse({"index": index, "token": token, "generated_text": event.generated_text, "details": _details(event)})
         elif isinstance(event, ErrorEvent):
-            yield sse({"error": event.message, "error_type": event.error_type})
+            yield sse(tgi_error(event.kind, event.message))
 
 
 @router.post("/generate_stream", responses={200: {"content": {"text/event-stream": {}},
@@ -139,8 +147,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
     service = service_of(request)
     prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters),
                                      timeout=body.parameters.timeout)
-    generation = service.submit(prepared, stream=True)
-    return EventStream(tgi_stream(generation, prepared), on_close=generation.cancel)
+    return event_stream(service, prepared, tgi_stream)
 
 
 @router.get("/tasks")
@@ -157,7 +164,7 @@ async def health(request: Request) -> JSONResponse:
     service = service_of(request)
     if not service.healthy:
         reason = service.load_error or (service.engine.error if service.engine else None)
-        return JSONResponse({"status": "unhealthy", "error": str(reason), "error_type": "unhealthy"}, status_code=503)
+        return JSONResponse({"status": "unhealthy", **tgi_error(ErrorKind.UNAVAILABLE, str(reason))}, status_code=503)
     return JSONResponse({"status": "ok", "ready": service.ready.is_set()})
 
 
@@ -168,8 +175,8 @@ async def ready(request: Request) -> JSONResponse:
     service = service_of(request)
     try:
         service.require_ready()
-    except Exception as exc:  # Unavailable
-        return JSONResponse({"status": "unavailable", "error": str(exc), "error_type": "unhealthy"},
+    except Unavailable as exc:
+        return JSONResponse({"status": "unavailable", **tgi_error(exc.kind, exc.message)},
                             status_code=503, headers={"Retry-After": "1"})
     return JSONResponse({"status": "ready"})
 

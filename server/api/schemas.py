@@ -73,7 +73,7 @@ class GenerateParameters(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _neutral_tgi_fields(self) -> "GenerateParameters":
+    def _neutral_tgi_fields(self) -> GenerateParameters:
         for name, allowed in _TGI_NEUTRAL.items():
             value = getattr(self, name)
             if value not in allowed:

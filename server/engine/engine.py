@@ -25,6 +25,7 @@ from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request
 from server.engine.runner import Runner
 from server.engine.sampler import prepare, sample
 from server.engine.scheduler import Scheduler
+from server.errors import ErrorKind
 from server.models import LoadedModel
 
 log = logging.getLogger("softmux.engine")
@@ -125,7 +126,7 @@ class Engine:
         self.scheduler.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._fail_all("the server is shutting down", "unhealthy")
+        self._fail_all("the server is shutting down", ErrorKind.UNAVAILABLE)
 
     @property
     def alive(self) -> bool:
@@ -145,7 +146,7 @@ class Engine:
         except BaseException as exc:  # the loop must never die silently: health checks read this
             log.exception("engine loop died")
             self.error = exc
-            self._fail_all(f"engine failure: {exc}", "generation")
+            self._fail_all(f"engine failure: {exc}", ErrorKind.GENERATION_FAILED)
 
     def pool_stats(self) -> dict[str, int]:
         """The key/value pool's counters: what rows hold (their own tokens only) and what prefixes hold."""
@@ -182,7 +183,7 @@ class Engine:
         for req in plan.dropped:
             self._finish(req, req.ended_reason(now) or FinishReason.CANCELLED)
         for req in plan.rejected:
-            self._fail(req, "the request needs more key/value memory than the pool holds (--kv-cache-bytes)", "validation")
+            self._fail(req, "the request needs more key/value memory than the pool holds (--kv-cache-bytes)", ErrorKind.INVALID_REQUEST)
         self._drop_ended(now)
         if plan.admitted:
             self._start(plan.admitted)
@@ -304,12 +305,12 @@ class Engine:
             )
         )
 
-    def _fail(self, req: Request, message: str, error_type: str = "generation") -> None:
+    def _fail(self, req: Request, message: str, kind: ErrorKind = ErrorKind.GENERATION_FAILED) -> None:
         if req in self.scheduler.running:
             self.scheduler.finish(req)
         self.stats.requests_failed += 1
-        req.sink(ErrorEvent(message=message, error_type=error_type))
+        req.sink(ErrorEvent(message=message, kind=kind))
 
-    def _fail_all(self, message: str, error_type: str) -> None:
+    def _fail_all(self, message: str, kind: ErrorKind) -> None:
         for req in list(self.scheduler.running) + self.scheduler.drain_waiting():
-            self._fail(req, message, error_type)
+            self._fail(req, message, kind)

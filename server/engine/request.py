@@ -6,10 +6,12 @@ import enum
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING
 
 from server.engine.pool import SeqBlocks
+from server.errors import ErrorKind
 from server.prompts.types import SoftPrompt
 
 if TYPE_CHECKING:
@@ -74,10 +76,10 @@ class FinishEvent:
 @dataclass(frozen=True)
 class ErrorEvent:
     message: str
-    error_type: str
+    kind: ErrorKind = ErrorKind.GENERATION_FAILED
 
 
-Event = Union[TokenEvent, FinishEvent, ErrorEvent]
+Event = TokenEvent | FinishEvent | ErrorEvent
 Sink = Callable[[Event], None]  # called on the engine thread; must not block
 
 _ids = itertools.count()

@@ -85,7 +85,7 @@ class BatchFlags:
     logprobs: bool  # some row wants log-probabilities (streams report them)
 
     @classmethod
-    def of(cls, params: SamplingTensors) -> "BatchFlags":
+    def of(cls, params: SamplingTensors) -> BatchFlags:
         """Derived from the tensors (syncs a device); the engine builds them from its requests instead."""
         sampling = bool(params.sampling.any())
         return cls(

@@ -21,15 +21,10 @@ from server.engine.block_cache import BlockCache
 from server.engine.pool import BlockPool
 from server.engine.prefix_cache import PrefixCache, PrefixEntry
 from server.engine.request import Request, RequestStatus
+from server.errors import QueueFull, ShuttingDown
 from server.prompts.types import SoftPrompt
 
-
-class QueueFull(Exception):
-    """The waiting queue is at its limit (the API answers 429)."""
-
-
-class ShuttingDown(RuntimeError):
-    """The server is draining: no new requests (the API answers 503)."""
+__all__ = ["QueueFull", "Scheduler", "ShuttingDown"]
 
 
 @dataclass

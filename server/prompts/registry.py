@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from server.prompts.store import CONFIG_FILE, WEIGHTS_FILE, read_task_folder, validate_task_name
-from server.prompts.types import KVShape, PromptError, PromptKind, SoftPrompt
+from server.prompts.types import PromptError, PromptGeometry, PromptKind, SoftPrompt
 
 logger = logging.getLogger("softmux.prompts")
 
@@ -63,24 +61,10 @@ class Registry:
     Requests keep the `SoftPrompt` they started with, so dropping or replacing never affects them.
     """
 
-    def __init__(
-        self,
-        store: Path,
-        *,
-        hidden_size: int,
-        max_virtual_tokens: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        kv_shape: KVShape | None = None,
-        max_resident: int | None = None,
-    ) -> None:
+    def __init__(self, store: Path, geometry: PromptGeometry, *, max_resident: int | None = None) -> None:
         self.store = Path(store)
+        self.geometry = geometry
         self.max_resident = max_resident
-        self.hidden_size = hidden_size
-        self.max_virtual_tokens = max_virtual_tokens
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.kv_shape = kv_shape
         self._lock = threading.Lock()
         self._info: dict[str, TaskInfo] = {}  # every servable task
         self._prompts: OrderedDict[str, SoftPrompt] = OrderedDict()  # resident ones, least recently used first
@@ -91,14 +75,7 @@ class Registry:
 
     def read(self, folder: Path) -> list[SoftPrompt]:
         """Read one adapter folder (one task, or one per sub-task) with this registry's model limits."""
-        return read_task_folder(
-            folder,
-            hidden_size=self.hidden_size,
-            max_virtual_tokens=self.max_virtual_tokens,
-            dtype=self.dtype,
-            device=self.device,
-            kv_shape=self.kv_shape,
-        )
+        return read_task_folder(folder, self.geometry)
 
     def load_all(self) -> None:
         """(Re)scan the store: load every valid task folder, record every invalid one with its reason."""

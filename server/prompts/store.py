@@ -12,14 +12,13 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as safetensors_load
 
-from server.prompts.types import KVShape, PromptError, PromptKind, SoftPrompt
+from server.prompts.types import PromptError, PromptGeometry, PromptKind, SoftPrompt
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 TASK_NAME_RULE = (
@@ -45,38 +44,20 @@ def validate_task_name(name: str) -> None:
         raise PromptError(f"invalid task name {name!r}: allowed names are {TASK_NAME_RULE}")
 
 
-def read_adapter(
-    folder: Path,
-    *,
-    hidden_size: int,
-    max_virtual_tokens: int,
-    dtype: torch.dtype,
-    device: torch.device | str,
-    kv_shape: KVShape | None = None,
-) -> SoftPrompt:
+def read_adapter(folder: Path, geometry: PromptGeometry) -> SoftPrompt:
     """Read a folder that holds exactly one task (every kind but multitask prompt tuning)."""
-    prompts = read_task_folder(
-        folder, hidden_size=hidden_size, max_virtual_tokens=max_virtual_tokens, dtype=dtype, device=device, kv_shape=kv_shape
-    )
+    prompts = read_task_folder(folder, geometry)
     if len(prompts) != 1:
         raise PromptError(f"{folder.name} holds {len(prompts)} tasks; expected one")
     return prompts[0]
 
 
-def read_task_folder(
-    folder: Path,
-    *,
-    hidden_size: int,
-    max_virtual_tokens: int,
-    dtype: torch.dtype,
-    device: torch.device | str,
-    kv_shape: KVShape | None = None,
-) -> list[SoftPrompt]:
+def read_task_folder(folder: Path, geometry: PromptGeometry) -> list[SoftPrompt]:
     """Read, validate and convert one adapter folder into its tasks; raise PromptError saying why not.
 
     Every kind gives one task named after the folder, except MULTITASK_PROMPT_TUNING, which gives
-    one task per sub-task, named `<folder>.<t>`. Tensors are cast to `dtype`, on `device`, contiguous.
-    `kv_shape` (the model's layers, KV heads, head dim) is needed to accept PREFIX_TUNING.
+    one task per sub-task, named `<folder>.<t>`. Tensors are cast to the geometry's dtype, on its
+    device, contiguous; its `kv_shape` is needed to accept PREFIX_TUNING.
     """
     folder = Path(folder)
     validate_task_name(folder.name)
@@ -90,21 +71,20 @@ def read_task_folder(
     weights_bytes = _read_bytes(folder / WEIGHTS_FILE, MAX_WEIGHTS_BYTES)
     tensors = _load_safetensors(weights_bytes)
     digest = content_hash(config_bytes, weights_bytes)
-    limits = Limits(hidden_size=hidden_size, max_virtual_tokens=max_virtual_tokens, kv_shape=kv_shape)
-    dev = torch.device(device)
+    dtype, dev = geometry.dtype, geometry.device
 
     if kind is PromptKind.PREFIX_TUNING:
-        kv = _read_prefix(tensors, config, limits)  # [L, 2, H_kv, P, D]
+        kv = _read_prefix(tensors, config, geometry)  # [L, 2, H_kv, P, D]
         kv = _cast_checked(kv, dtype=dtype, device=dev)
         return [SoftPrompt(name=folder.name, kind=kind, embeddings=None, content_hash=digest, source=folder, prefix_kv=kv)]
     if kind is PromptKind.MULTITASK_PROMPT_TUNING:
-        per_task = _read_multitask(tensors, config, limits)  # T x [P, H]
+        per_task = _read_multitask(tensors, config, geometry)  # T x [P, H]
         return [
             SoftPrompt(name=f"{folder.name}.{t}", kind=kind, embeddings=_cast_checked(e, dtype=dtype, device=dev),
                        content_hash=f"{digest}:{t}", source=folder)
             for t, e in enumerate(per_task)
         ]
-    embeddings = _read_prompt_embeddings(tensors, config, kind, limits)  # [P, H] in the file's dtype
+    embeddings = _read_prompt_embeddings(tensors, config, kind, geometry)  # [P, H] in the file's dtype
     embeddings = _cast_checked(embeddings, dtype=dtype, device=dev)
     return [SoftPrompt(name=folder.name, kind=kind, embeddings=embeddings, content_hash=digest, source=folder)]
 
@@ -201,25 +181,18 @@ def _config_int(config: Mapping[str, Any], key: str) -> int | None:
 # tensors to serve (in the file's dtype; casting comes after).
 
 
-@dataclass(frozen=True)
-class Limits:
-    hidden_size: int
-    max_virtual_tokens: int
-    kv_shape: KVShape | None
-
-
 def _floating(name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point():
         raise PromptError(f"{name} has dtype {_dtype_name(t.dtype)}; a floating-point dtype is required")
 
 
-def _check_count(num_tokens: int, limits: Limits) -> None:
-    if not 1 <= num_tokens <= limits.max_virtual_tokens:
-        raise PromptError(f"{EMBEDDINGS_KEY} has {num_tokens} virtual tokens; allowed: 1 to {limits.max_virtual_tokens}")
+def _check_count(num_tokens: int, geometry: PromptGeometry) -> None:
+    if not 1 <= num_tokens <= geometry.max_virtual_tokens:
+        raise PromptError(f"{EMBEDDINGS_KEY} has {num_tokens} virtual tokens; allowed: 1 to {geometry.max_virtual_tokens}")
 
 
 def _read_prompt_embeddings(
-    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], kind: PromptKind, limits: Limits
+    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], kind: PromptKind, geometry: PromptGeometry
 ) -> torch.Tensor:
     """PROMPT_TUNING and P_TUNING: one `prompt_embeddings` tensor [P, hidden].
 
@@ -229,7 +202,7 @@ def _read_prompt_embeddings(
     _expect_keys(tensors, {EMBEDDINGS_KEY})
     emb = tensors[EMBEDDINGS_KEY]
     _floating(EMBEDDINGS_KEY, emb)
-    hidden_size = limits.hidden_size
+    hidden_size = geometry.hidden_size
     if emb.dim() != 2:
         raise PromptError(
             f"{EMBEDDINGS_KEY} has shape {list(emb.shape)} ({emb.dim()}-D); "
@@ -240,18 +213,18 @@ def _read_prompt_embeddings(
         raise PromptError(
             f"{EMBEDDINGS_KEY} has hidden size {width} (shape {list(emb.shape)}); the model's hidden size is {hidden_size}"
         )
-    _check_count(num_tokens, limits)
+    _check_count(num_tokens, geometry)
     _check_num_virtual_tokens(config, num_tokens)
     return emb  # [P, H]
 
 
-def _read_prefix(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], limits: Limits) -> torch.Tensor:
+def _read_prefix(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], geometry: PromptGeometry) -> torch.Tensor:
     """PREFIX_TUNING: `prompt_embeddings` [P, num_layers*2*kv_heads*head_dim] -> [L, 2, H_kv, P, D].
 
     PEFT lays a token's row out as (layer, key|value, kv head, head dim): layer i's key is slice
     2i, its value 2i+1. Keys are stored without rotary encoding, as the cache holds them.
     """
-    shape = limits.kv_shape
+    shape = geometry.kv_shape
     if shape is None:
         raise PromptError("PREFIX_TUNING needs the model's layer geometry, which this server did not provide")
     _expect_keys(tensors, {EMBEDDINGS_KEY})
@@ -272,7 +245,7 @@ def _read_prefix(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
             f"[num_virtual_tokens, {width}] = num_layers {layers} x 2 x KV heads {heads} x head dim {dim}"
         )
     num_tokens = emb.shape[0]
-    _check_count(num_tokens, limits)
+    _check_count(num_tokens, geometry)
     _check_num_virtual_tokens(config, num_tokens)
     kv = emb.view(num_tokens, layers * 2, heads, dim).permute(1, 2, 0, 3)  # [L*2, H_kv, P, D]
     return kv.reshape(layers, 2, heads, num_tokens, dim)
@@ -281,17 +254,17 @@ def _read_prefix(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
 MULTITASK_KEYS = {EMBEDDINGS_KEY, "prefix_task_cols", "prefix_task_rows"}
 
 
-def _read_multitask(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], limits: Limits) -> list[torch.Tensor]:
+def _read_multitask(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], geometry: PromptGeometry) -> list[torch.Tensor]:
     """MULTITASK_PROMPT_TUNING: sub-task t's prompt is E * (cols[t] @ rows[t]), each [P, H]."""
     _expect_keys(tensors, MULTITASK_KEYS)
     emb, cols, rows = (tensors[k] for k in (EMBEDDINGS_KEY, "prefix_task_cols", "prefix_task_rows"))
     for name, t in zip(("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"), (emb, cols, rows)):
         _floating(name, t)
-    hidden = limits.hidden_size
+    hidden = geometry.hidden_size
     if emb.dim() != 2 or emb.shape[1] != hidden:
         raise PromptError(f"{EMBEDDINGS_KEY} has shape {list(emb.shape)}; needs [num_virtual_tokens, {hidden}]")
     num_tokens = emb.shape[0]
-    _check_count(num_tokens, limits)
+    _check_count(num_tokens, geometry)
     _check_num_virtual_tokens(config, num_tokens)
     if cols.dim() != 3 or rows.dim() != 3 or cols.shape[0] != rows.shape[0] or cols.shape[1] != num_tokens \
             or rows.shape[2] != hidden or cols.shape[2] != rows.shape[1]:
@@ -334,9 +307,6 @@ def _expect_keys(tensors: Mapping[str, torch.Tensor], expected: set[str]) -> Non
     if extra:
         parts.append(f"unexpected tensor(s) {extra}")
     raise PromptError(f"{WEIGHTS_FILE}: {'; '.join(parts)}; expected exactly {sorted(expected)}")
-
-
-SUPPORTED_KINDS: frozenset[PromptKind] = frozenset(PromptKind)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from server.models import LoadedModel
 
 
 class PromptKind(str, Enum):
@@ -35,12 +38,33 @@ class KVShape:
     head_dim: int
 
     @classmethod
-    def of(cls, config: Any) -> "KVShape":
+    def of(cls, config: Any) -> KVShape:
         """From a transformers model config (grouped-query attention aware)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return cls(text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim)
+
+
+@dataclass(frozen=True)
+class PromptGeometry:
+    """What an adapter folder must fit to be served by a model, and what its tensors become.
+
+    One object for the store's reader, the registry and training: the model's hidden size and
+    key/value layout, the largest prompt accepted, and the dtype and device tensors are cast to.
+    """
+
+    hidden_size: int
+    max_virtual_tokens: int
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    kv_shape: KVShape | None = None  # the model's layers, KV heads, head dim: needed to accept PREFIX_TUNING
+
+    @classmethod
+    def of(cls, lm: LoadedModel, max_virtual_tokens: int, *, device: torch.device | str | None = None) -> PromptGeometry:
+        """For a loaded model (prompts land on its device unless `device` says otherwise)."""
+        return cls(hidden_size=lm.hidden_size, max_virtual_tokens=max_virtual_tokens, dtype=lm.dtype,
+                   device=torch.device(lm.device if device is None else device), kv_shape=KVShape.of(lm.model.config))
 
 
 class PromptError(ValueError):
