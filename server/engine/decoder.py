@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,8 @@ class UnsupportedModel(ValueError):
 
 @dataclass
 class Layer:
-    input_norm: nn.Module
-    post_norm: nn.Module
+    input_norm: Callable[[torch.Tensor], torch.Tensor]
+    post_norm: Callable[[torch.Tensor], torch.Tensor]
     qkv_w: torch.Tensor  # [(H + 2 H_kv) * D, hidden]
     qkv_b: torch.Tensor | None
     o_w: torch.Tensor  # [hidden, H * D]
@@ -71,17 +72,15 @@ def _bias(m: nn.Module) -> torch.Tensor | None:
     return None if b is None else b.detach()
 
 
-def _check_llama_like(config, max_context: int | None) -> None:
+def _check_llama_like(config: Any, max_context: int | None) -> None:
     for attr in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, attr, None):
             raise UnsupportedModel(f"{config.model_type}: {attr} is not supported")
-    window = getattr(config, "sliding_window", None)
-    uses_window = window is not None and (
-        getattr(config, "use_sliding_window", True) or "sliding_attention" in (getattr(config, "layer_types", None) or [])
-    )
-    if config.model_type == "qwen2":
-        uses_window = window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or [])
-    if uses_window and max_context is not None and window < max_context:
+    window: int | None = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    # qwen2 slides only on layers typed so; mistral slides everywhere once a window is set
+    uses_window = "sliding_attention" in layer_types if config.model_type == "qwen2" else True
+    if window is not None and uses_window and max_context is not None and window < max_context:
         raise UnsupportedModel(
             f"{config.model_type}: sliding-window attention ({window} tokens) is shorter than the longest "
             f"sequence this server admits ({max_context}); lower --max-input-tokens/--max-new-tokens"
@@ -91,7 +90,13 @@ def _check_llama_like(config, max_context: int | None) -> None:
 class Decoder:
     """Weights and the forward pass. Call `forward` under torch.inference_mode()."""
 
-    def __init__(self, model: nn.Module, max_context: int | None = None) -> None:
+    # The transformers model's submodules differ by family: they are typed Any here.
+    pos_embed: Any
+    rotary: Any
+    final_norm: Any
+    layers: list[Layer]
+
+    def __init__(self, model: Any, max_context: int | None = None) -> None:
         """max_context: the longest sequence (prefix + input + output) the server admits; None: unchecked."""
         config = model.config.get_text_config()
         self.family = config.model_type
@@ -113,10 +118,10 @@ class Decoder:
             _check_llama_like(config, max_context)
             self._init_llama_like(model, config)
 
-    def _init_llama_like(self, model: nn.Module, config) -> None:
+    def _init_llama_like(self, model: Any, config: Any) -> None:
         base = model.model
-        self.pos_embed: nn.Module | None = None
-        self.rotary: nn.Module | None = base.rotary_emb
+        self.pos_embed = None
+        self.rotary = base.rotary_emb
         self.final_norm = base.norm
         first = base.layers[0].self_attn
         self.num_heads = config.num_attention_heads
@@ -136,7 +141,7 @@ class Decoder:
                 )
             )
 
-    def _init_gpt2(self, model: nn.Module, config) -> None:
+    def _init_gpt2(self, model: Any, config: Any) -> None:
         base = model.transformer
         if config.reorder_and_upcast_attn or getattr(config, "add_cross_attention", False):
             raise UnsupportedModel("gpt2: reorder_and_upcast_attn and cross-attention are not supported")
@@ -174,10 +179,10 @@ class Decoder:
         h = embeds
         if self.pos_embed is not None:
             h = h + self.pos_embed(positions)
-        cos = sin = None
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.rotary is not None:
             cos, sin = self.rotary(h, positions[None])  # [1, N, D] each
-            cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]
+            rope = cos[0, :, None], sin[0, :, None]  # [N, 1, D]
         n = h.shape[0]
         hq, hk, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
         for i, layer in enumerate(self.layers):
@@ -186,7 +191,8 @@ class Decoder:
             q = qkv[:, :hq].view(n, self.num_heads, d)
             k = qkv[:, hq : hq + hk].view(n, self.num_kv_heads, d)
             v = qkv[:, hq + hk :].view(n, self.num_kv_heads, d)
-            if cos is not None:
+            if rope is not None:
+                cos, sin = rope
                 q = q * cos + _rotate_half(q) * sin
                 k = k * cos + _rotate_half(k) * sin
             h = h + F.linear(attend(i, q, k, v, layer.scaling), layer.o_w, layer.o_b)

@@ -25,7 +25,7 @@ class IncrementalText:
         self._emitted = 0  # characters of `text` already handed out
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return str(self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text safe to show now (possibly ""). After a stop string, ""."""

@@ -24,7 +24,7 @@ from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
 from server.engine.runner import Runner
 from server.engine.sampler import prepare, sample
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Plan, Scheduler
 from server.errors import ErrorKind
 from server.models import LoadedModel
 
@@ -205,7 +205,7 @@ class Engine:
             if req.text is None and (req.stream or req.params.stop):
                 req.text = IncrementalText(self.tokenizer, req.params.stop)
 
-    def _prefill(self, plan) -> None:
+    def _prefill(self, plan: Plan) -> None:
         if plan.new_prefixes:
             try:
                 self.runner.fill_prefixes(plan.new_prefixes)
@@ -286,7 +286,7 @@ class Engine:
             generated = req.text.text
         else:
             ids = req.output_ids[:-1] if reason is FinishReason.EOS else req.output_ids
-            generated = self.tokenizer.decode(ids, skip_special_tokens=True)
+            generated = str(self.tokenizer.decode(ids, skip_special_tokens=True))
         if req in self.scheduler.running:
             self.scheduler.finish(req)
         now = time.monotonic()

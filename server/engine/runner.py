@@ -45,6 +45,11 @@ class _Layout:
     mask: torch.Tensor  # decode: [H_kv * B, 1, T] additive float; prefill: [B, 1, Tq, T] bool
 
 
+def _seq(request: Request) -> SeqBlocks:
+    assert request.kv is not None, "a running row has its blocks"
+    return request.kv
+
+
 def default_kv_cache_bytes(device: torch.device) -> int:
     """A quarter of available memory, at most 4 GiB, on CPU; half of the free memory on a GPU."""
     if device.type == "cuda":
@@ -115,10 +120,11 @@ class Runner:
     def prefill(self, requests: list[Request]) -> torch.Tensor:
         """Feed each request's uncomputed tokens (its input, plus what it generated before a
         preemption, less the blocks found in the token block cache); returns next-token logits [B, V]."""
-        ids = [(r.input_ids + r.output_ids)[r.kv.own_len :] for r in requests]
+        seqs = [_seq(r) for r in requests]
+        ids = [(r.input_ids + r.output_ids)[s.own_len :] for r, s in zip(requests, seqs)]
         flat = torch.tensor([t for row in ids for t in row], dtype=torch.int64, device=self.device)
         embeds = self.decoder.embed_tokens(flat).split([len(row) for row in ids])  # each [L_i, hidden]
-        chunks = [Chunk(seq=r.kv, embeds=e, start=r.virtual_tokens + r.kv.own_len) for r, e in zip(requests, embeds)]
+        chunks = [Chunk(seq=s, embeds=e, start=r.virtual_tokens + s.own_len) for r, s, e in zip(requests, seqs, embeds)]
         return self._forward(chunks, logits=True)
 
     @torch.inference_mode()
@@ -126,7 +132,8 @@ class Runner:
         """Feed each row its last generated token; returns next-token logits [B, V]."""
         tokens = torch.tensor([r.output_ids[-1] for r in requests], dtype=torch.int64, device=self.device)
         embeds = self.decoder.embed_tokens(tokens)  # [B, hidden]
-        chunks = [Chunk(seq=r.kv, embeds=embeds[i : i + 1], start=r.virtual_tokens + r.kv.own_len) for i, r in enumerate(requests)]
+        seqs = [_seq(r) for r in requests]
+        chunks = [Chunk(seq=s, embeds=embeds[i : i + 1], start=r.virtual_tokens + s.own_len) for i, (r, s) in enumerate(zip(requests, seqs))]
         return self._forward(chunks, logits=True)
 
     def _forward(self, chunks: list[Chunk], logits: bool) -> torch.Tensor:
