@@ -4,7 +4,6 @@ GET /health, /ready, /info, /metrics, /stats."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
 from typing import Any
 
 import anyio
@@ -218,14 +217,4 @@ async def metrics(request: Request) -> Response:
 async def stats(request: Request) -> dict[str, Any]:
     """Engine counters: forward passes by phase, rows, and how many tasks shared a pass."""
     engine, _, _ = service_of(request).require_ready()
-    cache = engine.prefix_cache
-    prefix = None if cache is None else {**asdict(cache.stats), "entries": len(cache), "bytes_used": cache.bytes_used,
-                                         "capacity_bytes": cache.capacity_bytes}
-    return {
-        **engine.stats.as_dict(),
-        "prefix_cache": prefix,
-        "waiting": engine.scheduler.num_waiting,
-        "running": len(engine.scheduler.running),
-        "kv_pool": engine.pool_stats(),
-        "token_block_cache": None if engine.block_cache is None else asdict(engine.block_cache.stats),
-    }
+    return engine.snapshot()

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -148,6 +148,25 @@ class Engine:
             self.error = exc
             self._fail_all(f"engine failure: {exc}", ErrorKind.GENERATION_FAILED)
 
+    def snapshot(self) -> dict[str, Any]:
+        """Every counter for /stats. Read from another thread while the engine thread changes its
+        lists and maps, so a read that races a change is simply taken again."""
+        for _ in range(100):
+            try:
+                cache = self.prefix_cache
+                return {
+                    **self.stats.as_dict(),
+                    "prefix_cache": {**asdict(cache.stats), "entries": len(cache), "bytes_used": cache.bytes_used,
+                                     "capacity_bytes": cache.capacity_bytes},
+                    "waiting": self.scheduler.num_waiting,
+                    "running": len(self.scheduler.running),
+                    "kv_pool": self.pool_stats(),
+                    "token_block_cache": None if self.block_cache is None else asdict(self.block_cache.stats),
+                }
+            except (RuntimeError, AttributeError):  # a dict changed size, or a row left, mid-read
+                time.sleep(0.001)
+        raise RuntimeError("could not read the engine's counters")
+
     def pool_stats(self) -> dict[str, int]:
         """The key/value pool's counters: what rows hold (their own tokens only) and what prefixes hold."""
         pool = self.runner.pool
@@ -159,7 +178,7 @@ class Engine:
             "blocks_free": pool.num_free,
             "bytes_per_token": self.runner.bytes_per_token,
             "row_tokens_held": self.scheduler.held_tokens,
-            "row_tokens_used": sum(r.kv.own_len for r in self.scheduler.running if r.kv is not None),
+            "row_tokens_used": sum(r.kv.own_len for r in list(self.scheduler.running) if r.kv is not None),
             "prefix_blocks": sum(len(e.seq.own_blocks) for e in self.prefix_cache.entries()),
             "cached_token_blocks": 0 if self.block_cache is None else len(self.block_cache),
         }

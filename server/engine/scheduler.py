@@ -105,7 +105,7 @@ class Scheduler:
     @property
     def held_tokens(self) -> int:
         """Token slots held by running rows' own blocks (their tasks' shared prefixes not counted)."""
-        return sum(len(r.kv.own_blocks) for r in self.running if r.kv is not None) * self.pool.block_size
+        return sum(len(r.kv.own_blocks) for r in list(self.running) if r.kv is not None) * self.pool.block_size
 
     # ---- engine thread ------------------------------------------------------------------------
     def schedule(self) -> Plan:
