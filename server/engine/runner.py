@@ -163,7 +163,7 @@ class Runner:
         col = torch.arange(width, device=dev)[None, :]  # [1, T]
         if queries == 1:
             visible = col < total_t  # [B, T]
-            mask = torch.zeros(b, 1, width, dtype=self.dtype, device=dev)
+            mask = torch.zeros(b, 1, width, dtype=torch.float64 if self.dtype == torch.float64 else torch.float32, device=dev)
             mask.masked_fill_(~visible[:, None, :], float("-inf"))
             mask = mask.repeat(self.decoder.num_kv_heads, 1, 1)  # [H_kv * B, 1, T], the bmm batch order
             q_index = None
@@ -192,8 +192,10 @@ class Runner:
         if lay.q_index is None:  # decode: one query per row; the G query heads of a KV head share its keys
             g = h // hk
             qg = q.view(b, hk, g, d).transpose(0, 1).reshape(hk * b, g, d)  # [H_kv * B, G, D]
+            if qg.dtype in (torch.bfloat16, torch.float16):  # scores and softmax in float32, as SDPA does
+                qg, keys, values = qg.float(), keys.float(), values.float()
             scores = torch.baddbmm(lay.mask, qg, keys.transpose(1, 2), alpha=scaling)  # [H_kv * B, G, T]
-            out = torch.bmm(scores.softmax(dim=-1), values)  # [H_kv * B, G, D]
+            out = torch.bmm(scores.softmax(dim=-1), values).to(q.dtype)  # [H_kv * B, G, D]
             return out.view(hk, b, g, d).transpose(0, 1).reshape(b, h * d)
         tq = lay.queries
         qp = q.new_zeros(b * tq, h, d).index_copy_(0, lay.q_index, q).view(b, tq, h, d).transpose(1, 2)  # [B, H, Tq, D]
