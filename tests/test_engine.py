@@ -14,7 +14,7 @@ from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishReason, SamplingParams, TokenEvent
 from server.engine.scheduler import Scheduler, ShuttingDown
 from server.models import LoadedModel, load_model
-from tests.support import make_prompt, make_request, reference_greedy, start_engine, wait_until
+from tests.support import make_engine, make_prompt, make_request, reference_greedy, start_engine, wait_until
 
 VOCAB_USED = 40_000  # stay inside ordinary tokens of the real tokenizer
 
@@ -238,6 +238,30 @@ def test_float32_mixed_batch_matches_reference(tiny_model_dir, prompts):
             assert t.request.output_ids == reference_greedy(lm32, emb, ids, n)
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_answers_do_not_depend_on_the_batch(tiny_model_dir, dtype):
+    """In 16-bit dtypes the engine's numbers differ from transformers' own by rounding, so the
+    check is the invariance users rely on: each request mixed and staggered == the same request alone."""
+    lm16 = load_model(str(tiny_model_dir), dtype=dtype)
+    prompts16 = [make_prompt(f"h{i}", p, lm16, seed=i) for i, p in enumerate([1, 4, 9, 20])]
+    rng = random.Random(12)
+    specs = [(prompts16[k % 4], random_ids(rng, 1 + (k * 5) % 17), 6 + k % 5) for k in range(10)]
+
+    def run(batch: list) -> list[list[int]]:
+        engine = make_engine(lm16)
+        tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in batch]
+        for i, t in enumerate(tracked):
+            engine.scheduler.add(t.request)
+            if i % 3 == 2:
+                engine.step()  # later rows join a running batch
+        while not engine.scheduler.idle:
+            engine.step()
+        return [t.request.output_ids for t in tracked]
+
+    mixed = run(specs)
+    assert mixed == [run([spec])[0] for spec in specs]
 
 
 def test_engine_submit_after_stop_raises(lm):
