@@ -262,9 +262,13 @@ class Engine:
         logits = logits.masked_fill(~finite[:, None], 0.0)
         batch = prepare(rows, self.runner.vocab_size, logits.device)
         tokens, logprobs = sample(logits, batch.params, batch.steps, batch.seen, batch.flags)
-        host = torch.stack([tokens, finite.to(torch.int64)]).tolist()  # one host sync
-        logprob_list = [0.0] * len(rows) if logprobs is None else logprobs.tolist()
+        parts = [tokens, finite.to(torch.int64)]
+        if logprobs is not None:  # token ids are exact in float64
+            parts = [tokens.double(), finite.double(), logprobs.double()]
+        host = torch.stack(parts).tolist()  # the step's one host sync
+        logprob_list = host[2] if logprobs is not None else [0.0] * len(rows)
         for req, tok, ok, lp in zip(rows, host[0], host[1], logprob_list):
+            tok = int(tok)
             if not ok:
                 self._fail(req, "the model produced non-finite logits for this request")
                 continue
