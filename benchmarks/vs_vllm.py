@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/vs_vllm.py` from anywhere
 from benchmarks.compare import Job, PassTimer, bare_decode_step, make_jobs, make_prompts
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
-from server.engine.request import ErrorEvent, FinishEvent, Request, SamplingParams, TokenEvent
+from server.engine.request import ErrorEvent, FinishEvent, Request, SamplingParams
 from server.engine.scheduler import Scheduler
 from server.models import LoadedModel, load_model, resolve_model
 from server.prompts.types import SoftPrompt
@@ -71,33 +72,29 @@ def run_softmux(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new
                 timer: PassTimer | None = None) -> dict:
     """All requests submitted at once (as vLLM's `generate(list)`); the engine keeps `max_rows` running."""
     engine = build_softmux_engine(lm, max_rows, timer)
-    tokens: list[list[int]] = [[] for _ in jobs]
     errors: list[str] = []
     remaining = [len(jobs)]
     done = threading.Event()
 
-    def sink_for(i: int):
-        def sink(event) -> None:
-            if isinstance(event, TokenEvent):
-                tokens[i].append(event.token_id)
-                return
-            if isinstance(event, ErrorEvent):
-                errors.append(event.message)
-            if isinstance(event, (FinishEvent, ErrorEvent)):
-                remaining[0] -= 1  # the engine thread is the only caller
-                if remaining[0] == 0:
-                    done.set()
-        return sink
+    def sink(event) -> None:  # non-streaming requests (as /generate): only the end is sent
+        if isinstance(event, ErrorEvent):
+            errors.append(event.message)
+        if isinstance(event, (FinishEvent, ErrorEvent)):
+            remaining[0] -= 1  # the engine thread is the only caller
+            if remaining[0] == 0:
+                done.set()
 
+    requests = [softmux_request(prompts[job.task], job.input_ids, new_tokens, sink) for job in jobs]
     engine.start()
     start = time.perf_counter()
-    for i, job in enumerate(jobs):
-        engine.submit(softmux_request(prompts[job.task], job.input_ids, new_tokens, sink_for(i)))
+    for req in requests:
+        engine.submit(req)
     done.wait()
     seconds = time.perf_counter() - start
     engine.stop()
     if errors:
         raise RuntimeError(f"softmux: {len(errors)} requests failed: {errors[0]}")
+    tokens = [list(r.output_ids) for r in requests]
     n = sum(len(t) for t in tokens)
     if n != len(jobs) * new_tokens:
         raise RuntimeError(f"softmux generated {n} tokens, expected {len(jobs) * new_tokens}")
@@ -186,18 +183,38 @@ def matmul_floor(lm: LoadedModel, rows: int, repeats: int = 15) -> dict:
         if i >= 3:
             times.append(time.perf_counter() - t)
     s = statistics.median(times)
-    return {"rows": rows, "seconds": s, "gflop": flops / 1e9, "gflop_per_s": flops / s / 1e9, "matmuls": len(weights)}
+    return {"rows": rows, "seconds": s, "min_seconds": min(times), "gflop": flops / 1e9, "gflop_per_s": flops / s / 1e9,
+            "matmuls": len(weights)}
+
+
+@torch.inference_mode()
+def reference_greedy(lm: LoadedModel, row: torch.Tensor, n: int) -> list[int]:
+    """DESIGN.md's reference (as tests/support.py): the bare model on cat(soft_prompt, embed(ids)) = `row`
+    [P+L, H], alone, no cache, greedy, eos ignored."""
+    embed = lm.model.get_input_embeddings()
+    x = row.to(lm.dtype)[None]  # [1, T, H]
+    out: list[int] = []
+    for _ in range(n):
+        token = int(lm.model(inputs_embeds=x).logits[0, -1].argmax())
+        out.append(token)
+        x = torch.cat([x, embed(torch.tensor([[token]]))], dim=1)
+    return out
 
 
 # ---- the machine -----------------------------------------------------------------------------------
 def cpu_model() -> str:
+    """lscpu's 'Model name' (a VM may hide the full name: family and model are added then)."""
     try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
+        info = dict(line.split(":", 1) for line in
+                    subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        name = info["Model name"]
+        if len(name.split()) <= 2:
+            name += f" (CPU family {info.get('CPU family', '?')}, model {info.get('Model', '?')}" + \
+                    (f", {info['Hypervisor vendor']} guest" if "Hypervisor vendor" in info else "") + ")"
+        return name
     except Exception:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
 
 
 class CpuWatch:
@@ -415,6 +432,14 @@ def main() -> None:
 
     match = {dt: same_tokens(t[f"softmux_{limits[0]}"], t[f"vllm_{limits[0]}"])
              for dt, t in tokens.items() if f"vllm_{limits[0]}" in t}
+    for dt, m in match.items():
+        # where softmux and vLLM differ, which one equals the reference (the bare model, alone, no cache)?
+        t = tokens[dt]
+        differ = [i for i, (a, b) in enumerate(zip(t[f"softmux_{limits[0]}"], t[f"vllm_{limits[0]}"])) if a != b]
+        if dt == "float32" and differ:
+            refs = {i: reference_greedy(lm32, rows[i], n) for i in differ}
+            m.update(differing=differ, softmux_equals_reference=sum(t[f"softmux_{limits[0]}"][i] == r for i, r in refs.items()),
+                     vllm_equals_reference=sum(t[f"vllm_{limits[0]}"][i] == r for i, r in refs.items()))
     self_match = {dt: same_tokens(t[f"softmux_{limits[0]}"], t[f"softmux_{limits[-1]}"]) for dt, t in tokens.items()}
     machine = watch.stop()
 
@@ -451,7 +476,7 @@ def main() -> None:
         parts.append(f"bare transformers forward {st['bare_s'] * 1e3:.1f} ms")
         print(f"decode step at {st['rows']} rows, {dtype}: " + ", ".join(parts) +
               f"; matmul floor {fl['seconds'] * 1e3:.1f} ms ({fl['matmuls']} matmuls, {fl['gflop']:.2f} GFLOP "
-              f"at {fl['gflop_per_s']:.0f} GFLOP/s): softmux / floor = {st['softmux_s'] / fl['seconds']:.2f}"
+              f"at {fl['gflop_per_s']:.0f} GFLOP/s; fastest {fl['min_seconds'] * 1e3:.1f} ms): softmux / floor = {st['softmux_s'] / fl['seconds']:.2f}"
               + (f", vLLM / floor = {st['vllm_s'] / fl['seconds']:.2f}" if "vllm_s" in st else "")
               + (" (target <= 1.15)" if dtype == "float32" else ""))
         st["softmux_over_floor"] = st["softmux_s"] / fl["seconds"]
@@ -464,6 +489,9 @@ def main() -> None:
     for dt, m in match.items():
         print(f"greedy answers, softmux vs vLLM, {dt}, {limits[0]} rows: {m['identical']}/{m['of']} token-identical "
               f"(mean common prefix {m['mean_common_prefix']:.1f} of {n} tokens)")
+        if "differing" in m:
+            print(f"  of the {len(m['differing'])} that differ, the reference (bare model alone, no cache, {dt}) equals "
+                  f"softmux's answer in {m['softmux_equals_reference']} and vLLM's in {m['vllm_equals_reference']}")
     for dt, m in self_match.items():
         print(f"softmux {limits[0]} rows vs {limits[-1]} rows, {dt}: {m['identical']}/{m['of']} token-identical")
     shared = machine["others_cores"] > 0.1 or machine["peak_others_cores"] > 0.5
