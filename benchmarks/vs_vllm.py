@@ -227,6 +227,7 @@ class CpuWatch:
         self.others = 0.0
         self.peak_others = 0.0  # busiest window, in cores
         self.top: dict[str, float] = {}
+        self.samples: list[tuple[float, float]] = []  # (monotonic time at a window's end, other processes' cores)
         self._stop = threading.Event()
         self._last: dict[int, float] = {}
         self._tick = os.sysconf("SC_CLK_TCK")
@@ -272,7 +273,13 @@ class CpuWatch:
                     window += delta
                     self.top[comm] = self.top.get(comm, 0.0) + delta
             self.peak_others = max(self.peak_others, window / self.period)
+            self.samples.append((time.monotonic(), window / self.period))
             self._last = {pid: v[2] for pid, v in procs.items()}
+
+    def others_between(self, t0: float, t1: float) -> float | None:
+        """Mean cores used by other processes in the windows that ended within [t0, t1 + period]."""
+        xs = [c for t, c in list(self.samples) if t0 < t <= t1 + self.period]
+        return statistics.mean(xs) if xs else None
 
     def start(self) -> "CpuWatch":
         self.started = time.monotonic()
@@ -387,12 +394,23 @@ def main() -> None:
             timer = PassTimer()
             s_runs, v_runs = [], []
             try:
+                def watched(fn) -> dict:
+                    t0 = time.monotonic()
+                    out = fn()
+                    t1 = time.monotonic()
+                    time.sleep(watch.period)  # let the CPU watch close the run's last window
+                    out["others_cores"] = watch.others_between(t0, t1)
+                    return out
+
+                def busy(run: dict) -> str:
+                    return "" if run["others_cores"] is None else f" (others {run['others_cores']:.1f} cores)"
+
                 for r in range(args.repeats):
-                    s_runs.append(run_softmux(lm, prompts, jobs, n, limit, timer))
-                    msg = f"[{dtype}, {limit} rows] run {r + 1}: softmux {s_runs[-1]['tokens_per_s']:.1f} tok/s"
+                    s_runs.append(watched(lambda: run_softmux(lm, prompts, jobs, n, limit, timer)))
+                    msg = f"[{dtype}, {limit} rows] run {r + 1}: softmux {s_runs[-1]['tokens_per_s']:.1f} tok/s{busy(s_runs[-1])}"
                     if peer is not None:
-                        v_runs.append(peer.ask({"cmd": "run"}))
-                        msg += f", vLLM {v_runs[-1]['tokens_per_s']:.1f} tok/s"
+                        v_runs.append(watched(lambda: peer.ask({"cmd": "run"})))
+                        msg += f", vLLM {v_runs[-1]['tokens_per_s']:.1f} tok/s{busy(v_runs[-1])}"
                     print(msg, flush=True)
                 tokens.setdefault(dtype, {})[f"softmux_{limit}"] = s_runs[0]["tokens"]
                 if v_runs:
@@ -401,7 +419,9 @@ def main() -> None:
                                  "softmux": median([x["tokens_per_s"] for x in s_runs]),
                                  "vllm": median([x["tokens_per_s"] for x in v_runs]) if v_runs else None,
                                  "softmux_runs": [x["tokens_per_s"] for x in s_runs],
-                                 "vllm_runs": [x["tokens_per_s"] for x in v_runs]})
+                                 "vllm_runs": [x["tokens_per_s"] for x in v_runs],
+                                 "softmux_runs_others_cores": [x["others_cores"] for x in s_runs],
+                                 "vllm_runs_others_cores": [x["others_cores"] for x in v_runs]})
                 if limit == limits[0]:
                     st = [s for s in timer.decode.get(limit, [])]
                     steps[dtype] = {"rows": limit, "softmux_s": median(st), "softmux_steps": len(st)}
@@ -504,7 +524,7 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "header": header, "args": {k: str(v) for k, v in vars(args).items()}, "results": res.rows,
             "decode_step": steps, "matmul_floor": floors, "single": singles, "token_match": match,
-            "softmux_self_match": self_match, "peer": peer_info, "peer_note": peer_note, "machine": machine,
+            "softmux_self_match": self_match, "tokens": tokens, "peer": peer_info, "peer_note": peer_note, "machine": machine,
         }, indent=2))
 
 
