@@ -172,10 +172,10 @@ def test_metrics_have_a_replica_label(client):
     for task in TASKS:
         assert generate(client, task, 2).status_code == 200
     text = client.get("/metrics").text
-    lines = [line for line in text.splitlines() if line.startswith("softmux_request_count{")]
+    lines = [line for line in text.splitlines() if line.startswith("softmux_request_count_total{")]
     replicas = {line.split('replica="')[1].split('"')[0] for line in lines}
     assert replicas == set(replica_stats(client))
-    assert text.count("# TYPE softmux_request_count counter") == 1
+    assert text.count("# TYPE softmux_request_count_total counter") == 1
     assert "softmux_ingress_replicas 2" in text
 
 

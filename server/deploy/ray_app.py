@@ -203,7 +203,7 @@ class SoftmuxEngine:
         status, body = 0, b""
         async for item in run_asgi(self.app, WireRequest("GET", path), self.replica_id):
             if isinstance(item, WireStart):
-                status = item.status
+                status, body = item.status, item.body
             else:
                 body += item
         return status, body
@@ -267,7 +267,7 @@ class SoftmuxIngress:
             for key, value in rep.get("engine", {}).items():
                 if isinstance(value, int) and not isinstance(value, bool):
                     totals[key] += value
-        for key in ("max_tasks_in_pass", "max_rows_in_pass"):
+        for key in ("max_tasks_in_pass", "max_rows_in_pass"):  # maxima, not sums
             totals[key] = max((rep.get("engine", {}).get(key, 0) for rep in replicas), default=0)
         body = {"replicas": replicas, "missing": got["missing"], "ingress": {**self.counts, "inflight": self.inflight},
                 **dict(totals)}
@@ -328,7 +328,12 @@ class SoftmuxIngress:
                 published = await self.control.publish.remote(change, 2.0)
                 if published["pending"]:
                     log.warning("store change %s not yet applied by %s", change, published["pending"])
-            response = StreamingResponse(self._rest(gen, start, url_path, release), status_code=start.status)
+            response: Response
+            if start.more:  # a stream: relay the chunks as they come
+                response = StreamingResponse(self._rest(gen, start, url_path, release), status_code=start.status)
+            else:  # the whole answer arrived in one piece
+                release()
+                response = Response(start.body, status_code=start.status)
             # The replica's headers as they are; Ray's proxy adds X-Request-ID (the same id) itself.
             response.raw_headers = [(k, v) for k, v in start.headers if k.lower() != b"x-request-id"]
             return response
@@ -378,6 +383,8 @@ class SoftmuxIngress:
     async def _rest(self, gen: Any, start: WireStart, path: str, release: Callable[[], None]) -> AsyncIterator[bytes]:
         finished = False
         try:
+            if start.body:
+                yield start.body
             async for chunk in gen:
                 yield chunk
             finished = True

@@ -45,9 +45,14 @@ class WireRequest:
 
 @dataclass(frozen=True)
 class WireStart:
+    """The answer's status and headers with its first body chunk (a whole JSON answer travels as
+    one item: a replica that dies can never leave half of it); `more`: chunks follow (a stream)."""
+
     status: int
     headers: Headers
     replica: str
+    body: bytes = b""
+    more: bool = False
 
 
 def task_of(method: str, path: str, body: bytes) -> str | None:
@@ -95,26 +100,32 @@ async def run_asgi(app: ASGIApp, request: WireRequest, replica: str) -> AsyncIte
             await queue.put(None)
 
     task = asyncio.create_task(run())
-    started = False
+    start: MutableMapping[str, Any] | None = None
+    sent = False
     try:
         while True:
             message = await queue.get()
             if message is None:
                 break
             if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REPLICA_HEADER.encode()]
+                start = message
+                continue
+            if message["type"] != "http.response.body":
+                continue
+            chunk, more = bytes(message.get("body", b"")), bool(message.get("more_body", False))
+            if not sent and start is not None:
+                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != REPLICA_HEADER.encode()]
                 headers.append((REPLICA_HEADER.encode(), replica.encode()))
-                started = True
-                yield WireStart(status=int(message["status"]), headers=headers, replica=replica)
-            elif message["type"] == "http.response.body":
-                chunk = message.get("body", b"")
-                if chunk:
-                    yield bytes(chunk)
-                if not message.get("more_body", False):
-                    break
-        if not started:  # the app ended without answering (should not happen)
-            yield WireStart(500, [(b"content-type", b"application/json"), (REPLICA_HEADER.encode(), replica.encode())], replica)
-            yield json.dumps({"error": "the replica ended the request without an answer", "error_type": "internal"}).encode()
+                sent = True
+                yield WireStart(status=int(start["status"]), headers=headers, replica=replica, body=chunk, more=more)
+            elif chunk:
+                yield chunk
+            if not more:
+                break
+        if not sent:  # the app ended without answering (should not happen)
+            body = json.dumps({"error": "the replica ended the request without an answer", "error_type": "internal"}).encode()
+            yield WireStart(500, [(b"content-type", b"application/json"), (REPLICA_HEADER.encode(), replica.encode())],
+                            replica, body)
     finally:
         gone.set()
         if not task.done():
