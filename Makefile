@@ -39,7 +39,7 @@ $(RAY_STAMP): $(STAMP)
 	touch $@
 
 test-ray: venv model $(RAY_STAMP)
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest tests/test_ray.py tests/test_ray_wire.py $(ARGS)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest tests/test_ray.py tests/test_ray_wire.py tests/test_ray_cli.py $(ARGS)
 
 # Not part of `make test`. soak: 5,000 requests at concurrency 64 against a server it starts like
 # `make serve` (ARGS go to the script; `-- FLAGS` to softmux serve). fuzz: schemathesis, >= 1,000
