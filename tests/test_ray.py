@@ -43,7 +43,7 @@ def store(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def settings(store, tiny_model_dir):
     return settings_for(store, model=str(tiny_model_dir), dtype="float64", admin_token=ADMIN, threads=1,
-                        reload_interval=1.0, max_batch_size=16)
+                        reload_interval=1.0, max_batch_size=16, max_new_tokens=1500)
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +260,28 @@ def _replica_actors() -> dict[str, str]:
 
 
 def test_killed_replica_comes_back_and_load_loses_only_in_flight(client, cluster):
+    """Kill the replica serving a long stream while a load runs: the stream ends with a clear
+    error event, non-streamed requests it held are retried once by the ingress (or get a
+    retryable 503), the other replica keeps serving, and Ray's replacement serves every task."""
     replicas = replica_stats(client)
     assert len(replicas) == 2
-    victim = sorted(replicas)[0]
+    stream_events: list[str] = []
+    streaming = threading.Event()
+    where: list[str] = []
+
+    def long_stream() -> None:
+        body = {"task": "gamma", "inputs": "a long story", "parameters": {"max_new_tokens": 1500}}
+        with client.stream("POST", "/generate_stream", json=body) as r:
+            where.append(r.headers[HEADER])
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    stream_events.append(line[5:].strip())
+                    streaming.set()
+
+    streamer = threading.Thread(target=long_stream)
+    streamer.start()
+    assert streaming.wait(30)
+    victim = where[0]
     results: list[httpx.Response | Exception] = []
 
     def one(task: str) -> None:
@@ -285,6 +304,10 @@ def test_killed_replica_comes_back_and_load_loses_only_in_flight(client, cluster
         list(pool.map(one, jobs))
         killer.join()
     assert killed.is_set()
+    streamer.join(60)
+    last = json.loads(stream_events[-1])
+    assert last.get("error_type") == "unhealthy" and victim in last["error"], stream_events[-3:]
+    assert len(stream_events) < 1500
     statuses = Counter(r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in results)
     # Requests on the killed replica were retried once by the ingress (nothing streamed yet): none lost.
     assert set(statuses) <= {200, 503}, statuses
