@@ -123,3 +123,54 @@ def test_serve_yaml_and_rayservice_are_valid_serve_configs_and_build():
         assert app["import_path"] == "server.deploy.ray_app:app_builder"
         built = app_builder(app["args"])  # the args parse as serve-ray flags and build the app
         assert built is not None
+
+
+def test_control_publishes_to_every_replica_and_collects_answers():
+    """The control actor's logic as a plain object: long polls, acks, the 2 s wait, fan-out, gaps."""
+    pytest.importorskip("ray")
+    from server.deploy.control import Control
+
+    async def scenario() -> None:
+        control = Control(keep=4, ttl=5.0)
+        assert control.register("r1", {"pid": 1}) == 0 and control.register("r2", {"pid": 2}) == 0
+        assert control.roster() == {"r1": {"pid": 1}, "r2": {"pid": 2}}
+
+        async def replica(rid: str, after: int) -> tuple[int, list]:
+            version, events, gap = await control.poll(rid, after, timeout=2.0)
+            assert not gap
+            control.ack(rid, version)
+            return version, events
+
+        polls = [asyncio.create_task(replica(r, 0)) for r in ("r1", "r2")]
+        await asyncio.sleep(0.05)
+        published = await control.publish({"kind": "store", "op": "load", "name": "t"}, wait=2.0)
+        assert published["pending"] == [] and published["applied"] == ["r1", "r2"]
+        for version, events in await asyncio.gather(*polls):
+            assert version == 1 and events == [{"kind": "store", "op": "load", "name": "t", "version": 1}]
+
+        # A replica that stops polling (killed) holds a change up for at most `wait`.
+        control._replicas["r2"].applied = 0
+        slow = await control.publish({"kind": "store", "op": "remove", "name": "t"}, wait=0.2)
+        assert slow["pending"] == ["r1", "r2"]  # nobody polled in between
+
+        async def answer(rid: str) -> None:
+            _, events, _ = await control.poll(rid, 2, timeout=2.0)
+            for e in events:
+                if e["kind"] == "collect":
+                    await control.report(e["cid"], rid, {"replica": rid})
+
+        answering = [asyncio.create_task(answer(r)) for r in ("r1", "r2")]
+        await asyncio.sleep(0.05)
+        got = await control.collect("stats", timeout=2.0)
+        assert got == {"answers": {"r1": {"replica": "r1"}, "r2": {"replica": "r2"}}, "missing": []}
+        await asyncio.gather(*answering)
+
+        # Events dropped from the bounded history: the replica rescans the store (gap).
+        for i in range(6):
+            await control.publish({"kind": "store", "op": "load", "name": f"x{i}"}, wait=0)
+        _, _, gap = await control.poll("r1", 1, timeout=0.1)
+        assert gap
+        _, _, gap = await control.poll("r1", 999, timeout=0.1)  # the actor restarted: its history is gone
+        assert gap
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
