@@ -208,7 +208,6 @@ def test_same_task_concentrates_on_one_replica_and_tasks_still_mix(client):
 
 # ---- the store across replicas ---------------------------------------------------------------------
 def _upload(client: httpx.Client, tmp_path: Path, name: str, num_virtual: int, seed: int) -> httpx.Response:
-    hidden = client.get("/info").json()  # noqa: F841 - the replicas answer; hidden size comes from the store
     folder = tmp_path / "src"
     write_task(folder, name, num_virtual, 64, seed)
     files = {f: (f, (folder / name / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")}
@@ -226,7 +225,7 @@ def test_upload_and_delete_reach_every_replica_within_2s(client, tmp_path):
         return len(stats) == 2 and all(("delta" in rep["tasks"]) == present for rep in stats.values())
 
     assert wait_until(lambda: everywhere(True), timeout=2.0, interval=0.05)
-    assert time.monotonic() - started < 2.5 + 2.0  # the upload itself plus at most 2 s
+    assert time.monotonic() - started < 2.0  # from sending the upload to every replica serving it
     assert generate(client, "delta").status_code == 200
     seen = set()
     deadline = time.monotonic() + 20
@@ -240,7 +239,7 @@ def test_upload_and_delete_reach_every_replica_within_2s(client, tmp_path):
     r = client.delete("/tasks/delta", headers={"authorization": f"Bearer {ADMIN}"})
     assert r.status_code == 200, r.text
     assert wait_until(lambda: everywhere(False), timeout=2.0, interval=0.05)
-    assert time.monotonic() - started < 2.0 + 2.0
+    assert time.monotonic() - started < 2.0
     for _ in range(6):
         g = generate(client, "delta")
         assert g.status_code == 404 and g.json()["error_type"] == "not_found"
