@@ -325,9 +325,7 @@ class SoftmuxIngress:
             gen, start = got
             change = _store_change(request.method, url_path, start.status)
             if change is not None:
-                published = await self.control.publish.remote(change, 2.0)
-                if published["pending"]:
-                    log.warning("store change %s not yet applied by %s", change, published["pending"])
+                await self._publish(change)
             response: Response
             if start.more:  # a stream: relay the chunks as they come
                 response = StreamingResponse(self._rest(gen, start, url_path, release), status_code=start.status)
@@ -340,6 +338,17 @@ class SoftmuxIngress:
         except BaseException:
             release()
             raise
+
+    async def _publish(self, change: dict[str, Any]) -> None:
+        """Tell every replica about a store change and wait (at most 2 s) until each applied it.
+        Never fails the admin request: the change is on disk, and the store watchers catch up."""
+        try:
+            published = await self.control.publish.remote(change, 2.0)
+        except RayError as exc:
+            log.warning("store change %s not broadcast (%s); replicas pick it up from the store", change, exc)
+            return
+        if published["pending"]:
+            log.warning("store change %s not yet applied by %s", change, published["pending"])
 
     async def _body(self, request: Request) -> bytes | Response:
         """The request body, refused with 413 past the limit `softmux serve` applies to this path."""
@@ -370,6 +379,9 @@ class SoftmuxIngress:
                 start = await gen.__anext__()
                 self.counts["forwarded"] += 1
                 return gen, start
+            except asyncio.CancelledError:  # the client left before the answer: the replica drops the row
+                gen.cancel()
+                raise
             except (RayError, StopAsyncIteration) as exc:
                 self.counts["failed"] += 1
                 log.warning("%s %s: engine replica failed before answering (%s: %s)%s", wire.method, wire.path,
