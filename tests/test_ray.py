@@ -196,6 +196,7 @@ def test_same_task_concentrates_on_one_replica_and_tasks_still_mix(client):
     assert all(len(replicas) == 1 for replicas in where.values()), where
     after = replica_stats(client)
     per_replica = Counter(next(iter(r)) for r in where.values())
+    assert len(per_replica) == 2  # the tasks were spread over both replicas
     shared, count = per_replica.most_common(1)[0]
     assert count >= 2  # 3 tasks on 2 replicas
     mixed = after[shared]["engine"]["mixed_task_passes"] - before[shared]["engine"]["mixed_task_passes"]
@@ -204,6 +205,30 @@ def test_same_task_concentrates_on_one_replica_and_tasks_still_mix(client):
         rep = after[next(iter(replicas))]
         assert task in rep["routed_tasks"]
         assert rep["requests_by_task"][task] >= 6
+
+
+def _cancelled(client: httpx.Client, task: str) -> float:
+    total = 0.0
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("softmux_request_count_total{") and f'task="{task}"' in line and 'outcome="cancelled"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_leaving_cancels_the_request_on_its_replica(client, cluster, stream):
+    before = _cancelled(client, "beta")
+    body = {"task": "beta", "inputs": "keep going", "parameters": {"max_new_tokens": 1500}}
+    with httpx.Client(base_url=cluster[0], timeout=httpx.Timeout(60, read=1.0)) as impatient:
+        if stream:
+            with impatient.stream("POST", "/generate_stream", json=body) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        break  # hang up after the first token
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # hang up after a second
+                impatient.post("/generate", json=body)
+    assert wait_until(lambda: _cancelled(client, "beta") > before, timeout=30, interval=0.5)
 
 
 # ---- the store across replicas ---------------------------------------------------------------------

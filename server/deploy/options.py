@@ -25,6 +25,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests Ray sends one replica at once (default: 2 x --max-batch-size)")
     parser.add_argument("--max-tasks-per-replica", type=int, default=64,
                         help="tasks Ray keeps routed to one replica (its multiplex cache); default: %(default)s")
+    parser.add_argument("--imbalanced-threshold", type=int, default=8,
+                        help="a task's requests leave its home replica once its queue is this many requests longer "
+                             "than the least loaded replica's; default: %(default)s")
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", ""),
                         help="join this Ray cluster (env RAY_ADDRESS); empty: start a local Ray instance")
     parser.add_argument("--app-name", default=APP_NAME, help="Ray Serve application name; default: %(default)s")

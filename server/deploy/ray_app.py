@@ -40,6 +40,7 @@ import ray
 from fastapi import FastAPI, Request
 from ray import serve
 from ray.exceptions import RayError
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -437,6 +438,7 @@ def build_app(
     *,
     max_ongoing_requests: int | None = None,
     max_tasks_per_replica: int = 64,
+    imbalanced_threshold: int = 8,
     autoscaling: dict[str, Any] | None = None,
     app_name: str = APP_NAME,
 ) -> serve.Application:
@@ -445,6 +447,9 @@ def build_app(
     threads = replica_threads(settings)
     engine_options: dict[str, Any] = {
         "max_ongoing_requests": max_ongoing_requests or 2 * settings.max_batch_size,
+        "request_router_config": RequestRouterConfig(
+            request_router_class="server.deploy.router.TaskAffinityRouter",
+            request_router_kwargs={"imbalanced_threshold": imbalanced_threshold}),
         "ray_actor_options": {"num_cpus": threads},
         "graceful_shutdown_timeout_s": settings.shutdown_grace,
         "health_check_period_s": 5.0,
@@ -473,7 +478,8 @@ def app_from_namespace(ns: argparse.Namespace) -> serve.Application:
         autoscaling = {"min_replicas": ns.min_replicas, "max_replicas": ns.max_replicas,
                        "target_ongoing_requests": ns.target_ongoing_requests}
     return build_app(settings, ns.replicas, max_ongoing_requests=ns.max_ongoing_requests,
-                     max_tasks_per_replica=ns.max_tasks_per_replica, autoscaling=autoscaling, app_name=ns.app_name)
+                     max_tasks_per_replica=ns.max_tasks_per_replica,
+                     imbalanced_threshold=ns.imbalanced_threshold, autoscaling=autoscaling, app_name=ns.app_name)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
