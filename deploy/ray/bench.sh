@@ -30,6 +30,7 @@ run() {  # name, then the server command
   $PY -m server.cli bench --url "http://127.0.0.1:$PORT" --requests 14 --concurrency 7 --max-new-tokens 4 --no-progress > /dev/null
   $PY -m server.cli bench --url "http://127.0.0.1:$PORT" --requests "$REQUESTS" --concurrency $CONCURRENCY \
       --max-new-tokens "$NEW" --no-progress --json "$OUT/ray_$name.json"
+  curl -s "http://127.0.0.1:$PORT/stats" > "$OUT/ray_$name.stats.json"   # per replica: tasks, requests, passes
   kill -TERM "$pid"; wait "$pid" || true
 }
 
