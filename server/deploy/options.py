@@ -24,7 +24,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-ongoing-requests", type=int, default=None,
                         help="requests Ray sends one replica at once (default: 2 x --max-batch-size)")
     parser.add_argument("--max-tasks-per-replica", type=int, default=64,
-                        help="tasks Ray keeps routed to one replica (its multiplex cache); default: %(default)s")
+                        help="tasks kept resident on one replica by its multiplex cache (least recently used leave); default: %(default)s")
     parser.add_argument("--imbalanced-threshold", type=int, default=8,
                         help="a task's requests leave its home replica once its queue is this many requests longer "
                              "than the least loaded replica's; default: %(default)s")

@@ -7,12 +7,13 @@ HTTP -> Ray proxy -> SoftmuxIngress (FastAPI: /stats, /metrics fan out; everythi
              model, registry over the shared store, engine loop that mixes tasks per pass)
 ```
 
-- Task-affine routing: the task a request names is its `multiplexed_model_id`; Ray sends it to a
-  replica where the task is loaded (`@serve.multiplexed` loader: the prompt made resident there),
-  or, for a task new to every replica, to the replica holding fewest tasks. A replica holds many
-  tasks and its engine still mixes them in one forward pass (no `@serve.batch`, which would split
-  batches by model id). The first request of a task on a replica computes the task's key/value
-  prefix; routing keeps later ones where that prefix is warm.
+- Task-affine routing: the task a request names is its `multiplexed_model_id`; the
+  `TaskAffinityRouter` (`server.deploy.router`) sends it to the task's home replica while that one
+  is not much busier than the least loaded, else (and for new tasks) to the least loaded; the
+  `@serve.multiplexed` loader makes the prompt resident there. A replica holds many tasks and its
+  engine still mixes them in one forward pass (no `@serve.batch`, which would split batches by
+  model id). The first request of a task on a replica computes the task's key/value prefix;
+  routing keeps later ones where that prefix is warm.
 - Store changes (PUT/DELETE /tasks/{name} through the ingress) are published to every replica by
   the app's control actor (`server.deploy.control`); the answer waits until each live replica
   applied it (at most 2 s). Every replica's store watcher stays on as the backstop, and a replica
