@@ -283,7 +283,7 @@ def _replica_actors() -> dict[str, str]:
     return out
 
 
-def test_killed_replica_comes_back_and_load_loses_only_in_flight(client, cluster):
+def test_killed_replica_comes_back_and_load_loses_only_in_flight(client, cluster, tmp_path):
     """Kill the replica serving a long stream while a load runs: the stream ends with a clear
     error event, non-streamed requests it held are retried once by the ingress (or get a
     retryable 503), the other replica keeps serving, and Ray's replacement serves every task."""
@@ -339,11 +339,14 @@ def test_killed_replica_comes_back_and_load_loses_only_in_flight(client, cluster
     for r in results:
         if isinstance(r, httpx.Response) and r.status_code == 503:
             assert r.headers.get("retry-after") and r.json()["error_type"] == "unhealthy"
+    # An upload while the replacement is not up yet: the replacement loads the store as it is then.
+    assert _upload(client, tmp_path, "omega", 3, seed=33).status_code == 201
     # The survivor kept serving; Ray brings up a replacement that loads every task from the store.
     assert wait_until(lambda: len(replica_stats(client)) == 2 and victim not in replica_stats(client), timeout=120,
                       interval=1.0)
     stats = replica_stats(client)
-    assert all(rep["tasks"] == sorted(TASKS) for rep in stats.values())
+    assert all(rep["tasks"] == sorted([*TASKS, "omega"]) for rep in stats.values()), stats
+    assert client.delete("/tasks/omega", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
     for task in TASKS:
         r = generate(client, task)
         assert r.status_code == 200 and r.headers[HEADER] in stats
