@@ -29,8 +29,8 @@ serve: venv model
 test: venv model
 	$(BIN)/python -m pytest $(ARGS)
 
-# softmux on Ray Serve (server/deploy/): installs the `ray` extra, then the tests marked `ray` (a local
-# Ray instance on 127.0.0.1, two engine replicas of the tiny model; about 1-2 minutes). `make test`
+# softmux on Ray Serve (server/deploy/): installs the `ray` extra, then the Ray tests (marked `ray`; a local
+# Ray instance on 127.0.0.1, two engine replicas of the tiny model; about 2-3 minutes). `make test`
 # skips them while Ray is not installed; .ci/run calls both.
 RAY_STAMP := $(VENV)/.softmux-ray-installed
 .PHONY: test-ray
