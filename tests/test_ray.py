@@ -6,7 +6,6 @@ time). Marked `ray`: `make test-ray` runs this file; it is skipped when Ray is n
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import threading
@@ -153,7 +152,7 @@ def test_request_id_is_echoed(client):
 def test_both_replicas_serve_and_stats_list_them(client):
     stats = replica_stats(client)
     assert len(stats) == 2
-    for rid, rep in stats.items():
+    for rep in stats.values():
         assert rep["pid"] > 0 and rep["tasks"] == sorted(TASKS)
         assert {"prefill_passes", "decode_passes", "mixed_task_passes"} <= set(rep["engine"])
     answered = Counter()
@@ -191,7 +190,7 @@ def test_same_task_concentrates_on_one_replica_and_tasks_still_mix(client):
         responses = list(pool.map(lambda t: generate(client, t, 24), jobs))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     where: dict[str, set[str]] = {}
-    for task, r in zip(jobs, responses):
+    for task, r in zip(jobs, responses, strict=True):
         where.setdefault(task, set()).add(r.headers[HEADER])
     assert all(len(replicas) == 1 for replicas in where.values()), where
     after = replica_stats(client)

@@ -80,6 +80,10 @@ class _Resident:
 class SoftmuxEngine:
     """One engine replica: one model copy, one registry over the shared store, one engine loop."""
 
+    app: Any  # the FastAPI app of `softmux serve`
+    service: Any  # its server.service.Service
+    _stop: threading.Event
+
     async def __init__(self, settings: Settings, max_tasks_per_replica: int = 64, app_name: str = APP_NAME) -> None:
         from server.api.app import create_app  # heavy (torch, transformers): only in replicas
 
@@ -154,7 +158,7 @@ class SoftmuxEngine:
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                ref = self.control.poll.remote(self.replica_id, self.version, POLL_TIMEOUT_S)
+                ref: Any = self.control.poll.remote(self.replica_id, self.version, POLL_TIMEOUT_S)
                 version, events, gap = ray.get(ref, timeout=POLL_TIMEOUT_S + 30)
             except Exception as exc:  # the control actor restarting, or this process stopping
                 if self._stop.wait(1.0):
@@ -376,7 +380,7 @@ class SoftmuxIngress:
         first, try once more on another one, then give up with a retryable 503."""
         for attempt in (1, 2):
             handle = self.engine.options(stream=True, multiplexed_model_id=task or "")
-            gen = handle.handle_http.remote(wire)
+            gen: Any = handle.handle_http.remote(wire)
             try:
                 start = await gen.__anext__()
                 self.counts["forwarded"] += 1
@@ -449,7 +453,7 @@ def build_app(
     engine_options: dict[str, Any] = {
         "max_ongoing_requests": max_ongoing_requests or 2 * settings.max_batch_size,
         "request_router_config": RequestRouterConfig(
-            request_router_class="server.deploy.router.TaskAffinityRouter",
+            request_router_class="server.deploy.router.TaskAffinityRouter",  # type: ignore[arg-type]
             request_router_kwargs={"imbalanced_threshold": imbalanced_threshold}),
         "ray_actor_options": {"num_cpus": threads},
         "graceful_shutdown_timeout_s": settings.shutdown_grace,
@@ -459,8 +463,10 @@ def build_app(
         engine_options["autoscaling_config"] = autoscaling
     elif replicas != "auto":
         engine_options["num_replicas"] = int(replicas)
-    engine = SoftmuxEngine.options(**engine_options).bind(settings.replace(threads=threads), max_tasks_per_replica, app_name)
-    return SoftmuxIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000).bind(
+    engine = SoftmuxEngine.options(  # type: ignore[attr-defined]
+        **engine_options).bind(settings.replace(threads=threads), max_tasks_per_replica, app_name)
+    return SoftmuxIngress.options(  # type: ignore[attr-defined]
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000).bind(
         engine, settings, app_name)
 
 
