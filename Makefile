@@ -38,6 +38,18 @@ lint: venv
 	$(BIN)/mypy || status=1; \
 	exit $$status
 
+# softmux on Ray Serve (server/deploy/): installs the `ray` extra, then the Ray tests (marked `ray`; a local
+# Ray instance on 127.0.0.1, two engine replicas of the tiny model; about 2-3 minutes). `make test`
+# skips them while Ray is not installed; .ci/run calls both.
+RAY_STAMP := $(VENV)/.softmux-ray-installed
+.PHONY: test-ray
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[test,ray]'
+	touch $@
+
+test-ray: venv model $(RAY_STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest tests/test_ray.py tests/test_ray_wire.py tests/test_ray_cli.py $(ARGS)
+
 # Not part of `make test`. soak: 5,000 requests at concurrency 64 against a server it starts like
 # `make serve` (ARGS go to the script; `-- FLAGS` to softmux serve). fuzz: schemathesis, >= 1,000
 # cases over every route of the OpenAPI schema, on the tiny model; no 5xx, no hang.

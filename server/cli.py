@@ -1,4 +1,4 @@
-"""`softmux` command line: serve | prepare-model | train | bench."""
+"""`softmux` command line: serve | serve-ray | prepare-model | train | bench."""
 
 from __future__ import annotations
 
@@ -17,6 +17,22 @@ def _serve(ns: argparse.Namespace) -> int:
 
     run_server(from_namespace(ns))
     return 0
+
+
+def _serve_ray(ns: argparse.Namespace) -> int:
+    try:
+        from server.deploy.ray_app import serve_ray  # lazy: needs the `ray` extra
+    except ImportError as e:
+        raise SystemExit(f"softmux serve-ray needs Ray Serve: pip install 'softmux[ray]' ({e})") from None
+
+    return serve_ray(ns)
+
+
+def _add_serve_ray_arguments(p: argparse.ArgumentParser) -> None:
+    from server.deploy.options import add_ray_arguments  # light: no Ray import
+
+    add_ray_arguments(p)
+    p.set_defaults(func=_serve_ray)
 
 
 def _prepare_model(ns: argparse.Namespace) -> int:
@@ -77,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server")
     add_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    serve_ray = sub.add_parser("serve-ray", help="run the same server as Ray Serve deployments: N engine replicas over one store")
+    _add_serve_ray_arguments(serve_ray)
 
     prep = sub.add_parser("prepare-model", help="convert the bundled default model into the cache")
     prep.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
