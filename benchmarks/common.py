@@ -15,9 +15,12 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="default", help="'default', a model folder or hub id")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--random-weights", action="store_true",
-                    help="build the model from the folder's config with random weights (timings do not depend on "
-                         "weight values when every request generates a fixed number of tokens)")
+    ap.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the model from the folder's config with random weights (timings do not depend on "
+        "weight values when every request generates a fixed number of tokens)",
+    )
 
 
 def load_for_bench(args: argparse.Namespace) -> LoadedModel:

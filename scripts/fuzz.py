@@ -48,26 +48,61 @@ def schemathesis_bin() -> str:
     return str(found) if found.exists() else (shutil.which("schemathesis") or "schemathesis")
 
 
-def run_fuzz(max_examples: int, *, request_timeout: float = 10.0, seed: int = 1, workers: int = 1,
-             model_dir: Path | None = None, extra: list[str] | None = None) -> FuzzResult:
+def run_fuzz(
+    max_examples: int,
+    *,
+    request_timeout: float = 10.0,
+    seed: int = 1,
+    workers: int = 1,
+    model_dir: Path | None = None,
+    extra: list[str] | None = None,
+) -> FuzzResult:
     with tempfile.TemporaryDirectory(prefix="softmux-fuzz-") as tmp:
         tmp_path = Path(tmp)
         if model_dir is None:
-            model_dir = tiny_test_model(tmp_path / "tiny", tokenizer_from=ensure_default_model(Settings().cache_dir),
-                                        initializer_range=0.3)
+            model_dir = tiny_test_model(
+                tmp_path / "tiny", tokenizer_from=ensure_default_model(Settings().cache_dir), initializer_range=0.3
+            )
         lm = load_model(str(model_dir), dtype="float32")
         make_store(tmp_path / "store", lm.hidden_size)
-        settings = Settings(store=tmp_path / "store", max_input_tokens=64, max_new_tokens=16, max_batch_tokens=4096,
-                            admin_token=ADMIN_TOKEN, reload_interval=0, max_upload_bytes=1 << 20)
+        settings = Settings(
+            store=tmp_path / "store",
+            max_input_tokens=64,
+            max_new_tokens=16,
+            max_batch_tokens=4096,
+            admin_token=ADMIN_TOKEN,
+            reload_interval=0,
+            max_upload_bytes=1 << 20,
+        )
         app = create_app(settings, loader=lambda: lm, wait=True)
         with live_server(app) as base:
-            cmd = [schemathesis_bin(), "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
-                   "--max-examples", str(max_examples), "--request-timeout", str(request_timeout),
-                   "--seed", str(seed), "--workers", str(workers), "--continue-on-failure",
-                   "--header", f"Authorization: Bearer {ADMIN_TOKEN}", "--no-color", *(extra or [])]
+            cmd = [
+                schemathesis_bin(),
+                "run",
+                f"{base}/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                str(max_examples),
+                "--request-timeout",
+                str(request_timeout),
+                "--seed",
+                str(seed),
+                "--workers",
+                str(workers),
+                "--continue-on-failure",
+                "--header",
+                f"Authorization: Bearer {ADMIN_TOKEN}",
+                "--no-color",
+                *(extra or []),
+            ]
             started = time.monotonic()
-            env = {**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks", "NO_COLOR": "1",
-                   "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")])}
+            env = {
+                **os.environ,
+                "SCHEMATHESIS_HOOKS": "fuzz_hooks",
+                "NO_COLOR": "1",
+                "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")]),
+            }
             # cwd: schemathesis keeps a .schemathesis/ folder of examples there; not in the repo
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600, cwd=tmp)
             seconds = time.monotonic() - started
@@ -93,8 +128,10 @@ def main() -> int:
     result = run_fuzz(ns.max_examples, request_timeout=ns.request_timeout, seed=ns.seed, workers=ns.workers)
     print(result.output)
     ok = result.returncode == 0 and result.cases >= ns.min_cases
-    print(f"fuzz: {result.cases} cases over {result.operations} operations in {result.seconds:.0f} s; "
-          f"schemathesis exit {result.returncode}; {'PASS' if ok else 'FAIL'} (need >= {ns.min_cases} cases, no 5xx, no hang)")
+    print(
+        f"fuzz: {result.cases} cases over {result.operations} operations in {result.seconds:.0f} s; "
+        f"schemathesis exit {result.returncode}; {'PASS' if ok else 'FAIL'} (need >= {ns.min_cases} cases, no 5xx, no hang)"
+    )
     return 0 if ok else 1
 
 

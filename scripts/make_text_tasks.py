@@ -43,7 +43,10 @@ TASKS: dict[str, tuple[str, list[tuple[str, str]], list[str]]] = {
     ),
     "topic": (
         "You say which topic a text is about: sports, politics, tech or business.",
-        [("The team won the final.", "This text is about sports."), ("The new phone has a faster chip.", "This text is about tech.")],
+        [
+            ("The team won the final.", "This text is about sports."),
+            ("The new phone has a faster chip.", "This text is about tech."),
+        ],
         ["The striker scored twice in the final minutes.", "The president met the prime minister."],
     ),
 }

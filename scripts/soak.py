@@ -54,11 +54,17 @@ class Tally:
 def well_formed(path: str, body: dict, max_new: int) -> bool:
     if path == "/generate":
         d = body.get("details") or {}
-        return isinstance(body.get("generated_text"), str) and d.get("finish_reason") in {"length", "eos_token", "stop_sequence"} \
+        return (
+            isinstance(body.get("generated_text"), str)
+            and d.get("finish_reason") in {"length", "eos_token", "stop_sequence"}
             and 1 <= d.get("generated_tokens", 0) <= max_new
+        )
     choice = (body.get("choices") or [{}])[0]
-    return isinstance(choice.get("text"), str) and choice.get("finish_reason") in {"length", "stop"} \
+    return (
+        isinstance(choice.get("text"), str)
+        and choice.get("finish_reason") in {"length", "stop"}
         and 1 <= body.get("usage", {}).get("completion_tokens", 0) <= max_new
+    )
 
 
 async def one(client: httpx.AsyncClient, i: int, tasks: list[str], max_new: int, tally: Tally, rng: random.Random) -> None:
@@ -158,8 +164,9 @@ def main() -> int:
         proc, url = start_server(args.serve_args, cwd=ROOT, verbose=args.verbose)
         pid = proc.pid
     try:
-        tally, f = asyncio.run(soak(url, pid, args.requests, args.concurrency, min(args.warmup, args.requests), args.max_new_tokens,
-                                    args.timeout))
+        tally, f = asyncio.run(
+            soak(url, pid, args.requests, args.concurrency, min(args.warmup, args.requests), args.max_new_tokens, args.timeout)
+        )
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -174,14 +181,14 @@ def main() -> int:
     stats = f["stats"]
     passes = stats["prefill_passes"] + stats["decode_passes"]
     print(f"""
-soak: {args.requests} requests, concurrency {args.concurrency}, {f['tasks']} tasks, max_new_tokens {args.max_new_tokens}
-  time            {f['seconds']:.1f} s ({args.requests / f['seconds']:.1f} req/s)
+soak: {args.requests} requests, concurrency {args.concurrency}, {f["tasks"]} tasks, max_new_tokens {args.max_new_tokens}
+  time            {f["seconds"]:.1f} s ({args.requests / f["seconds"]:.1f} req/s)
   answers         {tally.ok} well-formed 200, {len(tally.bad)} bad, {lost} lost
   statuses        {dict(tally.statuses)} ({tally.retries} retries on 429/503)
   5xx (not 503)   {fivexx}
   latency         p50 {lat[len(lat) // 2]:.2f} s, p99 {lat[int(len(lat) * 0.99) - 1]:.2f} s, max {lat[-1]:.2f} s
-  rss             start {f['rss_start'] / mib:.0f} MiB, after warm-up ({args.warmup}) {warm / mib:.0f} MiB, end {f['rss_end'] / mib:.0f} MiB ({drift:+.1%})
-  engine          {passes} passes, {stats['rows_decoded'] / max(stats['decode_passes'], 1):.1f} rows/decode pass, {stats['tasks_summed'] / max(passes, 1):.2f} tasks/pass, {stats['mixed_task_passes']} mixed-task passes""")
+  rss             start {f["rss_start"] / mib:.0f} MiB, after warm-up ({args.warmup}) {warm / mib:.0f} MiB, end {f["rss_end"] / mib:.0f} MiB ({drift:+.1%})
+  engine          {passes} passes, {stats["rows_decoded"] / max(stats["decode_passes"], 1):.1f} rows/decode pass, {stats["tasks_summed"] / max(passes, 1):.2f} tasks/pass, {stats["mixed_task_passes"]} mixed-task passes""")
     for line in tally.bad[:10]:
         print("  bad:", line)
     ok = tally.ok == args.requests and not tally.bad and fivexx == 0 and abs(drift) <= args.rss_tolerance

@@ -44,7 +44,7 @@ TASKS: dict[str, tuple[str, dict]] = {
         {"steps": 60, "batch_size": 8, "lr": 0.05},
     ),
     "extract-json": (
-        'Extract the person\'s full name and the city from the text. Reply with JSON only, '
+        "Extract the person's full name and the city from the text. Reply with JSON only, "
         'in the form {"name": "...", "city": "..."}.',
         {"steps": 60, "batch_size": 8, "lr": 0.05},
     ),
@@ -96,19 +96,38 @@ def main() -> None:
         train_file, test_file = args.data / f"{task}.train.jsonl", args.data / f"{task}.test.jsonl"
         entry = scores.setdefault(task, {})
         if args.phase in ("all", "train"):
-            cfg = TrainConfig(task=task + args.suffix, data=train_file, eval_data=test_file, store=args.store,
-                              init="text", init_text=instruction, seed=0, max_eval=args.max_eval, **settings)
+            cfg = TrainConfig(
+                task=task + args.suffix,
+                data=train_file,
+                eval_data=test_file,
+                store=args.store,
+                init="text",
+                init_text=instruction,
+                seed=0,
+                max_eval=args.max_eval,
+                **settings,
+            )
             result = train(cfg, lm, model_label=DEFAULT_MODEL_ID)
-            entry.update(text_init=result.before, trained=result.after, train_seconds=round(result.train_seconds), total_seconds=round(result.seconds),
-                         loss_first=result.losses[0], loss_last=result.losses[-1], steps=len(result.losses),
-                         folder=result.folder.name, threads=args.threads)
+            entry.update(
+                text_init=result.before,
+                trained=result.after,
+                train_seconds=round(result.train_seconds),
+                total_seconds=round(result.seconds),
+                loss_first=result.losses[0],
+                loss_last=result.losses[-1],
+                steps=len(result.losses),
+                folder=result.folder.name,
+                threads=args.threads,
+            )
             scores_path.write_text(json.dumps(scores, indent=2) + "\n")
         if args.phase in ("all", "baseline"):
             held = read_jsonl(test_file)[: args.max_eval]
             shots = read_jsonl(train_file)[:3]
             max_new = default_max_new_tokens(lm, held)
-            for key, text in (("instruction_0shot", system_turn(instruction)),
-                              ("instruction_3shot", system_turn(instruction, shots))):
+            for key, text in (
+                ("instruction_0shot", system_turn(instruction)),
+                ("instruction_3shot", system_turn(instruction, shots)),
+            ):
                 t = time.monotonic()
                 em, preds = evaluate(lm, text_embeddings(lm, text), held, CHATML_TEMPLATE, max_new)
                 entry[key] = em
@@ -118,13 +137,17 @@ def main() -> None:
 
 
 def table(scores: dict) -> str:
-    lines = ["| task | (a) instruction, 0-shot | (a) instruction, 3-shot | (b) text-init soft prompt | (c) trained soft prompt | training |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| task | (a) instruction, 0-shot | (a) instruction, 3-shot | (b) text-init soft prompt | (c) trained soft prompt | training |",
+        "|---|---|---|---|---|---|",
+    ]
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     for task, e in scores.items():
-        lines.append(f"| {task} | {pct(e.get('instruction_0shot'))} | {pct(e.get('instruction_3shot'))} | "
-                     f"{pct(e.get('text_init'))} | {pct(e.get('trained'))} | "
-                     f"{e.get('steps', '-')} steps, {e.get('train_seconds', '-')} s, {e.get('threads', '-')} threads |")
+        lines.append(
+            f"| {task} | {pct(e.get('instruction_0shot'))} | {pct(e.get('instruction_3shot'))} | "
+            f"{pct(e.get('text_init'))} | {pct(e.get('trained'))} | "
+            f"{e.get('steps', '-')} steps, {e.get('train_seconds', '-')} s, {e.get('threads', '-')} threads |"
+        )
     return "\n".join(lines)
 
 

@@ -73,8 +73,11 @@ def synthetic_requests(tasks: list[str], n: int, input_words: int, max_new_token
     rng = random.Random(seed)
     words = "time person year way day thing man world life hand part child eye woman place work week case point".split()
     return [
-        BenchRequest(task=tasks[i % len(tasks)], inputs=" ".join(rng.choice(words) for _ in range(input_words)),
-                     max_new_tokens=max_new_tokens)
+        BenchRequest(
+            task=tasks[i % len(tasks)],
+            inputs=" ".join(rng.choice(words) for _ in range(input_words)),
+            max_new_tokens=max_new_tokens,
+        )
         for i in range(n)
     ]
 
@@ -90,8 +93,7 @@ def load_requests(path: Path, default_new: int) -> list[BenchRequest]:
 
 
 async def one_request(client: httpx.AsyncClient, req: BenchRequest) -> Outcome:
-    body = {"task": req.task, "inputs": req.inputs,
-            "parameters": {"max_new_tokens": req.max_new_tokens, "details": True}}
+    body = {"task": req.task, "inputs": req.inputs, "parameters": {"max_new_tokens": req.max_new_tokens, "details": True}}
     start = time.perf_counter()
     out = Outcome(status=0)
     try:
@@ -134,8 +136,12 @@ async def run_load(url: str, requests: list[BenchRequest], concurrency: int, pro
                 if progress:
                     done = len(outcomes)
                     elapsed = time.perf_counter() - start
-                    print(f"\r  c={concurrency}: {done}/{len(requests)} done, {done / elapsed:.1f} req/s",
-                          end="", file=sys.stderr, flush=True)
+                    print(
+                        f"\r  c={concurrency}: {done}/{len(requests)} done, {done / elapsed:.1f} req/s",
+                        end="",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
@@ -176,9 +182,11 @@ def print_report(r: Report) -> None:
 
     rows = f"{r.rows_per_pass:.1f}" if r.rows_per_pass is not None else "-"
     tasks = f"{r.tasks_per_pass:.2f}" if r.tasks_per_pass is not None else "-"
-    print(f"| {r.concurrency} | {r.requests} | {r.requests_per_s:.2f} | {r.tokens_per_s:.1f} | {ms(r.ttft, 'p50')} / "
-          f"{ms(r.ttft, 'p90')} / {ms(r.ttft, 'p99')} | {ms(r.latency, 'p50')} / {ms(r.latency, 'p90')} / "
-          f"{ms(r.latency, 'p99')} | {rows} | {tasks} | {json.dumps(r.errors) if r.errors else '-'} |")
+    print(
+        f"| {r.concurrency} | {r.requests} | {r.requests_per_s:.2f} | {r.tokens_per_s:.1f} | {ms(r.ttft, 'p50')} / "
+        f"{ms(r.ttft, 'p90')} / {ms(r.ttft, 'p99')} | {ms(r.latency, 'p50')} / {ms(r.latency, 'p90')} / "
+        f"{ms(r.latency, 'p99')} | {rows} | {tasks} | {json.dumps(r.errors) if r.errors else '-'} |"
+    )
 
 
 def plot(reports: list[Report], path: Path) -> None:
@@ -206,8 +214,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(extra: list[str], *, cwd: Path | None = None, verbose: bool = False,
-                 ready_timeout: float = 300.0) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    extra: list[str], *, cwd: Path | None = None, verbose: bool = False, ready_timeout: float = 300.0
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start `softmux serve` on a free loopback port (in its own process group) and wait until
     /ready answers 200. Returns the process and its base URL; the caller stops it (SIGTERM).
     Its log goes to this terminal when `verbose`, else to a temp file shown if it fails to start."""
@@ -269,7 +278,9 @@ def main(ns: argparse.Namespace) -> int:
             names = names[: ns.tasks] if ns.tasks else names
             requests = synthetic_requests(names, ns.requests, ns.input_words, ns.max_new_tokens, ns.seed)
         print(f"{len(requests)} requests over {len({r.task for r in requests})} tasks against {url}")
-        print("| concurrency | requests | req/s | gen tok/s | TTFT ms p50/p90/p99 | latency ms p50/p90/p99 | rows/pass | tasks/pass | errors |")
+        print(
+            "| concurrency | requests | req/s | gen tok/s | TTFT ms p50/p90/p99 | latency ms p50/p90/p99 | rows/pass | tasks/pass | errors |"
+        )
         print("|---:|---:|---:|---:|---|---|---:|---:|---|")
         reports = []
         for c in ns.concurrency:

@@ -52,12 +52,24 @@ def _train(ns: argparse.Namespace) -> int:
         torch.set_num_threads(ns.threads)
     if ns.steps is not None and ns.epochs is not None:
         raise SystemExit("give --steps or --epochs, not both")
-    lm = load_model(ns.model, device=ns.device, dtype="float32" if ns.device in ("auto", "cpu") else "auto",
-                    cache_dir=ns.cache_dir)
+    lm = load_model(
+        ns.model, device=ns.device, dtype="float32" if ns.device in ("auto", "cpu") else "auto", cache_dir=ns.cache_dir
+    )
     cfg = TrainConfig(
-        task=ns.task, data=ns.data, store=ns.store, eval_data=ns.eval_data, holdout=ns.holdout,
-        num_virtual_tokens=ns.num_virtual_tokens, init=ns.init, init_text=ns.init_text, steps=ns.steps,
-        epochs=ns.epochs, lr=ns.lr, batch_size=ns.batch_size, seed=ns.seed, max_eval=ns.max_eval,
+        task=ns.task,
+        data=ns.data,
+        store=ns.store,
+        eval_data=ns.eval_data,
+        holdout=ns.holdout,
+        num_virtual_tokens=ns.num_virtual_tokens,
+        init=ns.init,
+        init_text=ns.init_text,
+        steps=ns.steps,
+        epochs=ns.epochs,
+        lr=ns.lr,
+        batch_size=ns.batch_size,
+        seed=ns.seed,
+        max_eval=ns.max_eval,
     )
     result = train(cfg, lm, model_label=model_label_for(ns.model))
     print(f"wrote {result.folder} in {result.seconds:.0f} s: held-out exact match {result.before:.1%} -> {result.after:.1%}")
@@ -68,7 +80,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task name: the store folder it is written to")
     p.add_argument("--data", type=Path, required=True, help='JSON lines {"input": ..., "output": ...}')
     p.add_argument("--eval-data", type=Path, default=None, help="held-out JSON lines (default: split --holdout off --data)")
-    p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction (or count if >= 1) of --data; default: %(default)s")
+    p.add_argument(
+        "--holdout", type=float, default=0.2, help="held-out fraction (or count if >= 1) of --data; default: %(default)s"
+    )
     p.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many held-out examples")
     p.add_argument("--store", type=Path, default=Path("prompts_store"), help="default: %(default)s")
     p.add_argument("--model", default="default", help="the model the server uses; default: %(default)s")

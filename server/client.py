@@ -103,8 +103,10 @@ def _generation(data: dict[str, Any]) -> Generation:
 
 
 def _tasks(data: dict[str, Any]) -> Tasks:
-    return Tasks(tasks=[Task(**_known(Task, t)) for t in data.get("tasks", [])],
-                 failed={f["folder"]: f["reason"] for f in data.get("failed", [])})
+    return Tasks(
+        tasks=[Task(**_known(Task, t)) for t in data.get("tasks", [])],
+        failed={f["folder"]: f["reason"] for f in data.get("failed", [])},
+    )
 
 
 def _error(response: httpx.Response) -> SoftmuxError:
@@ -124,8 +126,15 @@ def _token(data: dict[str, Any], request_id: str | None) -> Token:
         error_type = str(data.get("error_type", "generation"))
         raise SoftmuxError(_STATUS_OF_TYPE.get(error_type, 500), error_type, str(data["error"]), request_id)
     tok = data.get("token") or {"id": -1, "text": "", "logprob": 0.0, "special": True}
-    return Token(id=tok["id"], text=tok["text"], logprob=tok["logprob"], special=tok["special"], index=data.get("index", 0),
-                 generated_text=data.get("generated_text"), details=_details(data.get("details")))
+    return Token(
+        id=tok["id"],
+        text=tok["text"],
+        logprob=tok["logprob"],
+        special=tok["special"],
+        index=data.get("index", 0),
+        generated_text=data.get("generated_text"),
+        details=_details(data.get("details")),
+    )
 
 
 def _sse_data(line: str) -> dict[str, Any] | None:
@@ -158,7 +167,7 @@ class RetryPolicy:
                     return min(max(when.timestamp() - time.time(), 0.0), self.max_backoff)
                 except (TypeError, ValueError):
                     pass
-        base = min(self.backoff * (2 ** attempt), self.max_backoff)
+        base = min(self.backoff * (2**attempt), self.max_backoff)
         return base * (0.5 + random.random() / 2)
 
 
@@ -281,11 +290,13 @@ class AsyncClient:
         response = await self._send("POST", "/generate", json=_payload(task, inputs, parameters), headers=headers)
         return _generation(response.json())
 
-    async def generate_stream(self, task: str, inputs: str, *, request_id: str | None = None,
-                              **parameters: Any) -> AsyncIterator[Token]:
+    async def generate_stream(
+        self, task: str, inputs: str, *, request_id: str | None = None, **parameters: Any
+    ) -> AsyncIterator[Token]:
         headers = {"x-request-id": request_id} if request_id else None
-        response = await self._send("POST", "/generate_stream", stream=True, json=_payload(task, inputs, parameters),
-                                    headers=headers)
+        response = await self._send(
+            "POST", "/generate_stream", stream=True, json=_payload(task, inputs, parameters), headers=headers
+        )
         rid = response.headers.get("x-request-id")
         try:
             async for line in response.aiter_lines():

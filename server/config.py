@@ -23,33 +23,83 @@ def default_cache_dir() -> Path:
 class Settings:
     model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M-Instruct), a local HF folder or a hub id"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU) | float32 | float16 | bfloat16 | float64"})
-    store: Path = field(default=Path("prompts_store"), metadata={"help": "folder of PEFT soft-prompt adapters, one task per folder"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU) | float32 | float16 | bfloat16 | float64"}
+    )
+    store: Path = field(
+        default=Path("prompts_store"), metadata={"help": "folder of PEFT soft-prompt adapters, one task per folder"}
+    )
     cache_dir: Path = field(default_factory=default_cache_dir, metadata={"help": "where the converted default model is cached"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
     port: int = field(default=8000, metadata={"help": "port to bind"})
     max_batch_size: int = field(default=32, metadata={"help": "rows in the running batch"})
-    max_batch_tokens: int = field(default=16384, metadata={"help": "tokens one prefill pass may feed (a longer single request still runs alone)"})
+    max_batch_tokens: int = field(
+        default=16384, metadata={"help": "tokens one prefill pass may feed (a longer single request still runs alone)"}
+    )
     max_input_tokens: int = field(default=1024, metadata={"help": "input tokens per request (virtual tokens not counted)"})
     max_new_tokens: int = field(default=512, metadata={"help": "largest max_new_tokens a request may ask for"})
     max_virtual_tokens: int = field(default=128, metadata={"help": "largest soft prompt (virtual tokens) the registry accepts"})
     max_queue: int = field(default=256, metadata={"help": "waiting requests; beyond this new requests get 429"})
-    prefix_cache: bool = field(default=True, metadata={"help": "compute each task's key/value prefix once and reuse it (--no-prefix-cache to compare)"})
-    prefix_cache_bytes: int = field(default=256 << 20, metadata={"help": "memory for cached per-task key/value prefixes, in bytes"})
-    kv_cache_bytes: int = field(default=0, metadata={"help": "key/value pool size in bytes, soft-prompt prefixes included (0: a quarter of available memory, at most 4 GiB on CPU; half of free GPU memory)"})
+    prefix_cache: bool = field(
+        default=True, metadata={"help": "compute each task's key/value prefix once and reuse it (--no-prefix-cache to compare)"}
+    )
+    prefix_cache_bytes: int = field(
+        default=256 << 20, metadata={"help": "memory for cached per-task key/value prefixes, in bytes"}
+    )
+    kv_cache_bytes: int = field(
+        default=0,
+        metadata={
+            "help": "key/value pool size in bytes, soft-prompt prefixes included (0: a quarter of available memory, at most 4 GiB on CPU; half of free GPU memory)"
+        },
+    )
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
-    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error", "choices": ("debug", "info", "warning", "error")})
-    admin_token: str = field(default="", metadata={"help": "bearer token for the admin routes (PUT/DELETE/GET /tasks/NAME); empty: admin routes answer 403"})
-    api_key: str = field(default="", metadata={"help": "bearer token required on generation routes (/generate*, /v1/*); empty: open"})
+    log_level: str = field(
+        default="info", metadata={"help": "debug | info | warning | error", "choices": ("debug", "info", "warning", "error")}
+    )
+    admin_token: str = field(
+        default="",
+        metadata={"help": "bearer token for the admin routes (PUT/DELETE/GET /tasks/NAME); empty: admin routes answer 403"},
+    )
+    api_key: str = field(
+        default="", metadata={"help": "bearer token required on generation routes (/generate*, /v1/*); empty: open"}
+    )
     max_upload_bytes: int = field(default=64 << 20, metadata={"help": "largest adapter upload (both files together), in bytes"})
-    reload_interval: float = field(default=1.0, metadata={"help": "seconds between looks at the store for added/replaced/removed tasks (0: no hot reload)"})
-    max_resident_prompts: int = field(default=256, metadata={"help": "soft prompts kept in memory; least recently used are dropped and reloaded from disk on demand"})
-    request_timeout: float = field(default=0.0, metadata={"help": "seconds a request may take (queue + generation) before it ends with finish_reason 'timeout' and the text so far; also the ceiling for parameters.timeout (0: no default and no ceiling)"})
-    shutdown_grace: float = field(default=30.0, metadata={"help": "on SIGTERM: seconds to let accepted requests finish (new ones get 503) before the rest fail and the server exits"})
-    max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body on all routes but adapter uploads (--max-upload-bytes), in bytes; larger bodies get 413"})
-    limit_concurrency: int = field(default=0, metadata={"help": "uvicorn: open connections + in-flight requests beyond which new ones get 503 (0: no limit)"})
+    reload_interval: float = field(
+        default=1.0, metadata={"help": "seconds between looks at the store for added/replaced/removed tasks (0: no hot reload)"}
+    )
+    max_resident_prompts: int = field(
+        default=256,
+        metadata={"help": "soft prompts kept in memory; least recently used are dropped and reloaded from disk on demand"},
+    )
+    request_timeout: float = field(
+        default=0.0,
+        metadata={
+            "help": "seconds a request may take (queue + generation) before it ends with finish_reason 'timeout' and the text so far; also the ceiling for parameters.timeout (0: no default and no ceiling)"
+        },
+    )
+    shutdown_grace: float = field(
+        default=30.0,
+        metadata={
+            "help": "on SIGTERM: seconds to let accepted requests finish (new ones get 503) before the rest fail and the server exits"
+        },
+    )
+    max_body_bytes: int = field(
+        default=1 << 20,
+        metadata={
+            "help": "largest request body on all routes but adapter uploads (--max-upload-bytes), in bytes; larger bodies get 413"
+        },
+    )
+    limit_concurrency: int = field(
+        default=0, metadata={"help": "uvicorn: open connections + in-flight requests beyond which new ones get 503 (0: no limit)"}
+    )
     timeout_keep_alive: int = field(default=5, metadata={"help": "uvicorn: seconds an idle keep-alive connection stays open"})
-    log_format: str = field(default="text", metadata={"help": "text (human-readable lines) | json (one JSON object per line, with request_id)", "choices": ("text", "json")})
+    log_format: str = field(
+        default="text",
+        metadata={
+            "help": "text (human-readable lines) | json (one JSON object per line, with request_id)",
+            "choices": ("text", "json"),
+        },
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -35,8 +35,9 @@ class UnknownTask(DomainError):
 
     kind = ErrorKind.UNKNOWN_TASK
 
-    def __init__(self, task: str, known: Sequence[str] | None = None, *, reason: str | None = None,
-                 message: str | None = None) -> None:
+    def __init__(
+        self, task: str, known: Sequence[str] | None = None, *, reason: str | None = None, message: str | None = None
+    ) -> None:
         self.task = task
         self.known = None if known is None else list(known)
         self.reason = reason

@@ -65,13 +65,19 @@ class _LiveCollector(Collector):
             ("softmux_tasks", "servable tasks", state.tasks),
         ):
             yield GaugeMetricFamily(name, doc, value=0 if value is None else value)
-        yield GaugeMetricFamily("softmux_kv_cache_blocks_used", "key/value pool blocks in use (rows, prefixes, cached blocks)",
-                                value=state.kv_blocks_used or 0)
+        yield GaugeMetricFamily(
+            "softmux_kv_cache_blocks_used",
+            "key/value pool blocks in use (rows, prefixes, cached blocks)",
+            value=state.kv_blocks_used or 0,
+        )
         yield GaugeMetricFamily("softmux_kv_cache_blocks_total", "key/value pool blocks", value=state.kv_blocks_total or 0)
         for name, doc, value in (
             ("softmux_preemptions", "rows preempted when the key/value pool ran out (recomputed later)", state.preemptions),
-            ("softmux_prefix_cache_hit_tokens", "input tokens whose keys and values came from the per-task token cache",
-             state.prefix_hit_tokens),
+            (
+                "softmux_prefix_cache_hit_tokens",
+                "input tokens whose keys and values came from the per-task token cache",
+                state.prefix_hit_tokens,
+            ),
             ("softmux_prefix_cache_hit_requests", "requests that reused cached input-token blocks", state.prefix_hit_requests),
         ):
             yield CounterMetricFamily(name, doc, value=value or 0)
@@ -85,25 +91,49 @@ class Metrics:
         r = self.registry
         labels = ("task", "outcome")
         self.requests = Counter("softmux_request_count", "requests by task and outcome", labels, registry=r)
-        self.duration = Histogram("softmux_request_duration_seconds", "arrival to finish", labels,
-                                  buckets=_DURATION_BUCKETS, registry=r)
-        self.queue = Histogram("softmux_request_queue_duration_seconds", "arrival to admission into the batch", labels,
-                               buckets=_DURATION_BUCKETS, registry=r)
-        self.first_token = Histogram("softmux_request_time_to_first_token_seconds", "arrival to the first generated token",
-                                     labels, buckets=_DURATION_BUCKETS, registry=r)
-        self.per_token = Histogram("softmux_request_time_per_output_token_seconds",
-                                   "mean time between generated tokens after the first", labels,
-                                   buckets=_TOKEN_TIME_BUCKETS, registry=r)
-        self.input_length = Histogram("softmux_request_input_length", "input tokens (virtual tokens not counted)", labels,
-                                      buckets=_LENGTH_BUCKETS, registry=r)
-        self.generated = Histogram("softmux_request_generated_tokens", "generated tokens", labels,
-                                   buckets=_LENGTH_BUCKETS, registry=r)
-        self.forward_duration = Histogram("softmux_batch_forward_duration_seconds", "one forward pass", ("phase",),
-                                          buckets=_DURATION_BUCKETS, registry=r)
-        self.forward_size = Histogram("softmux_batch_forward_size", "rows in one forward pass", ("phase",),
-                                      buckets=_ROW_BUCKETS, registry=r)
-        self.tasks_per_forward = Histogram("softmux_batch_tasks_per_forward", "distinct tasks in one forward pass",
-                                           ("phase",), buckets=_TASK_BUCKETS, registry=r)
+        self.duration = Histogram(
+            "softmux_request_duration_seconds", "arrival to finish", labels, buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.queue = Histogram(
+            "softmux_request_queue_duration_seconds",
+            "arrival to admission into the batch",
+            labels,
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.first_token = Histogram(
+            "softmux_request_time_to_first_token_seconds",
+            "arrival to the first generated token",
+            labels,
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.per_token = Histogram(
+            "softmux_request_time_per_output_token_seconds",
+            "mean time between generated tokens after the first",
+            labels,
+            buckets=_TOKEN_TIME_BUCKETS,
+            registry=r,
+        )
+        self.input_length = Histogram(
+            "softmux_request_input_length",
+            "input tokens (virtual tokens not counted)",
+            labels,
+            buckets=_LENGTH_BUCKETS,
+            registry=r,
+        )
+        self.generated = Histogram(
+            "softmux_request_generated_tokens", "generated tokens", labels, buckets=_LENGTH_BUCKETS, registry=r
+        )
+        self.forward_duration = Histogram(
+            "softmux_batch_forward_duration_seconds", "one forward pass", ("phase",), buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.forward_size = Histogram(
+            "softmux_batch_forward_size", "rows in one forward pass", ("phase",), buckets=_ROW_BUCKETS, registry=r
+        )
+        self.tasks_per_forward = Histogram(
+            "softmux_batch_tasks_per_forward", "distinct tasks in one forward pass", ("phase",), buckets=_TASK_BUCKETS, registry=r
+        )
         r.register(_LiveCollector(read_state))
 
     # ---- engine observer (engine thread: cheap, never raises) --------------------------------

@@ -95,7 +95,9 @@ class Service:
             prefix_cache = PrefixCache(self.settings.prefix_cache_bytes) if self.settings.prefix_cache else None
             kv_bytes = self.settings.kv_cache_bytes or default_kv_cache_bytes(self.lm.device)
             max_context = self.settings.max_virtual_tokens + self.settings.max_input_tokens + self.settings.max_new_tokens
-            self.engine = Engine(self.lm, scheduler, prefix_cache, observer=self.metrics, kv_cache_bytes=kv_bytes, max_context=max_context)
+            self.engine = Engine(
+                self.lm, scheduler, prefix_cache, observer=self.metrics, kv_cache_bytes=kv_bytes, max_context=max_context
+            )
             self._warm_up()
             self.engine.start()
             if self.settings.reload_interval > 0:
@@ -112,12 +114,25 @@ class Service:
         first real request does not pay for lazy initialisation; their traces are then wiped."""
         engine, lm = self.engine, self.lm
         assert engine is not None and lm is not None
-        prompt = SoftPrompt(name="_warmup", kind=PromptKind.PROMPT_TUNING, content_hash="warmup", source=Path("."),
-                            embeddings=torch.zeros(1, lm.hidden_size, dtype=lm.dtype, device=lm.device))
+        prompt = SoftPrompt(
+            name="_warmup",
+            kind=PromptKind.PROMPT_TUNING,
+            content_hash="warmup",
+            source=Path("."),
+            embeddings=torch.zeros(1, lm.hidden_size, dtype=lm.dtype, device=lm.device),
+        )
         queue_limit, engine.scheduler.max_queue = engine.scheduler.max_queue, 2  # also with --max-queue 0
         for n in (1, 2):
-            engine.scheduler.add(Request(task="_warmup", prompt=prompt, input_ids=[0] * n, params=SamplingParams(max_new_tokens=2),
-                                         seed=0, sink=lambda event: None))
+            engine.scheduler.add(
+                Request(
+                    task="_warmup",
+                    prompt=prompt,
+                    input_ids=[0] * n,
+                    params=SamplingParams(max_new_tokens=2),
+                    seed=0,
+                    sink=lambda event: None,
+                )
+            )
         engine.scheduler.max_queue = queue_limit
         observer, engine.observer = engine.observer, None  # warm-up passes are not traffic
         while not engine.scheduler.idle:
@@ -201,7 +216,12 @@ class Service:
         return replace(prepared, deadline=None if seconds is None else arrival + seconds)
 
     async def _prepare(
-        self, task: str, text: str, params: SamplingParams, add_special_tokens: bool, fit_new_tokens: bool,
+        self,
+        task: str,
+        text: str,
+        params: SamplingParams,
+        add_special_tokens: bool,
+        fit_new_tokens: bool,
         names: tuple[str, str],
     ) -> Prepared:
         engine, registry, lm = self.require_ready()
@@ -213,7 +233,8 @@ class Service:
         if params.max_new_tokens > s.max_new_tokens and not fit_new_tokens:
             raise InvalidRequest(f"{limit_name} must be <= {s.max_new_tokens} (got {params.max_new_tokens})", limit_name)
         ids: list[int] = await anyio.to_thread.run_sync(
-            lambda: lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            lambda: lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        )
         if len(ids) > s.max_input_tokens:
             raise InvalidRequest(f"{inputs_name} is {len(ids)} tokens; at most {s.max_input_tokens} are allowed", inputs_name)
         if not ids:
@@ -236,7 +257,8 @@ class Service:
         pool_tokens = engine.runner.pool.capacity * engine.runner.pool.block_size
         if total > pool_tokens:
             raise InvalidRequest(
-                f"virtual + input + {limit_name} = {total} exceeds the key/value pool ({pool_tokens} tokens, --kv-cache-bytes)", limit_name
+                f"virtual + input + {limit_name} = {total} exceeds the key/value pool ({pool_tokens} tokens, --kv-cache-bytes)",
+                limit_name,
             )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Prepared(task=task, input_ids=ids, params=params, seed=seed)
@@ -267,8 +289,14 @@ class Service:
                 pass
 
         request = Request(
-            task=prepared.task, prompt=prompt, input_ids=prepared.input_ids,
-            params=prepared.params, seed=prepared.seed, sink=sink, stream=stream, deadline=prepared.deadline,
+            task=prepared.task,
+            prompt=prompt,
+            input_ids=prepared.input_ids,
+            params=prepared.params,
+            seed=prepared.seed,
+            sink=sink,
+            stream=stream,
+            deadline=prepared.deadline,
         )
         try:
             engine.submit(request)
@@ -334,8 +362,13 @@ class Generation:
         if not isinstance(event, TokenEvent):
             self.done = True
             how = event.finish_reason.value if isinstance(event, FinishEvent) else f"error ({event.kind.value})"
-            log.info("request %d (task %r) ended: %s, %d token(s)", self.request.id, self.request.task, how,
-                     len(self.request.output_ids))
+            log.info(
+                "request %d (task %r) ended: %s, %d token(s)",
+                self.request.id,
+                self.request.task,
+                how,
+                len(self.request.output_ids),
+            )
         return event
 
     def cancel(self) -> None:

@@ -131,8 +131,9 @@ def initial_prompt(lm: LoadedModel, cfg: TrainConfig) -> tuple[torch.Tensor, Any
     """PEFT's own initialisation; returns (embeddings [P, H] float32, the PEFT config to save with)."""
     from peft import PromptTuningConfig, PromptTuningInit
 
-    init = {"text": PromptTuningInit.TEXT, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB,
-            "random": PromptTuningInit.RANDOM}[cfg.init]
+    init = {"text": PromptTuningInit.TEXT, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM}[
+        cfg.init
+    ]
     source = getattr(lm.model.config, "_name_or_path", None) or lm.name
     peft_cfg = PromptTuningConfig(
         task_type="CAUSAL_LM",
@@ -192,8 +193,9 @@ def as_soft_prompt(lm: LoadedModel, embeddings: torch.Tensor, name: str = "eval"
     return SoftPrompt(name=name, kind=PromptKind.PROMPT_TUNING, embeddings=emb, content_hash=digest, source=Path(name))
 
 
-def generate_batch(lm: LoadedModel, prompt: SoftPrompt, inputs: Sequence[list[int]], max_new_tokens: int,
-                   batch_size: int = 32) -> list[str]:
+def generate_batch(
+    lm: LoadedModel, prompt: SoftPrompt, inputs: Sequence[list[int]], max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
     """Greedy answers for many inputs, through the engine exactly as served (driven on this thread)."""
     total = sum(len(i) for i in inputs) + len(inputs) * (prompt.num_virtual_tokens + max_new_tokens)
     engine = Engine(lm, Scheduler(batch_size, max(total, 1), len(inputs) + 1))
@@ -205,18 +207,24 @@ def generate_batch(lm: LoadedModel, prompt: SoftPrompt, inputs: Sequence[list[in
                 results[i] = event
             elif not hasattr(event, "token_id"):  # an ErrorEvent
                 raise RuntimeError(f"evaluation request failed: {event}")
+
         return sink
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
     for i, ids in enumerate(inputs):
-        engine.scheduler.add(Request(task=prompt.name, prompt=prompt, input_ids=list(ids), params=params, seed=0,
-                                     sink=sink_for(i)))
+        engine.scheduler.add(
+            Request(task=prompt.name, prompt=prompt, input_ids=list(ids), params=params, seed=0, sink=sink_for(i))
+        )
     with torch.inference_mode():
         while len(results) < len(inputs):
             # step() is False when its batch emptied and nothing was admitted yet; only an empty
             # queue with nothing running and answers missing means stuck.
-            if not engine.step() and engine.scheduler.num_waiting == 0 and not engine.scheduler.running \
-                    and len(results) < len(inputs):
+            if (
+                not engine.step()
+                and engine.scheduler.num_waiting == 0
+                and not engine.scheduler.running
+                and len(results) < len(inputs)
+            ):
                 raise RuntimeError("the engine stopped with requests unfinished")
     return [results[i].generated_text for i in range(len(inputs))]
 
@@ -226,8 +234,14 @@ def exact_match(predictions: Sequence[str], examples: Sequence[dict[str, str]]) 
     return hits / max(1, len(examples))
 
 
-def evaluate(lm: LoadedModel, embeddings: torch.Tensor, examples: Sequence[dict[str, str]], template: str,
-             max_new_tokens: int, batch_size: int = 32) -> tuple[float, list[str]]:
+def evaluate(
+    lm: LoadedModel,
+    embeddings: torch.Tensor,
+    examples: Sequence[dict[str, str]],
+    template: str,
+    max_new_tokens: int,
+    batch_size: int = 32,
+) -> tuple[float, list[str]]:
     inputs = [encode(lm, template, e)[0] for e in examples]
     preds = generate_batch(lm, as_soft_prompt(lm, embeddings), inputs, max_new_tokens, batch_size)
     return exact_match(preds, examples), preds
@@ -241,8 +255,7 @@ def default_max_new_tokens(lm: LoadedModel, examples: Sequence[dict[str, str]]) 
 # Training
 
 
-def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
+def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None, log: Callable[[str], None] = print) -> TrainResult:
     validate_task_name(cfg.task)
     if cfg.init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
@@ -262,8 +275,7 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None,
     soft = torch.nn.Parameter(init.to(lm.device))  # [P, H] float32, the only trainable tensor
     opt = torch.optim.AdamW([soft], lr=cfg.lr, weight_decay=0.0)
     warm = max(1, int(steps * cfg.warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
     rng = random.Random(cfg.seed)
     order: list[int] = []
     losses: list[float] = []
@@ -279,7 +291,7 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None,
             more = list(range(len(encoded)))
             rng.shuffle(more)
             order += more
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         loss = batch_loss(lm, soft, [encoded[i] for i in idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,14 +308,24 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None,
     log(f"held-out exact match after training: {after:.1%} (before {before:.1%})")
     samples = [{"input": e["input"], "expected": e["output"], "got": p} for e, p in zip(held[:5], preds[:5])]
     seconds = time.monotonic() - started
-    card = render_card(cfg, model_label or lm.name, train_rows, held, steps, before, after, losses, train_seconds, seconds, samples)
+    card = render_card(
+        cfg, model_label or lm.name, train_rows, held, steps, before, after, losses, train_seconds, seconds, samples
+    )
     folder = save_adapter(lm, cfg, peft_cfg, trained, card, model_label or lm.name)
-    return TrainResult(folder=folder, before=before, after=after, losses=losses, seconds=seconds,
-                       n_train=len(train_rows), n_eval=len(held), samples=samples, train_seconds=train_seconds)
+    return TrainResult(
+        folder=folder,
+        before=before,
+        after=after,
+        losses=losses,
+        seconds=seconds,
+        n_train=len(train_rows),
+        n_eval=len(held),
+        samples=samples,
+        train_seconds=train_seconds,
+    )
 
 
-def save_adapter(lm: LoadedModel, cfg: TrainConfig, peft_cfg: Any, embeddings: torch.Tensor, card: str,
-                 model_label: str) -> Path:
+def save_adapter(lm: LoadedModel, cfg: TrainConfig, peft_cfg: Any, embeddings: torch.Tensor, card: str, model_label: str) -> Path:
     """Write adapter_config.json, adapter_model.safetensors and README.md into the store atomically."""
     from safetensors.torch import save_file
 
@@ -332,16 +354,29 @@ def save_adapter(lm: LoadedModel, cfg: TrainConfig, peft_cfg: Any, embeddings: t
     return cfg.store / cfg.task
 
 
-def render_card(cfg: TrainConfig, model_label: str, train_rows: list[dict[str, str]], held: list[dict[str, str]],
-                steps: int, before: float, after: float, losses: list[float], train_seconds: float,
-                seconds: float, samples: list[dict[str, str]]) -> str:
+def render_card(
+    cfg: TrainConfig,
+    model_label: str,
+    train_rows: list[dict[str, str]],
+    held: list[dict[str, str]],
+    steps: int,
+    before: float,
+    after: float,
+    losses: list[float],
+    train_seconds: float,
+    seconds: float,
+    samples: list[dict[str, str]],
+) -> str:
     def sha(path: Path | None) -> str:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else "-"
 
-    settings = {k: (v.name if isinstance(v, Path) else v) for k, v in asdict(cfg).items()  # no local paths
-                if k not in {"progress", "store", "template"}}
+    settings = {
+        k: (v.name if isinstance(v, Path) else v)
+        for k, v in asdict(cfg).items()  # no local paths
+        if k not in {"progress", "store", "template"}
+    }
     first = sum(losses[: max(1, len(losses) // 20)]) / max(1, len(losses[: max(1, len(losses) // 20)]))
-    last = sum(losses[-max(1, len(losses) // 20):]) / max(1, len(losses[-max(1, len(losses) // 20):]))
+    last = sum(losses[-max(1, len(losses) // 20) :]) / max(1, len(losses[-max(1, len(losses) // 20) :]))
     lines = [
         f"# {cfg.task}",
         "",
@@ -361,7 +396,8 @@ def render_card(cfg: TrainConfig, model_label: str, train_rows: list[dict[str, s
         "## Data",
         "",
         f"- training: `{Path(cfg.data).name}` (sha256 {sha(cfg.data)}…), {len(train_rows)} examples",
-        f"- held-out: `{Path(cfg.eval_data).name}` (sha256 {sha(cfg.eval_data)}…), {len(held)} examples" if cfg.eval_data
+        f"- held-out: `{Path(cfg.eval_data).name}` (sha256 {sha(cfg.eval_data)}…), {len(held)} examples"
+        if cfg.eval_data
         else f"- held-out: {len(held)} examples split from the training file (seed {cfg.seed})",
         "",
         "## Settings",

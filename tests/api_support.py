@@ -62,8 +62,7 @@ def free_port() -> int:
 @contextmanager
 def live_server(app) -> Iterator[str]:
     """Serve `app` with uvicorn on 127.0.0.1:<free port> in a thread; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on",
-                            log_config=None)
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on", log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()

@@ -26,7 +26,9 @@ def make_prompt(name: str, num_virtual: int, lm: LoadedModel, seed: int) -> Soft
 
 
 @torch.inference_mode()
-def reference_greedy(lm: LoadedModel, prompt: torch.Tensor, input_ids: list[int], max_new: int, eos: set[int] = frozenset()) -> list[int]:
+def reference_greedy(
+    lm: LoadedModel, prompt: torch.Tensor, input_ids: list[int], max_new: int, eos: set[int] = frozenset()
+) -> list[int]:
     """The solo reference (docs/architecture.md, "Semantics"): the base model on cat(soft_prompt, embed(ids)),
     one request alone, no cache."""
     embed = lm.model.get_input_embeddings()
@@ -69,16 +71,32 @@ class Tracked:
         return last
 
 
-def make_request(prompt: SoftPrompt, input_ids: list[int], params: SamplingParams, *, stream: bool = False, seed: int = 0) -> Tracked:
+def make_request(
+    prompt: SoftPrompt, input_ids: list[int], params: SamplingParams, *, stream: bool = False, seed: int = 0
+) -> Tracked:
     holder: list[Tracked] = []
-    request = Request(task=prompt.name, prompt=prompt, input_ids=input_ids, params=params,
-                      seed=params.seed if params.seed is not None else seed, sink=lambda e: holder[0].sink(e), stream=stream)
+    request = Request(
+        task=prompt.name,
+        prompt=prompt,
+        input_ids=input_ids,
+        params=params,
+        seed=params.seed if params.seed is not None else seed,
+        sink=lambda e: holder[0].sink(e),
+        stream=stream,
+    )
     holder.append(Tracked(request))
     return holder[0]
 
 
-def make_engine(lm: LoadedModel, *, max_batch_size: int = 16, max_batch_tokens: int = 100_000, max_queue: int = 1000,
-                prefix_cache: PrefixCache | None = None, **options: Any) -> Engine:
+def make_engine(
+    lm: LoadedModel,
+    *,
+    max_batch_size: int = 16,
+    max_batch_tokens: int = 100_000,
+    max_queue: int = 1000,
+    prefix_cache: PrefixCache | None = None,
+    **options: Any,
+) -> Engine:
     """The one place tests construct an engine: adapt it here when the engine's constructor changes.
     `options`: Engine's keyword arguments (kv_cache_bytes, max_context, observer)."""
     return Engine(lm, Scheduler(max_batch_size, max_batch_tokens, max_queue), prefix_cache, **options)

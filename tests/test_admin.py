@@ -22,8 +22,9 @@ TOKEN = "s3cret-admin"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def adapter_files(hidden: int, num_virtual: int = 3, seed: int = 0, *, peft_type: str = "PROMPT_TUNING",
-                  tensor: torch.Tensor | None = None) -> dict[str, bytes]:
+def adapter_files(
+    hidden: int, num_virtual: int = 3, seed: int = 0, *, peft_type: str = "PROMPT_TUNING", tensor: torch.Tensor | None = None
+) -> dict[str, bytes]:
     emb = tensor if tensor is not None else torch.randn(num_virtual, hidden, generator=torch.Generator().manual_seed(seed)) * 0.5
     config = {"peft_type": peft_type, "task_type": "CAUSAL_LM", "num_virtual_tokens": int(emb.shape[0])}
     return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": save({"prompt_embeddings": emb})}
@@ -36,7 +37,8 @@ def multipart(files: dict[str, bytes]) -> dict[str, tuple[str, io.BytesIO, str]]
 def snapshot(store: Path) -> dict[str, bytes]:
     """Every file in the store, hidden ones included: 'unchanged' means byte for byte."""
     return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()} | {
-        str(p.relative_to(store)) + "/": b"" for p in sorted(store.rglob("*")) if p.is_dir()}
+        str(p.relative_to(store)) + "/": b"" for p in sorted(store.rglob("*")) if p.is_dir()
+    }
 
 
 async def open_client(app) -> AsyncIterator[httpx.AsyncClient]:
@@ -46,8 +48,15 @@ async def open_client(app) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def settings_for(store: Path, **changes) -> Settings:
-    return Settings(store=store, max_input_tokens=64, max_new_tokens=64, max_batch_tokens=4096,
-                    admin_token=TOKEN, max_upload_bytes=64 << 10, reload_interval=0).replace(**changes)
+    return Settings(
+        store=store,
+        max_input_tokens=64,
+        max_new_tokens=64,
+        max_batch_tokens=4096,
+        admin_token=TOKEN,
+        max_upload_bytes=64 << 10,
+        reload_interval=0,
+    ).replace(**changes)
 
 
 @pytest.fixture
@@ -70,8 +79,9 @@ async def test_admin_routes_without_configured_token_are_403_saying_how(lm, tmp_
             assert "--admin-token" in r.json()["error"] and "SOFTMUX_ADMIN_TOKEN" in r.json()["error"]
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                                     {"Authorization": f"Basic {TOKEN}"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}]
+)
 async def test_admin_routes_need_the_right_bearer_token(client, lm, headers):
     files = adapter_files(lm.hidden_size)
     for method, kwargs in (("PUT", {"files": multipart(files)}), ("GET", {}), ("DELETE", {})):
@@ -96,6 +106,7 @@ async def test_put_get_generate_replace_delete(client, lm):
     assert body["card"] == "# fresh\ncard text" and len(body["content_hash"]) == 64 and body["created"]
     ids = lm.tokenizer("hello there")["input_ids"]
     from safetensors.torch import load
+
     emb1 = load(files["adapter_model.safetensors"])["prompt_embeddings"].double()
     r = await client.post("/generate", json=gen)
     assert r.status_code == 200 and r.json()["generated_text"] == lm.tokenizer.decode(reference_greedy(lm, emb1, ids, 6))
@@ -148,11 +159,23 @@ async def test_bad_uploads_are_4xx_with_reason_and_leave_the_store_unchanged(cli
         assert r.status_code == status, r.text
         assert reason in r.json()["error"], r.json()
         assert snapshot(client.store) == before
-    assert (await client.post("/generate", json={"task": "keep", "inputs": "x", "parameters": {"max_new_tokens": 1}})).status_code == 200
+    assert (
+        await client.post("/generate", json={"task": "keep", "inputs": "x", "parameters": {"max_new_tokens": 1}})
+    ).status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/tasks/%2e%2e%2fx", "/tasks/..%2Fx", "/tasks/Bad_Name", "/tasks/a%2Fb", "/tasks/.hidden",
-                                  "/tasks/x%00", "/tasks/" + "a" * 65])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/tasks/%2e%2e%2fx",
+        "/tasks/..%2Fx",
+        "/tasks/Bad_Name",
+        "/tasks/a%2Fb",
+        "/tasks/.hidden",
+        "/tasks/x%00",
+        "/tasks/" + "a" * 65,
+    ],
+)
 async def test_bad_names_are_rejected(client, lm, path):
     for method, kwargs in (("PUT", {"files": multipart(adapter_files(lm.hidden_size))}), ("GET", {}), ("DELETE", {})):
         r = await client.request(method, httpx.URL("http://test" + path), headers=AUTH, **kwargs)

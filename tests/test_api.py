@@ -40,8 +40,13 @@ async def test_generate_returns_reference_tokens(client, lm, store):
     ids = lm.tokenizer(text)["input_ids"]
     expected = reference_greedy(lm, store[1]["beta"].double(), ids, 9)
     assert body["generated_text"] == lm.tokenizer.decode(expected, skip_special_tokens=True)
-    assert body["details"] == {"finish_reason": "length", "generated_tokens": 9, "input_tokens": len(ids),
-                               "virtual_tokens": 5, "seed": None}
+    assert body["details"] == {
+        "finish_reason": "length",
+        "generated_tokens": 9,
+        "input_tokens": len(ids),
+        "virtual_tokens": 5,
+        "seed": None,
+    }
 
 
 async def test_sampling_returns_seed_and_is_reproducible(client):
@@ -58,7 +63,10 @@ async def test_tasks_lists_tasks_and_failures(client):
     assert r.status_code == 200
     body = r.json()
     assert [(t["name"], t["peft_type"], t["num_virtual_tokens"]) for t in body["tasks"]] == [
-        ("alpha", "PROMPT_TUNING", 2), ("beta", "PROMPT_TUNING", 5), ("gamma", "PROMPT_TUNING", 11)]
+        ("alpha", "PROMPT_TUNING", 2),
+        ("beta", "PROMPT_TUNING", 5),
+        ("gamma", "PROMPT_TUNING", 11),
+    ]
     failed = {f["folder"]: f["reason"] for f in body["failed"]}
     assert set(failed) == {"wrong-width", "Bad_Name"}
     assert "hidden" in failed["wrong-width"].lower()

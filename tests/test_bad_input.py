@@ -51,26 +51,29 @@ async def test_bodies_over_the_limit_are_413_in_each_routes_error_shape(client):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("body, words", [
-    (b'{"task": "alpha", "inputs": ', "JSON"),  # truncated JSON
-    (b"not json at all", "JSON"),
-    (b"[]", "body"),
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 99999999999999999999999}}', "max_new_tokens"),
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 100000}}', "max_new_tokens"),
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": -1}}', "max_new_tokens"),
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"temperature": NaN}}', "temperature"),
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"temperature": -1}}', "temperature"),
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"top_p": Infinity}}', "top_p"),
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"top_k": 99999999999999999999}}', "top_k"),
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"seed": -5}}', "seed"),
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}', "stop"),
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"stop": [""]}}', "stop"),
-    (b'{"task": "alpha", "inputs": "x", "colour": "blue"}', "colour"),  # unknown fields: 422 naming them
-    (b'{"task": "alpha", "inputs": "x", "parameters": {"max_tokens": 3}}', "max_tokens"),
-    (b'{"task": "alpha", "inputs": ""}', "inputs"),
-    (b'{"task": "", "inputs": "x"}', "task"),
-    (b'{"task": "alpha", "inputs": "' + b"hello " * 300 + b'"}', "at most 64"),  # tokenises past max_input_tokens
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b'{"task": "alpha", "inputs": ', "JSON"),  # truncated JSON
+        (b"not json at all", "JSON"),
+        (b"[]", "body"),
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 99999999999999999999999}}', "max_new_tokens"),
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 100000}}', "max_new_tokens"),
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": -1}}', "max_new_tokens"),
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"temperature": NaN}}', "temperature"),
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"temperature": -1}}', "temperature"),
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"top_p": Infinity}}', "top_p"),
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"top_k": 99999999999999999999}}', "top_k"),
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"seed": -5}}', "seed"),
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}', "stop"),
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"stop": [""]}}', "stop"),
+        (b'{"task": "alpha", "inputs": "x", "colour": "blue"}', "colour"),  # unknown fields: 422 naming them
+        (b'{"task": "alpha", "inputs": "x", "parameters": {"max_tokens": 3}}', "max_tokens"),
+        (b'{"task": "alpha", "inputs": ""}', "inputs"),
+        (b'{"task": "", "inputs": "x"}', "task"),
+        (b'{"task": "alpha", "inputs": "' + b"hello " * 300 + b'"}', "at most 64"),  # tokenises past max_input_tokens
+    ],
+)
 @pytest.mark.parametrize("path", ["/generate", "/generate_stream"])
 async def test_bad_native_bodies_are_422_with_a_reason(client, path, body, words):
     r = await client.post(path, content=body, headers=JSON)
@@ -78,14 +81,17 @@ async def test_bad_native_bodies_are_422_with_a_reason(client, path, body, words
     assert r.json()["error_type"] == "validation" and words in r.json()["error"], r.text
 
 
-@pytest.mark.parametrize("body, words", [
-    (b'{"model": "alpha", "prompt": "x", "max_tokens": 100000}', "max_tokens"),
-    (b'{"model": "alpha", "prompt": "x", "temperature": NaN}', "temperature"),
-    (b'{"model": "alpha", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
-    (b'{"model": "alpha", "prompt": "x", "colour": "blue"}', "colour"),
-    (b'{"model": "alpha", "prompt": ""}', "prompt"),
-    (b'{"model": "alpha", "messages": []}', "messages"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b'{"model": "alpha", "prompt": "x", "max_tokens": 100000}', "max_tokens"),
+        (b'{"model": "alpha", "prompt": "x", "temperature": NaN}', "temperature"),
+        (b'{"model": "alpha", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+        (b'{"model": "alpha", "prompt": "x", "colour": "blue"}', "colour"),
+        (b'{"model": "alpha", "prompt": ""}', "prompt"),
+        (b'{"model": "alpha", "messages": []}', "messages"),
+    ],
+)
 async def test_bad_openai_bodies_are_4xx_with_a_reason(client, body, words):
     path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
     r = await client.post(path, content=body, headers=JSON)

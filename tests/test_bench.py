@@ -28,9 +28,27 @@ def url_and_app(tiny_model_dir: Path, tmp_path_factory):
 def test_bench_reports_throughput_latency_and_batching(url_and_app, tmp_path):
     url, app = url_and_app
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    ns = build_parser().parse_args(["bench", "--url", url, "--requests", "12", "--concurrency", "1", "6",
-                                    "--max-new-tokens", "5", "--input-words", "6", "--json", str(out),
-                                    "--plot", str(png), "--no-progress"])
+    ns = build_parser().parse_args(
+        [
+            "bench",
+            "--url",
+            url,
+            "--requests",
+            "12",
+            "--concurrency",
+            "1",
+            "6",
+            "--max-new-tokens",
+            "5",
+            "--input-words",
+            "6",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            "--no-progress",
+        ]
+    )
     assert ns.func(ns) == 0
     reports = json.loads(out.read_text())
     assert [r["concurrency"] for r in reports] == [1, 6]
@@ -45,8 +63,11 @@ def test_bench_reports_throughput_latency_and_batching(url_and_app, tmp_path):
 
 def test_bench_counts_errors_by_status(url_and_app, tmp_path):
     url, _ = url_and_app
-    reqs = [bench.BenchRequest("alpha", "hello", 3), bench.BenchRequest("no-such-task", "hello", 3),
-            bench.BenchRequest("beta", "hi", 10_000)]
+    reqs = [
+        bench.BenchRequest("alpha", "hello", 3),
+        bench.BenchRequest("no-such-task", "hello", 3),
+        bench.BenchRequest("beta", "hi", 10_000),
+    ]
     report = asyncio.run(bench.run_load(url, reqs, concurrency=2, progress=False))
     assert report.errors == {"404": 1, "422": 1}
     assert report.requests == 3 and report.tokens_per_s > 0

@@ -84,8 +84,10 @@ async def test_async_client_over_asgi(lm, store):
 
 
 # ---- retries against a scripted server ------------------------------------------------------------
-OK = {"generated_text": "hi", "details": {"finish_reason": "length", "generated_tokens": 1, "input_tokens": 1,
-                                          "virtual_tokens": 2, "seed": None}}
+OK = {
+    "generated_text": "hi",
+    "details": {"finish_reason": "length", "generated_tokens": 1, "input_tokens": 1, "virtual_tokens": 2, "seed": None},
+}
 
 
 def scripted(responses: list[httpx.Response]) -> tuple[httpx.MockTransport, list[httpx.Request]]:
@@ -121,7 +123,7 @@ def test_backoff_is_exponential_and_capped_without_retry_after():
     assert info.value.status == 503 and info.value.error_type == "unhealthy"
     assert len(seen) == 6 and len(sleeps) == 5
     for attempt, s in enumerate(sleeps):
-        full = min(2.0 ** attempt, 4.0)
+        full = min(2.0**attempt, 4.0)
         assert full / 2 <= s <= full
 
 
@@ -166,9 +168,11 @@ async def test_async_retries_then_succeeds():
 
 
 def test_error_event_inside_a_stream_raises():
-    body = ('data: {"index": 0, "token": {"id": 5, "text": "a", "logprob": -0.1, "special": false}, '
-            '"generated_text": null, "details": null}\n\n'
-            'data: {"error": "device fault", "error_type": "generation"}\n\n')
+    body = (
+        'data: {"index": 0, "token": {"id": 5, "text": "a", "logprob": -0.1, "special": false}, '
+        '"generated_text": null, "details": null}\n\n'
+        'data: {"error": "device fault", "error_type": "generation"}\n\n'
+    )
     transport, _ = scripted([httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})])
     with Client("http://x", transport=transport) as c:
         stream = c.generate_stream("alpha", "x")

@@ -32,8 +32,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 def build(folder: Path, tokenizer_dir: Path, model_type: str, **params: Any) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), initializer_range=0.3, tie_word_embeddings=True,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **params)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        initializer_range=0.3,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **params,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
@@ -66,8 +73,17 @@ def test_family_mixed_staggered_batch_matches_solo_reference(family, tmp_path, d
 
 
 def test_unsupported_family_is_refused_with_the_reason(tmp_path, default_model_dir):
-    lm = build(tmp_path / "opt", default_model_dir, "opt", hidden_size=64, num_hidden_layers=1, ffn_dim=128,
-               num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=128)
+    lm = build(
+        tmp_path / "opt",
+        default_model_dir,
+        "opt",
+        hidden_size=64,
+        num_hidden_layers=1,
+        ffn_dim=128,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        max_position_embeddings=128,
+    )
     with pytest.raises(UnsupportedModel, match="'opt' is not supported.*llama"):
         Engine(lm, Scheduler(4, 1000, 10))
 

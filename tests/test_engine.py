@@ -97,9 +97,19 @@ def test_late_request_starts_within_two_steps(lm, prompts):
 def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(lm, prompts):
     rng = random.Random(2)
     specs = [
-        (prompts[k % 4], random_ids(rng, 2 + k), SamplingParams(max_new_tokens=12, do_sample=True, temperature=0.7 + 0.1 * k,
-                                                                top_k=[0, 50, 5][k % 3], top_p=[1.0, 0.9, 0.5][k % 3],
-                                                                repetition_penalty=[1.0, 1.3][k % 2], seed=1000 + k))
+        (
+            prompts[k % 4],
+            random_ids(rng, 2 + k),
+            SamplingParams(
+                max_new_tokens=12,
+                do_sample=True,
+                temperature=0.7 + 0.1 * k,
+                top_k=[0, 50, 5][k % 3],
+                top_p=[1.0, 0.9, 0.5][k % 3],
+                repetition_penalty=[1.0, 1.3][k % 2],
+                seed=1000 + k,
+            ),
+        )
         for k in range(8)
     ]
     engine = start_engine(lm)
@@ -413,6 +423,7 @@ def test_requests_sharing_a_token_prefix_reuse_its_blocks_and_stay_exact(lm, pro
     engine = Engine(lm, Scheduler(16, 100_000, 1000), PrefixCache(1 << 30))
     engine.start()
     try:
+
         def run(prompt, ids):
             t = make_request(prompt, ids, SamplingParams(max_new_tokens=6))
             engine.submit(t.request)
@@ -440,11 +451,12 @@ def step_logits(lm: LoadedModel, prompt: torch.Tensor, input_ids: list[int], out
     """[n, V]: the solo reference's logits before each of the n generated tokens (one forward pass)."""
     embed = lm.model.get_input_embeddings()
     x = torch.cat([prompt, embed(torch.tensor(input_ids + output_ids[:-1]))])[None]  # [1, P+L+n-1, H]
-    return lm.model(inputs_embeds=x).logits[0, prompt.shape[0] + len(input_ids) - 1:].double()
+    return lm.model(inputs_embeds=x).logits[0, prompt.shape[0] + len(input_ids) - 1 :].double()
 
 
-def outside_filters(logits: torch.Tensor, tokens: list[int], temperature: float, top_k: int, top_p: float,
-                    tol: float = 1e-4) -> list[int]:
+def outside_filters(
+    logits: torch.Tensor, tokens: list[int], temperature: float, top_k: int, top_p: float, tol: float = 1e-4
+) -> list[int]:
     """Steps whose token lies outside the top-k and/or the nucleus of that step's tempered distribution."""
     bad = []
     for step, (row, token) in enumerate(zip(logits, tokens)):
@@ -477,8 +489,9 @@ def test_sampled_tokens_stay_inside_each_rows_top_k_and_nucleus_in_a_mixed_batch
     try:
         tracked = []
         for k, (prompt, temperature, top_k, top_p) in enumerate(rows):
-            params = SamplingParams(max_new_tokens=24, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=500 + k)
+            params = SamplingParams(
+                max_new_tokens=24, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, seed=500 + k
+            )
             tracked.append(make_request(prompt, random_ids(rng, 3 + k), params))
         tracked.append(make_request(prompts[2], random_ids(rng, 5), SamplingParams(max_new_tokens=24)))  # greedy
         for t in tracked:

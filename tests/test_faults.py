@@ -59,12 +59,12 @@ def slow_down(engine, seconds: float = 0.03) -> None:
 
 def outcome_count(metrics: str, task: str, outcome: str) -> float:
     key = f'softmux_request_count_total{{outcome="{outcome}",task="{task}"}} '
-    return sum(float(line[len(key):]) for line in metrics.splitlines() if line.startswith(key))
+    return sum(float(line[len(key) :]) for line in metrics.splitlines() if line.startswith(key))
 
 
 def generated_tokens(metrics: str, task: str, outcome: str) -> float:
     key = f'softmux_request_generated_tokens_sum{{outcome="{outcome}",task="{task}"}} '
-    return sum(float(line[len(key):]) for line in metrics.splitlines() if line.startswith(key))
+    return sum(float(line[len(key) :]) for line in metrics.splitlines() if line.startswith(key))
 
 
 def gen(task: str, inputs: str, **parameters) -> dict:
@@ -247,8 +247,10 @@ async def test_uploads_to_a_broken_store_fail_with_a_reason_and_serving_continue
     async for client in open_client(app):
         before = listing(store)
         if fault == "read-only":
+
             def refuse(*args, **kwargs):
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
             monkeypatch.setattr(admin, "temp_folder", refuse)
             status, words = 503, "not writable"
         else:
@@ -258,6 +260,7 @@ async def test_uploads_to_a_broken_store_fail_with_a_reason_and_serving_continue
                 if "w" in mode:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 return real_open(path, mode, *args, **kwargs)
+
             monkeypatch.setattr(admin, "open", full_disk, raising=False)
             status, words = 507, "full"
         r = await client.put("/tasks/fresh", headers=auth, files=upload(lm.hidden_size))
@@ -282,12 +285,32 @@ def test_sigterm_drains_finishes_in_flight_requests_refuses_new_ones_and_exits_0
     make_store(store, 64, broken=False)
     port = free_port()
     env = {**os.environ, "SOFTMUX_LOG_FORMAT": "text"}
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_dir), "--dtype", "float32",
-           "--store", str(store), "--port", str(port), "--reload-interval", "0", "--max-batch-size", "1",
-           "--shutdown-grace", "60", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--dtype",
+        "float32",
+        "--store",
+        str(store),
+        "--port",
+        str(port),
+        "--reload-interval",
+        "0",
+        "--max-batch-size",
+        "1",
+        "--shutdown-grace",
+        "60",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
+
         def up() -> bool:
             try:
                 return httpx.get(f"{base}/ready", timeout=1).status_code == 200
@@ -296,8 +319,7 @@ def test_sigterm_drains_finishes_in_flight_requests_refuses_new_ones_and_exits_0
 
         assert wait_until(up, timeout=90, interval=0.2), "server did not become ready"
         # One row at a time, four sampled requests of 150 tokens: seconds of accepted work.
-        payloads = [gen(t, f"story {i}", max_new_tokens=150, do_sample=True, seed=i)
-                    for i, t in enumerate([*TASKS, "alpha"])]
+        payloads = [gen(t, f"story {i}", max_new_tokens=150, do_sample=True, seed=i) for i, t in enumerate([*TASKS, "alpha"])]
         results: dict[int, httpx.Response] = {}
 
         def call(i: int) -> None:

@@ -71,7 +71,7 @@ def test_completion_stop_string_and_list(oai):
     assert stop.strip()
     for value in (stop, [stop, "zzzz"]):
         out = oai.completions.create(model="gamma", prompt="hello world", max_tokens=12, temperature=0, stop=value)
-        assert out.choices[0].text == free[:free.index(stop)] and out.choices[0].finish_reason == "stop"
+        assert out.choices[0].text == free[: free.index(stop)] and out.choices[0].finish_reason == "stop"
 
 
 def test_seeded_sampling_is_reproducible(oai):
@@ -93,8 +93,10 @@ def test_chat_applies_the_template_after_the_soft_prompt(oai, lm, store):
 
 
 def test_chat_stream_and_content_parts(oai):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]},
+    ]
     whole = oai.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0)
     chunks = list(oai.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -122,8 +124,9 @@ def test_n_greater_than_one_is_422(oai, base_url):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         oai.completions.create(model="alpha", prompt="x", max_tokens=2, n=2)
     assert "n=1" in str(info.value)
-    r = httpx.post(f"{base_url}/v1/chat/completions",
-                   json={"model": "alpha", "n": 3, "messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions", json={"model": "alpha", "n": 3, "messages": [{"role": "user", "content": "x"}]}
+    )
     assert r.status_code == 422 and r.json()["error"]["param"] == "n"
 
 
@@ -142,7 +145,11 @@ def test_n_greater_than_one_is_422(oai, base_url):
         ("/v1/chat/completions", {"model": "alpha", "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed"),
-        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
+        (
+            "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1},
+            "frobnicate",
+        ),
     ],
 )
 def test_bad_requests_are_422_in_openai_shape(base_url, path, body, param):

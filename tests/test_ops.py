@@ -55,8 +55,9 @@ def value(metrics: dict, name: str, **labels: str) -> float:
 # ---- metrics ---------------------------------------------------------------------------------------
 async def test_metrics_count_requests_passes_and_failures(app_client):
     app, client = app_client
-    payloads = [{"task": name, "inputs": f"text {i}", "parameters": {"max_new_tokens": 4}}
-                for i, name in enumerate(list(TASKS) * 2)]
+    payloads = [
+        {"task": name, "inputs": f"text {i}", "parameters": {"max_new_tokens": 4}} for i, name in enumerate(list(TASKS) * 2)
+    ]
     rs = await asyncio.gather(*(client.post("/generate", json=p) for p in payloads))
     assert all(r.status_code == 200 for r in rs)
     r = await client.post("/generate_stream", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 3}})
@@ -71,9 +72,14 @@ async def test_metrics_count_requests_passes_and_failures(app_client):
     assert value(m, "softmux_request_count_total", task="beta", outcome="length") == 2
     assert value(m, "softmux_request_count_total", task="_unknown", outcome="not_found") == 1
     assert value(m, "softmux_request_count_total", task="alpha", outcome="validation") == 1
-    for name in ("softmux_request_duration_seconds", "softmux_request_queue_duration_seconds",
-                 "softmux_request_time_to_first_token_seconds", "softmux_request_time_per_output_token_seconds",
-                 "softmux_request_input_length", "softmux_request_generated_tokens"):
+    for name in (
+        "softmux_request_duration_seconds",
+        "softmux_request_queue_duration_seconds",
+        "softmux_request_time_to_first_token_seconds",
+        "softmux_request_time_per_output_token_seconds",
+        "softmux_request_input_length",
+        "softmux_request_generated_tokens",
+    ):
         assert value(m, name + "_count", task="alpha", outcome="length") == 3, name
     assert value(m, "softmux_request_generated_tokens_sum", task="alpha", outcome="length") == 4 + 4 + 3
     assert value(m, "softmux_batch_forward_duration_seconds_count", phase="prefill") >= 1
@@ -85,8 +91,9 @@ async def test_metrics_count_requests_passes_and_failures(app_client):
     assert value(m, "softmux_tasks") == 3
     assert value(m, "softmux_queue_size") == 0 and value(m, "softmux_batch_current_size") == 0
     # a mixed pass went through: some prefill or decode held more than one task
-    mixed = sum(v for (n, labels), v in m.items() if n == "softmux_batch_tasks_per_forward_bucket"
-                and dict(labels)["le"] == "1.0")
+    mixed = sum(
+        v for (n, labels), v in m.items() if n == "softmux_batch_tasks_per_forward_bucket" and dict(labels)["le"] == "1.0"
+    )
     total = sum(v for (n, _), v in m.items() if n == "softmux_batch_tasks_per_forward_count")
     assert stats["mixed_task_passes"] > 0 and mixed < total
 
@@ -115,8 +122,9 @@ async def test_queue_and_running_gauges_are_live(lm, store):
             return real(*a, **k)
 
         engine.runner.decode = held_decode
-        task = asyncio.create_task(client.post("/generate", json={"task": "alpha", "inputs": "x",
-                                                                  "parameters": {"max_new_tokens": 3}}))
+        task = asyncio.create_task(
+            client.post("/generate", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 3}})
+        )
         for _ in range(200):
             if engine.scheduler.running:
                 break
@@ -136,8 +144,9 @@ async def test_each_app_has_its_own_registry(lm, store):
         client_a = await ca.__anext__()
         cb = await stack.enter_async_context(contextlib.aclosing(open_client(b)))
         client_b = await cb.__anext__()
-        assert (await client_a.post("/generate", json={"task": "alpha", "inputs": "x",
-                                                       "parameters": {"max_new_tokens": 2}})).status_code == 200
+        assert (
+            await client_a.post("/generate", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 2}})
+        ).status_code == 200
         ma = samples((await client_a.get("/metrics")).text)
         mb = samples((await client_b.get("/metrics")).text)
         assert value(ma, "softmux_request_count_total", task="alpha", outcome="length") == 1
@@ -208,8 +217,11 @@ def captured_json_logs():
 async def test_request_id_in_and_out_and_in_the_logs(app_client):
     _, client = app_client
     with captured_json_logs() as stream:
-        r = await client.post("/generate", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 2}},
-                              headers={"X-Request-ID": "abc-123"})
+        r = await client.post(
+            "/generate",
+            json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 2}},
+            headers={"X-Request-ID": "abc-123"},
+        )
         assert r.headers["x-request-id"] == "abc-123"
         generated = (await client.get("/health")).headers["x-request-id"]
         assert len(generated) == 32 and int(generated, 16) >= 0
@@ -252,11 +264,26 @@ def test_serve_help_documents_every_setting(capsys):
 
 
 def test_every_setting_reads_its_env_var(monkeypatch):
-    overrides = {"model": "/models/x", "device": "cpu", "dtype": "float32", "store": "/srv/tasks", "cache_dir": "/srv/cache",
-                 "host": "0.0.0.0", "port": "9123", "max_batch_size": "7", "max_batch_tokens": "999",
-                 "max_input_tokens": "55", "max_new_tokens": "33", "max_virtual_tokens": "21", "max_queue": "5",
-                 "prefix_cache": "false", "prefix_cache_bytes": "1024", "threads": "2", "log_level": "debug",
-                 "log_format": "json"}
+    overrides = {
+        "model": "/models/x",
+        "device": "cpu",
+        "dtype": "float32",
+        "store": "/srv/tasks",
+        "cache_dir": "/srv/cache",
+        "host": "0.0.0.0",
+        "port": "9123",
+        "max_batch_size": "7",
+        "max_batch_tokens": "999",
+        "max_input_tokens": "55",
+        "max_new_tokens": "33",
+        "max_virtual_tokens": "21",
+        "max_queue": "5",
+        "prefix_cache": "false",
+        "prefix_cache_bytes": "1024",
+        "threads": "2",
+        "log_level": "debug",
+        "log_format": "json",
+    }
     names = {f.name for f in dataclasses.fields(Settings)}
     overrides = {k: v for k, v in overrides.items() if k in names}  # settings others add are covered by --help's test
     for name, raw in overrides.items():
@@ -270,8 +297,9 @@ def test_every_setting_reads_its_env_var(monkeypatch):
     assert from_namespace(build_parser().parse_args(["serve", "--port", "8001"])).port == 8001
 
 
-@pytest.mark.parametrize(("name", "raw"), [("SOFTMUX_PORT", "eighty"), ("SOFTMUX_LOG_FORMAT", "xml"),
-                                           ("SOFTMUX_PREFIX_CACHE", "maybe")])
+@pytest.mark.parametrize(
+    ("name", "raw"), [("SOFTMUX_PORT", "eighty"), ("SOFTMUX_LOG_FORMAT", "xml"), ("SOFTMUX_PREFIX_CACHE", "maybe")]
+)
 def test_bad_env_values_are_a_clear_usage_error(monkeypatch, capsys, name, raw):
     monkeypatch.setenv(name, raw)
     with pytest.raises(SystemExit) as info:

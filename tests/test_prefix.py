@@ -86,8 +86,12 @@ def test_store_reads_every_kind(lm, store):
     registry = make_registry(lm, store)
     assert registry.failures() == {}
     kinds = {p.name: p.kind for p in registry.tasks()}
-    assert kinds == {"pt": PromptKind.PROMPT_TUNING, "ptuning": PromptKind.P_TUNING, "prefix": PromptKind.PREFIX_TUNING,
-                     **{f"mpt.{t}": PromptKind.MULTITASK_PROMPT_TUNING for t in range(NUM_SUBTASKS)}}
+    assert kinds == {
+        "pt": PromptKind.PROMPT_TUNING,
+        "ptuning": PromptKind.P_TUNING,
+        "prefix": PromptKind.PREFIX_TUNING,
+        **{f"mpt.{t}": PromptKind.MULTITASK_PROMPT_TUNING for t in range(NUM_SUBTASKS)},
+    }
     prefix = registry.get("prefix")
     shape = KVShape.of(lm.model.config)
     assert prefix.prefix_kv.shape == (shape.num_layers, 2, shape.num_kv_heads, 6, shape.head_dim)

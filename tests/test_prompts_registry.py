@@ -88,9 +88,20 @@ def test_describe_is_the_tasks_json(mixed_store: Path) -> None:
     json.dumps(body)  # plain JSON types only
     assert body["tasks"] == [
         {"name": "hand-made", "peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "prefix_length": 3, "folder": "hand-made"},
-        {"name": "qa.v2", "peft_type": "P_TUNING", "num_virtual_tokens": NUM_VIRTUAL, "prefix_length": NUM_VIRTUAL, "folder": "qa.v2"},
-        {"name": "sentiment", "peft_type": "PROMPT_TUNING", "num_virtual_tokens": NUM_VIRTUAL, "prefix_length": NUM_VIRTUAL,
-         "folder": "sentiment"},
+        {
+            "name": "qa.v2",
+            "peft_type": "P_TUNING",
+            "num_virtual_tokens": NUM_VIRTUAL,
+            "prefix_length": NUM_VIRTUAL,
+            "folder": "qa.v2",
+        },
+        {
+            "name": "sentiment",
+            "peft_type": "PROMPT_TUNING",
+            "num_virtual_tokens": NUM_VIRTUAL,
+            "prefix_length": NUM_VIRTUAL,
+            "folder": "sentiment",
+        },
     ]
     assert [f["folder"] for f in body["failed"]] == ["Bad_Name", "broken", "empty", "lora", "no-weights", "wide"]
     assert all(isinstance(f["reason"], str) and f["reason"] for f in body["failed"])

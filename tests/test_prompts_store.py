@@ -37,9 +37,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 def save_peft_adapter(folder: Path, kind: PromptKind, *, seed: int = 1) -> PeftModel:
     """Train nothing: a random PEFT prompt adapter on the tiny llama, saved with save_pretrained."""
     if kind is PromptKind.PROMPT_TUNING:
-        peft_config: Any = PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL, prompt_tuning_init="RANDOM"
-        )
+        peft_config: Any = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL, prompt_tuning_init="RANDOM")
     elif kind is PromptKind.P_TUNING:
         peft_config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL, encoder_hidden_size=16)
     else:
@@ -75,7 +73,6 @@ def good_config(**changes: Any) -> dict[str, Any]:
     }
     config.update(changes)
     return {k: v for k, v in config.items() if v is not _DROP}
-
 
 
 def good_tensor(p: int = NUM_VIRTUAL, h: int = HIDDEN) -> torch.Tensor:
@@ -247,7 +244,9 @@ def test_missing_peft_type(tmp_path: Path) -> None:
 @pytest.mark.parametrize("peft_type", ["LORA", "prompt_tuning", "ADAPTION_PROMPT"])
 def test_unsupported_peft_type(tmp_path: Path, peft_type: str) -> None:
     folder = write_adapter(tmp_path / "t", good_config(peft_type=peft_type), {"prompt_embeddings": good_tensor()})
-    with pytest.raises(PromptError, match=rf"unsupported peft_type '{peft_type}'; supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING"):
+    with pytest.raises(
+        PromptError, match=rf"unsupported peft_type '{peft_type}'; supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING"
+    ):
         read(folder)
 
 
@@ -259,7 +258,9 @@ def test_peft_type_not_a_string(tmp_path: Path) -> None:
 
 def test_wrong_tensor_key(tmp_path: Path) -> None:
     folder = write_adapter(tmp_path / "t", good_config(), {"embedding.weight": good_tensor()})
-    with pytest.raises(PromptError, match=r"missing tensor\(s\) \['prompt_embeddings'\]; unexpected tensor\(s\) \['embedding.weight'\]"):
+    with pytest.raises(
+        PromptError, match=r"missing tensor\(s\) \['prompt_embeddings'\]; unexpected tensor\(s\) \['embedding.weight'\]"
+    ):
         read(folder)
 
 

@@ -41,8 +41,16 @@ def store(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def settings(store, tiny_model_dir):
-    return settings_for(store, model=str(tiny_model_dir), dtype="float64", admin_token=ADMIN, threads=1,
-                        reload_interval=1.0, max_batch_size=16, max_new_tokens=1500)
+    return settings_for(
+        store,
+        model=str(tiny_model_dir),
+        dtype="float64",
+        admin_token=ADMIN,
+        threads=1,
+        reload_interval=1.0,
+        max_batch_size=16,
+        max_new_tokens=1500,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +59,14 @@ def cluster(settings):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # Ray's workers must import this checkout's `server` package (the venv may hold another editable one).
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve", _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        namespace="serve",
+        _node_ip_address="127.0.0.1",
+        configure_logging=False,
+        log_to_driver=False,
+    )
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -83,17 +97,34 @@ def generate(client: httpx.Client, task: str, max_new_tokens: int = 8, text: str
 # ---- the same answers as softmux serve --------------------------------------------------------------
 CASES: list[tuple[str, str, dict | None]] = [
     ("POST", "/generate", {"task": "beta", "inputs": "The quick brown fox", "parameters": {"max_new_tokens": 9}}),
-    ("POST", "/generate", {"task": "alpha", "inputs": "hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": 42}}),
+    (
+        "POST",
+        "/generate",
+        {"task": "alpha", "inputs": "hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": 42}},
+    ),
     ("POST", "/generate", {"task": "gamma", "inputs": "stop here", "parameters": {"max_new_tokens": 12, "stop": ["e"]}}),
     ("POST", "/generate", {"task": "nope", "inputs": "x"}),
     ("POST", "/generate", {"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 0}}),
     ("POST", "/generate", {"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 10_000}}),
     ("POST", "/generate_stream", {"task": "gamma", "inputs": "streaming please", "parameters": {"max_new_tokens": 6}}),
     ("POST", "/v1/completions", {"model": "beta", "prompt": "Once upon", "max_tokens": 7, "temperature": 0}),
-    ("POST", "/v1/completions", {"model": "beta", "prompt": "Once upon", "max_tokens": 5, "temperature": 0, "stream": True,
-                                 "stream_options": {"include_usage": True}}),
-    ("POST", "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
-                                      "temperature": 0}),
+    (
+        "POST",
+        "/v1/completions",
+        {
+            "model": "beta",
+            "prompt": "Once upon",
+            "max_tokens": 5,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0},
+    ),
     ("POST", "/v1/completions", {"model": "nope", "prompt": "x"}),
     ("GET", "/v1/models", None),
     ("GET", "/tasks", None),
@@ -108,7 +139,7 @@ _VOLATILE = {"id", "created", "seed"}
 def _normalise(response: httpx.Response) -> object:
     """The body without ids and timestamps; SSE streams as their list of events."""
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
         return [_strip(json.loads(e)) if e.startswith("{") else e for e in events]
     return _strip(response.json())
 
@@ -143,8 +174,11 @@ async def test_routes_answer_like_softmux_serve(cluster, settings):
 def test_request_id_is_echoed(client):
     r = generate(client, "alpha", 2)
     assert r.status_code == 200
-    r = client.post("/generate", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 2}},
-                    headers={"x-request-id": "my-id-1"})
+    r = client.post(
+        "/generate",
+        json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 2}},
+        headers={"x-request-id": "my-id-1"},
+    )
     assert r.headers["x-request-id"] == "my-id-1"
 
 
@@ -341,8 +375,7 @@ def test_killed_replica_comes_back_and_load_loses_only_in_flight(client, cluster
     # An upload while the replacement is not up yet: the replacement loads the store as it is then.
     assert _upload(client, tmp_path, "omega", 3, seed=33).status_code == 201
     # The survivor kept serving; Ray brings up a replacement that loads every task from the store.
-    assert wait_until(lambda: len(replica_stats(client)) == 2 and victim not in replica_stats(client), timeout=120,
-                      interval=1.0)
+    assert wait_until(lambda: len(replica_stats(client)) == 2 and victim not in replica_stats(client), timeout=120, interval=1.0)
     stats = replica_stats(client)
     assert all(rep["tasks"] == sorted([*TASKS, "omega"]) for rep in stats.values()), stats
     assert client.delete("/tasks/omega", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200

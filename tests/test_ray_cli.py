@@ -27,29 +27,60 @@ def test_serve_ray_serves_and_drains_on_sigterm(tmp_path, tiny_model_dir):
     store = tmp_path / "store"
     make_store(store, json.loads((tiny_model_dir / "config.json").read_text())["hidden_size"], broken=False)
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve-ray", "--replicas", "1", "--threads", "1", "--port", str(port),
-           "--model", str(tiny_model_dir), "--dtype", "float32", "--store", str(store),
-           "--max-new-tokens", "1500", "--max-batch-tokens", "4096", "--shutdown-grace", "60"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve-ray",
+        "--replicas",
+        "1",
+        "--threads",
+        "1",
+        "--port",
+        str(port),
+        "--model",
+        str(tiny_model_dir),
+        "--dtype",
+        "float32",
+        "--store",
+        str(store),
+        "--max-new-tokens",
+        "1500",
+        "--max-batch-tokens",
+        "4096",
+        "--shutdown-grace",
+        "60",
+    ]
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
     base = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(lambda: any("ready on" in line for line in lines) or proc.poll() is not None, timeout=240,
-                          interval=0.5), "".join(lines[-30:])
+        assert wait_until(
+            lambda: any("ready on" in line for line in lines) or proc.poll() is not None, timeout=240, interval=0.5
+        ), "".join(lines[-30:])
         assert proc.poll() is None, "".join(lines[-30:])
         assert httpx.get(f"{base}/ready", timeout=10).status_code == 200
-        r = httpx.post(f"{base}/generate", json={"task": "alpha", "inputs": "hi", "parameters": {"max_new_tokens": 4}},
-                       timeout=30)
+        r = httpx.post(
+            f"{base}/generate", json={"task": "alpha", "inputs": "hi", "parameters": {"max_new_tokens": 4}}, timeout=30
+        )
         assert r.status_code == 200 and r.headers["x-softmux-replica"]
 
         results: list[httpx.Response] = []
 
         def long_request() -> None:  # EOS ignored by no one: the tiny random model rarely emits it
-            results.append(httpx.post(f"{base}/generate", timeout=120, json={
-                "task": "beta", "inputs": "go on", "parameters": {"max_new_tokens": 1500}}))
+            results.append(
+                httpx.post(
+                    f"{base}/generate",
+                    timeout=120,
+                    json={"task": "beta", "inputs": "go on", "parameters": {"max_new_tokens": 1500}},
+                )
+            )
 
         workers = [threading.Thread(target=long_request) for _ in range(3)]
         for w in workers:

@@ -30,16 +30,24 @@ def test_task_of_reads_the_routing_key():
 
 
 def test_merge_metrics_labels_each_sample_and_keeps_families_together():
-    a = ('# HELP softmux_x_total x\n# TYPE softmux_x_total counter\nsoftmux_x_total{task="t"} 1.0\n'
-         "# HELP softmux_q queue\n# TYPE softmux_q gauge\nsoftmux_q 2.0\n")
-    b = ('# HELP softmux_x_total x\n# TYPE softmux_x_total counter\nsoftmux_x_total{task="t"} 5.0\n'
-         "# HELP softmux_q queue\n# TYPE softmux_q gauge\nsoftmux_q 0.0\n")
+    a = (
+        '# HELP softmux_x_total x\n# TYPE softmux_x_total counter\nsoftmux_x_total{task="t"} 1.0\n'
+        "# HELP softmux_q queue\n# TYPE softmux_q gauge\nsoftmux_q 2.0\n"
+    )
+    b = (
+        '# HELP softmux_x_total x\n# TYPE softmux_x_total counter\nsoftmux_x_total{task="t"} 5.0\n'
+        "# HELP softmux_q queue\n# TYPE softmux_q gauge\nsoftmux_q 0.0\n"
+    )
     merged = merge_metrics({"r1": a, "r2": b})
     assert merged.splitlines() == [
-        "# HELP softmux_x_total x", "# TYPE softmux_x_total counter",
-        'softmux_x_total{replica="r1",task="t"} 1.0', 'softmux_x_total{replica="r2",task="t"} 5.0',
-        "# HELP softmux_q queue", "# TYPE softmux_q gauge",
-        'softmux_q{replica="r1"} 2.0', 'softmux_q{replica="r2"} 0.0',
+        "# HELP softmux_x_total x",
+        "# TYPE softmux_x_total counter",
+        'softmux_x_total{replica="r1",task="t"} 1.0',
+        'softmux_x_total{replica="r2",task="t"} 5.0',
+        "# HELP softmux_q queue",
+        "# TYPE softmux_q gauge",
+        'softmux_q{replica="r1"} 2.0',
+        'softmux_q{replica="r2"} 0.0',
     ]
     assert merge_metrics({"r": "m{} 1\n"}).strip() == 'm{replica="r"} 1'
 
@@ -47,6 +55,7 @@ def test_merge_metrics_labels_each_sample_and_keeps_families_together():
 def _collect(app, request: WireRequest) -> list:
     async def run() -> list:
         return [item async for item in run_asgi(app, request, "rep-1")]
+
     return asyncio.run(run())
 
 
@@ -62,10 +71,12 @@ def test_run_asgi_sends_a_json_answer_as_one_item_and_streams_chunks():
         async def chunks():
             for i in range(3):
                 yield f"data: {i}\n\n".encode()
+
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
-    items = _collect(app, WireRequest("POST", "/echo", headers=[(b"content-type", b"application/json")],
-                                      body=json.dumps({"a": 1}).encode()))
+    items = _collect(
+        app, WireRequest("POST", "/echo", headers=[(b"content-type", b"application/json")], body=json.dumps({"a": 1}).encode())
+    )
     assert len(items) == 1 and isinstance(items[0], WireStart)
     start = items[0]
     assert start.status == 201 and not start.more and json.loads(start.body) == {"got": {"a": 1}}
@@ -89,6 +100,7 @@ def test_run_asgi_closed_early_tells_the_app_the_client_left():
                 yield b"never"
             finally:
                 seen.append("closed")
+
         return StreamingResponse(chunks())
 
     async def run() -> None:
@@ -103,7 +115,12 @@ def test_run_asgi_closed_early_tells_the_app_the_client_left():
 
 def test_yaml_args_become_flags():
     assert args_to_argv({"max_batch_size": 8, "prefix_cache": False, "store": "/s"}) == [
-        "--max-batch-size", "8", "--no-prefix-cache", "--store", "/s"]
+        "--max-batch-size",
+        "8",
+        "--no-prefix-cache",
+        "--store",
+        "/s",
+    ]
 
 
 @pytest.mark.ray

@@ -249,7 +249,9 @@ def test_top_k_never_leaves_the_top_k() -> None:
     g = torch.Generator().manual_seed(6)
     row = torch.randn(vocab, generator=g)
     logits = row.expand(n, -1).clone()
-    tokens, logprobs = sample(logits, make_params(n, temperature=3.0, top_k=k, seeds=list(range(n))), torch.zeros(n, dtype=torch.int64), None)
+    tokens, logprobs = sample(
+        logits, make_params(n, temperature=3.0, top_k=k, seeds=list(range(n))), torch.zeros(n, dtype=torch.int64), None
+    )
     top = set(row.topk(k).indices.tolist())
     assert set(tokens.tolist()) == top  # only the top k, and every one of them reachable
     kept = (row[list(sorted(top))] / 3.0).softmax(-1)

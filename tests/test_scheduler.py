@@ -20,7 +20,9 @@ BS = 4  # block size in these tests
 
 
 def soft_prompt(p: int, name: str | None = None) -> SoftPrompt:
-    return SoftPrompt(name=name or f"task{p}", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(p, 8), content_hash="", source=Path("."))
+    return SoftPrompt(
+        name=name or f"task{p}", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(p, 8), content_hash="", source=Path(".")
+    )
 
 
 def req(virtual: int = 2, inputs: int = 3, max_new: int = 5, task: str | None = None) -> Request:
@@ -363,9 +365,16 @@ def test_token_blocks_are_reused_by_the_same_task_version_only() -> None:
     s.add(again)
     s.schedule()
     assert again.kv.own_blocks[:3] == cached and again.kv.own_len == 12  # feeds only the 13th token
-    replaced = Request(task="t", prompt=SoftPrompt(name="t", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(2, 8),
-                                                   content_hash="v2", source=Path(".")),
-                       input_ids=list(range(13)), params=SamplingParams(max_new_tokens=5), seed=0, sink=lambda e: None)
+    replaced = Request(
+        task="t",
+        prompt=SoftPrompt(
+            name="t", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(2, 8), content_hash="v2", source=Path(".")
+        ),
+        input_ids=list(range(13)),
+        params=SamplingParams(max_new_tokens=5),
+        seed=0,
+        sink=lambda e: None,
+    )
     s.add(replaced)
     s.schedule()
     assert replaced.kv.own_len == 0 and not set(replaced.kv.own_blocks) & set(cached)

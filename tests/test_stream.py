@@ -34,7 +34,7 @@ def parse_sse(text: str) -> list[dict]:
     for block in text.split("\n\n"):
         if block.strip():
             assert block.startswith("data: "), block
-            events.append(json.loads(block[len("data: "):]))
+            events.append(json.loads(block[len("data: ") :]))
     return events
 
 
@@ -72,7 +72,7 @@ async def test_stream_with_stop_string_ends_on_it(client):
     last = events[-1]
     assert last["details"]["finish_reason"] == "stop_sequence"
     assert last["generated_text"] == whole["generated_text"]
-    assert last["generated_text"] == free_text[:free_text.index(stop)]  # the stop string itself is not returned
+    assert last["generated_text"] == free_text[: free_text.index(stop)]  # the stop string itself is not returned
     assert all(e["generated_text"] is None for e in events[:-1])
     assert "".join(e["token"]["text"] for e in events) == last["generated_text"]
 

@@ -39,8 +39,18 @@ def data(tmp_path_factory) -> Path:
 
 def test_training_lowers_loss_and_writes_a_valid_adapter(lm, data, tmp_path):
     store = tmp_path / "store"
-    cfg = TrainConfig(task="toy", data=data, store=store, num_virtual_tokens=4, init="random", steps=40,
-                      lr=0.3, batch_size=8, holdout=16, progress=False)
+    cfg = TrainConfig(
+        task="toy",
+        data=data,
+        store=store,
+        num_virtual_tokens=4,
+        init="random",
+        steps=40,
+        lr=0.3,
+        batch_size=8,
+        holdout=16,
+        progress=False,
+    )
     result = train(cfg, lm, log=lambda _: None)
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)  # the tiny random model's logits are peaked: ~15 -> ~7
@@ -59,8 +69,9 @@ def test_training_lowers_loss_and_writes_a_valid_adapter(lm, data, tmp_path):
 def test_peft_loads_the_adapter(lm, data, tmp_path):
     from peft import PeftModel
 
-    cfg = TrainConfig(task="toy", data=data, store=tmp_path, num_virtual_tokens=3, init="random", steps=2, holdout=4,
-                      progress=False)
+    cfg = TrainConfig(
+        task="toy", data=data, store=tmp_path, num_virtual_tokens=3, init="random", steps=2, holdout=4, progress=False
+    )
     train(cfg, lm, log=lambda _: None)
     peft_model = PeftModel.from_pretrained(lm.model, str(tmp_path / "toy"))
     saved = load_file(tmp_path / "toy" / "adapter_model.safetensors")["prompt_embeddings"]
@@ -80,15 +91,45 @@ def test_evaluation_matches_the_solo_reference(lm):
 
 async def test_cli_trains_with_text_init_and_the_server_serves_it(lm, data, tiny_model_dir, tmp_path):
     store = tmp_path / "store"
-    rc = cli_main(["train", "--task", "toy-cli", "--data", str(data), "--store", str(store), "--model", str(tiny_model_dir),
-                   "--num-virtual-tokens", "4", "--init", "text", "--init-text", "Answer yes.", "--steps", "30",
-                   "--lr", "0.3", "--holdout", "8", "--threads", "1"])
+    rc = cli_main(
+        [
+            "train",
+            "--task",
+            "toy-cli",
+            "--data",
+            str(data),
+            "--store",
+            str(store),
+            "--model",
+            str(tiny_model_dir),
+            "--num-virtual-tokens",
+            "4",
+            "--init",
+            "text",
+            "--init-text",
+            "Answer yes.",
+            "--steps",
+            "30",
+            "--lr",
+            "0.3",
+            "--holdout",
+            "8",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0 and (store / "toy-cli" / "adapter_model.safetensors").is_file()
     app = create_app(Settings(store=store, max_new_tokens=16, reload_interval=0), loader=lambda: lm, wait=True)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            r = await client.post("/generate", json={"task": "toy-cli", "inputs": CHATML_TEMPLATE.format(input="red and pink"),
-                                                     "parameters": {"max_new_tokens": 8}})
+            r = await client.post(
+                "/generate",
+                json={
+                    "task": "toy-cli",
+                    "inputs": CHATML_TEMPLATE.format(input="red and pink"),
+                    "parameters": {"max_new_tokens": 8},
+                },
+            )
             assert r.status_code == 200, r.text
             # served exactly as `softmux train` evaluated it
             emb = load_file(store / "toy-cli" / "adapter_model.safetensors")["prompt_embeddings"]

@@ -70,6 +70,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 async def _files(request: Request, body: bytes, limit: int) -> dict[str, bytes]:
     """The uploaded parts by field name (or file name), checked against the size limit."""
+
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -86,7 +87,9 @@ async def _files(request: Request, body: bytes, limit: int) -> dict[str, bytes]:
                 raise InvalidRequest(f"form field {field!r} must be a file")
             key = field if field in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE) else (value.filename or field)
             if key not in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE):
-                raise InvalidRequest(f"unexpected file {key!r}; send {CONFIG_FILE} and {WEIGHTS_FILE} (and optionally {CARD_FILE})")
+                raise InvalidRequest(
+                    f"unexpected file {key!r}; send {CONFIG_FILE} and {WEIGHTS_FILE} (and optionally {CARD_FILE})"
+                )
             if key in files:
                 raise InvalidRequest(f"{key} sent twice")
             files[key] = await value.read()
@@ -157,25 +160,36 @@ def _file_part(description: str) -> dict[str, Any]:
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object",
-            "required": [CONFIG_FILE, WEIGHTS_FILE],
-            "properties": {
-                CONFIG_FILE: _file_part("PEFT adapter config (peft_type, num_virtual_tokens, ...)"),
-                WEIGHTS_FILE: _file_part("safetensors file with the tensor prompt_embeddings (and, for multitask "
-                                         "prompt tuning, prefix_task_cols and prefix_task_rows)"),
-                CARD_FILE: _file_part("optional task card (markdown), shown by GET /tasks/{name}"),
-            },
-        }}},
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [CONFIG_FILE, WEIGHTS_FILE],
+                    "properties": {
+                        CONFIG_FILE: _file_part("PEFT adapter config (peft_type, num_virtual_tokens, ...)"),
+                        WEIGHTS_FILE: _file_part(
+                            "safetensors file with the tensor prompt_embeddings (and, for multitask "
+                            "prompt tuning, prefix_task_cols and prefix_task_rows)"
+                        ),
+                        CARD_FILE: _file_part("optional task card (markdown), shown by GET /tasks/{name}"),
+                    },
+                }
+            }
+        },
     },
 }
 
 
-@router.put("/tasks/{name:path}", openapi_extra=_UPLOAD_BODY, status_code=201, responses={
-    200: {"description": "an existing task was replaced"},
-    413: {"description": "the upload is over --max-upload-bytes"},
-    422: {"description": "an invalid task name, multipart body or adapter (the reason says which)"},
-})
+@router.put(
+    "/tasks/{name:path}",
+    openapi_extra=_UPLOAD_BODY,
+    status_code=201,
+    responses={
+        200: {"description": "an existing task was replaced"},
+        413: {"description": "the upload is over --max-upload-bytes"},
+        422: {"description": "an invalid task name, multipart body or adapter (the reason says which)"},
+    },
+)
 async def put_task(name: str, request: Request) -> JSONResponse:
     """Upload (create or replace) a task: multipart files adapter_config.json and adapter_model.safetensors."""
     _name(name)

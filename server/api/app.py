@@ -53,12 +53,18 @@ def run_server(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     # log_config=None keeps our handler (request ids, JSON); our middleware writes the access lines.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=None, access_log=False,
-                            limit_concurrency=settings.limit_concurrency or None,
-                            timeout_keep_alive=settings.timeout_keep_alive,
-                            # after the drain every accepted request has its answer; this bounds
-                            # how long slow readers may hold their connection open
-                            timeout_graceful_shutdown=max(math.ceil(settings.shutdown_grace), 1))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        limit_concurrency=settings.limit_concurrency or None,
+        timeout_keep_alive=settings.timeout_keep_alive,
+        # after the drain every accepted request has its answer; this bounds
+        # how long slow readers may hold their connection open
+        timeout_graceful_shutdown=max(math.ceil(settings.shutdown_grace), 1),
+    )
     # SIGTERM/SIGINT: drain the engine (503 for new requests, accepted ones finish), then exit 0.
     DrainingServer(config, app.state.service, settings.shutdown_grace).run()

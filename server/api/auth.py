@@ -68,11 +68,20 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefixes):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             if not token_matches(bearer_token(headers.get("authorization")), self.api_key):
-                body = json.dumps({"error": "missing or wrong API key: send 'Authorization: Bearer <api key>'",
-                                   "error_type": "unauthorized"}).encode()
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer")]})
+                body = json.dumps(
+                    {"error": "missing or wrong API key: send 'Authorization: Bearer <api key>'", "error_type": "unauthorized"}
+                ).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"www-authenticate", b"Bearer"),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)

@@ -84,8 +84,14 @@ def openai_body(message: str, openai_type: str, param: str | None = None, code: 
 
 
 def error_response(
-    request: Request, status: int, message: str, error_type: str, *,
-    headers: Mapping[str, str] | None = None, param: str | None = None, code: str | None = None,
+    request: Request,
+    status: int,
+    message: str,
+    error_type: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
     """An HTTP-layer error: TGI's shape on native routes, OpenAI's on /v1/ routes."""
     if request.url.path.startswith(OPENAI_PREFIX):
@@ -126,8 +132,9 @@ def install(app: FastAPI) -> None:
         if exc.errno in _FULL:
             return error_response(request, 507, f"the prompt store is full: {reason}", "insufficient_storage")
         if exc.errno in _READ_ONLY:
-            return error_response(request, 503, f"the prompt store is not writable: {reason}", "store_unavailable",
-                                  headers={"Retry-After": "60"})
+            return error_response(
+                request, 503, f"the prompt store is not writable: {reason}", "store_unavailable", headers={"Retry-After": "60"}
+            )
         raise exc  # anything else stays an internal error (500, logged with its traceback)
 
     @app.exception_handler(StarletteHTTPException)

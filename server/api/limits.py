@@ -84,9 +84,17 @@ class BodyLimitMiddleware:
         else:
             payload = {"error": message, "error_type": "too_large"}
         body = json.dumps(payload).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -121,4 +129,3 @@ class DrainingServer(uvicorn.Server):
             log.exception("drain failed")
         finally:
             self.should_exit = True
-

@@ -58,9 +58,17 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             access_log.info(
-                "%s %s %d %.1fms", scope.get("method"), scope.get("path"), status, (time.perf_counter() - started) * 1e3,
-                extra={"method": scope.get("method"), "path": scope.get("path"), "status": status,
-                       "duration_ms": round((time.perf_counter() - started) * 1e3, 2)},
+                "%s %s %d %.1fms",
+                scope.get("method"),
+                scope.get("path"),
+                status,
+                (time.perf_counter() - started) * 1e3,
+                extra={
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1e3, 2),
+                },
             )
             request_id_var.reset(token)
 

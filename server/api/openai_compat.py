@@ -171,8 +171,12 @@ def _finish_reason(reason: FinishReason) -> str:
 
 def _usage(event: FinishEvent) -> dict[str, int]:
     # prompt_tokens counts the input text's tokens; the task's virtual tokens are reported apart.
-    return {"prompt_tokens": event.input_tokens, "completion_tokens": event.generated_tokens,
-            "total_tokens": event.input_tokens + event.generated_tokens, "virtual_tokens": event.virtual_tokens}
+    return {
+        "prompt_tokens": event.input_tokens,
+        "completion_tokens": event.generated_tokens,
+        "total_tokens": event.input_tokens + event.generated_tokens,
+        "virtual_tokens": event.virtual_tokens,
+    }
 
 
 async def _openai_stream(generation: Generation, chunk: Any, include_usage: bool) -> AsyncIterator[bytes]:
@@ -221,8 +225,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(text: str, finish: str | None, _: bool) -> dict[str, Any]:
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        }
 
     if body.stream:
         return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage))
@@ -242,27 +251,48 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     messages = [m.as_template_message() for m in body.messages]
     try:
         text: str = await anyio.to_thread.run_sync(
-            lambda: str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)))
+            lambda: str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        )
     except Exception as exc:  # a template that refuses this conversation (e.g. role order)
         raise InvalidRequest(f"the chat template refused these messages: {exc}", "messages") from exc
     limit = body.max_completion_tokens or body.max_tokens
     fit = limit is None
     # The template already holds the special tokens it wants; the soft prompt still comes first.
-    prepared = await service.prepare(body.model, text, body.sampling(limit or service.settings.max_new_tokens),
-                                     add_special_tokens=False, fit_new_tokens=fit, names=("messages", "max_tokens"))
+    prepared = await service.prepare(
+        body.model,
+        text,
+        body.sampling(limit or service.settings.max_new_tokens),
+        add_special_tokens=False,
+        fit_new_tokens=fit,
+        names=("messages", "max_tokens"),
+    )
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
 
     if body.stream:
         return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage))
     result = await generate_unless_gone(service, prepared, request)
     return {
-        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.generated_text},
-                     "logprobs": None, "finish_reason": _finish_reason(result.finish_reason)}],
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.generated_text},
+                "logprobs": None,
+                "finish_reason": _finish_reason(result.finish_reason),
+            }
+        ],
         "usage": _usage(result),
     }

@@ -90,8 +90,7 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     service = service_of(request)
-    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters),
-                                     timeout=body.parameters.timeout)
+    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters), timeout=body.parameters.timeout)
     result = await generate_unless_gone(service, prepared, request)
     return GenerateResponse(
         generated_text=result.generated_text,
@@ -110,9 +109,14 @@ def _token(event: TokenEvent) -> dict[str, Any]:
 
 
 def _details(event: FinishEvent) -> dict[str, Any]:
-    return {"finish_reason": event.finish_reason.value, "generated_tokens": event.generated_tokens,
-            "input_tokens": event.input_tokens, "input_length": event.input_tokens,
-            "virtual_tokens": event.virtual_tokens, "seed": event.seed}
+    return {
+        "finish_reason": event.finish_reason.value,
+        "generated_tokens": event.generated_tokens,
+        "input_tokens": event.input_tokens,
+        "input_length": event.input_tokens,
+        "virtual_tokens": event.virtual_tokens,
+        "seed": event.seed,
+    }
 
 
 async def tgi_stream(generation: Generation) -> AsyncIterator[bytes]:
@@ -137,15 +141,16 @@ async def tgi_stream(generation: Generation) -> AsyncIterator[bytes]:
             yield sse(tgi_error(event.kind, event.message))
 
 
-@router.post("/generate_stream", responses={200: {"content": {"text/event-stream": {}},
-                                                   "description": "server-sent events, TGI's shape"}, **_ERRORS})
+@router.post(
+    "/generate_stream",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events, TGI's shape"}, **_ERRORS},
+)
 async def generate_stream(body: GenerateRequest, request: Request) -> EventStream:
     """Tokens as server-sent events as they are generated. Errors found before the first token
     (unknown task, invalid input, queue full) are ordinary HTTP errors; a client that disconnects
     cancels its request."""
     service = service_of(request)
-    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters),
-                                     timeout=body.parameters.timeout)
+    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters), timeout=body.parameters.timeout)
     return event_stream(service, prepared, tgi_stream)
 
 
@@ -175,8 +180,9 @@ async def ready(request: Request) -> JSONResponse:
     try:
         service.require_ready()
     except Unavailable as exc:
-        return JSONResponse({"status": "unavailable", **tgi_error(exc.kind, exc.message)},
-                            status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse(
+            {"status": "unavailable", **tgi_error(exc.kind, exc.message)}, status_code=503, headers={"Retry-After": "1"}
+        )
     return JSONResponse({"status": "ready"})
 
 

@@ -45,9 +45,15 @@ class GenerateParameters(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, description="1.0: off")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP, description=f"up to {MAX_STOP} stop strings")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed for sampling; same seed, same text")
-    timeout: float | None = Field(None, gt=0.0, le=MAX_TIMEOUT, description=(
-        "seconds this request may take, queue included; when they pass it ends with finish_reason "
-        "'timeout' and the text so far (the server's --request-timeout, when set, is the default and the ceiling)"))
+    timeout: float | None = Field(
+        None,
+        gt=0.0,
+        le=MAX_TIMEOUT,
+        description=(
+            "seconds this request may take, queue included; when they pass it ends with finish_reason "
+            "'timeout' and the text so far (the server's --request-timeout, when set, is the default and the ceiling)"
+        ),
+    )
     details: bool = Field(True, description="accepted for TGI compatibility; details are always returned")
 
     best_of: int | None = None

@@ -79,7 +79,7 @@ class Control:
             async with self._changed:
                 try:
                     await asyncio.wait_for(self._changed.wait_for(lambda: self.version > after), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         self._touch(replica_id)
         if after > self.version:  # this actor restarted and lost its history
@@ -124,9 +124,8 @@ class Control:
         try:
             async with self._report_arrived:
                 try:
-                    await asyncio.wait_for(
-                        self._report_arrived.wait_for(lambda: expected <= set(self._reports[cid])), timeout)
-                except asyncio.TimeoutError:
+                    await asyncio.wait_for(self._report_arrived.wait_for(lambda: expected <= set(self._reports[cid])), timeout)
+                except TimeoutError:
                     pass
             answers = self._reports[cid]
             return {"answers": dict(sorted(answers.items())), "missing": sorted(expected - set(answers))}
@@ -145,12 +144,19 @@ def control_name(app_name: str) -> str:
     return f"softmux-control-{app_name}"
 
 
-def get_control(app_name: str) -> "ray.actor.ActorHandle":
+def get_control(app_name: str) -> Any:  # an actor handle: its methods are typed loosely by Ray
     """The app's control actor, created by whichever process asks first (detached, so a replica or
     ingress restart does not take it down; restarted by Ray if its process dies)."""
     return (
         ray.remote(Control)
-        .options(name=control_name(app_name), namespace="serve", get_if_exists=True, lifetime="detached",
-                 num_cpus=0, max_restarts=-1, max_concurrency=1000)
+        .options(
+            name=control_name(app_name),
+            namespace="serve",
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=0,
+            max_restarts=-1,
+            max_concurrency=1000,
+        )
         .remote()
     )

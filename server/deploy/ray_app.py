@@ -23,7 +23,6 @@ HTTP -> Ray proxy -> SoftmuxIngress (FastAPI: /stats, /metrics fan out; everythi
   under way ends with an error event. Ray restarts the replica.
 """
 
-
 import argparse
 import asyncio
 import json
@@ -46,8 +45,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.config import Settings, from_namespace
-from server.deploy.options import APP_NAME, add_ray_arguments, args_to_argv
 from server.deploy.control import POLL_TIMEOUT_S, get_control
+from server.deploy.options import APP_NAME, add_ray_arguments, args_to_argv
 from server.deploy.wire import REPLICA_HEADER, WireRequest, WireStart, merge_metrics, run_asgi, task_of
 
 log = logging.getLogger("softmux.deploy")
@@ -84,7 +83,7 @@ class SoftmuxEngine:
     service: Any  # its server.service.Service
     _stop: threading.Event
 
-    async def __init__(self, settings: Settings, max_tasks_per_replica: int = 64, app_name: str = APP_NAME) -> None:
+    async def __init__(self, settings: Settings, max_tasks_per_replica: int = 64, app_name: str = APP_NAME) -> None:  # type: ignore[misc]  # Ray Serve awaits async constructors
         from server.api.app import create_app  # heavy (torch, transformers): only in replicas
 
         level = settings.log_level.upper()
@@ -109,7 +108,7 @@ class SoftmuxEngine:
         async def load(task: str) -> _Resident:
             return await self._load_task(task)
 
-        self._load = serve.multiplexed(max_num_models_per_replica=max_tasks_per_replica)(load)
+        self._load: Any = serve.multiplexed(max_num_models_per_replica=max_tasks_per_replica)(load)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name="softmux-control-poll", daemon=True)
         self._poller.start()
@@ -139,7 +138,9 @@ class SoftmuxEngine:
     def check_health(self) -> None:
         """Ray's health check: a replica whose engine died is restarted."""
         if not self.service.healthy:
-            raise RuntimeError(f"replica {self.replica_id}: engine unhealthy ({self.service.engine and self.service.engine.error})")
+            raise RuntimeError(
+                f"replica {self.replica_id}: engine unhealthy ({self.service.engine and self.service.engine.error})"
+            )
 
     def __del__(self) -> None:
         """Graceful replica shutdown (Ray waited for its ongoing requests first)."""
@@ -248,7 +249,7 @@ def _store_change(method: str, path: str, status: int) -> dict[str, Any] | None:
     """The broadcast an admin write through the ingress needs, once its replica answered 2xx."""
     if not path.startswith("/tasks/") or not 200 <= status < 300 or method not in ("PUT", "DELETE"):
         return None
-    return {"kind": "store", "op": "load" if method == "PUT" else "remove", "name": path[len("/tasks/"):]}
+    return {"kind": "store", "op": "load" if method == "PUT" else "remove", "name": path[len("/tasks/") :]}
 
 
 @serve.deployment(name=INGRESS)
@@ -275,8 +276,12 @@ class SoftmuxIngress:
                     totals[key] += value
         for key in ("max_tasks_in_pass", "max_rows_in_pass"):  # maxima, not sums
             totals[key] = max((rep.get("engine", {}).get(key, 0) for rep in replicas), default=0)
-        body = {"replicas": replicas, "missing": got["missing"], "ingress": {**self.counts, "inflight": self.inflight},
-                **dict(totals)}
+        body = {
+            "replicas": replicas,
+            "missing": got["missing"],
+            "ingress": {**self.counts, "inflight": self.inflight},
+            **dict(totals),
+        }
         ids = ",".join(rep["replica"] for rep in replicas) or INGRESS_ID
         return JSONResponse(body, headers={REPLICA_HEADER: ids})
 
@@ -291,26 +296,33 @@ class SoftmuxIngress:
             f"softmux_ingress_replicas {len(got['answers'])}",
             "# HELP softmux_ingress_requests_total requests the ingress forwarded, retried and failed",
             "# TYPE softmux_ingress_requests_total counter",
-            *(f'softmux_ingress_requests_total{{outcome="{k}"}} {self.counts.get(k, 0)}'
-              for k in ("forwarded", "retried", "failed", "streams_broken")),
+            *(
+                f'softmux_ingress_requests_total{{outcome="{k}"}} {self.counts.get(k, 0)}'
+                for k in ("forwarded", "retried", "failed", "streams_broken")
+            ),
         ]
         ids = ",".join(got["answers"]) or INGRESS_ID
-        return Response(text + "\n".join(own) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8",
-                        headers={REPLICA_HEADER: ids})
+        return Response(
+            text + "\n".join(own) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8", headers={REPLICA_HEADER: ids}
+        )
 
     # ---- everything else: forwarded to one engine replica -----------------------------------------
     @ingress_app.api_route("/{path:path}", methods=_METHODS)
     async def forward(self, path: str, request: Request) -> Response:
         url_path = request.url.path
         if self.draining and url_path != "/health":
-            return _error(url_path, 503, "the server is shutting down and accepts no new requests", "unhealthy",
-                          {"Retry-After": "1"})
+            return _error(
+                url_path, 503, "the server is shutting down and accepts no new requests", "unhealthy", {"Retry-After": "1"}
+            )
         body = await self._body(request)
         if isinstance(body, Response):
             return body
         wire = WireRequest(
-            method=request.method, path=url_path, query_string=request.scope.get("query_string", b""),
-            headers=[(k, v) for k, v in request.scope.get("headers", [])], body=body,
+            method=request.method,
+            path=url_path,
+            query_string=request.scope.get("query_string", b""),
+            headers=[(k, v) for k, v in request.scope.get("headers", [])],
+            body=body,
             client=tuple(request.scope["client"]) if request.scope.get("client") else None,
         )
         task = task_of(request.method, url_path, body)
@@ -390,13 +402,24 @@ class SoftmuxIngress:
                 raise
             except (RayError, StopAsyncIteration) as exc:
                 self.counts["failed"] += 1
-                log.warning("%s %s: engine replica failed before answering (%s: %s)%s", wire.method, wire.path,
-                            type(exc).__name__, exc, "; retrying once" if attempt == 1 else "")
+                log.warning(
+                    "%s %s: engine replica failed before answering (%s: %s)%s",
+                    wire.method,
+                    wire.path,
+                    type(exc).__name__,
+                    exc,
+                    "; retrying once" if attempt == 1 else "",
+                )
                 if attempt == 1:
                     self.counts["retried"] += 1
                     continue
-        return _error(wire.path, 503, "the engine replica running this request failed, and so did the retry; "
-                      "retry shortly", "unhealthy", {"Retry-After": "1"})
+        return _error(
+            wire.path,
+            503,
+            "the engine replica running this request failed, and so did the retry; retry shortly",
+            "unhealthy",
+            {"Retry-After": "1"},
+        )
 
     async def _rest(self, gen: Any, start: WireStart, path: str, release: Callable[[], None]) -> AsyncIterator[bytes]:
         finished = False
@@ -414,8 +437,11 @@ class SoftmuxIngress:
                 from server.api.errors import OPENAI_PREFIX, openai_body
 
                 message = f"the engine replica {start.replica} failed mid-stream; retry the request"
-                payload = openai_body(message, "unhealthy") if path.startswith(OPENAI_PREFIX) else \
-                    {"error": message, "error_type": "unhealthy"}
+                payload = (
+                    openai_body(message, "unhealthy")
+                    if path.startswith(OPENAI_PREFIX)
+                    else {"error": message, "error_type": "unhealthy"}
+                )
                 yield f"data: {json.dumps(payload)}\n\n".encode()
         finally:
             if not finished:
@@ -454,7 +480,8 @@ def build_app(
         "max_ongoing_requests": max_ongoing_requests or 2 * settings.max_batch_size,
         "request_router_config": RequestRouterConfig(
             request_router_class="server.deploy.router.TaskAffinityRouter",  # type: ignore[arg-type]
-            request_router_kwargs={"imbalanced_threshold": imbalanced_threshold}),
+            request_router_kwargs={"imbalanced_threshold": imbalanced_threshold},
+        ),
         "ray_actor_options": {"num_cpus": threads},
         "graceful_shutdown_timeout_s": settings.shutdown_grace,
         "health_check_period_s": 5.0,
@@ -464,10 +491,11 @@ def build_app(
     elif replicas != "auto":
         engine_options["num_replicas"] = int(replicas)
     engine = SoftmuxEngine.options(  # type: ignore[attr-defined]
-        **engine_options).bind(settings.replace(threads=threads), max_tasks_per_replica, app_name)
+        **engine_options
+    ).bind(settings.replace(threads=threads), max_tasks_per_replica, app_name)
     return SoftmuxIngress.options(  # type: ignore[attr-defined]
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000).bind(
-        engine, settings, app_name)
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000
+    ).bind(engine, settings, app_name)
 
 
 def absolute(settings: Settings) -> Settings:
@@ -482,11 +510,20 @@ def app_from_namespace(ns: argparse.Namespace) -> serve.Application:
     settings = absolute(from_namespace(ns))
     autoscaling = None
     if ns.replicas == "auto":
-        autoscaling = {"min_replicas": ns.min_replicas, "max_replicas": ns.max_replicas,
-                       "target_ongoing_requests": ns.target_ongoing_requests}
-    return build_app(settings, ns.replicas, max_ongoing_requests=ns.max_ongoing_requests,
-                     max_tasks_per_replica=ns.max_tasks_per_replica,
-                     imbalanced_threshold=ns.imbalanced_threshold, autoscaling=autoscaling, app_name=ns.app_name)
+        autoscaling = {
+            "min_replicas": ns.min_replicas,
+            "max_replicas": ns.max_replicas,
+            "target_ongoing_requests": ns.target_ongoing_requests,
+        }
+    return build_app(
+        settings,
+        ns.replicas,
+        max_ongoing_requests=ns.max_ongoing_requests,
+        max_tasks_per_replica=ns.max_tasks_per_replica,
+        imbalanced_threshold=ns.imbalanced_threshold,
+        autoscaling=autoscaling,
+        app_name=ns.app_name,
+    )
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -511,8 +548,7 @@ def serve_ray(ns: argparse.Namespace) -> int:
     else:
         replicas = ns.max_replicas if ns.replicas == "auto" else int(ns.replicas)
         cpus = max(os.cpu_count() or 1, replicas * replica_threads(settings))
-        ray.init(num_cpus=cpus, include_dashboard=False, namespace="serve", _node_ip_address="127.0.0.1",
-                 configure_logging=False)
+        ray.init(num_cpus=cpus, include_dashboard=False, namespace="serve", _node_ip_address="127.0.0.1", configure_logging=False)
         started_ray = True
     stop = threading.Event()
     signals: list[int] = []

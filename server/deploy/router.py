@@ -18,7 +18,6 @@ Requests naming no task use power of two choices. Each replica still mixes all i
 from __future__ import annotations
 
 import random
-from typing import Optional
 
 from ray.serve.request_router import (
     FIFOMixin,
@@ -31,7 +30,7 @@ from ray.serve.request_router import (
 
 
 class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
-    def initialize_state(self, imbalanced_threshold: int = 8) -> None:
+    def initialize_state(self, imbalanced_threshold: int = 8) -> None:  # type: ignore[override]  # Ray passes the router kwargs by name
         self._imbalanced_threshold = imbalanced_threshold
         self._homes: dict[str, set[ReplicaID]] = {}  # task -> replicas this router sent it to
 
@@ -55,7 +54,9 @@ class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         return max(homed, len(replica.multiplexed_model_ids))
 
     async def choose_replicas(
-        self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None,
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []

@@ -36,10 +36,19 @@ class WireRequest:
     def scope(self) -> dict[str, Any]:
         """An ASGI HTTP scope for this request, as uvicorn would build it."""
         return {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-            "method": self.method, "scheme": "http", "path": self.path, "raw_path": self.path.encode(),
-            "root_path": "", "query_string": self.query_string, "headers": list(self.headers),
-            "client": self.client, "server": ("127.0.0.1", 0), "state": {},
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": self.method,
+            "scheme": "http",
+            "path": self.path,
+            "raw_path": self.path.encode(),
+            "root_path": "",
+            "query_string": self.query_string,
+            "headers": list(self.headers),
+            "client": self.client,
+            "server": ("127.0.0.1", 0),
+            "state": {},
         }
 
 
@@ -124,14 +133,15 @@ async def run_asgi(app: ASGIApp, request: WireRequest, replica: str) -> AsyncIte
                 break
         if not sent:  # the app ended without answering (should not happen)
             body = json.dumps({"error": "the replica ended the request without an answer", "error_type": "internal"}).encode()
-            yield WireStart(500, [(b"content-type", b"application/json"), (REPLICA_HEADER.encode(), replica.encode())],
-                            replica, body)
+            yield WireStart(
+                500, [(b"content-type", b"application/json"), (REPLICA_HEADER.encode(), replica.encode())], replica, body
+            )
     finally:
         gone.set()
         if not task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout=1.0)
-            except (asyncio.TimeoutError, Exception):
+            except (TimeoutError, Exception):
                 task.cancel()
 
 
@@ -142,7 +152,7 @@ def _with_label(sample: str, replica: str) -> str:
         return sample
     label = f'replica="{replica}"'
     if sample[cut] == "{":
-        rest = sample[cut + 1:]
+        rest = sample[cut + 1 :]
         return f"{sample[:cut]}{{{label}{'' if rest.startswith('}') else ','}{rest}"
     return f"{sample[:cut]}{{{label}}}{sample[cut:]}"
 

@@ -134,10 +134,19 @@ class Decoder:
             up_w, up_b = _fuse([mlp.gate_proj, mlp.up_proj])
             self.layers.append(
                 Layer(
-                    input_norm=block.input_layernorm, post_norm=block.post_attention_layernorm,
-                    qkv_w=qkv_w, qkv_b=qkv_b, o_w=attn.o_proj.weight.detach(), o_b=_bias(attn.o_proj),
-                    up_w=up_w, up_b=up_b, down_w=mlp.down_proj.weight.detach(), down_b=_bias(mlp.down_proj),
-                    act=mlp.act_fn, gated=True, scaling=float(attn.scaling),
+                    input_norm=block.input_layernorm,
+                    post_norm=block.post_attention_layernorm,
+                    qkv_w=qkv_w,
+                    qkv_b=qkv_b,
+                    o_w=attn.o_proj.weight.detach(),
+                    o_b=_bias(attn.o_proj),
+                    up_w=up_w,
+                    up_b=up_b,
+                    down_w=mlp.down_proj.weight.detach(),
+                    down_b=_bias(mlp.down_proj),
+                    act=mlp.act_fn,
+                    gated=True,
+                    scaling=float(attn.scaling),
                 )
             )
 
@@ -156,12 +165,19 @@ class Decoder:
             # Conv1D stores [in, out]: its transpose is a linear weight (a view, no copy).
             self.layers.append(
                 Layer(
-                    input_norm=block.ln_1, post_norm=block.ln_2,
-                    qkv_w=attn.c_attn.weight.detach().t(), qkv_b=_bias(attn.c_attn),
-                    o_w=attn.c_proj.weight.detach().t(), o_b=_bias(attn.c_proj),
-                    up_w=mlp.c_fc.weight.detach().t(), up_b=_bias(mlp.c_fc),
-                    down_w=mlp.c_proj.weight.detach().t(), down_b=_bias(mlp.c_proj),
-                    act=mlp.act, gated=False, scaling=float(attn.scaling),
+                    input_norm=block.ln_1,
+                    post_norm=block.ln_2,
+                    qkv_w=attn.c_attn.weight.detach().t(),
+                    qkv_b=_bias(attn.c_attn),
+                    o_w=attn.c_proj.weight.detach().t(),
+                    o_b=_bias(attn.c_proj),
+                    up_w=mlp.c_fc.weight.detach().t(),
+                    up_b=_bias(mlp.c_fc),
+                    down_w=mlp.c_proj.weight.detach().t(),
+                    down_b=_bias(mlp.c_proj),
+                    act=mlp.act,
+                    gated=False,
+                    scaling=float(attn.scaling),
                 )
             )
 

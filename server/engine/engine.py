@@ -1,10 +1,10 @@
 """The engine loop: schedule, run, postprocess. One thread owns the model.
 
-    step():  plan = scheduler.schedule()        admit waiting rows the key/value pool can hold
-             runner.fill_prefixes(...)           soft-prompt prefixes not resident yet, one pass
-             runner.prefill(admitted)            every new row, whatever its task, one pass
-             scheduler.grow(); runner.decode()   every running row, one pass
-             postprocess                         sample, emit, finish; rows leave, blocks return
+step():  plan = scheduler.schedule()        admit waiting rows the key/value pool can hold
+         runner.fill_prefixes(...)           soft-prompt prefixes not resident yet, one pass
+         runner.prefill(admitted)            every new row, whatever its task, one pass
+         scheduler.grow(); runner.decode()   every running row, one pass
+         postprocess                         sample, emit, finish; rows leave, blocks return
 """
 
 from __future__ import annotations
@@ -156,8 +156,12 @@ class Engine:
                 cache = self.prefix_cache
                 return {
                     **self.stats.as_dict(),
-                    "prefix_cache": {**asdict(cache.stats), "entries": len(cache), "bytes_used": cache.bytes_used,
-                                     "capacity_bytes": cache.capacity_bytes},
+                    "prefix_cache": {
+                        **asdict(cache.stats),
+                        "entries": len(cache),
+                        "bytes_used": cache.bytes_used,
+                        "capacity_bytes": cache.capacity_bytes,
+                    },
                     "waiting": self.scheduler.num_waiting,
                     "running": len(self.scheduler.running),
                     "kv_pool": self.pool_stats(),
@@ -202,7 +206,9 @@ class Engine:
         for req in plan.dropped:
             self._finish(req, req.ended_reason(now) or FinishReason.CANCELLED)
         for req in plan.rejected:
-            self._fail(req, "the request needs more key/value memory than the pool holds (--kv-cache-bytes)", ErrorKind.INVALID_REQUEST)
+            self._fail(
+                req, "the request needs more key/value memory than the pool holds (--kv-cache-bytes)", ErrorKind.INVALID_REQUEST
+            )
         self._drop_ended(now)
         if plan.admitted:
             self._start(plan.admitted)

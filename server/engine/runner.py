@@ -133,13 +133,18 @@ class Runner:
         tokens = torch.tensor([r.output_ids[-1] for r in requests], dtype=torch.int64, device=self.device)
         embeds = self.decoder.embed_tokens(tokens)  # [B, hidden]
         seqs = [_seq(r) for r in requests]
-        chunks = [Chunk(seq=s, embeds=embeds[i : i + 1], start=r.virtual_tokens + s.own_len) for i, (r, s) in enumerate(zip(requests, seqs))]
+        chunks = [
+            Chunk(seq=s, embeds=embeds[i : i + 1], start=r.virtual_tokens + s.own_len)
+            for i, (r, s) in enumerate(zip(requests, seqs))
+        ]
         return self._forward(chunks, logits=True)
 
     def _forward(self, chunks: list[Chunk], logits: bool) -> torch.Tensor:
         lengths = [int(c.embeds.shape[0]) for c in chunks]
         layout = self._layout(chunks, lengths)
-        positions = torch.tensor([c.start + j for c, n in zip(chunks, lengths) for j in range(n)], dtype=torch.int64, device=self.device)
+        positions = torch.tensor(
+            [c.start + j for c, n in zip(chunks, lengths) for j in range(n)], dtype=torch.int64, device=self.device
+        )
         embeds = torch.cat([c.embeds for c in chunks]).to(self.dtype)  # [N, hidden]
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1  # [B] last token of each row
         rows = ends if logits else ends[:0]
@@ -171,14 +176,22 @@ class Runner:
             ctx_t = torch.tensor(contexts, device=dev)[:, None, None]  # [B, 1, 1]
             qi = torch.arange(queries, device=dev)[None, :, None]  # [1, Tq, 1]
             mask = ((col[:, None, :] < total_t[:, :, None]) & (col[:, None, :] <= ctx_t + qi))[:, None]  # [B, 1, Tq, T]
-            q_index = torch.tensor([i * queries + j for i, n in enumerate(lengths) for j in range(n)], dtype=torch.int64, device=dev)
+            q_index = torch.tensor(
+                [i * queries + j for i, n in enumerate(lengths) for j in range(n)], dtype=torch.int64, device=dev
+            )
         return _Layout(
             write=torch.tensor(write, dtype=torch.int64, device=dev),
             keys=torch.tensor(keys, dtype=torch.int64, device=dev),
-            rows=b, width=width, queries=queries, q_index=q_index, mask=mask,
+            rows=b,
+            width=width,
+            queries=queries,
+            q_index=q_index,
+            mask=mask,
         )
 
-    def _attend(self, lay: _Layout, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    def _attend(
+        self, lay: _Layout, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
         """q [N, H, D], k/v [N, H_kv, D] of the new tokens -> attention output [N, H * D]."""
         kpool, vpool = self.k[layer], self.v[layer]  # [H_kv, slots, D]
         kpool.index_copy_(1, lay.write, k.transpose(0, 1))
@@ -200,7 +213,11 @@ class Runner:
         tq = lay.queries
         qp = q.new_zeros(b * tq, h, d).index_copy_(0, lay.q_index, q).view(b, tq, h, d).transpose(1, 2)  # [B, H, Tq, D]
         out = F.scaled_dot_product_attention(
-            qp, keys.view(hk, b, t, d).transpose(0, 1), values.view(hk, b, t, d).transpose(0, 1),
-            attn_mask=lay.mask, scale=scaling, enable_gqa=hk != h,
+            qp,
+            keys.view(hk, b, t, d).transpose(0, 1),
+            values.view(hk, b, t, d).transpose(0, 1),
+            attn_mask=lay.mask,
+            scale=scaling,
+            enable_gqa=hk != h,
         )  # [B, H, Tq, D]
         return out.transpose(1, 2).reshape(b * tq, h * d).index_select(0, lay.q_index)

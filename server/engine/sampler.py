@@ -129,9 +129,7 @@ def sample(
     tokens = torch.where(params.sampling, sampled, greedy_tokens)
     if not flags.logprobs:
         return tokens, None
-    chosen_logp = torch.where(
-        params.sampling[:, None], logp, logits.log_softmax(dim=-1)
-    ).gather(-1, tokens[:, None]).squeeze(-1)
+    chosen_logp = torch.where(params.sampling[:, None], logp, logits.log_softmax(dim=-1)).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, chosen_logp
 
 

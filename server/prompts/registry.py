@@ -123,8 +123,14 @@ class Registry:
             created = (p.source / WEIGHTS_FILE).stat().st_mtime
         except OSError:
             created = 0.0
-        return TaskInfo(name=p.name, folder=p.source, kind=p.kind, num_virtual_tokens=p.num_virtual_tokens,
-                        content_hash=p.content_hash, created=created)
+        return TaskInfo(
+            name=p.name,
+            folder=p.source,
+            kind=p.kind,
+            num_virtual_tokens=p.num_virtual_tokens,
+            content_hash=p.content_hash,
+            created=created,
+        )
 
     def _trim(self) -> None:
         """Drop least recently used tensors beyond the bound (caller holds _lock)."""

@@ -21,9 +21,7 @@ from safetensors.torch import load as safetensors_load
 from server.prompts.types import PromptError, PromptGeometry, PromptKind, SoftPrompt
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-TASK_NAME_RULE = (
-    "1-64 characters from lowercase a-z, digits 0-9, '.', '_' and '-', starting with a letter or digit"
-)
+TASK_NAME_RULE = "1-64 characters from lowercase a-z, digits 0-9, '.', '_' and '-', starting with a letter or digit"
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -80,8 +78,13 @@ def read_task_folder(folder: Path, geometry: PromptGeometry) -> list[SoftPrompt]
     if kind is PromptKind.MULTITASK_PROMPT_TUNING:
         per_task = _read_multitask(tensors, config, geometry)  # T x [P, H]
         return [
-            SoftPrompt(name=f"{folder.name}.{t}", kind=kind, embeddings=_cast_checked(e, dtype=dtype, device=dev),
-                       content_hash=f"{digest}:{t}", source=folder)
+            SoftPrompt(
+                name=f"{folder.name}.{t}",
+                kind=kind,
+                embeddings=_cast_checked(e, dtype=dtype, device=dev),
+                content_hash=f"{digest}:{t}",
+                source=folder,
+            )
             for t, e in enumerate(per_task)
         ]
     embeddings = _read_prompt_embeddings(tensors, config, kind, geometry)  # [P, H] in the file's dtype
@@ -236,8 +239,7 @@ def _read_prefix(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
         got = _config_int(config, key)
         if got is not None and got != want:
             raise PromptError(
-                f"{CONFIG_FILE} '{key}' is {got}; the model needs {want} "
-                f"({layers} layers, {heads} KV heads of dimension {dim})"
+                f"{CONFIG_FILE} '{key}' is {got}; the model needs {want} ({layers} layers, {heads} KV heads of dimension {dim})"
             )
     if emb.dim() != 2 or emb.shape[1] != width:
         raise PromptError(
@@ -254,7 +256,9 @@ def _read_prefix(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
 MULTITASK_KEYS = {EMBEDDINGS_KEY, "prefix_task_cols", "prefix_task_rows"}
 
 
-def _read_multitask(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], geometry: PromptGeometry) -> list[torch.Tensor]:
+def _read_multitask(
+    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], geometry: PromptGeometry
+) -> list[torch.Tensor]:
     """MULTITASK_PROMPT_TUNING: sub-task t's prompt is E * (cols[t] @ rows[t]), each [P, H]."""
     _expect_keys(tensors, MULTITASK_KEYS)
     emb, cols, rows = (tensors[k] for k in (EMBEDDINGS_KEY, "prefix_task_cols", "prefix_task_rows"))
@@ -266,8 +270,14 @@ def _read_multitask(tensors: Mapping[str, torch.Tensor], config: Mapping[str, An
     num_tokens = emb.shape[0]
     _check_count(num_tokens, geometry)
     _check_num_virtual_tokens(config, num_tokens)
-    if cols.dim() != 3 or rows.dim() != 3 or cols.shape[0] != rows.shape[0] or cols.shape[1] != num_tokens \
-            or rows.shape[2] != hidden or cols.shape[2] != rows.shape[1]:
+    if (
+        cols.dim() != 3
+        or rows.dim() != 3
+        or cols.shape[0] != rows.shape[0]
+        or cols.shape[1] != num_tokens
+        or rows.shape[2] != hidden
+        or cols.shape[2] != rows.shape[1]
+    ):
         raise PromptError(
             f"prefix_task_cols {list(cols.shape)} and prefix_task_rows {list(rows.shape)} do not fit; "
             f"need [T, {num_tokens}, r] and [T, r, {hidden}]"
@@ -291,9 +301,7 @@ def _check_num_virtual_tokens(config: Mapping[str, Any], num_rows: int) -> None:
     declared = _config_int(config, "num_virtual_tokens")
     expected_rows = None if declared is None else declared * (submodules or 1)
     if expected_rows is not None and expected_rows != num_rows:
-        raise PromptError(
-            f"{CONFIG_FILE} says num_virtual_tokens={declared} but {EMBEDDINGS_KEY} has {num_rows} rows"
-        )
+        raise PromptError(f"{CONFIG_FILE} says num_virtual_tokens={declared} but {EMBEDDINGS_KEY} has {num_rows} rows")
 
 
 def _expect_keys(tensors: Mapping[str, torch.Tensor], expected: set[str]) -> None:

@@ -63,8 +63,13 @@ class PromptGeometry:
     @classmethod
     def of(cls, lm: LoadedModel, max_virtual_tokens: int, *, device: torch.device | str | None = None) -> PromptGeometry:
         """For a loaded model (prompts land on its device unless `device` says otherwise)."""
-        return cls(hidden_size=lm.hidden_size, max_virtual_tokens=max_virtual_tokens, dtype=lm.dtype,
-                   device=torch.device(lm.device if device is None else device), kv_shape=KVShape.of(lm.model.config))
+        return cls(
+            hidden_size=lm.hidden_size,
+            max_virtual_tokens=max_virtual_tokens,
+            dtype=lm.dtype,
+            device=torch.device(lm.device if device is None else device),
+            kv_shape=KVShape.of(lm.model.config),
+        )
 
 
 class PromptError(ValueError):
