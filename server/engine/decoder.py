@@ -3,7 +3,7 @@
 Why not call the transformers model: its forward takes a padded [B, T] batch and its own cache
 object, rebuilds a 4-D mask every call and runs three projections where one would do. Here the
 tokens of all rows are packed into one [N, hidden] matrix (no padding in the matrix multiplies),
-q/k/v and gate/up are each one fused multiply, and attention is a callback that reads and writes the
+q/k/v are one fused multiply, and attention is a callback that reads and writes the
 engine's key/value pool. Norms, activations and rotary tables are the model's own modules, so the
 arithmetic is the model's: the reference tests compare against transformers token for token.
 
@@ -40,12 +40,13 @@ class Layer:
     qkv_b: torch.Tensor | None
     o_w: torch.Tensor  # [hidden, H * D]
     o_b: torch.Tensor | None
-    up_w: torch.Tensor  # [2I, hidden] (gate rows, then up rows) when gated, else [I, hidden]
+    up_w: torch.Tensor  # [I, hidden]
     up_b: torch.Tensor | None
+    gate_w: torch.Tensor | None  # [I, hidden] when the MLP is gated (llama-like), else None
+    gate_b: torch.Tensor | None
     down_w: torch.Tensor  # [hidden, I]
     down_b: torch.Tensor | None
     act: Callable[[torch.Tensor], torch.Tensor]
-    gated: bool
     scaling: float
 
 
@@ -131,7 +132,8 @@ class Decoder:
         for block in base.layers:
             attn, mlp = block.self_attn, block.mlp
             qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-            up_w, up_b = _fuse([mlp.gate_proj, mlp.up_proj])
+            # gate and up stay two multiplies: fused into one [2I, hidden] weight they measured slower
+            # (1.9 vs 1.5 ms at 32 rows for SmolLM2's I = 1536, float32, AVX2)
             self.layers.append(
                 Layer(
                     input_norm=block.input_layernorm,
@@ -140,12 +142,13 @@ class Decoder:
                     qkv_b=qkv_b,
                     o_w=attn.o_proj.weight.detach(),
                     o_b=_bias(attn.o_proj),
-                    up_w=up_w,
-                    up_b=up_b,
+                    up_w=mlp.up_proj.weight.detach(),
+                    up_b=_bias(mlp.up_proj),
+                    gate_w=mlp.gate_proj.weight.detach(),
+                    gate_b=_bias(mlp.gate_proj),
                     down_w=mlp.down_proj.weight.detach(),
                     down_b=_bias(mlp.down_proj),
                     act=mlp.act_fn,
-                    gated=True,
                     scaling=float(attn.scaling),
                 )
             )
@@ -173,10 +176,11 @@ class Decoder:
                     o_b=_bias(attn.c_proj),
                     up_w=mlp.c_fc.weight.detach().t(),
                     up_b=_bias(mlp.c_fc),
+                    gate_w=None,
+                    gate_b=None,
                     down_w=mlp.c_proj.weight.detach().t(),
                     down_b=_bias(mlp.c_proj),
                     act=mlp.act,
-                    gated=False,
                     scaling=float(attn.scaling),
                 )
             )
@@ -213,10 +217,9 @@ class Decoder:
                 k = k * cos + _rotate_half(k) * sin
             h = h + F.linear(attend(i, q, k, v, layer.scaling), layer.o_w, layer.o_b)
             x = layer.post_norm(h)
-            up = F.linear(x, layer.up_w, layer.up_b)  # [N, 2I] or [N, I]
-            if layer.gated:
-                gate, up = up.chunk(2, dim=-1)
-                up = layer.act(gate) * up
+            up = F.linear(x, layer.up_w, layer.up_b)  # [N, I]
+            if layer.gate_w is not None:
+                up = layer.act(F.linear(x, layer.gate_w, layer.gate_b)) * up
             else:
                 up = layer.act(up)
             h = h + F.linear(up, layer.down_w, layer.down_b)
