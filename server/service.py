@@ -23,7 +23,7 @@ from server.config import Settings
 from server.engine.engine import Engine, EngineStats
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
-from server.engine.runner import default_kv_cache_bytes
+from server.engine.runner import Acceleration, default_kv_cache_bytes
 from server.engine.scheduler import Scheduler
 from server.errors import (
     DomainError,
@@ -96,7 +96,17 @@ class Service:
             kv_bytes = self.settings.kv_cache_bytes or default_kv_cache_bytes(self.lm.device)
             max_context = self.settings.max_virtual_tokens + self.settings.max_input_tokens + self.settings.max_new_tokens
             self.engine = Engine(
-                self.lm, scheduler, prefix_cache, observer=self.metrics, kv_cache_bytes=kv_bytes, max_context=max_context
+                self.lm,
+                scheduler,
+                prefix_cache,
+                observer=self.metrics,
+                kv_cache_bytes=kv_bytes,
+                max_context=max_context,
+                accel=Acceleration(
+                    prepack_weights=self.settings.prepack_weights,
+                    native_kernels=self.settings.native_kernels,
+                    kernel_dir=self.settings.cache_dir,
+                ),
             )
             self._warm_up()
             self.engine.start()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -30,24 +31,6 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.
 
 class UnsupportedModel(ValueError):
     """The model cannot be served exactly by this engine (the server refuses it at start)."""
-
-
-@dataclass
-class Layer:
-    input_norm: Callable[[torch.Tensor], torch.Tensor]
-    post_norm: Callable[[torch.Tensor], torch.Tensor]
-    qkv_w: torch.Tensor  # [(H + 2 H_kv) * D, hidden]
-    qkv_b: torch.Tensor | None
-    o_w: torch.Tensor  # [hidden, H * D]
-    o_b: torch.Tensor | None
-    up_w: torch.Tensor  # [I, hidden]
-    up_b: torch.Tensor | None
-    gate_w: torch.Tensor | None  # [I, hidden] when the MLP is gated (llama-like), else None
-    gate_b: torch.Tensor | None
-    down_w: torch.Tensor  # [hidden, I]
-    down_b: torch.Tensor | None
-    act: Callable[[torch.Tensor], torch.Tensor]
-    scaling: float
 
 
 def _fuse(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -66,6 +49,69 @@ def _fuse(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
             m.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
         start += n
     return weight, bias
+
+
+class Linear:
+    """y = x W^T + b. Where oneDNN is available (CPU, float32) the weight is also kept in oneDNN's
+    blocked layout, reordered once at load, for inputs of at most `PACKED_MAX_ROWS` rows: measured
+    on an AVX2 EPYC at 32 rows, the 49152 x 576 output projection takes 15-18 ms packed against
+    28-32 ms through F.linear, with the same results (oneDNN runs the same GEMM either way; only the
+    weight's memory layout differs). Larger inputs (long prefills) measured faster unpacked."""
+
+    PACKED_MAX_ROWS = 128
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, rows_hint: int = 32) -> None:
+        self.weight, self.bias = weight, bias
+        self.packed: torch.Tensor | None = None
+        if pack and weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
+            except (RuntimeError, AttributeError):  # a build without the op: the plain path
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] <= self.PACKED_MAX_ROWS and x.dim() == 2:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class Norm:
+    """The model's own norm module. RMSNorm of llama-like models (gemma's `1 + w` too) runs as one
+    native kernel in float32, with the residual add before it fused in (`h += residual` in place)."""
+
+    FUSED = {"LlamaRMSNorm": 0.0, "MistralRMSNorm": 0.0, "Qwen2RMSNorm": 0.0, "GemmaRMSNorm": 1.0}
+
+    def __init__(self, module: nn.Module, ops: ModuleType | None) -> None:
+        self.module = module
+        self.ops = ops
+        offset = self.FUSED.get(type(module).__name__)
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        weight = getattr(module, "weight", None)
+        self.fused = ops is not None and offset is not None and eps is not None and weight is not None
+        self.weight = weight.detach() if weight is not None else None
+        self.eps, self.offset = float(eps or 0.0), float(offset or 0.0)
+
+    def __call__(self, h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [N, hidden], residual [N, hidden] or None -> (h + residual, norm(h + residual))."""
+        if self.fused and h.dtype == torch.float32 and self.weight is not None and self.weight.dtype == torch.float32:
+            assert self.ops is not None
+            return h, self.ops.rms_norm(h, residual, self.weight, self.eps, self.offset)
+        if residual is not None:
+            h = h + residual
+        return h, self.module(h)
+
+
+@dataclass
+class Layer:
+    input_norm: Norm
+    post_norm: Norm
+    qkv: Linear  # -> [N, (H + 2 H_kv) * D]
+    o: Linear  # [N, H * D] -> [N, hidden]
+    up: Linear  # -> [N, I]
+    gate: Linear | None  # -> [N, I] when the MLP is gated (llama-like), else None
+    down: Linear  # [N, I] -> [N, hidden]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
 
 
 def _bias(m: nn.Module) -> torch.Tensor | None:
@@ -94,11 +140,14 @@ class Decoder:
     # The transformers model's submodules differ by family: they are typed Any here.
     pos_embed: Any
     rotary: Any
-    final_norm: Any
+    final_norm: Norm
     layers: list[Layer]
 
-    def __init__(self, model: Any, max_context: int | None = None) -> None:
-        """max_context: the longest sequence (prefix + input + output) the server admits; None: unchecked."""
+    def __init__(self, model: Any, max_context: int | None = None, pack: bool = False, ops: ModuleType | None = None) -> None:
+        """max_context: the longest sequence (prefix + input + output) the server admits; None: unchecked.
+        pack: keep float32 weights also in oneDNN's layout (see Linear); ops: the native kernels
+        (server/engine/kernels.py) or None for torch ops only."""
+        self.ops = ops
         config = model.config.get_text_config()
         self.family = config.model_type
         if self.family not in SUPPORTED:
@@ -107,23 +156,23 @@ class Decoder:
             )
         self.embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
-        self.lm_head_w, self.lm_head_b = head.weight.detach(), _bias(head)
+        self.lm_head = Linear(head.weight.detach(), _bias(head), pack)
         if self.family == "gpt2":
             if max_context is not None and max_context > config.n_positions:
                 raise UnsupportedModel(
                     f"gpt2: learned positions end at {config.n_positions}, shorter than the longest sequence this server "
                     f"admits ({max_context}); lower --max-input-tokens/--max-new-tokens"
                 )
-            self._init_gpt2(model, config)
+            self._init_gpt2(model, config, pack)
         else:
             _check_llama_like(config, max_context)
-            self._init_llama_like(model, config)
+            self._init_llama_like(model, config, pack)
 
-    def _init_llama_like(self, model: Any, config: Any) -> None:
+    def _init_llama_like(self, model: Any, config: Any, pack: bool) -> None:
         base = model.model
         self.pos_embed = None
         self.rotary = base.rotary_emb
-        self.final_norm = base.norm
+        self.final_norm = Norm(base.norm, self.ops)
         first = base.layers[0].self_attn
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -136,30 +185,25 @@ class Decoder:
             # (1.9 vs 1.5 ms at 32 rows for SmolLM2's I = 1536, float32, AVX2)
             self.layers.append(
                 Layer(
-                    input_norm=block.input_layernorm,
-                    post_norm=block.post_attention_layernorm,
-                    qkv_w=qkv_w,
-                    qkv_b=qkv_b,
-                    o_w=attn.o_proj.weight.detach(),
-                    o_b=_bias(attn.o_proj),
-                    up_w=mlp.up_proj.weight.detach(),
-                    up_b=_bias(mlp.up_proj),
-                    gate_w=mlp.gate_proj.weight.detach(),
-                    gate_b=_bias(mlp.gate_proj),
-                    down_w=mlp.down_proj.weight.detach(),
-                    down_b=_bias(mlp.down_proj),
+                    input_norm=Norm(block.input_layernorm, self.ops),
+                    post_norm=Norm(block.post_attention_layernorm, self.ops),
+                    qkv=Linear(qkv_w, qkv_b, pack),
+                    o=Linear(attn.o_proj.weight.detach(), _bias(attn.o_proj), pack),
+                    up=Linear(mlp.up_proj.weight.detach(), _bias(mlp.up_proj), pack),
+                    gate=Linear(mlp.gate_proj.weight.detach(), _bias(mlp.gate_proj), pack),
+                    down=Linear(mlp.down_proj.weight.detach(), _bias(mlp.down_proj), pack),
                     act=mlp.act_fn,
                     scaling=float(attn.scaling),
                 )
             )
 
-    def _init_gpt2(self, model: Any, config: Any) -> None:
+    def _init_gpt2(self, model: Any, config: Any, pack: bool) -> None:
         base = model.transformer
         if config.reorder_and_upcast_attn or getattr(config, "add_cross_attention", False):
             raise UnsupportedModel("gpt2: reorder_and_upcast_attn and cross-attention are not supported")
         self.pos_embed = base.wpe
         self.rotary = None
-        self.final_norm = base.ln_f
+        self.final_norm = Norm(base.ln_f, self.ops)
         self.num_heads = self.num_kv_heads = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.layers = []
@@ -168,18 +212,13 @@ class Decoder:
             # Conv1D stores [in, out]: its transpose is a linear weight (a view, no copy).
             self.layers.append(
                 Layer(
-                    input_norm=block.ln_1,
-                    post_norm=block.ln_2,
-                    qkv_w=attn.c_attn.weight.detach().t(),
-                    qkv_b=_bias(attn.c_attn),
-                    o_w=attn.c_proj.weight.detach().t(),
-                    o_b=_bias(attn.c_proj),
-                    up_w=mlp.c_fc.weight.detach().t(),
-                    up_b=_bias(mlp.c_fc),
-                    gate_w=None,
-                    gate_b=None,
-                    down_w=mlp.c_proj.weight.detach().t(),
-                    down_b=_bias(mlp.c_proj),
+                    input_norm=Norm(block.ln_1, self.ops),
+                    post_norm=Norm(block.ln_2, self.ops),
+                    qkv=Linear(attn.c_attn.weight.detach().t(), _bias(attn.c_attn), pack),
+                    o=Linear(attn.c_proj.weight.detach().t(), _bias(attn.c_proj), pack),
+                    up=Linear(mlp.c_fc.weight.detach().t(), _bias(mlp.c_fc), pack),
+                    gate=None,
+                    down=Linear(mlp.c_proj.weight.detach().t(), _bias(mlp.c_proj), pack),
                     act=mlp.act,
                     scaling=float(attn.scaling),
                 )
@@ -196,35 +235,48 @@ class Decoder:
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attend: Attend, logit_rows: torch.Tensor) -> torch.Tensor:
         """embeds [N, hidden] (packed tokens of every row), positions [N] int64, logit_rows [R] int64
         (which tokens need next-token logits) -> logits [R, V]."""
-        h = embeds
+        h = embeds.clone()  # the residual stream; the fused norm adds into it in place
         if self.pos_embed is not None:
             h = h + self.pos_embed(positions)
         rope: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.rotary is not None:
             cos, sin = self.rotary(h, positions[None])  # [1, N, D] each
-            rope = cos[0, :, None], sin[0, :, None]  # [N, 1, D]
+            rope = cos[0], sin[0]  # [N, D]
         n = h.shape[0]
-        hq, hk, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        residual: torch.Tensor | None = None  # the last sublayer's output, not yet added to h
         for i, layer in enumerate(self.layers):
-            x = layer.input_norm(h)
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)  # [N, (H + 2 H_kv) * D]
-            q = qkv[:, :hq].view(n, self.num_heads, d)
-            k = qkv[:, hq : hq + hk].view(n, self.num_kv_heads, d)
-            v = qkv[:, hq + hk :].view(n, self.num_kv_heads, d)
+            h, x = layer.input_norm(h, residual)
+            qkv = layer.qkv(x)  # [N, (H + 2 H_kv) * D]
             if rope is not None:
-                cos, sin = rope
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
-            h = h + F.linear(attend(i, q, k, v, layer.scaling), layer.o_w, layer.o_b)
-            x = layer.post_norm(h)
-            up = F.linear(x, layer.up_w, layer.up_b)  # [N, I]
-            if layer.gate_w is not None:
-                up = layer.act(F.linear(x, layer.gate_w, layer.gate_b)) * up
-            else:
-                up = layer.act(up)
-            h = h + F.linear(up, layer.down_w, layer.down_b)
-        last = self.final_norm(h[logit_rows])  # [R, hidden]
-        return F.linear(last, self.lm_head_w, self.lm_head_b)
+                self._rotate(qkv[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d), *rope)
+            q = qkv[:, : heads * d].view(n, heads, d)
+            k = qkv[:, heads * d : (heads + kv_heads) * d].view(n, kv_heads, d)
+            v = qkv[:, (heads + kv_heads) * d :].view(n, kv_heads, d)
+            h, x = layer.post_norm(h, layer.o(attend(i, q, k, v, layer.scaling)))
+            up = layer.up(x)  # [N, I]
+            residual = layer.down(self._activate(layer, x, up))
+        if residual is not None:
+            h = h + residual
+        _, last = self.final_norm(h[logit_rows], None)  # [R, hidden]
+        return self.lm_head(last)
+
+    def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotary embedding of q and k heads together, in place: qk [N, H + H_kv, D], cos/sin [N, D]."""
+        if self.ops is not None and qk.dtype == torch.float32 and cos.dtype == torch.float32:
+            self.ops.rotary(qk, cos, sin)
+        else:
+            cos, sin = cos[:, None], sin[:, None]  # [N, 1, D]
+            qk.copy_(qk * cos + _rotate_half(qk) * sin)
+
+    def _activate(self, layer: Layer, x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """act(gate(x)) * up for gated MLPs, act(up) otherwise; [N, I]."""
+        if layer.gate is None:
+            return layer.act(up)
+        gate = layer.gate(x)
+        if self.ops is not None and isinstance(layer.act, nn.SiLU) and gate.dtype == torch.float32:
+            return self.ops.silu_mul(gate, up)
+        return layer.act(gate) * up
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

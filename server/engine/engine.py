@@ -22,7 +22,7 @@ from server.engine.block_cache import BlockCache
 from server.engine.detok import IncrementalText
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
-from server.engine.runner import Runner
+from server.engine.runner import Acceleration, Runner
 from server.engine.sampler import prepare, sample
 from server.engine.scheduler import Plan, Scheduler
 from server.errors import ErrorKind
@@ -84,10 +84,11 @@ class Engine:
         observer: EngineObserver | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         max_context: int | None = None,
+        accel: Acceleration | None = None,
     ) -> None:
         self.observer = observer
         self.lm = lm
-        self.runner = Runner(lm, kv_cache_bytes, max_context=max_context)
+        self.runner = Runner(lm, kv_cache_bytes, max_context=max_context, accel=accel)
         self.scheduler = scheduler
         # None: prefixes are still computed once and shared by the rows running at the same time,
         # but not kept once the last of them leaves.

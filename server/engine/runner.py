@@ -8,11 +8,14 @@ each row attend to its slots (its task's shared soft-prompt prefix first, then i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from server.config import default_cache_dir
+from server.engine import kernels
 from server.engine.decoder import Decoder
 from server.engine.pool import BlockPool, SeqBlocks
 from server.engine.prefix_cache import PrefixEntry
@@ -21,6 +24,16 @@ from server.models import LoadedModel
 from server.prompts.types import SoftPrompt
 
 NULL_SLOT = 0  # a slot of the reserved block 0: padding columns read it, padding rows write it
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """CPU speed-ups, each with a flag to turn it off; results agree with the plain path to float
+    rounding (tests/test_kernels.py, and the reference tests run both ways)."""
+
+    prepack_weights: bool = True  # float32 weights also in oneDNN's layout (decoder.Linear): ~1x weights more memory
+    native_kernels: bool = True  # server/engine/csrc/cpu_ops.cpp, built at start (server/engine/kernels.py)
+    kernel_dir: Path = field(default_factory=default_cache_dir)  # where the kernels are built and cached
 
 
 @dataclass
@@ -42,7 +55,8 @@ class _Layout:
     width: int  # T, key columns per row
     queries: int  # Tq, query rows per row (1 for decode)
     q_index: torch.Tensor | None  # [N] where each packed token sits in [B * Tq] (None: decode, N == B)
-    mask: torch.Tensor  # decode: [H_kv * B, 1, T] additive float; prefill: [B, 1, Tq, T] bool
+    mask: torch.Tensor | None  # decode: [H_kv * B, 1, T] additive float (None: the native kernel); prefill: [B, 1, Tq, T] bool
+    lengths: torch.Tensor  # [B] key columns in use per row
 
 
 def _seq(request: Request) -> SeqBlocks:
@@ -72,12 +86,21 @@ def kv_bytes_per_token(lm: LoadedModel, decoder: Decoder) -> int:
 
 
 class Runner:
-    def __init__(self, lm: LoadedModel, kv_cache_bytes: int, block_size: int = 16, max_context: int | None = None) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        kv_cache_bytes: int,
+        block_size: int = 16,
+        max_context: int | None = None,
+        accel: Acceleration | None = None,
+    ) -> None:
+        accel = accel or Acceleration()
         self.lm = lm
         self.device = lm.device
         self.dtype = lm.dtype
-        self.decoder = Decoder(lm.model, max_context)
-        self.vocab_size = int(self.decoder.lm_head_w.shape[0])
+        self.ops = kernels.load(accel.kernel_dir) if accel.native_kernels and self.device.type == "cpu" else None
+        self.decoder = Decoder(lm.model, max_context, pack=accel.prepack_weights, ops=self.ops)
+        self.vocab_size = int(self.decoder.lm_head.weight.shape[0])
         self.bytes_per_token = kv_bytes_per_token(lm, self.decoder)
         num_blocks = max(2, kv_cache_bytes // (self.bytes_per_token * block_size))
         self.pool = BlockPool(num_blocks, block_size)
@@ -164,9 +187,13 @@ class Runner:
             slots = c.seq.slots() + c.seq.new_slots(n)
             keys.extend(slots + [NULL_SLOT] * (width - total))
         dev = self.device
-        total_t = torch.tensor(totals, device=dev)[:, None]  # [B, 1]
+        key_lengths = torch.tensor(totals, device=dev)
+        total_t = key_lengths[:, None]  # [B, 1]
         col = torch.arange(width, device=dev)[None, :]  # [1, T]
-        if queries == 1:
+        mask: torch.Tensor | None = None
+        if queries == 1 and self.ops is not None:  # the kernel reads lengths
+            q_index = None
+        elif queries == 1:
             visible = col < total_t  # [B, T]
             mask = torch.zeros(b, 1, width, dtype=torch.float64 if self.dtype == torch.float64 else torch.float32, device=dev)
             mask.masked_fill_(~visible[:, None, :], float("-inf"))
@@ -187,6 +214,7 @@ class Runner:
             queries=queries,
             q_index=q_index,
             mask=mask,
+            lengths=key_lengths,
         )
 
     def _attend(
@@ -194,6 +222,11 @@ class Runner:
     ) -> torch.Tensor:
         """q [N, H, D], k/v [N, H_kv, D] of the new tokens -> attention output [N, H * D]."""
         kpool, vpool = self.k[layer], self.v[layer]  # [H_kv, slots, D]
+        if lay.mask is None:  # decode through the native kernel: it writes k/v and reads the pool in place
+            assert self.ops is not None
+            return self.ops.decode_attention(
+                q, k, v, kpool, vpool, lay.write, lay.keys.view(lay.rows, lay.width), lay.lengths, scaling
+            )
         kpool.index_copy_(1, lay.write, k.transpose(0, 1))
         vpool.index_copy_(1, lay.write, v.transpose(0, 1))
         b, t = lay.rows, lay.width
@@ -207,6 +240,7 @@ class Runner:
             qg = q.view(b, hk, g, d).transpose(0, 1).reshape(hk * b, g, d)  # [H_kv * B, G, D]
             if qg.dtype in (torch.bfloat16, torch.float16):  # scores and softmax in float32, as SDPA does
                 qg, keys, values = qg.float(), keys.float(), values.float()
+            assert lay.mask is not None
             scores = torch.baddbmm(lay.mask, qg, keys.transpose(1, 2), alpha=scaling)  # [H_kv * B, G, T]
             out = torch.bmm(scores.softmax(dim=-1), values).to(q.dtype)  # [H_kv * B, G, D]
             return out.view(hk, b, g, d).transpose(0, 1).reshape(b, h * d)

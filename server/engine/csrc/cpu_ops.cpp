@@ -1,0 +1,229 @@
+// softmux's CPU kernels for the decode step (built at start by server/engine/kernels.py).
+//
+// Why: at 32 rows a decode step of a 135M model spends ~20% outside matrix multiplies, in many
+// tiny ops (each an OpenMP fork/join over a 32 x 576 tensor) and in gathering every row's keys and
+// values out of the block pool before attention. These kernels do each of those in one pass:
+//   decode_attention  writes the new keys/values into the pool and attends each row to its slots
+//                     in place (no gather); float32 math for 16-bit dtypes, double for float64
+//   rms_norm          optional residual add, then RMSNorm (llama-like and gemma), float32
+//   rotary            rotary embedding of q and k together, in place, float32
+//   silu_mul          silu(gate) * up, float32
+// Compiled with -ffp-contract=off so that a*b + c*d rounds as the separate torch ops do.
+
+#include <torch/extension.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.stride(-1) == 1, name, " must have a contiguous last dimension");
+}
+
+// q [B, H, D] (row/head strides free), k_new/v_new [B, Hk, D] keys and values of the new tokens,
+// kpool/vpool [Hk, S, D] one layer of the pool (contiguous), write [B] slot of each new token,
+// slots [B, T] key slots of each row (its prefix, its own tokens, the new one; padding past
+// lengths[b] is ignored), lengths [B]. Returns [B, H * D].
+template <typename scalar_t>
+void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
+                           torch::Tensor& kpool, torch::Tensor& vpool, const torch::Tensor& write,
+                           const torch::Tensor& slots, const torch::Tensor& lengths, double scale, torch::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hk = k_new.size(1), S = kpool.size(1);
+  const int64_t T = slots.size(1), G = H / Hk;
+  const int64_t* wr = write.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  scalar_t* kp = kpool.data_ptr<scalar_t>();
+  scalar_t* vp = vpool.data_ptr<scalar_t>();
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* kn = k_new.data_ptr<scalar_t>();
+  const scalar_t* vn = v_new.data_ptr<scalar_t>();
+  scalar_t* od = out.data_ptr<scalar_t>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const int64_t ks0 = k_new.stride(0), ks1 = k_new.stride(1), vs0 = v_new.stride(0), vs1 = v_new.stride(1);
+  using acc_t = at::opmath_type<scalar_t>;  // float for 16-bit dtypes and float32, double for float64
+  const acc_t ascale = static_cast<acc_t>(scale);
+
+  // The new tokens' keys and values first: every row reads its own.
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(wr[b] >= 0 && wr[b] < S, "write slot out of range");
+    TORCH_CHECK(len[b] >= 1 && len[b] <= T, "row length out of range");
+    for (int64_t h = 0; h < Hk; ++h) {
+      scalar_t* kd = kp + (h * S + wr[b]) * D;
+      scalar_t* vd = vp + (h * S + wr[b]) * D;
+      const scalar_t* ksrc = kn + b * ks0 + h * ks1;
+      const scalar_t* vsrc = vn + b * vs0 + h * vs1;
+      for (int64_t d = 0; d < D; ++d) {
+        kd[d] = ksrc[d];
+        vd[d] = vsrc[d];
+      }
+    }
+  }
+
+  // One work item per (row, KV head): its G query heads share the keys read.
+  at::parallel_for(0, B * Hk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qf(G * D), acc(G * D), scores(G * T);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hk, h = item % Hk, n = len[b];
+      const int64_t* row_slots = sl + b * T;
+      for (int64_t g = 0; g < G; ++g) {
+        const scalar_t* qsrc = qd + b * qs0 + (h * G + g) * qs1;
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<acc_t>(qsrc[d]);
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t slot = row_slots[t];
+        TORCH_CHECK(slot >= 0 && slot < S, "key slot out of range");
+        const scalar_t* kr = kp + (h * S + slot) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const acc_t* qg = qf.data() + g * D;
+          acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += qg[d] * static_cast<acc_t>(kr[d]);
+          scores[g * T + t] = dot * ascale;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        acc_t* s = scores.data() + g * T;
+        acc_t mx = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+        acc_t sum = 0;
+        for (int64_t t = 0; t < n; ++t) {
+          s[t] = std::exp(s[t] - mx);
+          sum += s[t];
+        }
+        for (int64_t t = 0; t < n; ++t) s[t] /= sum;
+        std::fill(acc.begin() + g * D, acc.begin() + (g + 1) * D, acc_t(0));
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const scalar_t* vr = vp + (h * S + row_slots[t]) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const acc_t p = scores[g * T + t];
+          acc_t* a = acc.data() + g * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<acc_t>(vr[d]);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        scalar_t* o = od + b * H * D + (h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[g * D + d]);
+      }
+    }
+  });
+}
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
+                               torch::Tensor kpool, torch::Tensor vpool, const torch::Tensor& write,
+                               const torch::Tensor& slots, const torch::Tensor& lengths, double scale) {
+  for (auto* t : {&q, &k_new, &v_new}) check_cpu(*t, "q/k/v");
+  TORCH_CHECK(kpool.is_contiguous() && vpool.is_contiguous(), "the pool must be contiguous");
+  TORCH_CHECK(q.scalar_type() == kpool.scalar_type() && k_new.scalar_type() == kpool.scalar_type() &&
+                  v_new.scalar_type() == kpool.scalar_type(),
+              "q, k, v and the pool must share a dtype");
+  TORCH_CHECK(q.size(1) % k_new.size(1) == 0, "query heads must be a multiple of key/value heads");
+  TORCH_CHECK(write.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64 &&
+                  lengths.scalar_type() == torch::kInt64 && slots.is_contiguous() && write.is_contiguous() &&
+                  lengths.is_contiguous(),
+              "write, slots and lengths must be contiguous int64");
+  auto out = torch::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    decode_attention_impl<scalar_t>(q, k_new, v_new, kpool, vpool, write, slots, lengths, scale, out);
+  });
+  return out;
+}
+
+// h [N, C] float32 contiguous; residual (optional, [N, C]) is added into h first (h += residual),
+// then out = (offset + w) * (h * rsqrt(mean(h^2) + eps)) as LlamaRMSNorm (offset 0) and
+// GemmaRMSNorm (offset 1) compute it in float32.
+torch::Tensor rms_norm(torch::Tensor h, const c10::optional<torch::Tensor>& residual, const torch::Tensor& w, double eps,
+                       double offset) {
+  TORCH_CHECK(h.scalar_type() == torch::kFloat32 && h.is_contiguous() && h.dim() == 2, "h must be contiguous float32 [N, C]");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == h.size(1), "w must be float32 [C]");
+  const int64_t N = h.size(0), C = h.size(1);
+  float* hd = h.data_ptr<float>();
+  const float* rd = nullptr;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->scalar_type() == torch::kFloat32 && residual->is_contiguous() && residual->sizes() == h.sizes(),
+                "residual must be contiguous float32 like h");
+    rd = residual->data_ptr<float>();
+  }
+  auto out = torch::empty_like(h);
+  float* od = out.data_ptr<float>();
+  const float* wd = w.data_ptr<float>();
+  const float feps = static_cast<float>(eps), foff = static_cast<float>(offset);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float* x = hd + n * C;
+      if (rd != nullptr) {
+        const float* r = rd + n * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) x[c] += r[c];
+      }
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t c = 0; c < C; ++c) ss += x[c] * x[c];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(C) + feps);
+      float* o = od + n * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] = (foff + wd[c]) * (x[c] * inv);
+    }
+  });
+  return out;
+}
+
+// x [N, Hx, D] float32 (q and k heads side by side; strides free but the last), rotated in place
+// by cos/sin [N, D]: x * cos + rotate_half(x) * sin.
+void rotary(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1, "x must be float32 [N, Hx, D]");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && sin.sizes() == cos.sizes(),
+              "cos and sin must be contiguous float32 [N, D]");
+  const int64_t N = x.size(0), Hx = x.size(1), D = x.size(2), half = D / 2;
+  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+  float* xd = x.data_ptr<float>();
+  const float* cd = cos.data_ptr<float>();
+  const float* sd = sin.data_ptr<float>();
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* c = cd + n * D;
+      const float* s = sd + n * D;
+      for (int64_t h = 0; h < Hx; ++h) {
+        float* v = xd + n * s0 + h * s1;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = v[i], x2 = v[i + half];
+          v[i] = x1 * c[i] + (-x2) * s[i];
+          v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+      }
+    }
+  });
+}
+
+// silu(gate) * up, float32 [N, I] each.
+torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
+  TORCH_CHECK(gate.scalar_type() == torch::kFloat32 && up.scalar_type() == torch::kFloat32 && gate.is_contiguous() &&
+                  up.is_contiguous() && gate.sizes() == up.sizes(),
+              "gate and up must be contiguous float32 of one shape");
+  auto out = torch::empty_like(gate);
+  const float* g = gate.data_ptr<float>();
+  const float* u = up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, gate.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) o[i] = (g[i] / (1.f + std::exp(-g[i]))) * u[i];
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "write new keys/values into the pool and attend each row to its slots");
+  m.def("rms_norm", &rms_norm, "optional residual add, then RMSNorm (float32)");
+  m.def("rotary", &rotary, "rotary embedding in place (float32)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up (float32)");
+}

@@ -1,0 +1,79 @@
+"""softmux's CPU kernels (server/engine/csrc/cpu_ops.cpp): built once per machine, loaded at start.
+
+The build needs a C++ compiler (g++ or clang) and takes about a minute the first time; the library is
+cached under `<cache_dir>/kernels/<key>`, keyed by the source, torch's version and this CPU's
+instruction-set flags (it is compiled for this CPU: -march=native). Where it cannot be built or
+loaded (no compiler, another platform), `load()` returns None, says why in the log once, and the
+engine runs the same computation with torch ops. `--no-native-kernels` turns them off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("softmux.kernels")
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.cpp"
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_key() -> str:
+    digest = hashlib.blake2b(digest_size=8)
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode(), platform.machine().encode()):
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def load(cache_dir: Path) -> ModuleType | None:
+    """The compiled kernels, or None (reason logged) where they cannot be built here."""
+    key = build_key()
+    with _lock:
+        if key in _loaded:
+            return _loaded[key]
+        module: ModuleType | None = None
+        if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+            log.warning("native kernels: not built for %s; using torch ops", platform.machine())
+        else:
+            build_dir = Path(cache_dir) / "kernels" / key
+            try:
+                from torch.utils import cpp_extension
+
+                build_dir.mkdir(parents=True, exist_ok=True)
+                flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+                module = cpp_extension.load(
+                    name=f"softmux_cpu_ops_{key}",
+                    sources=[str(SOURCE)],
+                    extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(build_dir),
+                    verbose=os.environ.get("SOFTMUX_KERNELS_VERBOSE") == "1",
+                )
+                log.info("native kernels loaded from %s", build_dir)
+            except Exception as exc:  # no compiler, headers or linker: the torch path serves the same results
+                log.warning(
+                    "native kernels unavailable (%s); using torch ops",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                module = None
+        _loaded[key] = module
+        return module
