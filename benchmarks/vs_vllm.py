@@ -87,13 +87,14 @@ def run_softmux(
                 done.set()
 
     requests = [softmux_request(prompts[job.task], job.input_ids, new_tokens, sink) for job in jobs]
-    engine.start()
+    # The loop runs on this thread, which loaded the model (server/engine/engine.py, the OpenMP note):
+    # as vLLM's LLM.generate runs its engine on the caller's thread.
     start = time.perf_counter()
     for req in requests:
-        engine.submit(req)
-    done.wait()
+        engine.scheduler.add(req)
+    engine.run_until_idle()
     seconds = time.perf_counter() - start
-    engine.stop()
+    assert done.is_set()
     if errors:
         raise RuntimeError(f"softmux: {len(errors)} requests failed: {errors[0]}")
     tokens = [list(r.output_ids) for r in requests]

@@ -82,7 +82,16 @@ class Service:
 
     # ---- startup / shutdown ------------------------------------------------------------------
     def start(self) -> None:
-        """Load the model, the tasks and start the engine (blocking; run it off the event loop)."""
+        """Load the model, the tasks and start the engine (blocking; run it off the event loop).
+
+        The work runs in a thread of its own that exits when done, whoever calls (a loader thread, a
+        thread pool, Ray's actor): a thread that ran torch ops and lives on keeps an OpenMP team
+        that slows the engine thread (server/engine/engine.py, the OpenMP note)."""
+        worker = threading.Thread(target=self._start, name="softmux-start", daemon=True)
+        worker.start()
+        worker.join()
+
+    def _start(self) -> None:
         try:
             if self.settings.threads > 0:
                 torch.set_num_threads(self.settings.threads)

@@ -32,6 +32,14 @@ log = logging.getLogger("softmux.engine")
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
+# Torch's CPU build runs its threads on GNU OpenMP, which keeps each thread's OpenMP team alive
+# until that thread exits and, once the process holds more OpenMP threads than CPUs, makes idle
+# workers sleep at once instead of spinning for the next parallel region. A thread that computed
+# with torch and lives on (the main thread of a script, a thread-pool worker) therefore slows the
+# engine thread's every op: measured ~30% on a 2-core decode step. So the server loads the model and
+# warms up in a thread that then exits (Service.start), and scripts that computed on their own
+# thread run the loop there (Engine.run_until_idle).
+
 
 @dataclass
 class EngineStats:
@@ -138,6 +146,12 @@ class Engine:
         if not self.alive:
             raise RuntimeError("the engine is not running")
         self.scheduler.add(request)
+
+    def run_until_idle(self) -> None:
+        """Drive the loop on the calling thread until nothing waits or runs (benchmarks, batch jobs:
+        requests go in with `scheduler.add` first). Why not `start()` there: the OpenMP note at the top."""
+        while self.step():
+            pass
 
     def _loop(self) -> None:
         try:
@@ -263,10 +277,13 @@ class Engine:
                     self._fail(req, f"generation failed: {exc}")
 
     # ---- tokens out ----------------------------------------------------------------------
+    @torch.inference_mode()
     def _postprocess(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Choose each row's token, deliver it, and finish the rows that are done."""
-        finite = torch.isfinite(logits).all(dim=-1)  # [B]: a poisoned row must fail alone
-        logits = logits.masked_fill(~finite[:, None], 0.0)
+        # [B]: a poisoned row must fail alone. One reduction instead of an elementwise test: the sum
+        # is finite exactly when every logit is, unless they overflow float32 together (garbage anyway).
+        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+        logits.masked_fill_(~finite[:, None], 0.0)  # in place: the pass's own output
         batch = prepare(rows, self.runner.vocab_size, logits.device)
         tokens, logprobs = sample(logits, batch.params, batch.steps, batch.seen, batch.flags)
         parts = [tokens, finite.to(torch.int64)]
