@@ -32,6 +32,12 @@ RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
     && python3 -m venv /opt/venv \
     && useradd --create-home --uid "${SOFTMUX_UID}" --shell /usr/sbin/nologin softmux
 
+# g++ builds softmux's CPU kernels (server/engine/csrc/cpu_ops.cpp) for the CPU the server starts on;
+# without it the server runs the same math as torch ops, slower (--no-native-kernels does that too).
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 # pip's CA bundle, for builds behind a TLS-intercepting proxy (PIP_CERT reaches build isolation too):
 #   --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt   (absent: pip's own bundle)
 COPY docker/wheels/ /tmp/wheels/
@@ -66,6 +72,9 @@ ENV SOFTMUX_CACHE_DIR=/home/softmux/.cache/softmux \
 
 # 3. the default model, converted once at build time into the user's cache (no download at run time).
 RUN softmux prepare-model --cache-dir "${SOFTMUX_CACHE_DIR}"
+# 4. the CPU kernels, built for this build host's CPU; a host with other CPU flags builds its own at
+# first start (about a minute, kept in the cache folder).
+RUN python -c "from pathlib import Path; from server.engine import kernels; assert kernels.load(Path('${SOFTMUX_CACHE_DIR}'))"
 
 EXPOSE 8000
 # /ready is 200 once the model is loaded and warmed up; the slim base has no curl.

@@ -98,7 +98,7 @@ def make_engine(
     **options: Any,
 ) -> Engine:
     """The one place tests construct an engine: adapt it here when the engine's constructor changes.
-    `options`: Engine's keyword arguments (kv_cache_bytes, max_context, observer)."""
+    `options`: Engine's keyword arguments (kv_cache_bytes, max_context, observer, accel)."""
     return Engine(lm, Scheduler(max_batch_size, max_batch_tokens, max_queue), prefix_cache, **options)
 
 

@@ -12,6 +12,7 @@ import torch
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishReason, SamplingParams, TokenEvent
+from server.engine.runner import Acceleration
 from server.engine.scheduler import Scheduler, ShuttingDown
 from server.models import LoadedModel, load_model
 from tests.support import make_engine, make_prompt, make_request, reference_greedy, start_engine, wait_until
@@ -230,11 +231,16 @@ def test_poisoned_prompt_fails_only_its_own_request(lm, prompts):
         engine.stop()
 
 
-def test_float32_mixed_batch_matches_reference(tiny_model_dir, prompts):
-    """The serving dtype on CPU: same check in float32 (prompts recast)."""
+ACCELERATION = [Acceleration(), Acceleration(prepack_weights=False, native_kernels=False)]
+
+
+@pytest.mark.parametrize("accel", ACCELERATION, ids=["accelerated", "plain"])
+def test_float32_mixed_batch_matches_reference(tiny_model_dir, prompts, accel):
+    """The serving dtype on CPU: same check in float32 (prompts recast), with the packed weights and
+    native kernels and without (--no-prepack-weights --no-native-kernels)."""
     lm32 = load_model(str(tiny_model_dir), dtype="float32")
     rng = random.Random(8)
-    engine = start_engine(lm32)
+    engine = start_engine(lm32, accel=accel)
     try:
         specs = [(p.embeddings.float(), random_ids(rng, 3 + 4 * k), 10) for k, p in enumerate(prompts)]
         tracked = []
@@ -250,8 +256,9 @@ def test_float32_mixed_batch_matches_reference(tiny_model_dir, prompts):
         engine.stop()
 
 
+@pytest.mark.parametrize("accel", ACCELERATION, ids=["accelerated", "plain"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_answers_do_not_depend_on_the_batch(tiny_model_dir, dtype):
+def test_half_precision_answers_do_not_depend_on_the_batch(tiny_model_dir, dtype, accel):
     """In 16-bit dtypes the engine's numbers differ from transformers' own by rounding, so the
     check is the invariance users rely on: each request mixed and staggered == the same request alone."""
     lm16 = load_model(str(tiny_model_dir), dtype=dtype)
@@ -260,7 +267,7 @@ def test_half_precision_answers_do_not_depend_on_the_batch(tiny_model_dir, dtype
     specs = [(prompts16[k % 4], random_ids(rng, 1 + (k * 5) % 17), 6 + k % 5) for k in range(10)]
 
     def run(batch: list) -> list[list[int]]:
-        engine = make_engine(lm16)
+        engine = make_engine(lm16, accel=accel)
         tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in batch]
         for i, t in enumerate(tracked):
             engine.scheduler.add(t.request)

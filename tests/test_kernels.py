@@ -1,0 +1,153 @@
+"""The native CPU kernels (server/engine/csrc/cpu_ops.cpp) and the packed linear layers against the
+torch computations they replace. The engine-level reference tests run both ways too
+(tests/test_engine.py: accelerated and plain)."""
+
+from __future__ import annotations
+
+import shutil
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from server.config import default_cache_dir
+from server.engine import kernels
+from server.engine.decoder import Linear, Norm, _rotate_half
+
+
+@pytest.fixture(scope="module")
+def ops() -> ModuleType:
+    module = kernels.load(default_cache_dir())
+    if module is None:
+        # Where a compiler exists the kernels must build: a silent fallback would hide a broken build.
+        assert shutil.which("c++") is None and shutil.which("g++") is None, "a C++ compiler is here but the kernels did not build"
+        pytest.skip("no C++ compiler: the engine runs torch ops")
+    return module
+
+
+def pool_case(dtype: torch.dtype, heads: int, kv_heads: int, dim: int = 16, seed: int = 0):
+    """A pool with rows of different lengths on scattered slots (slot 0..15 reserved, as the engine's)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([3, 17, 1, 40, 9])
+    rows, width, slots_total = len(lengths), int(lengths.max()), 256
+    kpool = torch.randn(kv_heads, slots_total, dim, generator=g).to(dtype)
+    vpool = torch.randn(kv_heads, slots_total, dim, generator=g).to(dtype)
+    order = torch.randperm(slots_total - 16, generator=g) + 16
+    slots = torch.zeros(rows, width, dtype=torch.int64)  # padding past each length: slot 0
+    used = 0
+    for b, n in enumerate(lengths.tolist()):
+        slots[b, :n] = order[used : used + n]
+        used += n
+    write = slots[torch.arange(rows), lengths - 1].clone()  # the new token is each row's last key
+    q = torch.randn(rows, heads, dim, generator=g).to(dtype)
+    k = torch.randn(rows, kv_heads, dim, generator=g).to(dtype)
+    v = torch.randn(rows, kv_heads, dim, generator=g).to(dtype)
+    return q, k, v, kpool, vpool, write, slots, lengths
+
+
+def reference_attention(q, k, v, kpool, vpool, write, slots, lengths, scale):
+    kpool, vpool = kpool.clone(), vpool.clone()
+    kpool[:, write] = k.transpose(0, 1)
+    vpool[:, write] = v.transpose(0, 1)
+    group = q.shape[1] // k.shape[1]
+    out = []
+    for b, n in enumerate(lengths.tolist()):
+        keys = kpool[:, slots[b, :n]].double().repeat_interleave(group, 0)  # [H, n, D]
+        values = vpool[:, slots[b, :n]].double().repeat_interleave(group, 0)
+        o = F.scaled_dot_product_attention(q[b][:, None].double(), keys, values, scale=scale)  # [H, 1, D]
+        out.append(o.reshape(-1))
+    return torch.stack(out), kpool, vpool
+
+
+@pytest.mark.parametrize(
+    ("dtype", "heads", "kv_heads", "tol"),
+    [
+        (torch.float32, 4, 2, 1e-6),
+        (torch.float32, 3, 3, 1e-6),
+        (torch.float64, 6, 2, 1e-12),  # float64 is computed in float64, not float32
+        (torch.bfloat16, 4, 1, 1e-2),
+    ],
+)
+def test_decode_attention_writes_the_new_keys_and_attends_each_row_to_its_own_slots(ops, dtype, heads, kv_heads, tol):
+    q, k, v, kpool, vpool, write, slots, lengths = pool_case(dtype, heads, kv_heads)
+    expected, kpool_after, vpool_after = reference_attention(q, k, v, kpool, vpool, write, slots, lengths, 0.25)
+    # q, k, v as the decoder passes them: strided views into one fused projection output
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    hq, hk = q[0].numel(), k[0].numel()
+    views = qkv[:, :hq].view_as(q), qkv[:, hq : hq + hk].view_as(k), qkv[:, hq + hk :].view_as(v)
+    out = ops.decode_attention(*views, kpool, vpool, write, slots, lengths, 0.25)
+    assert out.dtype == dtype and out.shape == (len(lengths), q[0].numel())
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    assert torch.equal(kpool, kpool_after) and torch.equal(vpool, vpool_after)  # written in place, nothing else touched
+
+
+def test_decode_attention_refuses_out_of_range_slots(ops):
+    q, k, v, kpool, vpool, write, slots, lengths = pool_case(torch.float32, 4, 2)
+    slots[1, 0] = kpool.shape[1]
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.decode_attention(q, k, v, kpool, vpool, write, slots, lengths, 0.25)
+
+
+@pytest.mark.parametrize("module", [LlamaRMSNorm(64, eps=1e-5), GemmaRMSNorm(64, eps=1e-6)], ids=["llama", "gemma"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_norm_matches_the_models_own_module(ops, module, with_residual):
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(64) * 0.3 + (0.0 if isinstance(module, GemmaRMSNorm) else 1.0))
+    norm = Norm(module, ops)
+    assert norm.fused
+    h, residual = torch.randn(9, 64) * 3, torch.randn(9, 64)
+    h_after, x = norm(h.clone(), residual if with_residual else None)
+    expected_h = h + residual if with_residual else h
+    assert torch.equal(h_after, expected_h)  # the residual add rounds as torch's
+    with torch.inference_mode():
+        torch.testing.assert_close(x, module(expected_h), atol=2e-6, rtol=2e-6)
+    plain = Norm(module, None)  # --no-native-kernels: the module itself
+    assert not plain.fused and torch.equal(plain(h.clone(), None)[1], module(h).detach())
+
+
+def test_norm_of_an_unknown_kind_is_the_module(ops):
+    layer_norm = nn.LayerNorm(64)
+    norm = Norm(layer_norm, ops)
+    h = torch.randn(3, 64)
+    assert not norm.fused and torch.equal(norm(h, None)[1], layer_norm(h))
+
+
+def test_rotary_in_place_equals_rotate_half_on_strided_heads(ops):
+    n, heads, kv_heads, d = 7, 4, 2, 16
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d)
+    qk = qkv[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d)  # strided: v follows in each row
+    cos, sin = torch.randn(n, d), torch.randn(n, d)
+    expected = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]
+    v_before = qkv[:, (heads + kv_heads) * d :].clone()
+    ops.rotary(qk, cos, sin)
+    assert torch.equal(qk, expected)  # no fused multiply-add: the same roundings as the torch ops
+    assert torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)
+
+
+def test_silu_mul(ops):
+    gate, up = torch.randn(5, 300) * 4, torch.randn(5, 300)
+    torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32, 300])
+def test_packed_float32_linear_matches_f_linear(rows):
+    w, b = torch.randn(96, 48) * 0.1, torch.randn(96)
+    x = torch.randn(rows, 48)
+    packed, plain = Linear(w, b, pack=True), Linear(w, None, pack=False)
+    assert packed.packed is not None and plain.packed is None
+    torch.testing.assert_close(packed(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    assert torch.equal(plain(x), F.linear(x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_16bit_linear_rounds_a_float32_product_back(dtype):
+    w, x = (torch.randn(96, 48) * 0.1).to(dtype), torch.randn(40, 48).to(dtype)
+    out = Linear(w, None, pack=True)(x)
+    assert out.dtype == dtype
+    exact = (x.float() @ w.float().t()).to(dtype)  # a 16-bit GEMM with float32 accumulation
+    assert (out == exact).float().mean() > 0.99  # the rest: one 16-bit rounding step apart
+    torch.testing.assert_close(out.float(), exact.float(), atol=1e-2, rtol=1e-2)
