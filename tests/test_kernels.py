@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from server.config import default_cache_dir
 from server.engine import kernels
-from server.engine.decoder import Linear, Norm, _rotate_half
+from server.engine.decoder import Linear, Norm, _is_silu, _rotate_half
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +151,10 @@ def test_packed_16bit_linear_rounds_a_float32_product_back(dtype):
     exact = (x.float() @ w.float().t()).to(dtype)  # a 16-bit GEMM with float32 accumulation
     assert (out == exact).float().mean() > 0.99  # the rest: one 16-bit rounding step apart
     torch.testing.assert_close(out.float(), exact.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_the_silu_kernel_applies_to_silu_activations_only():
+    from transformers.activations import ACT2FN
+
+    assert _is_silu(nn.SiLU()) and _is_silu(ACT2FN["silu"])
+    assert not _is_silu(ACT2FN["gelu_pytorch_tanh"]) and not _is_silu(nn.GELU())

@@ -140,6 +140,16 @@ class Layer:
     act: Callable[[torch.Tensor], torch.Tensor]
     scaling: float
 
+    def __post_init__(self) -> None:
+        self.silu = _is_silu(self.act)  # the native silu(gate) * up applies
+
+
+def _is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether the activation computes SiLU (transformers wraps it in classes of its own): probed."""
+    probe = torch.linspace(-8, 8, 33)
+    with torch.no_grad():
+        return bool(torch.equal(act(probe), F.silu(probe)))
+
 
 def _bias(m: nn.Module) -> torch.Tensor | None:
     b = getattr(m, "bias", None)
@@ -301,7 +311,7 @@ class Decoder:
         if layer.gate is None:
             return layer.act(up)
         gate = layer.gate(x)
-        if self.ops is not None and isinstance(layer.act, nn.SiLU) and gate.dtype == torch.float32:
+        if self.ops is not None and layer.silu and gate.dtype == torch.float32:
             return self.ops.silu_mul(gate, up)
         return layer.act(gate) * up
 

@@ -150,8 +150,8 @@ class Engine:
     def run_until_idle(self) -> None:
         """Drive the loop on the calling thread until nothing waits or runs (benchmarks, batch jobs:
         requests go in with `scheduler.add` first). Why not `start()` there: the OpenMP note at the top."""
-        while self.step():
-            pass
+        while not self.scheduler.idle:
+            self.step()
 
     def _loop(self) -> None:
         try:
