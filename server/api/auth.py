@@ -8,13 +8,12 @@ middleware keyed on path prefixes, so every generation route (native, streaming,
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 
-from server.api.errors import ApiError
+from server.api.errors import ApiError, send_json
 from server.config import Settings
 
 # Paths that run the model: /generate, /generate_stream, /v1/completions, /v1/chat/completions, /v1/models ...
@@ -68,21 +67,8 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefixes):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             if not token_matches(bearer_token(headers.get("authorization")), self.api_key):
-                body = json.dumps(
-                    {"error": "missing or wrong API key: send 'Authorization: Bearer <api key>'", "error_type": "unauthorized"}
-                ).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 401,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"www-authenticate", b"Bearer"),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                payload = {"error": "missing or wrong API key: send 'Authorization: Bearer <api key>'", "error_type": "unauthorized"}
+                await send_json(send, 401, payload, ((b"www-authenticate", b"Bearer"),))
                 return
         await self.app(scope, receive, send)
 

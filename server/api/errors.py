@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+import json
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import DomainError, ErrorKind, InvalidRequest, UnknownTask
+
+
+async def send_json(
+    send: Callable[[Any], Awaitable[None]], status: int, payload: dict[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """A whole JSON reply over raw ASGI, for middleware that answers before the app runs."""
+    body = json.dumps(payload).encode()
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": body})
 
 
 class ApiError(Exception):

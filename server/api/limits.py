@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -11,7 +10,7 @@ from typing import Any
 
 import uvicorn
 
-from server.api.errors import OPENAI_PREFIX, openai_body
+from server.api.errors import OPENAI_PREFIX, openai_body, send_json
 from server.service import Service
 
 log = logging.getLogger("softmux.server")
@@ -83,19 +82,7 @@ class BodyLimitMiddleware:
             payload: dict[str, Any] = openai_body(message, "server_error", code="request_too_large")
         else:
             payload = {"error": message, "error_type": "too_large"}
-        body = json.dumps(payload).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, payload, ((b"connection", b"close"),))
 
 
 class DrainingServer(uvicorn.Server):
