@@ -67,7 +67,10 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefixes):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             if not token_matches(bearer_token(headers.get("authorization")), self.api_key):
-                payload = {"error": "missing or wrong API key: send 'Authorization: Bearer <api key>'", "error_type": "unauthorized"}
+                payload = {
+                    "error": "missing or wrong API key: send 'Authorization: Bearer <api key>'",
+                    "error_type": "unauthorized",
+                }
                 await send_json(send, 401, payload, ((b"www-authenticate", b"Bearer"),))
                 return
         await self.app(scope, receive, send)
