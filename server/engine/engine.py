@@ -1,8 +1,8 @@
 """The engine loop: schedule, run, postprocess. One thread owns the model.
 
 step():  plan = scheduler.schedule()        admit waiting rows the key/value pool can hold
-         runner.fill_prefixes(...)           soft-prompt prefixes not resident yet, one pass
-         runner.prefill(admitted)            every new row, whatever its task, one pass
+         runner.prefill(admitted, prefixes)  every new row, whatever its task, and the soft-prompt
+                                             prefixes not resident yet: one pass
          scheduler.grow(); runner.decode()   every running row, one pass
          postprocess                         sample, emit, finish; rows leave, blocks return
 """
@@ -46,7 +46,7 @@ class EngineStats:
     """Counters that show what batching did (read by /stats and by tests)."""
 
     prefill_passes: int = 0
-    prefix_passes: int = 0  # forward passes that computed soft prompts' key/value prefixes
+    prefix_passes: int = 0  # prefill passes that also computed soft prompts' key/value prefixes
     decode_passes: int = 0
     rows_prefilled: int = 0
     rows_decoded: int = 0
@@ -246,15 +246,14 @@ class Engine:
                 req.text = IncrementalText(self.tokenizer, req.params.stop)
 
     def _prefill(self, plan: Plan) -> None:
-        if plan.new_prefixes:
-            try:
-                self.runner.fill_prefixes(plan.new_prefixes)
-            except Exception:
-                for entry, _ in plan.new_prefixes:
-                    self.prefix_cache.discard(entry.key)
-                raise
-            self.stats.prefix_passes += 1
-        logits = self._forward("prefill", plan.admitted, self.runner.prefill)
+        prefixes = plan.new_prefixes
+        try:
+            logits = self._forward("prefill", plan.admitted, lambda rows: self.runner.prefill(rows, prefixes))
+        except Exception:
+            for entry, _ in prefixes:  # half-written prefixes must never be served
+                self.prefix_cache.discard(entry.key)
+            raise
+        self.stats.prefix_passes += bool(prefixes)
         self.scheduler.prefilled(plan.admitted)  # before rows that end now give their blocks back
         self._postprocess(plan.admitted, logits)
 

@@ -8,6 +8,7 @@ each row attend to its slots (its task's shared soft-prompt prefix first, then i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,8 +120,14 @@ class Runner:
     # ---- passes ------------------------------------------------------------------------------
     @torch.inference_mode()
     def fill_prefixes(self, items: list[tuple[PrefixEntry, SoftPrompt]]) -> None:
-        """Write soft prompts' keys and values into their (new) prefix entries: prefix-tuning
-        prompts as they are, embedding prompts through one forward pass at positions 0..P-1."""
+        """Write soft prompts' keys and values into their (new) prefix entries, in a pass of their own."""
+        chunks = self._prefix_chunks(items)
+        if chunks:
+            self._forward(chunks, logit_from=None)
+
+    def _prefix_chunks(self, items: list[tuple[PrefixEntry, SoftPrompt]]) -> list[Chunk]:
+        """Prefix-tuning prompts are written as they are; embedding prompts become chunks at
+        positions 0..P-1 for the next forward pass (returned)."""
         chunks = []
         for entry, prompt in items:
             if prompt.prefix_kv is not None:
@@ -128,8 +135,7 @@ class Runner:
             else:
                 assert prompt.embeddings is not None
                 chunks.append(Chunk(seq=entry.seq, embeds=prompt.embeddings, start=0))
-        if chunks:
-            self._forward(chunks, logits=False)
+        return chunks
 
     def _write_prefix_kv(self, seq: SeqBlocks, kv: torch.Tensor) -> None:
         """kv [L, 2, H_kv, P, D] -> the sequence's next P slots in every layer."""
@@ -140,15 +146,20 @@ class Runner:
         seq.own_len += p
 
     @torch.inference_mode()
-    def prefill(self, requests: list[Request]) -> torch.Tensor:
+    def prefill(self, requests: list[Request], new_prefixes: Sequence[tuple[PrefixEntry, SoftPrompt]] = ()) -> torch.Tensor:
         """Feed each request's uncomputed tokens (its input, plus what it generated before a
-        preemption, less the blocks found in the token block cache); returns next-token logits [B, V]."""
+        preemption, less the blocks found in the token block cache); returns next-token logits [B, V].
+
+        Soft-prompt prefixes not resident yet are computed in the same pass, ahead of the rows: every
+        layer writes all new keys and values before any row reads its slots, so a row attends to its
+        task's prefix computed a moment earlier in the same layer (one weight read instead of two)."""
+        prefix_chunks = self._prefix_chunks(list(new_prefixes))
         seqs = [_seq(r) for r in requests]
         ids = [(r.input_ids + r.output_ids)[s.own_len :] for r, s in zip(requests, seqs)]
         flat = torch.tensor([t for row in ids for t in row], dtype=torch.int64, device=self.device)
         embeds = self.decoder.embed_tokens(flat).split([len(row) for row in ids])  # each [L_i, hidden]
         chunks = [Chunk(seq=s, embeds=e, start=r.virtual_tokens + s.own_len) for r, s, e in zip(requests, seqs, embeds)]
-        return self._forward(chunks, logits=True)
+        return self._forward(prefix_chunks + chunks, logit_from=len(prefix_chunks))
 
     @torch.inference_mode()
     def decode(self, requests: list[Request]) -> torch.Tensor:
@@ -160,9 +171,11 @@ class Runner:
             Chunk(seq=s, embeds=embeds[i : i + 1], start=r.virtual_tokens + s.own_len)
             for i, (r, s) in enumerate(zip(requests, seqs))
         ]
-        return self._forward(chunks, logits=True)
+        return self._forward(chunks, logit_from=0)
 
-    def _forward(self, chunks: list[Chunk], logits: bool) -> torch.Tensor:
+    def _forward(self, chunks: list[Chunk], logit_from: int | None) -> torch.Tensor:
+        """One pass over the chunks; logits [B - logit_from, V] of the last token of chunks[logit_from:]
+        (None: no logits, an empty tensor)."""
         lengths = [int(c.embeds.shape[0]) for c in chunks]
         layout = self._layout(chunks, lengths)
         positions = torch.tensor(
@@ -170,7 +183,7 @@ class Runner:
         )
         embeds = torch.cat([c.embeds for c in chunks]).to(self.dtype)  # [N, hidden]
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1  # [B] last token of each row
-        rows = ends if logits else ends[:0]
+        rows = ends[:0] if logit_from is None else ends[logit_from:]
         out = self.decoder.forward(embeds, positions, lambda i, q, k, v, s: self._attend(layout, i, q, k, v, s), rows)
         for c, n in zip(chunks, lengths):
             c.seq.own_len += n
