@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from server.config import Settings
+from server.engine.kernels import cpuinfo
 from server.models import LoadedModel, load_model, resolve_device, resolve_dtype
 
 
@@ -38,11 +39,4 @@ def load_for_bench(args: argparse.Namespace) -> LoadedModel:
 
 def cpu_model() -> str:
     """The CPU's model name (lscpu's 'Model name'), to print beside every figure."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo("model name")

@@ -26,20 +26,26 @@ _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 
 
-def _cpu_flags() -> str:
+def cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ('flags', 'model name'), or '' where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return ""
 
 
 def build_key() -> str:
     digest = hashlib.blake2b(digest_size=8)
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode(), platform.machine().encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        torch.__version__.encode(),
+        (cpuinfo("flags") or platform.processor()).encode(),
+        platform.machine().encode(),
+    ):
         digest.update(part)
     return digest.hexdigest()
 
