@@ -563,9 +563,9 @@ def main() -> None:
     machine = watch.stop()
 
     # ---- report -----------------------------------------------------------------------------------
-    targets = {
-        ("float32", f"engine, {limits[0]} rows"): 1.2,
+    targets = {  # the issue's: float32 >= 1.2x at a 32-row limit and >= 1.0x with all rows batched
         ("float32", f"engine, {limits[-1]} rows"): 1.0,
+        ("float32", f"engine, {limits[0]} rows"): 1.2,
         ("bfloat16", f"engine, {limits[0]} rows"): 1.0,
         ("float32", f"single request, {n} tokens"): 1.0,
         ("bfloat16", f"single request, {n} tokens"): 1.0,
