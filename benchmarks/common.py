@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import platform
+import subprocess
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -38,5 +40,21 @@ def load_for_bench(args: argparse.Namespace) -> LoadedModel:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (lscpu's 'Model name'), to print beside every figure."""
-    return cpuinfo("model name")
+    """lscpu's 'Model name' (a VM may hide the full name: family and model are added then)."""
+    try:
+        info = dict(
+            line.split(":", 1)
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+            if ":" in line
+        )
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        name = info["Model name"]
+        if len(name.split()) <= 2:
+            name += (
+                f" (CPU family {info.get('CPU family', '?')}, model {info.get('Model', '?')}"
+                + (f", {info['Hypervisor vendor']} guest" if "Hypervisor vendor" in info else "")
+                + ")"
+            )
+        return name
+    except Exception:
+        return cpuinfo("model name") or platform.processor() or platform.machine()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import queue
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/vs_vllm.py` from anywhere
+from benchmarks.common import cpu_model
 from benchmarks.compare import Job, PassTimer, bare_decode_step, make_jobs, make_prompts
 from server.config import Settings
 from server.engine.engine import Engine
@@ -252,27 +252,6 @@ def reference_greedy(lm: LoadedModel, row: torch.Tensor, n: int) -> list[int]:
 
 
 # ---- the machine -----------------------------------------------------------------------------------
-def cpu_model() -> str:
-    """lscpu's 'Model name' (a VM may hide the full name: family and model are added then)."""
-    try:
-        info = dict(
-            line.split(":", 1)
-            for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-            if ":" in line
-        )
-        info = {k.strip(): v.strip() for k, v in info.items()}
-        name = info["Model name"]
-        if len(name.split()) <= 2:
-            name += (
-                f" (CPU family {info.get('CPU family', '?')}, model {info.get('Model', '?')}"
-                + (f", {info['Hypervisor vendor']} guest" if "Hypervisor vendor" in info else "")
-                + ")"
-            )
-        return name
-    except Exception:
-        return platform.processor() or platform.machine()
-
-
 class CpuWatch:
     """Samples /proc every `period` s: CPU time of this process tree (softmux, the vLLM worker and its
     engine-core process) vs every other process, to say whether the machine was shared during the run."""

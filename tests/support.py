@@ -13,7 +13,7 @@ import torch
 
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
-from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
+from server.engine.request import ErrorEvent, Event, FinishEvent, FinishReason, Request, SamplingParams, TokenEvent
 from server.engine.scheduler import Scheduler
 from server.models import LoadedModel
 from server.prompts.types import PromptKind, SoftPrompt
@@ -86,6 +86,18 @@ def make_request(
     )
     holder.append(Tracked(request))
     return holder[0]
+
+
+def submit_and_check_solo(engine: Engine, lm: LoadedModel, specs: list[tuple[SoftPrompt, list[int], int]]) -> list[Tracked]:
+    """Submit one greedy request per (prompt, input ids, max_new_tokens) to a started engine, all at once;
+    check each runs to its length and gives exactly its solo reference tokens. Returns them tracked."""
+    tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
+    for t in tracked:
+        engine.submit(t.request)
+    for t, (p, ids, n) in zip(tracked, specs):
+        assert t.result.finish_reason is FinishReason.LENGTH
+        assert t.request.output_ids == reference_greedy(lm, p.embeddings, ids, n), f"{p.name} L={len(ids)}"
+    return tracked
 
 
 def make_engine(

@@ -15,7 +15,15 @@ from server.engine.request import FinishReason, SamplingParams, TokenEvent
 from server.engine.runner import Acceleration
 from server.engine.scheduler import Scheduler, ShuttingDown
 from server.models import LoadedModel, load_model
-from tests.support import make_engine, make_prompt, make_request, reference_greedy, start_engine, wait_until
+from tests.support import (
+    make_engine,
+    make_prompt,
+    make_request,
+    reference_greedy,
+    start_engine,
+    submit_and_check_solo,
+    wait_until,
+)
 
 VOCAB_USED = 40_000  # stay inside ordinary tokens of the real tokenizer
 
@@ -140,12 +148,7 @@ def test_limits_rows_and_tokens_are_respected(lm, prompts):
     # Each row reserves P + L + 6 tokens; 90 tokens holds only a few rows at a time.
     engine = start_engine(lm, max_batch_size=3, max_batch_tokens=90)
     try:
-        tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
-        for t in tracked:
-            engine.submit(t.request)
-        for t, (p, ids, n) in zip(tracked, specs):
-            assert t.result.finish_reason is FinishReason.LENGTH
-            assert t.request.output_ids == reference_greedy(lm, p.embeddings, ids, n)
+        submit_and_check_solo(engine, lm, specs)
         assert engine.stats.max_rows_in_pass <= 3
         assert engine.scheduler.held_tokens == 0 and not engine.scheduler.running
     finally:
@@ -390,12 +393,7 @@ def test_preemption_in_a_tiny_pool_keeps_every_answer_exact(lm, prompts):
     engine = Engine(lm, Scheduler(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=14 * block_bytes)
     engine.start()
     try:
-        tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
-        for t in tracked:
-            engine.submit(t.request)
-        for t, (p, ids, n) in zip(tracked, specs):
-            assert t.result.finish_reason is FinishReason.LENGTH
-            assert t.request.output_ids == reference_greedy(lm, p.embeddings, ids, n), f"{p.name} L={len(ids)}"
+        tracked = submit_and_check_solo(engine, lm, specs)
         assert engine.runner.pool.stats.preemptions > 0
         assert any(t.request.preemptions > 0 for t in tracked)
         assert engine.scheduler.held_tokens == 0

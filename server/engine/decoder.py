@@ -72,6 +72,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, rows_hint: int = 32) -> None:
         self.weight, self.bias = weight, bias
         self.packed: torch.Tensor | None = None
+        self.packed_bias = bias  # in the packed weight's dtype
         self.widen = False  # compute a 16-bit model's product in float32
         self.max_rows = self.PACKED_MAX_ROWS
         if not pack or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -88,10 +89,8 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None or x.shape[0] > self.max_rows or x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
-        if self.widen:
-            y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, self.packed_bias, "none", [], "")
-            return y.to(x.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x.float() if self.widen else x, self.packed, self.packed_bias, "none", [], "")
+        return y.to(x.dtype)  # a no-op unless widened
 
 
 def _reorder(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
