@@ -58,6 +58,23 @@ async def test_sampling_returns_seed_and_is_reproducible(client):
     assert isinstance(drawn["details"]["seed"], int)
 
 
+async def test_ignore_eos_generates_max_new_tokens_past_eos(lm, store):
+    text = "The quick brown fox"
+    ids = lm.tokenizer(text)["input_ids"]
+    expected = reference_greedy(lm, store[1]["beta"].double(), ids, 9)
+    app = create_app(settings_for(store[0]), loader=lambda: lm, wait=True)
+    async for client in open_client(app):
+        app.state.service.engine.eos_ids = set(range(lm.model.config.vocab_size))  # every token is an eos
+        body = {"task": "beta", "inputs": text, "parameters": {"max_new_tokens": 9}}
+        stops = (await client.post("/generate", json=body)).json()
+        assert stops["details"]["finish_reason"] == "eos_token" and stops["details"]["generated_tokens"] == 1
+        body["parameters"]["ignore_eos"] = True
+        r = await client.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["generated_text"] == lm.tokenizer.decode(expected, skip_special_tokens=True)
+        assert r.json()["details"]["finish_reason"] == "length" and r.json()["details"]["generated_tokens"] == 9
+
+
 async def test_tasks_lists_tasks_and_failures(client):
     r = await client.get("/tasks")
     assert r.status_code == 200
@@ -99,6 +116,7 @@ async def test_unknown_task_is_404_naming_known_tasks(client):
         ({"stop": [""]}, "parameters.stop"),
         ({"seed": -1}, "parameters.seed"),
         ({"best_of": 3}, "best_of"),
+        ({"ignore_eos": "maybe"}, "parameters.ignore_eos"),
         ({"unknown_knob": 1}, "parameters.unknown_knob"),
     ],
 )

@@ -173,6 +173,33 @@ def test_eos_ends_a_row_and_is_not_in_the_text(lm, prompts):
         engine.stop()
 
 
+def test_ignore_eos_runs_past_eos_while_a_normal_row_in_the_same_batch_stops(lm, prompts):
+    rng = random.Random(4)
+    ids = random_ids(rng, 6)
+    expected = reference_greedy(lm, prompts[1].embeddings, ids, 10)
+    first_eos = expected.index(expected[3])
+    engine = make_engine(lm)
+    engine.eos_ids = {expected[3]}
+    normal = make_request(prompts[1], ids, SamplingParams(max_new_tokens=10))
+    ignoring = make_request(prompts[1], ids, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    streamed = make_request(prompts[1], ids, SamplingParams(max_new_tokens=10, ignore_eos=True), stream=True)
+    for t in (normal, ignoring, streamed):
+        engine.scheduler.add(t.request)  # queued before the loop starts: one batch
+    engine.start()
+    try:
+        assert normal.result.finish_reason is FinishReason.EOS
+        assert normal.request.output_ids == expected[: first_eos + 1]
+        full = lm.tokenizer.decode(expected, skip_special_tokens=True)  # the eos here is an ordinary token: its text stays
+        for t in (ignoring, streamed):
+            assert t.result.finish_reason is FinishReason.LENGTH
+            assert t.request.output_ids == expected and t.result.generated_tokens == 10
+            assert t.result.generated_text == full
+        assert "".join(e.text for e in streamed.events if isinstance(e, TokenEvent)) == full
+        assert engine.stats.max_rows_in_pass == 3 and engine.stats.prefill_passes == 1
+    finally:
+        engine.stop()
+
+
 def test_stop_string_ends_a_row_and_is_cut(lm, prompts):
     rng = random.Random(5)
     ids = random_ids(rng, 6)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 
 from server.api.app import create_app
 from server.models import LoadedModel
@@ -22,8 +23,12 @@ def store(tmp_path_factory, lm):
 
 
 @pytest.fixture(scope="module")
-def base_url(lm, store) -> Iterator[str]:
-    app = create_app(settings_for(store[0]), loader=lambda: lm, wait=True)
+def app(lm, store) -> FastAPI:
+    return create_app(settings_for(store[0]), loader=lambda: lm, wait=True)
+
+
+@pytest.fixture(scope="module")
+def base_url(app) -> Iterator[str]:
     with live_server(app) as base:
         yield base
 
@@ -109,6 +114,25 @@ def test_chat_without_max_tokens_fits_the_limits(oai):
     assert 1 <= out.usage.completion_tokens <= 64
 
 
+def test_ignore_eos_runs_past_eos_on_completions_and_chat(oai, app, lm, store):
+    engine = app.state.service.engine
+    eos_ids, engine.eos_ids = engine.eos_ids, set(range(lm.model.config.vocab_size))  # every token is an eos
+    try:
+        prompt, messages = "The quick brown fox", [{"role": "user", "content": "What is 2+2?"}]
+        stops = oai.completions.create(model="beta", prompt=prompt, max_tokens=7, temperature=0)
+        assert stops.choices[0].finish_reason == "stop" and stops.usage.completion_tokens == 1
+        out = oai.completions.create(model="beta", prompt=prompt, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+        ids = lm.tokenizer(prompt)["input_ids"]
+        assert out.choices[0].text == greedy_text(lm, store, "beta", ids, 7)
+        assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 7
+        chat = oai.chat.completions.create(
+            model="beta", messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 6
+    finally:
+        engine.eos_ids = eos_ids
+
+
 def test_unknown_model_is_404_in_openai_shape(oai, base_url):
     with pytest.raises(openai.NotFoundError) as info:
         oai.completions.create(model="nope", prompt="x", max_tokens=2)
@@ -145,6 +169,7 @@ def test_n_greater_than_one_is_422(oai, base_url):
         ("/v1/chat/completions", {"model": "alpha", "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "ignore_eos": "maybe"}, "ignore_eos"),
         (
             "/v1/chat/completions",
             {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1},

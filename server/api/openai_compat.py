@@ -59,6 +59,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description=f"a stop string or up to {MAX_STOP}")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past end-of-sequence tokens")
     user: str | None = None
 
     frequency_penalty: float | None = None
@@ -104,6 +105,7 @@ class _Common(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             stop=tuple(self.stop or ()),
             seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
 
     @property

@@ -84,6 +84,7 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
         repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
         stop=tuple(p.stop),
         seed=p.seed,
+        ignore_eos=p.ignore_eos,
     )
 
 

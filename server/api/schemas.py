@@ -54,6 +54,9 @@ class GenerateParameters(BaseModel):
             "'timeout' and the text so far (the server's --request-timeout, when set, is the default and the ceiling)"
         ),
     )
+    ignore_eos: bool = Field(
+        False, description="keep generating past end-of-sequence tokens, up to max_new_tokens or a stop string (vLLM's name)"
+    )
     details: bool = Field(True, description="accepted for TGI compatibility; details are always returned")
 
     best_of: int | None = None

@@ -305,8 +305,9 @@ class Engine:
         req.output_ids.append(tok)
         text = req.text
         is_eos = tok in self.eos_ids
-        delta = text.add(tok) if text is not None and not is_eos else ""
-        if is_eos:
+        ends = is_eos and not req.params.ignore_eos  # an ignored eos is an ordinary token (its text: none when special)
+        delta = text.add(tok) if text is not None and not ends else ""
+        if ends:
             reason: FinishReason | None = FinishReason.EOS
         elif text is not None and text.stopped:
             reason = FinishReason.STOP

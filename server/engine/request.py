@@ -42,6 +42,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0: off
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # eos tokens do not end this request (it runs to max_new_tokens or a stop string)
 
     @property
     def sampling(self) -> bool:
