@@ -109,6 +109,20 @@ class PeerUnavailable(RuntimeError):
     pass
 
 
+def peer_env(python: Path, threads: int) -> dict[str, str]:
+    """The environment vLLM's CPU build runs in (also vs_vllm_http's server): tcmalloc and the venv's
+    Intel OpenMP preloaded, OpenMP threads bound to the first `threads` cores, a 2 GiB key/value cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    preload = [p for p in (TCMALLOC, str(python.parent.parent / "lib" / "libiomp5.so")) if Path(p).exists()]
+    env.update(
+        LD_PRELOAD=":".join(preload),
+        VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
+        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
 class Peer:
     """benchmarks/peer_vllm.py in .peer-venv: one LLM (dtype, max_num_seqs), JSON lines both ways."""
 
@@ -126,14 +140,7 @@ class Peer:
     ) -> None:
         if not python.exists():
             raise PeerUnavailable(f"{python} does not exist (run `make peer-venv`)")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        preload = [p for p in (TCMALLOC, str(python.parent.parent / "lib" / "libiomp5.so")) if Path(p).exists()]
-        env.update(
-            LD_PRELOAD=":".join(preload),
-            VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
-            VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-            PYTHONUNBUFFERED="1",
-        )
+        env = peer_env(python, threads)
         self.log = log
         self._log = open(log, "a")
         self.proc = subprocess.Popen(
@@ -282,8 +289,9 @@ class CpuWatch:
             out[int(d)] = (int(f[1]), comm, (int(f[11]) + int(f[12])) / self._tick)  # ppid, name, cpu s
         return out
 
-    def _ours(self, procs: dict[int, tuple[int, str, float]]) -> set[int]:
-        me, mine = os.getpid(), set()
+    def _ours(self, procs: dict[int, tuple[int, str, float]], root: int | None = None) -> set[int]:
+        """`root` (default: this process) and its descendants."""
+        me, mine = root or os.getpid(), set()
         for pid in procs:
             p, seen = pid, 0
             while p and p in procs and seen < 64:
@@ -292,6 +300,11 @@ class CpuWatch:
                     break
                 p, seen = procs[p][0], seen + 1
         return mine
+
+    def tree_cpu(self, root: int) -> float:
+        """CPU seconds used so far by the live processes of `root`'s tree (e.g. a server and its workers)."""
+        procs = self._sample()
+        return sum(procs[pid][2] for pid in self._ours(procs, root))
 
     def _run(self) -> None:
         self._last = {pid: v[2] for pid, v in self._sample().items()}

