@@ -32,7 +32,7 @@ RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
     && python3 -m venv /opt/venv \
     && useradd --create-home --uid "${SOFTMUX_UID}" --shell /usr/sbin/nologin softmux
 
-# g++ builds softmux's CPU kernels (server/engine/csrc/cpu_ops.cpp) for the CPU the server starts on;
+# g++ builds softmux's CPU kernels (server/engine/csrc/) for the CPU the server starts on;
 # without it the server runs the same math as torch ops, slower (--no-native-kernels does that too).
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \

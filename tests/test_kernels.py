@@ -1,4 +1,4 @@
-"""The native CPU kernels (server/engine/csrc/cpu_ops.cpp) and the packed linear layers against the
+"""The native CPU kernels (server/engine/csrc/) and the packed linear layers against the
 torch computations they replace. The engine-level reference tests run both ways too
 (tests/test_engine.py: accelerated and plain)."""
 
@@ -151,6 +151,59 @@ def test_packed_16bit_linear_rounds_a_float32_product_back(dtype):
     exact = (x.float() @ w.float().t()).to(dtype)  # a 16-bit GEMM with float32 accumulation
     assert (out == exact).float().mean() > 0.99  # the rest: one 16-bit rounding step apart
     torch.testing.assert_close(out.float(), exact.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 6, 13, 40])
+def test_panel_linear_matches_a_float32_product(ops, dtype, rows):
+    # N = 37 leaves a partial last panel; rows cover one tile, a full tile and partial tiles.
+    g = torch.Generator().manual_seed(rows)
+    w, b, x = (torch.randn(37, 45, generator=g) * 0.1).to(dtype), torch.randn(37, generator=g), torch.randn(rows, 45, generator=g)
+    panels = ops.pack_panels(w)
+    assert panels.shape == (3, 45, 16) and panels.dtype == dtype
+    out = ops.panel_linear(x, panels, 37, b)
+    assert out.shape == (rows, 37) and out.dtype == torch.float32
+    torch.testing.assert_close(out, x.double().mm(w.double().t()).add(b.double()).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.panel_linear(x, panels, 37, None) + b, out)
+
+
+def test_panel_linear_rows_do_not_depend_on_the_other_rows_bit_for_bit(ops):
+    w, x = torch.randn(50, 300) * 0.1, torch.randn(40, 300)
+    panels = ops.pack_panels(w)
+    together = ops.panel_linear(x, panels, 50, None)
+    for i in (0, 7, 39):  # in a full tile, in the last partial tile, alone
+        assert torch.equal(ops.panel_linear(x[i : i + 1].contiguous(), panels, 50, None)[0], together[i])
+    assert torch.equal(ops.panel_linear(x[5:17].contiguous(), panels, 50, None), together[5:17])
+
+
+def test_panel_linear_packs_any_strides_and_refuses_bad_shapes(ops):
+    w = torch.randn(64, 20)  # a transposed view, as gpt2's Conv1D weights: [20, 64] with strides (1, 20)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(ops.panel_linear(x, ops.pack_panels(w.t()), 20, None), x @ w, atol=1e-5, rtol=1e-5)
+    panels = ops.pack_panels(w.t())
+    with pytest.raises(RuntimeError, match="panels must come from pack_panels"):
+        ops.panel_linear(torch.randn(3, 63), panels, 20, None)
+    with pytest.raises(RuntimeError, match="panels must come from pack_panels"):
+        ops.panel_linear(x, panels, 40, None)  # more outputs than the panels hold
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.panel_linear(x.double(), panels, 20, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.panel_linear(x, panels, 20, torch.randn(21))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_runs_the_panel_kernel_for_decode_sized_inputs(ops, dtype):
+    w, b = (torch.randn(96, 48) * 0.1).to(dtype), torch.randn(96).to(dtype)
+    layer = Linear(w, b, pack=True, ops=ops)
+    assert layer.panels is not None
+    for rows in (1, 32, Linear.PANEL_MAX_ROWS, Linear.PANEL_MAX_ROWS + 1):
+        x = torch.randn(rows, 48).to(dtype)
+        out = layer(x)
+        assert out.dtype == dtype
+        exact = F.linear(x.double(), w.double(), b.double())
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.double(), exact, atol=tol, rtol=tol)
+    assert Linear(w, b, pack=False, ops=ops).panels is None  # --no-prepack-weights: the plain GEMM
 
 
 def test_the_silu_kernel_applies_to_silu_activations_only():

@@ -52,45 +52,82 @@ def _fuse(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class Linear:
-    """y = x W^T + b, with the weight also reordered once, at load, into oneDNN's blocked layout where
-    that is available (CPU) and pays.
+    """y = x W^T + b, with the weight also repacked once, at load, where that is available (CPU) and pays.
 
-    float32: the packed weight serves inputs of at most `PACKED_MAX_ROWS` rows (decode steps, short
-    prefills). Measured on an AVX2 EPYC at 32 rows: the 49152 x 576 output projection 15-18 ms packed
-    against 28-32 ms through F.linear, the layers' projections 10-20% faster; longer inputs measured
-    faster unpacked. Same GEMM, same accumulation in float32: only the weight's layout differs.
+    Decode-sized inputs (at most `PANEL_MAX_ROWS` rows) run the native panel kernel
+    (csrc/panel_linear.cpp) over a copy of the weight in panels of 16 output columns, in the model's
+    own dtype. Measured on a 2-core AVX2 EPYC over SmolLM2-135M's weights: at 32 rows ~140 GFLOP/s
+    against ~105 for oneDNN's packed GEMM, at one row the weights stream at ~22 GB/s against ~17, and
+    a 16-bit model reads its 16-bit weights (a float32 widening doubled the bytes). Each output is
+    one float32 FMA chain over k, so a row's result does not depend on the other rows, bit for bit.
+    Longer inputs (prefill) use the GEMM: F.linear for float32.
+
+    Without the native kernels (`--no-native-kernels`, or no compiler), `pack` reorders the weight
+    into oneDNN's blocked layout for inputs of at most `PANEL_MAX_ROWS` rows.
     bfloat16/float16 on a CPU without native 16-bit GEMM (no AVX512-BF16/AMX, e.g. AVX2): torch's
-    16-bit matmul there is ~7x slower than float32, so the packed weight is the float32 copy of the
-    16-bit values (exact), the input is widened (exact), and the float32 result is rounded back to the
-    model's dtype: what a 16-bit GEMM with float32 accumulation computes, at float32 speed, for every
-    input size. Where the CPU has native 16-bit GEMM the 16-bit weight is packed as it is.
-    Memory: one more copy of the weights (float32 for 16-bit models: twice their size).
+    16-bit matmul there is ~7x slower than float32, so every input size runs the panel kernel (or,
+    without it, a float32 oneDNN copy of the 16-bit values): products of the exact 16-bit values
+    accumulated in float32 and rounded back to the model's dtype, what a 16-bit GEMM with float32
+    accumulation computes. Where the CPU has native 16-bit GEMM, longer inputs use it.
+    Memory: one more copy of the weights (float32 for 16-bit models served through oneDNN).
     """
 
-    PACKED_MAX_ROWS = 128
+    PANEL_MAX_ROWS = 128
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, rows_hint: int = 32) -> None:
-        self.weight, self.bias = weight, bias
-        self.packed: torch.Tensor | None = None
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, ops: ModuleType | None = None, rows_hint: int = 32
+    ) -> None:
+        self.weight, self.bias, self.ops = weight, bias, ops
+        self.out_features = weight.shape[0]
+        self.panels: torch.Tensor | None = None
+        self.panel_bias = None if bias is None else bias.float()
+        self.packed: torch.Tensor | None = None  # oneDNN's layout
         self.packed_bias = bias  # in the packed weight's dtype
-        self.widen = False  # compute a 16-bit model's product in float32
-        self.max_rows = self.PACKED_MAX_ROWS
-        if not pack or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        self.widen = False  # run a 16-bit model's oneDNN product in float32
+        self.max_rows = self.PANEL_MAX_ROWS  # rows up to which the repacked weight serves
+        if not pack or weight.device.type != "cpu":
             return
-        if weight.dtype == torch.float32:
-            self.packed = _reorder(weight, rows_hint)
-        elif weight.dtype in (torch.bfloat16, torch.float16):
-            self.packed = _reorder(weight, rows_hint)
-            if self.packed is None:  # no native 16-bit GEMM on this CPU
-                self.packed, self.widen = _reorder(weight.float(), rows_hint), True
-                self.packed_bias = None if bias is None else bias.float()
+        if _panels_apply(ops, weight):
+            assert ops is not None
+            self.panels = ops.pack_panels(weight)
+            if weight.dtype != torch.float32 and torch.backends.mkldnn.is_available():
+                self.packed = _reorder(weight, rows_hint)  # native 16-bit GEMM for long inputs, where there is one
+                if self.packed is None:
+                    self.max_rows = 1 << 62
+            return
+        if not torch.backends.mkldnn.is_available():
+            return
+        self.packed = _reorder(weight, rows_hint)
+        if self.packed is None and weight.dtype in (torch.bfloat16, torch.float16):  # no native 16-bit GEMM here
+            self.packed, self.widen = _reorder(weight.float(), rows_hint), True
+            self.packed_bias = None if bias is None else bias.float()
             self.max_rows = 1 << 62
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.shape[0] > self.max_rows or x.dim() != 2:
+        if x.dim() != 2:
+            return F.linear(x, self.weight, self.bias)
+        if self.panels is not None:
+            assert self.ops is not None
+            if x.shape[0] <= self.max_rows:
+                y = self.ops.panel_linear(x.float().contiguous(), self.panels, self.out_features, self.panel_bias)
+                return y.to(x.dtype)  # a no-op for float32
+            if self.packed is not None:  # native 16-bit GEMM
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
+            return F.linear(x, self.weight, self.bias)
+        if self.packed is None or x.shape[0] > self.max_rows:
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.mkldnn._linear_pointwise(x.float() if self.widen else x, self.packed, self.packed_bias, "none", [], "")
         return y.to(x.dtype)  # a no-op unless widened
+
+
+def _panels_apply(ops: ModuleType | None, weight: torch.Tensor) -> bool:
+    """The native panel kernel serves this weight: built here, vectorised for this CPU, a dtype it reads."""
+    return (
+        ops is not None
+        and weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and ops.panel_linear_vectorized()
+    )
 
 
 def _reorder(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
@@ -192,7 +229,7 @@ class Decoder:
             )
         self.embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
-        self.lm_head = Linear(head.weight.detach(), _bias(head), pack)
+        self.lm_head = Linear(head.weight.detach(), _bias(head), pack, ops)
         if self.family == "gpt2":
             if max_context is not None and max_context > config.n_positions:
                 raise UnsupportedModel(
@@ -223,11 +260,11 @@ class Decoder:
                 Layer(
                     input_norm=Norm(block.input_layernorm, self.ops),
                     post_norm=Norm(block.post_attention_layernorm, self.ops),
-                    qkv=Linear(qkv_w, qkv_b, pack),
-                    o=Linear(attn.o_proj.weight.detach(), _bias(attn.o_proj), pack),
-                    up=Linear(mlp.up_proj.weight.detach(), _bias(mlp.up_proj), pack),
-                    gate=Linear(mlp.gate_proj.weight.detach(), _bias(mlp.gate_proj), pack),
-                    down=Linear(mlp.down_proj.weight.detach(), _bias(mlp.down_proj), pack),
+                    qkv=Linear(qkv_w, qkv_b, pack, self.ops),
+                    o=Linear(attn.o_proj.weight.detach(), _bias(attn.o_proj), pack, self.ops),
+                    up=Linear(mlp.up_proj.weight.detach(), _bias(mlp.up_proj), pack, self.ops),
+                    gate=Linear(mlp.gate_proj.weight.detach(), _bias(mlp.gate_proj), pack, self.ops),
+                    down=Linear(mlp.down_proj.weight.detach(), _bias(mlp.down_proj), pack, self.ops),
                     act=mlp.act_fn,
                     scaling=float(attn.scaling),
                 )
@@ -250,11 +287,11 @@ class Decoder:
                 Layer(
                     input_norm=Norm(block.ln_1, self.ops),
                     post_norm=Norm(block.ln_2, self.ops),
-                    qkv=Linear(attn.c_attn.weight.detach().t(), _bias(attn.c_attn), pack),
-                    o=Linear(attn.c_proj.weight.detach().t(), _bias(attn.c_proj), pack),
-                    up=Linear(mlp.c_fc.weight.detach().t(), _bias(mlp.c_fc), pack),
+                    qkv=Linear(attn.c_attn.weight.detach().t(), _bias(attn.c_attn), pack, self.ops),
+                    o=Linear(attn.c_proj.weight.detach().t(), _bias(attn.c_proj), pack, self.ops),
+                    up=Linear(mlp.c_fc.weight.detach().t(), _bias(mlp.c_fc), pack, self.ops),
                     gate=None,
-                    down=Linear(mlp.c_proj.weight.detach().t(), _bias(mlp.c_proj), pack),
+                    down=Linear(mlp.c_proj.weight.detach().t(), _bias(mlp.c_proj), pack, self.ops),
                     act=mlp.act,
                     scaling=float(attn.scaling),
                 )

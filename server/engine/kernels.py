@@ -1,4 +1,4 @@
-"""softmux's CPU kernels (server/engine/csrc/cpu_ops.cpp): built once per machine, loaded at start.
+"""softmux's CPU kernels (server/engine/csrc/: cpu_ops.cpp, panel_linear.cpp): built once per machine, loaded at start.
 
 The build needs a C++ compiler (g++ or clang) and takes about a minute the first time; the library is
 cached under `<cache_dir>/kernels/<key>`, keyed by the source, torch's version and this CPU's
@@ -21,7 +21,7 @@ import torch
 
 log = logging.getLogger("softmux.kernels")
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.cpp"
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("cpu_ops.cpp", "panel_linear.cpp")]
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 
@@ -41,7 +41,7 @@ def cpuinfo(field: str) -> str:
 def build_key() -> str:
     digest = hashlib.blake2b(digest_size=8)
     for part in (
-        SOURCE.read_bytes(),
+        *(source.read_bytes() for source in SOURCES),
         torch.__version__.encode(),
         (cpuinfo("flags") or platform.processor()).encode(),
         platform.machine().encode(),
@@ -68,7 +68,7 @@ def load(cache_dir: Path) -> ModuleType | None:
                 flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
                 module = cpp_extension.load(
                     name=f"softmux_cpu_ops_{key}",
-                    sources=[str(SOURCE)],
+                    sources=[str(source) for source in SOURCES],
                     extra_cflags=flags,
                     extra_ldflags=["-fopenmp"],
                     build_directory=str(build_dir),

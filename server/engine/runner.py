@@ -58,6 +58,7 @@ class _Layout:
     q_index: torch.Tensor | None  # [N] where each packed token sits in [B * Tq] (None: decode, N == B)
     mask: torch.Tensor | None  # decode: [H_kv * B, 1, T] additive float (None: the native kernel); prefill: [B, 1, Tq, T] bool
     lengths: torch.Tensor  # [B] key columns in use per row
+    # With the native kernel every query token is a row (B = N, Tq = 1), prefill included.
 
 
 def _seq(request: Request) -> SeqBlocks:
@@ -204,14 +205,32 @@ class Runner:
         total_t = key_lengths[:, None]  # [B, 1]
         col = torch.arange(width, device=dev)[None, :]  # [1, T]
         mask: torch.Tensor | None = None
-        if queries == 1 and self.ops is not None:  # the kernel reads lengths
-            q_index = None
-        elif queries == 1:
+        q_index: torch.Tensor | None = None
+        if self.ops is not None:  # the native kernel reads lengths; no mask
+            keys_t = torch.tensor(keys, dtype=torch.int64, device=dev)
+            if queries > 1:
+                # Every query token is a row of its own: its sequence's slots, of which it sees those up to
+                # itself. A token's attention then is the same arithmetic alone or in any batch, and the same
+                # as a decode step's.
+                per_token = torch.tensor(lengths, device=dev)
+                keys_t = keys_t.view(b, width).repeat_interleave(per_token, dim=0).view(-1)
+                key_lengths = torch.cat([torch.arange(ctx + 1, ctx + n + 1, device=dev) for ctx, n in zip(contexts, lengths)])
+                b = len(write)
+            return _Layout(
+                write=torch.tensor(write, dtype=torch.int64, device=dev),
+                keys=keys_t,
+                rows=b,
+                width=width,
+                queries=1,
+                q_index=None,
+                mask=None,
+                lengths=key_lengths,
+            )
+        if queries == 1:
             visible = col < total_t  # [B, T]
             mask = torch.zeros(b, 1, width, dtype=torch.float64 if self.dtype == torch.float64 else torch.float32, device=dev)
             mask.masked_fill_(~visible[:, None, :], float("-inf"))
             mask = mask.repeat(self.decoder.num_kv_heads, 1, 1)  # [H_kv * B, 1, T], the bmm batch order
-            q_index = None
         else:
             ctx_t = torch.tensor(contexts, device=dev)[:, None, None]  # [B, 1, 1]
             qi = torch.arange(queries, device=dev)[None, :, None]  # [1, Tq, 1]
@@ -235,7 +254,7 @@ class Runner:
     ) -> torch.Tensor:
         """q [N, H, D], k/v [N, H_kv, D] of the new tokens -> attention output [N, H * D]."""
         kpool, vpool = self.k[layer], self.v[layer]  # [H_kv, slots, D]
-        if lay.mask is None:  # decode through the native kernel: it writes k/v and reads the pool in place
+        if lay.mask is None:  # the native kernel (one query per row): it writes k/v and reads the pool in place
             assert self.ops is not None
             return self.ops.decode_attention(
                 q, k, v, kpool, vpool, lay.write, lay.keys.view(lay.rows, lay.width), lay.lengths, scaling

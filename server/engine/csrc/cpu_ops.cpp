@@ -8,6 +8,7 @@
 //   rms_norm          optional residual add, then RMSNorm (llama-like and gemma), float32
 //   rotary            rotary embedding of q and k together, in place, float32
 //   silu_mul          silu(gate) * up, float32
+//   panel_linear      x W^T + b over weights repacked in panels, for decode-sized inputs (panel_linear.cpp)
 // Compiled with -ffp-contract=off so that a*b + c*d rounds as the separate torch ops do.
 
 #include <torch/extension.h>
@@ -221,9 +222,18 @@ torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
 
 }  // namespace
 
+namespace softmux {  // panel_linear.cpp
+bool panel_linear_vectorized();
+torch::Tensor pack_panels(const torch::Tensor& weight);
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n, const c10::optional<torch::Tensor>& bias);
+}  // namespace softmux
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "write new keys/values into the pool and attend each row to its slots");
   m.def("rms_norm", &rms_norm, "optional residual add, then RMSNorm (float32)");
   m.def("rotary", &rotary, "rotary embedding in place (float32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up (float32)");
+  m.def("pack_panels", &softmux::pack_panels, "a weight in panels of 16 output columns, for panel_linear");
+  m.def("panel_linear", &softmux::panel_linear, "x W^T + b over panel-packed weights, float32 accumulation");
+  m.def("panel_linear_vectorized", &softmux::panel_linear_vectorized, "whether panel_linear is vectorised here");
 }

@@ -1,0 +1,200 @@
+// y = x W^T + b for the few-to-a-hundred rows of a decode step, built with cpu_ops.cpp.
+//
+// Why: a decode step multiplies 1-128 rows by every weight of the model. oneDNN's packed GEMM
+// reaches ~90 GFLOP/s at 32 rows on a 2-core AVX2 EPYC whose large GEMMs run at ~170, and at one row
+// it streams the weights at ~21 GB/s where memory gives ~27; a 16-bit model has no native GEMM on
+// AVX2 at all (served through a float32 widening of its weights: twice the bytes). Here the weight
+// is repacked once, at load, into panels of 16 output columns ([N/16, K, 16], zero-padded, in the
+// model's own dtype: 16-bit weights stay 16-bit and are widened in registers), and each thread
+// streams its own panels from memory once, multiplying every row of x against a panel while it is
+// in cache: a 6 x 16 register tile, one FMA chain per output in order of k.
+//
+// Every output is the same chain of float32 FMAs over k = 0..K-1, whatever the number of rows and
+// wherever the row sits in x: a row's result does not depend on the rest of the batch, bit for bit.
+//
+// Vectorised with AVX2 + FMA + F16C; elsewhere `panel_linear_vectorized()` is false and the caller
+// keeps its GEMM (the scalar code is then only a correct fallback with the same chain order).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define SOFTMUX_AVX2 1
+#endif
+
+namespace softmux {
+namespace {
+
+constexpr int64_t kCols = 16;  // output columns per panel (two 8-wide vectors)
+constexpr int64_t kRows = 6;   // rows of x per register tile
+
+inline float widen(float v) { return v; }
+inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
+inline float widen(at::Half v) { return static_cast<float>(v); }
+
+#ifdef SOFTMUX_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  // bfloat16 is the high half of a float32: widen to 32 bits and shift into place (exact).
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// MR rows of x (row r's k-th value at a[k * ak + r * ar]) against one panel ([K, kCols]) -> y rows
+// (stride ldy), `cols` valid.
+// While it computes, a tile prefetches lines pf, pf + pf_step, ... of the next panel into L2 (one
+// line per k): the row tiles of a panel share its next panel's lines, so that memory latency hides
+// behind arithmetic instead of stalling the first tile of every panel.
+template <typename w_t, int MR>
+void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, float* y, int64_t ldy,
+          int64_t cols, const w_t* next, int64_t pf, int64_t pf_step) {
+  // Every loop over r is unrolled so that the accumulators live in registers (not on the stack).
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  constexpr int64_t kLineK = 64 / (kCols * sizeof(w_t)) > 0 ? 64 / (kCols * sizeof(w_t)) : 1;  // k values per line
+  for (int64_t k = 0; k < K; ++k) {
+    if (k == pf) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + pf * kLineK * kCols), _MM_HINT_T1);
+      pf += pf_step;
+    }
+    const __m256 b0 = load8(panel + k * kCols), b1 = load8(panel + k * kCols + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + k * ak + r * ar);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  alignas(32) float out[MR][kCols];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm256_store_ps(out[r], acc[r][0]);
+    _mm256_store_ps(out[r] + 8, acc[r][1]);
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* dst = y + r * ldy;
+    for (int64_t c = 0; c < cols; ++c) dst[c] = bias != nullptr ? out[r][c] + bias[c] : out[r][c];
+  }
+}
+
+template <typename w_t>
+void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, float* y,
+               int64_t ldy, int64_t cols, const w_t* next, int64_t pf, int64_t pf_step) {
+  switch (mr) {
+    case 1: return tile<w_t, 1>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    case 2: return tile<w_t, 2>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    case 3: return tile<w_t, 3>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    case 4: return tile<w_t, 4>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    case 5: return tile<w_t, 5>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    default: return tile<w_t, 6>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+  }
+}
+#else
+// The same chain of float32 multiply-adds per output, one at a time.
+template <typename w_t>
+void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, float* y,
+               int64_t ldy, int64_t cols, const w_t*, int64_t, int64_t) {
+  for (int64_t r = 0; r < mr; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s = std::fma(a[k * ak + r * ar], widen(panel[k * kCols + c]), s);
+      y[r * ldy + c] = bias != nullptr ? s + bias[c] : s;
+    }
+}
+#endif
+
+// x [M, K] row-major. One tile of rows reads x where it lies; more rows are first copied into tiles
+// of kRows rows, k-major ([chunks, K, kRows]), so that a tile's k-th values are adjacent.
+template <typename w_t>
+void run(const float* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const float* bias, float* y) {
+  const int64_t panels = (N + kCols - 1) / kCols, chunks = (M + kRows - 1) / kRows;
+  std::vector<float> tiles;
+  const float* a = x;
+  int64_t ak = 1, ar = K, a_chunk = 0;
+  if (chunks > 1) {
+    tiles.assign(chunks * K * kRows, 0.f);
+    for (int64_t m = 0; m < M; ++m) {
+      float* dst = tiles.data() + (m / kRows) * K * kRows + m % kRows;
+      for (int64_t k = 0; k < K; ++k) dst[k * kRows] = x[m * K + k];
+    }
+    a = tiles.data();
+    ak = kRows;
+    ar = 1;
+    a_chunk = K * kRows;
+  }
+  // Threads split the panels: each streams its share of the weight from memory once, and every row
+  // chunk reuses a panel while it is in cache.
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const w_t* panel = wp + p * K * kCols;
+      const int64_t n0 = p * kCols, cols = std::min(kCols, N - n0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t m0 = c * kRows;
+        tile_rows(std::min(kRows, M - m0), a + c * a_chunk, ak, ar, panel, K, bias != nullptr ? bias + n0 : nullptr,
+                  y + m0 * N + n0, N, cols, panel + K * kCols, c, chunks);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool panel_linear_vectorized() {
+#ifdef SOFTMUX_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+// weight [N, K] (any strides), float32/bfloat16/float16 -> panels [ceil(N / 16), K, 16], same dtype,
+// columns past N zero.
+torch::Tensor pack_panels(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2, "weight must be a 2-D CPU tensor");
+  const auto dt = weight.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kHalf,
+              "weight dtype must be float32, bfloat16 or float16");
+  const int64_t N = weight.size(0), K = weight.size(1), panels = (N + kCols - 1) / kCols;
+  auto padded = torch::zeros({panels * kCols, K}, weight.options());
+  padded.narrow(0, 0, N).copy_(weight);
+  // [P * 16, K] -> [P, 16, K] -> [P, K, 16]
+  return padded.view({panels, kCols, K}).transpose(1, 2).contiguous();
+}
+
+// x [M, K] float32 contiguous, panels from pack_panels, n = the weight's N, bias [n] float32 or
+// None -> [M, n] float32.
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && panels.device().is_cpu(), "panel_linear: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [M, K]");
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kCols && panels.is_contiguous() && panels.size(1) == x.size(1) &&
+                  n > (panels.size(0) - 1) * kCols && n <= panels.size(0) * kCols,
+              "panels must come from pack_panels of an [n, K] weight with K = x.size(1)");
+  const int64_t M = x.size(0), K = x.size(1);
+  const float* bd = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous(),
+                "bias must be contiguous float32 [n]");
+    bd = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, n}, x.options());
+  if (M == 0) return y;
+  const float* xd = x.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  switch (panels.scalar_type()) {
+    case torch::kFloat32: run(xd, M, K, panels.data_ptr<float>(), n, bd, yd); break;
+    case torch::kBFloat16: run(xd, M, K, panels.data_ptr<at::BFloat16>(), n, bd, yd); break;
+    case torch::kHalf: run(xd, M, K, panels.data_ptr<at::Half>(), n, bd, yd); break;
+    default: TORCH_CHECK(false, "panels dtype must be float32, bfloat16 or float16");
+  }
+  return y;
+}
+
+}  // namespace softmux
