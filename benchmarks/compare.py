@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import DynamicCache
 
-from benchmarks.common import add_model_arguments, load_for_bench
+from benchmarks.common import add_model_arguments, cpu_model, load_for_bench
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishEvent, Request, SamplingParams
@@ -198,7 +197,8 @@ def main() -> None:
     one_task = [Job(task=0, input_ids=j.input_ids) for j in jobs]
     n, c = args.new_tokens, args.concurrency
     print(
-        f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, "
+        f"{torch.cuda.get_device_name(lm.device) if lm.device.type == 'cuda' else cpu_model()}"
     )
     print(
         f"{args.requests} requests over {args.tasks} tasks, concurrency {c}, P={args.virtual}, "

@@ -55,13 +55,13 @@ class Settings:
     prepack_weights: bool = field(
         default=True,
         metadata={
-            "help": "CPU, float32: keep the weights also in oneDNN's blocked layout for decode-sized batches (decode step ~10-25%% faster; one more copy of the weights in memory)"
+            "help": "CPU: keep the weights also repacked for decode-sized batches: in 16-column panels for the native panel kernel (float32 decode step at 32 rows on a 2-core AVX2 EPYC: ~75 ms, against ~118 with oneDNN's layout), else in oneDNN's blocked layout; one more copy of the weights in memory"
         },
     )
     native_kernels: bool = field(
         default=True,
         metadata={
-            "help": "CPU: build (once, needs a C++ compiler) and use softmux's kernels: decode attention read in place from the key/value pool, fused RMSNorm, rotary and SiLU; without a compiler the same math runs as torch ops"
+            "help": "CPU: build (once, needs a C++ compiler) and use softmux's kernels: panel linears (with --prepack-weights), attention read in place from the key/value pool, fused RMSNorm, rotary and SiLU; without a compiler the same math runs as torch ops"
         },
     )
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
