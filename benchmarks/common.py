@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -58,3 +60,12 @@ def cpu_model() -> str:
         return name
     except Exception:
         return cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def write_results(path: Path | None, args: argparse.Namespace, header: str, **sections: object) -> None:
+    """A benchmark's results as JSON at `path` (when given): its header, its arguments, then `sections`."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}, **sections}
+    path.write_text(json.dumps(payload, indent=2))

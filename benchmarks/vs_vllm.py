@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/vs_vllm.py` from anywhere
-from benchmarks.common import cpu_model
+from benchmarks.common import cpu_model, write_results
 from benchmarks.compare import Job, PassTimer, bare_decode_step, make_jobs, make_prompts
 from server.config import Settings
 from server.engine.engine import Engine
@@ -356,6 +356,17 @@ class Results:
     extra: dict = field(default_factory=dict)
 
 
+def machine_line(machine: dict, load_before: tuple[float, ...]) -> str:
+    """What else used the CPU during a run (CpuWatch.stop()'s figures), flagged when it was shared."""
+    shared = machine["others_cores"] > 0.1 or machine["peak_others_cores"] > 0.5
+    return (
+        f"machine: other processes used {machine['others_cores']:.2f} of {os.cpu_count()} cores on average during the "
+        f"run (busiest 2 s window {machine['peak_others_cores']:.2f}; this run {machine['ours_cores']:.2f}); "
+        f"load average before {load_before[0]:.2f}, after {machine['loadavg'][0]:.2f}"
+        + (f" -- SHARED: the figures are noisier than on an idle machine ({machine['top_others']})" if shared else "")
+    )
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -623,34 +634,22 @@ def main() -> None:
             )
     for dt, m in self_match.items():
         print(f"softmux {limits[0]} rows vs {limits[-1]} rows, {dt}: {m['identical']}/{m['of']} token-identical")
-    shared = machine["others_cores"] > 0.1 or machine["peak_others_cores"] > 0.5
-    print(
-        f"machine: other processes used {machine['others_cores']:.2f} of {os.cpu_count()} cores on average during the "
-        f"run (busiest 2 s window {machine['peak_others_cores']:.2f}; this run {machine['ours_cores']:.2f}); "
-        f"load average before {load_before[0]:.2f}, after {machine['loadavg'][0]:.2f}"
-        + (f" -- SHARED: the figures are noisier than on an idle machine ({machine['top_others']})" if shared else "")
+    print(machine_line(machine, load_before))
+    write_results(
+        args.json,
+        args,
+        header,
+        results=res.rows,
+        decode_step=steps,
+        matmul_floor=floors,
+        single=singles,
+        token_match=match,
+        softmux_self_match=self_match,
+        tokens=tokens,
+        peer=peer_info,
+        peer_note=peer_note,
+        machine=machine,
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "header": header,
-                    "args": {k: str(v) for k, v in vars(args).items()},
-                    "results": res.rows,
-                    "decode_step": steps,
-                    "matmul_floor": floors,
-                    "single": singles,
-                    "token_match": match,
-                    "softmux_self_match": self_match,
-                    "tokens": tokens,
-                    "peer": peer_info,
-                    "peer_note": peer_note,
-                    "machine": machine,
-                },
-                indent=2,
-            )
-        )
 
 
 if __name__ == "__main__":

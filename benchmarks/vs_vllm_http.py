@@ -62,9 +62,9 @@ import torch
 from safetensors.torch import save_file
 
 import server
-from benchmarks.common import cpu_model
+from benchmarks.common import cpu_model, write_results
 from benchmarks.compare import Job, make_jobs, make_prompts
-from benchmarks.vs_vllm import CpuWatch, PeerUnavailable, median, peer_env, reference_greedy
+from benchmarks.vs_vllm import CpuWatch, PeerUnavailable, machine_line, median, peer_env, reference_greedy
 from server.bench import free_port, start_server
 from server.config import Settings
 from server.models import LoadedModel, load_model, resolve_model
@@ -711,29 +711,17 @@ def report(
             )
         if "vllm_prefix_cache" in info:
             print(f"  vLLM prefix cache, {dtype}: " + ", ".join(f"{k} {v:g}" for k, v in info["vllm_prefix_cache"].items()))
-    shared = machine["others_cores"] > 0.1 or machine["peak_others_cores"] > 0.5
-    print(
-        f"machine: other processes used {machine['others_cores']:.2f} of {os.cpu_count()} cores on average during the run "
-        f"(busiest 2 s window {machine['peak_others_cores']:.2f}; this run {machine['ours_cores']:.2f}); load average "
-        f"before {load_before[0]:.2f}, after {machine['loadavg'][0]:.2f}"
-        + (f" -- SHARED: the figures are noisier than on an idle machine ({machine['top_others']})" if shared else "")
+    print(machine_line(machine, load_before))
+    write_results(
+        args.json,
+        args,
+        header,
+        peer_versions=versions,
+        results=results,
+        per_dtype=per_dtype,
+        peer_note=peer_note,
+        machine=machine,
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "header": header,
-                    "args": {k: str(v) for k, v in vars(args).items()},
-                    "peer_versions": versions,
-                    "results": results,
-                    "per_dtype": per_dtype,
-                    "peer_note": peer_note,
-                    "machine": machine,
-                },
-                indent=2,
-            )
-        )
 
 
 if __name__ == "__main__":

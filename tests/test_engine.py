@@ -296,21 +296,28 @@ def test_half_precision_answers_do_not_depend_on_the_batch(tiny_model_dir, dtype
     lm16 = load_model(str(tiny_model_dir), dtype=dtype)
     prompts16 = [make_prompt(f"h{i}", p, lm16, seed=i) for i, p in enumerate([1, 4, 9, 20])]
     rng = random.Random(12)
-    specs = [(prompts16[k % 4], random_ids(rng, 1 + (k * 5) % 17), 6 + k % 5) for k in range(10)]
+    specs = [(prompts16[k % 4], random_ids(rng, 1 + (k * 5) % 17), SamplingParams(max_new_tokens=6 + k % 5)) for k in range(10)]
 
     def run(batch: list) -> list[list[int]]:
-        engine = make_engine(lm16, accel=accel)
-        tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in batch]
-        for i, t in enumerate(tracked):
-            engine.scheduler.add(t.request)
-            if i % 3 == 2:
-                engine.step()  # later rows join a running batch
-        while not engine.scheduler.idle:
-            engine.step()
-        return [t.request.output_ids for t in tracked]
+        return staggered_outputs(make_engine(lm16, accel=accel), batch, join_every=3)
 
     mixed = run(specs)
     assert mixed == [run([spec])[0] for spec in specs]
+
+
+def staggered_outputs(
+    engine: Engine, specs: list[tuple[SoftPrompt, list[int], SamplingParams]], join_every: int
+) -> list[list[int]]:
+    """Submit (prompt, input ids, params) requests, stepping the engine after every `join_every`
+    (later rows join a running batch); run to idle; the generated ids of each."""
+    tracked = [make_request(p, ids, params) for p, ids, params in specs]
+    for i, t in enumerate(tracked):
+        engine.scheduler.add(t.request)
+        if i % join_every == join_every - 1:
+            engine.step()
+    while not engine.scheduler.idle:
+        engine.step()
+    return [t.request.output_ids for t in tracked]
 
 
 def test_real_model_bfloat16_answers_do_not_depend_on_the_batch(default_model_dir):
@@ -331,18 +338,11 @@ def test_real_model_bfloat16_answers_do_not_depend_on_the_batch(default_model_di
         )
         for i, p in enumerate([20, 8, 20, 1])
     ]
-    specs = [(prompts16[k % 4], torch.randint(100, 40_000, (4 + (k * 7) % 20,), generator=g).tolist()) for k in range(12)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    specs = [(prompts16[k % 4], torch.randint(100, 40_000, (4 + (k * 7) % 20,), generator=g).tolist(), params) for k in range(12)]
 
     def run(batch: list) -> list[list[int]]:
-        engine = make_engine(lm16)
-        tracked = [make_request(p, ids, SamplingParams(max_new_tokens=12, ignore_eos=True)) for p, ids in batch]
-        for i, t in enumerate(tracked):
-            engine.scheduler.add(t.request)
-            if i % 4 == 3:
-                engine.step()  # later rows join a running batch
-        while not engine.scheduler.idle:
-            engine.step()
-        return [t.request.output_ids for t in tracked]
+        return staggered_outputs(make_engine(lm16), batch, join_every=4)
 
     mixed = run(specs)
     assert all(len(out) == 12 for out in mixed)
