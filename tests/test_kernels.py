@@ -109,6 +109,25 @@ def test_fused_norm_matches_the_models_own_module(ops, module, with_residual):
     assert not plain.fused and torch.equal(plain(h.clone(), None)[1], module(h).detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("module_type", [LlamaRMSNorm, GemmaRMSNorm])
+def test_fused_norm_in_16_bits_rounds_where_the_module_rounds(ops, module_type, dtype):
+    module = module_type(64, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(64) * 0.3 + (0.0 if module_type is GemmaRMSNorm else 1.0))
+    norm = Norm(module, ops)
+    assert norm.fused
+    h, residual = (torch.randn(40, 64) * 3).to(dtype), torch.randn(40, 64).to(dtype)
+    h_after, x = norm(h.clone(), residual)
+    assert torch.equal(h_after, h + residual)  # the residual add rounds as torch's
+    with torch.inference_mode():
+        expected = module(h + residual)
+    assert x.dtype == dtype
+    # The same roundings; only the sum of squares may add up in another order (a rare last-bit flip).
+    assert (x == expected).float().mean() > 0.99
+    torch.testing.assert_close(x.float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
 def test_norm_of_an_unknown_kind_is_the_module(ops):
     layer_norm = nn.LayerNorm(64)
     norm = Norm(layer_norm, ops)
@@ -126,6 +145,21 @@ def test_rotary_in_place_equals_rotate_half_on_strided_heads(ops):
     ops.rotary(qk, cos, sin)
     assert torch.equal(qk, expected)  # no fused multiply-add: the same roundings as the torch ops
     assert torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_and_silu_mul_in_16_bits_equal_the_torch_ops(ops, dtype):
+    n, heads, d = 7, 6, 16
+    qk = torch.randn(n, heads, d).to(dtype)
+    cos, sin = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
+    expected = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]  # each op rounds to the dtype
+    ops.rotary(qk, cos, sin)
+    assert torch.equal(qk, expected)
+    gate, up = (torch.randn(5, 300) * 4).to(dtype), torch.randn(5, 300).to(dtype)
+    silu = ops.silu_mul(gate, up)
+    assert silu.dtype == dtype
+    torch.testing.assert_close(silu.float(), (F.silu(gate) * up).float(), atol=1e-2, rtol=1e-2)
+    assert (silu == F.silu(gate) * up).float().mean() > 0.99  # exp may differ from torch's in the last bit
 
 
 def test_silu_mul(ops):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the native norm, rotary and SiLU kernels
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
 
 # attend(layer, q [N, H, D], k [N, H_kv, D], v [N, H_kv, D], scaling) -> [N, H * D]
@@ -140,7 +141,8 @@ def _reorder(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
 
 class Norm:
     """The model's own norm module. RMSNorm of llama-like models (gemma's `1 + w` too) runs as one
-    native kernel in float32, with the residual add before it fused in (`h += residual` in place)."""
+    native kernel, with the residual add before it fused in (`h += residual` in place); in 16-bit
+    dtypes it rounds where the module's own ops round."""
 
     FUSED = {"LlamaRMSNorm": 0.0, "MistralRMSNorm": 0.0, "Qwen2RMSNorm": 0.0, "GemmaRMSNorm": 1.0}
 
@@ -156,7 +158,7 @@ class Norm:
 
     def __call__(self, h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, hidden], residual [N, hidden] or None -> (h + residual, norm(h + residual))."""
-        if self.fused and h.dtype == torch.float32 and self.weight is not None and self.weight.dtype == torch.float32:
+        if self.fused and h.dtype in KERNEL_DTYPES and self.weight is not None and self.weight.dtype == h.dtype:
             assert self.ops is not None
             return h, self.ops.rms_norm(h, residual, self.weight, self.eps, self.offset)
         if residual is not None:
@@ -336,7 +338,7 @@ class Decoder:
 
     def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Rotary embedding of q and k heads together, in place: qk [N, H + H_kv, D], cos/sin [N, D]."""
-        if self.ops is not None and qk.dtype == torch.float32 and cos.dtype == torch.float32:
+        if self.ops is not None and qk.dtype in KERNEL_DTYPES and cos.dtype == qk.dtype:
             self.ops.rotary(qk, cos, sin)
         else:
             cos, sin = cos[:, None], sin[:, None]  # [N, 1, D]
@@ -347,7 +349,7 @@ class Decoder:
         if layer.gate is None:
             return layer.act(up)
         gate = layer.gate(x)
-        if self.ops is not None and layer.silu and gate.dtype == torch.float32:
+        if self.ops is not None and layer.silu and gate.dtype in KERNEL_DTYPES:
             return self.ops.silu_mul(gate, up)
         return layer.act(gate) * up
 

@@ -5,9 +5,10 @@
 // values out of the block pool before attention. These kernels do each of those in one pass:
 //   decode_attention  writes the new keys/values into the pool and attends each row to its slots
 //                     in place (no gather); float32 math for 16-bit dtypes, double for float64
-//   rms_norm          optional residual add, then RMSNorm (llama-like and gemma), float32
-//   rotary            rotary embedding of q and k together, in place, float32
-//   silu_mul          silu(gate) * up, float32
+//   rms_norm          optional residual add, then RMSNorm (llama-like and gemma)
+//   rotary            rotary embedding of q and k together, in place
+//   silu_mul          silu(gate) * up
+// (the last three in float32, bfloat16 and float16, rounding where torch's separate ops round)
 //   panel_linear      x W^T + b over weights repacked in panels, for decode-sized inputs (panel_linear.cpp)
 // Compiled with -ffp-contract=off so that a*b + c*d rounds as the separate torch ops do.
 
@@ -137,85 +138,117 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ne
   return out;
 }
 
-// h [N, C] float32 contiguous; residual (optional, [N, C]) is added into h first (h += residual),
-// then out = (offset + w) * (h * rsqrt(mean(h^2) + eps)) as LlamaRMSNorm (offset 0) and
-// GemmaRMSNorm (offset 1) compute it in float32.
-torch::Tensor rms_norm(torch::Tensor h, const c10::optional<torch::Tensor>& residual, const torch::Tensor& w, double eps,
-                       double offset) {
-  TORCH_CHECK(h.scalar_type() == torch::kFloat32 && h.is_contiguous() && h.dim() == 2, "h must be contiguous float32 [N, C]");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == h.size(1), "w must be float32 [C]");
-  const int64_t N = h.size(0), C = h.size(1);
-  float* hd = h.data_ptr<float>();
-  const float* rd = nullptr;
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->scalar_type() == torch::kFloat32 && residual->is_contiguous() && residual->sizes() == h.sizes(),
-                "residual must be contiguous float32 like h");
-    rd = residual->data_ptr<float>();
-  }
-  auto out = torch::empty_like(h);
-  float* od = out.data_ptr<float>();
-  const float* wd = w.data_ptr<float>();
-  const float feps = static_cast<float>(eps), foff = static_cast<float>(offset);
+// float32, or the value rounded to scalar_t and back: each torch op on a 16-bit tensor rounds its
+// result once, and the kernels below round where those ops do (for float32 a no-op).
+template <typename scalar_t>
+inline float rnd(float v) {
+  return static_cast<float>(static_cast<scalar_t>(v));
+}
+
+bool elementwise_dtype(const torch::Tensor& t) {
+  const auto dt = t.scalar_type();
+  return dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kHalf;
+}
+
+#define SOFTMUX_DISPATCH(dtype, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, NAME, __VA_ARGS__)
+
+template <typename scalar_t>
+void rms_norm_impl(scalar_t* hd, const scalar_t* rd, const scalar_t* wd, scalar_t* od, int64_t N, int64_t C, float eps,
+                   bool gemma) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(C);
     for (int64_t n = begin; n < end; ++n) {
-      float* x = hd + n * C;
+      scalar_t* hrow = hd + n * C;
       if (rd != nullptr) {
-        const float* r = rd + n * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) x[c] += r[c];
+        const scalar_t* r = rd + n * C;
+        for (int64_t c = 0; c < C; ++c) hrow[c] = static_cast<scalar_t>(static_cast<float>(hrow[c]) + static_cast<float>(r[c]));
       }
+      for (int64_t c = 0; c < C; ++c) x[c] = static_cast<float>(hrow[c]);
       float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
       for (int64_t c = 0; c < C; ++c) ss += x[c] * x[c];
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(C) + feps);
-      float* o = od + n * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = (foff + wd[c]) * (x[c] * inv);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
+      scalar_t* o = od + n * C;
+      if (gemma) {  // (1 + w) * normed, in float32, rounded once
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>((1.f + static_cast<float>(wd[c])) * (x[c] * inv));
+      } else {  // w * normed.to(dtype): the normed value is rounded first
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(static_cast<float>(wd[c]) * rnd<scalar_t>(x[c] * inv));
+      }
     }
+  });
+}
+
+// h [N, C] contiguous, float32/bfloat16/float16; residual (optional, [N, C], h's dtype) is added into h
+// first (h += residual), then RMSNorm as LlamaRMSNorm (offset 0: w * normed.to(dtype)) and GemmaRMSNorm
+// (offset 1: (1 + w) * normed, in float32) compute it: statistics in float32, roundings where they round.
+torch::Tensor rms_norm(torch::Tensor h, const c10::optional<torch::Tensor>& residual, const torch::Tensor& w, double eps,
+                       double offset) {
+  TORCH_CHECK(elementwise_dtype(h) && h.is_contiguous() && h.dim() == 2, "h must be contiguous float32/bfloat16/float16 [N, C]");
+  TORCH_CHECK(w.scalar_type() == h.scalar_type() && w.is_contiguous() && w.numel() == h.size(1), "w must be [C] in h's dtype");
+  TORCH_CHECK(offset == 0.0 || offset == 1.0, "offset must be 0 (llama-like) or 1 (gemma)");
+  if (residual.has_value())
+    TORCH_CHECK(residual->scalar_type() == h.scalar_type() && residual->is_contiguous() && residual->sizes() == h.sizes(),
+                "residual must be contiguous like h");
+  auto out = torch::empty_like(h);
+  SOFTMUX_DISPATCH(h.scalar_type(), "rms_norm", [&] {
+    rms_norm_impl<scalar_t>(h.data_ptr<scalar_t>(), residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
+                            w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), h.size(0), h.size(1), static_cast<float>(eps),
+                            offset == 1.0);
   });
   return out;
 }
 
-// x [N, Hx, D] float32 (q and k heads side by side; strides free but the last), rotated in place
-// by cos/sin [N, D]: x * cos + rotate_half(x) * sin.
-void rotary(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1, "x must be float32 [N, Hx, D]");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
-                  sin.is_contiguous() && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && sin.sizes() == cos.sizes(),
-              "cos and sin must be contiguous float32 [N, D]");
-  const int64_t N = x.size(0), Hx = x.size(1), D = x.size(2), half = D / 2;
-  const int64_t s0 = x.stride(0), s1 = x.stride(1);
-  float* xd = x.data_ptr<float>();
-  const float* cd = cos.data_ptr<float>();
-  const float* sd = sin.data_ptr<float>();
+template <typename scalar_t>
+void rotary_impl(scalar_t* xd, const scalar_t* cd, const scalar_t* sd, int64_t N, int64_t Hx, int64_t D, int64_t s0, int64_t s1) {
+  const int64_t half = D / 2;
   at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float* c = cd + n * D;
-      const float* s = sd + n * D;
+      const scalar_t* c = cd + n * D;
+      const scalar_t* s = sd + n * D;
       for (int64_t h = 0; h < Hx; ++h) {
-        float* v = xd + n * s0 + h * s1;
+        scalar_t* v = xd + n * s0 + h * s1;
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
-          const float x1 = v[i], x2 = v[i + half];
-          v[i] = x1 * c[i] + (-x2) * s[i];
-          v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+          const float x1 = static_cast<float>(v[i]), x2 = static_cast<float>(v[i + half]);
+          const float c1 = static_cast<float>(c[i]), c2 = static_cast<float>(c[i + half]);
+          const float sn1 = static_cast<float>(s[i]), sn2 = static_cast<float>(s[i + half]);
+          v[i] = static_cast<scalar_t>(rnd<scalar_t>(x1 * c1) + rnd<scalar_t>((-x2) * sn1));
+          v[i + half] = static_cast<scalar_t>(rnd<scalar_t>(x2 * c2) + rnd<scalar_t>(x1 * sn2));
         }
       }
     }
   });
 }
 
-// silu(gate) * up, float32 [N, I] each.
+// x [N, Hx, D] (q and k heads side by side; strides free but the last), rotated in place by cos/sin
+// [N, D] of x's dtype: x * cos + rotate_half(x) * sin, each product and the sum rounded as torch's ops do.
+void rotary(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(elementwise_dtype(x) && x.dim() == 3 && x.stride(2) == 1, "x must be float32/bfloat16/float16 [N, Hx, D]");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && sin.sizes() == cos.sizes(),
+              "cos and sin must be contiguous [N, D] in x's dtype");
+  SOFTMUX_DISPATCH(x.scalar_type(), "rotary", [&] {
+    rotary_impl<scalar_t>(x.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(), x.size(0), x.size(1),
+                          x.size(2), x.stride(0), x.stride(1));
+  });
+}
+
+// silu(gate) * up, [N, I] each, float32/bfloat16/float16 (silu rounded to the dtype before the product, as torch's two ops).
 torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
-  TORCH_CHECK(gate.scalar_type() == torch::kFloat32 && up.scalar_type() == torch::kFloat32 && gate.is_contiguous() &&
-                  up.is_contiguous() && gate.sizes() == up.sizes(),
-              "gate and up must be contiguous float32 of one shape");
+  TORCH_CHECK(elementwise_dtype(gate) && up.scalar_type() == gate.scalar_type() && gate.is_contiguous() && up.is_contiguous() &&
+                  gate.sizes() == up.sizes(),
+              "gate and up must be contiguous, of one shape and one dtype (float32/bfloat16/float16)");
   auto out = torch::empty_like(gate);
-  const float* g = gate.data_ptr<float>();
-  const float* u = up.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, gate.numel(), 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) o[i] = (g[i] / (1.f + std::exp(-g[i]))) * u[i];
+  SOFTMUX_DISPATCH(gate.scalar_type(), "silu_mul", [&] {
+    const scalar_t* g = gate.data_ptr<scalar_t>();
+    const scalar_t* u = up.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, gate.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float x = static_cast<float>(g[i]);
+        o[i] = static_cast<scalar_t>(rnd<scalar_t>(x / (1.f + std::exp(-x))) * static_cast<float>(u[i]));
+      }
+    });
   });
   return out;
 }
@@ -230,9 +263,9 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "write new keys/values into the pool and attend each row to its slots");
-  m.def("rms_norm", &rms_norm, "optional residual add, then RMSNorm (float32)");
-  m.def("rotary", &rotary, "rotary embedding in place (float32)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up (float32)");
+  m.def("rms_norm", &rms_norm, "optional residual add, then RMSNorm");
+  m.def("rotary", &rotary, "rotary embedding in place");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("pack_panels", &softmux::pack_panels, "a weight in panels of 16 output columns, for panel_linear");
   m.def("panel_linear", &softmux::panel_linear, "x W^T + b over panel-packed weights, float32 accumulation");
   m.def("panel_linear_vectorized", &softmux::panel_linear_vectorized, "whether panel_linear is vectorised here");
