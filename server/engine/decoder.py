@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the native norm, rotary and SiLU kernels
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the native norm, rotary, SiLU and panel kernels take
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
 
 # attend(layer, q [N, H, D], k [N, H_kv, D], v [N, H_kv, D], scaling) -> [N, H * D]
@@ -122,13 +122,8 @@ class Linear:
 
 
 def _panels_apply(ops: ModuleType | None, weight: torch.Tensor) -> bool:
-    """The native panel kernel serves this weight: built here, vectorised for this CPU, a dtype it reads."""
-    return (
-        ops is not None
-        and weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and ops.panel_linear_vectorized()
-    )
+    """The native panel kernel serves this (CPU) weight: built here, vectorised for this CPU, a dtype it reads."""
+    return ops is not None and weight.dtype in KERNEL_DTYPES and ops.panel_linear_vectorized()
 
 
 def _reorder(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:

@@ -195,37 +195,43 @@ class Runner:
         write = [s for c, n in zip(chunks, lengths) for s in c.seq.new_slots(n)]
         contexts = [c.seq.length for c in chunks]  # keys already cached per row
         totals = [ctx + n for ctx, n in zip(contexts, lengths)]
-        width, queries, b = max(totals), max(lengths), len(chunks)
+        width = max(totals)
         keys = []
         for c, n, total in zip(chunks, lengths, totals):
             slots = c.seq.slots() + c.seq.new_slots(n)
             keys.extend(slots + [NULL_SLOT] * (width - total))
         dev = self.device
-        key_lengths = torch.tensor(totals, device=dev)
+        write_t = torch.tensor(write, dtype=torch.int64, device=dev)
+        keys_t = torch.tensor(keys, dtype=torch.int64, device=dev)  # [B * T]
+        build = self._kernel_layout if self.ops is not None else self._torch_layout
+        return build(write_t, keys_t, contexts, lengths, width)
+
+    def _kernel_layout(
+        self, write: torch.Tensor, keys: torch.Tensor, contexts: list[int], lengths: list[int], width: int
+    ) -> _Layout:
+        """The native kernel's: one query per row and each row's visible key count; no mask."""
+        dev = self.device
+        if max(lengths) == 1:  # decode
+            key_lengths = torch.tensor([ctx + 1 for ctx in contexts], device=dev)
+        else:
+            # Every query token is a row of its own: its sequence's slots, of which it sees those up to
+            # itself. A token's attention then is the same arithmetic alone or in any batch, and the same
+            # as a decode step's.
+            keys = keys.view(len(lengths), width).repeat_interleave(torch.tensor(lengths, device=dev), dim=0).view(-1)
+            key_lengths = torch.cat([torch.arange(ctx + 1, ctx + n + 1, device=dev) for ctx, n in zip(contexts, lengths)])
+        rows = int(write.shape[0])
+        return _Layout(write=write, keys=keys, rows=rows, width=width, queries=1, q_index=None, mask=None, lengths=key_lengths)
+
+    def _torch_layout(
+        self, write: torch.Tensor, keys: torch.Tensor, contexts: list[int], lengths: list[int], width: int
+    ) -> _Layout:
+        """The torch path's: padded rows and a mask (decode: additive for baddbmm; prefill: causal for SDPA)."""
+        dev = self.device
+        b, queries = len(lengths), max(lengths)
+        key_lengths = torch.tensor([ctx + n for ctx, n in zip(contexts, lengths)], device=dev)
         total_t = key_lengths[:, None]  # [B, 1]
         col = torch.arange(width, device=dev)[None, :]  # [1, T]
-        mask: torch.Tensor | None = None
         q_index: torch.Tensor | None = None
-        if self.ops is not None:  # the native kernel reads lengths; no mask
-            keys_t = torch.tensor(keys, dtype=torch.int64, device=dev)
-            if queries > 1:
-                # Every query token is a row of its own: its sequence's slots, of which it sees those up to
-                # itself. A token's attention then is the same arithmetic alone or in any batch, and the same
-                # as a decode step's.
-                per_token = torch.tensor(lengths, device=dev)
-                keys_t = keys_t.view(b, width).repeat_interleave(per_token, dim=0).view(-1)
-                key_lengths = torch.cat([torch.arange(ctx + 1, ctx + n + 1, device=dev) for ctx, n in zip(contexts, lengths)])
-                b = len(write)
-            return _Layout(
-                write=torch.tensor(write, dtype=torch.int64, device=dev),
-                keys=keys_t,
-                rows=b,
-                width=width,
-                queries=1,
-                q_index=None,
-                mask=None,
-                lengths=key_lengths,
-            )
         if queries == 1:
             visible = col < total_t  # [B, T]
             mask = torch.zeros(b, 1, width, dtype=torch.float64 if self.dtype == torch.float64 else torch.float32, device=dev)
@@ -239,14 +245,7 @@ class Runner:
                 [i * queries + j for i, n in enumerate(lengths) for j in range(n)], dtype=torch.int64, device=dev
             )
         return _Layout(
-            write=torch.tensor(write, dtype=torch.int64, device=dev),
-            keys=torch.tensor(keys, dtype=torch.int64, device=dev),
-            rows=b,
-            width=width,
-            queries=queries,
-            q_index=q_index,
-            mask=mask,
-            lengths=key_lengths,
+            write=write, keys=keys, rows=b, width=width, queries=queries, q_index=q_index, mask=mask, lengths=key_lengths
         )
 
     def _attend(
