@@ -76,11 +76,23 @@ class PassTimer:
             self.decode.setdefault(rows, []).append(seconds)
 
 
+def longest(prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int) -> int:
+    """The longest sequence of the workload (prefix + input + output): the engine's max_context, which
+    bounds the decode step's width buckets (CUDA graphs recorded at start)."""
+    return max(p.num_virtual_tokens for p in prompts) + max(len(j.input_ids) for j in jobs) + new_tokens
+
+
 def run_engine(
     lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, concurrency: int, timer: PassTimer | None = None
 ) -> dict[str, float]:
     """Keep `concurrency` requests in flight; returns tokens/s and the engine's batching figures."""
-    engine = Engine(lm, Scheduler(concurrency, 1 << 30, len(jobs) + 1), PrefixCache(1 << 30), observer=timer)
+    engine = Engine(
+        lm,
+        Scheduler(concurrency, 1 << 30, len(jobs) + 1),
+        PrefixCache(1 << 30),
+        observer=timer,
+        max_context=longest(prompts, jobs, new_tokens),
+    )
     engine.eos_ids = set()  # every request generates exactly new_tokens: equal work in every variant
     finished = [0]
 

@@ -11,6 +11,9 @@ export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 M="--model .devmodel --random-weights --device cuda --dtype bfloat16"
-python3 benchmarks/compare.py $M --threads 8 --repeats 3 --json "$OUT/compare_gpu.json" 2>&1 | grep -v Warning | tee "$OUT/compare_gpu.txt"
-python3 benchmarks/compare.py $M --threads 8 --repeats 3 --requests 256 --concurrency 128 --json "$OUT/compare_gpu_256.json" 2>&1 | grep -v Warning | tee "$OUT/compare_gpu_256.txt"
-python3 benchmarks/prefix_prefill.py $M --repeats 30 2>&1 | tee "$OUT/prefix_gpu_ttft.txt"
+# CUDA graphs of the fixed-shape decode step against the eager step (and graphs == static, answer for answer)
+python3 -m benchmarks.decode_graphs $M --threads 8 --repeats 3 --json "$OUT/decode_graphs_gpu.json" 2>&1 | grep -v Warning | tee "$OUT/decode_graphs_gpu.txt"
+python3 -m benchmarks.decode_graphs $M --threads 8 --repeats 3 --requests 256 --concurrency 128 --json "$OUT/decode_graphs_gpu_256.json" 2>&1 | grep -v Warning | tee "$OUT/decode_graphs_gpu_256.txt"
+python3 -m benchmarks.compare $M --threads 8 --repeats 3 --json "$OUT/compare_gpu.json" 2>&1 | grep -v Warning | tee "$OUT/compare_gpu.txt"
+python3 -m benchmarks.compare $M --threads 8 --repeats 3 --requests 256 --concurrency 128 --json "$OUT/compare_gpu_256.json" 2>&1 | grep -v Warning | tee "$OUT/compare_gpu_256.txt"
+python3 -m benchmarks.prefix_prefill $M --repeats 30 2>&1 | tee "$OUT/prefix_gpu_ttft.txt"

@@ -64,6 +64,12 @@ class Settings:
             "help": "CPU: build (once, needs a C++ compiler) and use softmux's kernels: panel linears (with --prepack-weights), attention read in place from the key/value pool, fused RMSNorm, rotary and SiLU; without a compiler the same math runs as torch ops"
         },
     )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "CUDA: run decode steps at fixed shapes (rows padded to buckets 1, 2, 4, 8, 16, ...; key columns to powers of two), recorded as CUDA graphs at start and replayed with one launch; --no-cuda-graphs runs them eagerly"
+        },
+    )
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
     log_level: str = field(
         default="info", metadata={"help": "debug | info | warning | error", "choices": ("debug", "info", "warning", "error")}

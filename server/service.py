@@ -115,6 +115,7 @@ class Service:
                     prepack_weights=self.settings.prepack_weights,
                     native_kernels=self.settings.native_kernels,
                     kernel_dir=self.settings.cache_dir,
+                    cuda_graphs=self.settings.cuda_graphs,
                 ),
             )
             self._warm_up()

@@ -24,6 +24,7 @@ from server.engine.engine import Engine
 from server.engine.pool import BlockPool
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
+from server.engine.runner import Acceleration
 from server.models import LoadedModel
 from server.prompts.registry import Registry
 from server.prompts.types import KVShape, PromptGeometry, PromptKind, SoftPrompt
@@ -99,13 +100,16 @@ def test_store_reads_every_kind(lm, store):
     assert described["prefix"]["prefix_length"] == 6 and described["mpt.1"]["folder"] == "mpt"
 
 
-@pytest.mark.parametrize("use_cache", [True, False], ids=["prefix-cache", "no-prefix-cache"])
-def test_all_kinds_mixed_in_one_batch_match_peft(lm, store, tiny_model_dir, use_cache):
+@pytest.mark.parametrize(
+    "use_cache,static", [(True, False), (False, False), (True, True)], ids=["prefix-cache", "no-prefix-cache", "static-decode"]
+)
+def test_all_kinds_mixed_in_one_batch_match_peft(lm, store, tiny_model_dir, use_cache, static):
+    """static: decode steps at bucketed fixed shapes (server/engine/static_decode.py), as on CUDA."""
     registry = make_registry(lm, store)
     rng = random.Random(0)
     names = ["pt", "ptuning", "prefix", "mpt.0", "mpt.1", "mpt.2"]
     specs = [(names[k % len(names)], [rng.randrange(40_000) for _ in range(1 + (k * 3) % 9)], 5 + k % 4) for k in range(12)]
-    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30) if use_cache else None)
+    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30) if use_cache else None, accel=Acceleration(static_decode=static))
     try:
         tracked = [make_request(registry.get(n), ids, SamplingParams(max_new_tokens=m)) for n, ids, m in specs]
         for t in tracked:
@@ -116,6 +120,8 @@ def test_all_kinds_mixed_in_one_batch_match_peft(lm, store, tiny_model_dir, use_
             expected = peft_reference(tiny_model_dir, store / folder, ids, m, int(sub) if sub else None)
             assert t.request.output_ids == expected, f"{name} differs from PEFT's forward()"
         assert engine.stats.max_tasks_in_pass >= 4
+        if static:
+            assert engine.runner.static is not None and engine.runner.static.eager_steps > 0
         if use_cache:
             cache = engine.prefix_cache
             # every task's prefix (prefix tuning's too) is stored once in the pool, then hit

@@ -96,7 +96,7 @@ class Engine:
     ) -> None:
         self.observer = observer
         self.lm = lm
-        self.runner = Runner(lm, kv_cache_bytes, max_context=max_context, accel=accel)
+        self.runner = Runner(lm, kv_cache_bytes, max_context=max_context, accel=accel, max_rows=scheduler.max_batch_size)
         self.scheduler = scheduler
         # None: prefixes are still computed once and shared by the rows running at the same time,
         # but not kept once the last of them leaves.
@@ -181,6 +181,7 @@ class Engine:
                     "running": len(self.scheduler.running),
                     "kv_pool": self.pool_stats(),
                     "token_block_cache": None if self.block_cache is None else asdict(self.block_cache.stats),
+                    "static_decode": self.static_decode_stats(),
                 }
             except (RuntimeError, AttributeError):  # a dict changed size, or a row left, mid-read
                 time.sleep(0.001)
@@ -201,6 +202,13 @@ class Engine:
             "prefix_blocks": sum(len(e.seq.own_blocks) for e in self.prefix_cache.entries()),
             "cached_token_blocks": 0 if self.block_cache is None else len(self.block_cache),
         }
+
+    def static_decode_stats(self) -> dict[str, int] | None:
+        """The fixed-shape decode step's counters (None: off): graphs recorded, steps replayed or run eagerly."""
+        static = self.runner.static
+        if static is None:
+            return None
+        return {"graphs_recorded": static.recorded, "graph_replays": static.replays, "eager_steps": static.eager_steps}
 
     def live_counters(self) -> dict[str, int]:
         """Pool and cache counters for the metrics scrape (read from another thread: ints only)."""

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 NULL_BLOCK = 0
+NULL_SLOT = 0  # slot 0 of the reserved block: padding columns read it, padding rows write it
 
 
 class PoolExhausted(Exception):

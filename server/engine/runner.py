@@ -4,6 +4,7 @@ The pool is one tensor per layer for keys and one for values, `[slots, H_kv, D]`
 which sequence is decided by the scheduler (server/engine/pool.py). A forward pass feeds the new
 tokens of every row packed together, writes their keys and values into the rows' slots, and lets
 each row attend to its slots (its task's shared soft-prompt prefix first, then its own tokens).
+Decode steps can instead run at fixed shapes, recorded as CUDA graphs (server/engine/static_decode.py).
 """
 
 from __future__ import annotations
@@ -18,23 +19,27 @@ import torch.nn.functional as F
 from server.config import default_cache_dir
 from server.engine import kernels
 from server.engine.decoder import Decoder
-from server.engine.pool import BlockPool, SeqBlocks
+from server.engine.pool import NULL_SLOT, BlockPool, SeqBlocks
 from server.engine.prefix_cache import PrefixEntry
 from server.engine.request import Request
+from server.engine.static_decode import StaticDecode, StaticInputs
+from server.engine.transfer import device_tensor
 from server.models import LoadedModel
 from server.prompts.types import SoftPrompt
-
-NULL_SLOT = 0  # a slot of the reserved block 0: padding columns read it, padding rows write it
 
 
 @dataclass(frozen=True)
 class Acceleration:
-    """CPU speed-ups, each with a flag to turn it off; results agree with the plain path to float
-    rounding (tests/test_kernels.py, and the reference tests run both ways)."""
+    """Speed-ups, each with a flag to turn it off; results agree with the plain path to float
+    rounding (tests/test_kernels.py, tests/test_static_decode.py, and the reference tests run both ways)."""
 
-    prepack_weights: bool = True  # float32 weights also in oneDNN's layout (decoder.Linear): ~1x weights more memory
-    native_kernels: bool = True  # server/engine/csrc/cpu_ops.cpp, built at start (server/engine/kernels.py)
+    prepack_weights: bool = True  # CPU: weights also repacked for decode-sized inputs (decoder.Linear): ~1x weights more memory
+    native_kernels: bool = True  # CPU: server/engine/csrc/, built at start (server/engine/kernels.py)
     kernel_dir: Path = field(default_factory=default_cache_dir)  # where the kernels are built and cached
+    cuda_graphs: bool = True  # CUDA: decode steps at bucketed fixed shapes, recorded at start as CUDA graphs and replayed
+    # The fixed-shape decode step without graphs (run eagerly): None = wherever graphs are recorded;
+    # True also on a CPU (tests; no speed-up there: the native kernels take any shape).
+    static_decode: bool | None = None
 
 
 @dataclass
@@ -95,7 +100,9 @@ class Runner:
         block_size: int = 16,
         max_context: int | None = None,
         accel: Acceleration | None = None,
+        max_rows: int = 32,
     ) -> None:
+        """max_rows: the most rows a decode step runs (the scheduler's batch size), the largest bucket."""
         accel = accel or Acceleration()
         self.lm = lm
         self.device = lm.device
@@ -108,11 +115,18 @@ class Runner:
         self.pool = BlockPool(num_blocks, block_size)
         shape = (self.decoder.num_layers, self.decoder.num_kv_heads, num_blocks * block_size, self.decoder.head_dim)
         # Uninitialised, so the memory is only committed as blocks get used: every slot is written
-        # before it is read, except the reserved block's, which padding reads and which stays zero.
+        # before it is read, except the reserved block's, which padding reads (masked out) and padding
+        # rows of a static step write: zeroed, so it holds finite values from the start.
         self.k = torch.empty(shape, dtype=self.dtype, device=self.device)  # [L, H_kv, slots, D]
         self.v = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.k[:, :, :block_size].zero_()
         self.v[:, :, :block_size].zero_()
+        graphs = accel.cuda_graphs and self.device.type == "cuda"
+        static = graphs if accel.static_decode is None else accel.static_decode
+        self.static = StaticDecode(self._static_step, self.device, max_rows, max_context, graphs) if static else None
+        if self.static is not None:
+            with torch.inference_mode():
+                self.static.record_all()  # at start, so that no request pays for it
 
     @property
     def block_bytes(self) -> int:
@@ -141,7 +155,7 @@ class Runner:
     def _write_prefix_kv(self, seq: SeqBlocks, kv: torch.Tensor) -> None:
         """kv [L, 2, H_kv, P, D] -> the sequence's next P slots in every layer."""
         p = kv.shape[3]
-        slots = torch.tensor(seq.new_slots(p), dtype=torch.int64, device=self.device)
+        slots = device_tensor(seq.new_slots(p), torch.int64, self.device)
         self.k.index_copy_(2, slots, kv[:, 0].to(self.dtype))  # kv[:, 0]: [L, H_kv, P, D]
         self.v.index_copy_(2, slots, kv[:, 1].to(self.dtype))
         seq.own_len += p
@@ -157,7 +171,7 @@ class Runner:
         prefix_chunks = self._prefix_chunks(list(new_prefixes))
         seqs = [_seq(r) for r in requests]
         ids = [(r.input_ids + r.output_ids)[s.own_len :] for r, s in zip(requests, seqs)]
-        flat = torch.tensor([t for row in ids for t in row], dtype=torch.int64, device=self.device)
+        flat = device_tensor([t for row in ids for t in row], torch.int64, self.device)
         embeds = self.decoder.embed_tokens(flat).split([len(row) for row in ids])  # each [L_i, hidden]
         chunks = [Chunk(seq=s, embeds=e, start=r.virtual_tokens + s.own_len) for r, s, e in zip(requests, seqs, embeds)]
         return self._forward(prefix_chunks + chunks, logit_from=len(prefix_chunks))
@@ -165,9 +179,17 @@ class Runner:
     @torch.inference_mode()
     def decode(self, requests: list[Request]) -> torch.Tensor:
         """Feed each row its last generated token; returns next-token logits [B, V]."""
-        tokens = torch.tensor([r.output_ids[-1] for r in requests], dtype=torch.int64, device=self.device)
-        embeds = self.decoder.embed_tokens(tokens)  # [B, hidden]
         seqs = [_seq(r) for r in requests]
+        if self.static is not None:
+            tables = [s.slots() + s.new_slots(1) for s in seqs]  # each row's keys, its new token's last
+            if self.static.fits(len(requests), max(len(t) for t in tables)):
+                positions = [r.virtual_tokens + s.own_len for r, s in zip(requests, seqs)]
+                logits = self.static.decode([r.output_ids[-1] for r in requests], positions, tables)
+                for s in seqs:
+                    s.own_len += 1
+                return logits
+        tokens = device_tensor([r.output_ids[-1] for r in requests], torch.int64, self.device)
+        embeds = self.decoder.embed_tokens(tokens)  # [B, hidden]
         chunks = [
             Chunk(seq=s, embeds=embeds[i : i + 1], start=r.virtual_tokens + s.own_len)
             for i, (r, s) in enumerate(zip(requests, seqs))
@@ -179,16 +201,33 @@ class Runner:
         (None: no logits, an empty tensor)."""
         lengths = [int(c.embeds.shape[0]) for c in chunks]
         layout = self._layout(chunks, lengths)
-        positions = torch.tensor(
-            [c.start + j for c, n in zip(chunks, lengths) for j in range(n)], dtype=torch.int64, device=self.device
-        )
+        positions = device_tensor([c.start + j for c, n in zip(chunks, lengths) for j in range(n)], torch.int64, self.device)
         embeds = torch.cat([c.embeds for c in chunks]).to(self.dtype)  # [N, hidden]
-        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1  # [B] last token of each row
+        ends = device_tensor(lengths, torch.int64, self.device).cumsum(0) - 1  # [B] last token of each row
         rows = ends[:0] if logit_from is None else ends[logit_from:]
         out = self.decoder.forward(embeds, positions, lambda i, q, k, v, s: self._attend(layout, i, q, k, v, s), rows)
         for c, n in zip(chunks, lengths):
             c.seq.own_len += n
         return out
+
+    def _static_step(self, inputs: StaticInputs) -> torch.Tensor:
+        """The decode forward over a bucket's fixed buffers -> logits [R, V]. Reads no host values,
+        so that it can be recorded once and replayed (no syncs, no shapes that depend on data)."""
+        embeds = self.decoder.embed_tokens(inputs.tokens).to(self.dtype)  # [R, hidden]
+        mask = None if self.ops is not None else self._decode_mask(inputs.lengths, inputs.width)
+        layout = _Layout(
+            write=inputs.write,
+            keys=inputs.keys.view(-1),
+            rows=inputs.rows,
+            width=inputs.width,
+            queries=1,
+            q_index=None,
+            mask=mask,
+            lengths=inputs.lengths,
+        )
+        return self.decoder.forward(
+            embeds, inputs.positions, lambda i, q, k, v, s: self._attend(layout, i, q, k, v, s), inputs.all_rows
+        )
 
     # ---- attention over the pool -----------------------------------------------------------
     def _layout(self, chunks: list[Chunk], lengths: list[int]) -> _Layout:
@@ -201,8 +240,8 @@ class Runner:
             slots = c.seq.slots() + c.seq.new_slots(n)
             keys.extend(slots + [NULL_SLOT] * (width - total))
         dev = self.device
-        write_t = torch.tensor(write, dtype=torch.int64, device=dev)
-        keys_t = torch.tensor(keys, dtype=torch.int64, device=dev)  # [B * T]
+        write_t = device_tensor(write, torch.int64, dev)
+        keys_t = device_tensor(keys, torch.int64, dev)  # [B * T]
         build = self._kernel_layout if self.ops is not None else self._torch_layout
         return build(write_t, keys_t, contexts, lengths, width)
 
@@ -228,25 +267,28 @@ class Runner:
         """The torch path's: padded rows and a mask (decode: additive for baddbmm; prefill: causal for SDPA)."""
         dev = self.device
         b, queries = len(lengths), max(lengths)
-        key_lengths = torch.tensor([ctx + n for ctx, n in zip(contexts, lengths)], device=dev)
+        key_lengths = device_tensor([ctx + n for ctx, n in zip(contexts, lengths)], torch.int64, dev)
         total_t = key_lengths[:, None]  # [B, 1]
         col = torch.arange(width, device=dev)[None, :]  # [1, T]
         q_index: torch.Tensor | None = None
         if queries == 1:
-            visible = col < total_t  # [B, T]
-            mask = torch.zeros(b, 1, width, dtype=torch.float64 if self.dtype == torch.float64 else torch.float32, device=dev)
-            mask.masked_fill_(~visible[:, None, :], float("-inf"))
-            mask = mask.repeat(self.decoder.num_kv_heads, 1, 1)  # [H_kv * B, 1, T], the bmm batch order
+            mask = self._decode_mask(key_lengths, width)
         else:
-            ctx_t = torch.tensor(contexts, device=dev)[:, None, None]  # [B, 1, 1]
+            ctx_t = device_tensor(contexts, torch.int64, dev)[:, None, None]  # [B, 1, 1]
             qi = torch.arange(queries, device=dev)[None, :, None]  # [1, Tq, 1]
             mask = ((col[:, None, :] < total_t[:, :, None]) & (col[:, None, :] <= ctx_t + qi))[:, None]  # [B, 1, Tq, T]
-            q_index = torch.tensor(
-                [i * queries + j for i, n in enumerate(lengths) for j in range(n)], dtype=torch.int64, device=dev
-            )
+            q_index = device_tensor([i * queries + j for i, n in enumerate(lengths) for j in range(n)], torch.int64, dev)
         return _Layout(
             write=write, keys=keys, rows=b, width=width, queries=queries, q_index=q_index, mask=mask, lengths=key_lengths
         )
+
+    def _decode_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        """lengths [B] visible key columns per row -> additive mask [H_kv * B, 1, T=width], the bmm batch order."""
+        hidden = torch.arange(width, device=self.device)[None, :] >= lengths[:, None]  # [B, T]
+        dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        mask = torch.zeros(hidden.shape[0], 1, width, dtype=dtype, device=self.device)
+        mask.masked_fill_(hidden[:, None, :], float("-inf"))
+        return mask.repeat(self.decoder.num_kv_heads, 1, 1)
 
     def _attend(
         self, lay: _Layout, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.request import Request
+from server.engine.transfer import device_tensor
 
 _MASK32 = 0xFFFFFFFF
 
@@ -154,17 +155,17 @@ def prepare(requests: list[Request], vocab_size: int, device: torch.device) -> S
         rows = [i for i, r in enumerate(requests) for _ in range(len(r.input_ids) + len(r.output_ids))]
         cols = [t for r in requests for t in (*r.input_ids, *r.output_ids)]
         seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
-        seen[torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64, device=device)] = True
+        seen[device_tensor(rows, torch.int64, device), device_tensor(cols, torch.int64, device)] = True
     return SamplingBatch(
         params=SamplingTensors(
-            sampling=torch.tensor(sampling, dtype=torch.bool, device=device),
-            temperature=torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device),
-            seeds=torch.tensor([r.seed for r in requests], dtype=torch.int64, device=device),
+            sampling=device_tensor(sampling, torch.bool, device),
+            temperature=device_tensor([p.temperature or 1.0 for p in params], torch.float32, device),
+            top_k=device_tensor([p.top_k for p in params], torch.int64, device),
+            top_p=device_tensor([p.top_p for p in params], torch.float32, device),
+            repetition_penalty=device_tensor([p.repetition_penalty for p in params], torch.float32, device),
+            seeds=device_tensor([r.seed for r in requests], torch.int64, device),
         ),
-        steps=torch.tensor([len(r.output_ids) for r in requests], dtype=torch.int64, device=device),
+        steps=device_tensor([len(r.output_ids) for r in requests], torch.int64, device),
         seen=seen,
         flags=BatchFlags(
             sampling=any(sampling),
