@@ -67,7 +67,7 @@ class Settings:
     cuda_graphs: bool = field(
         default=True,
         metadata={
-            "help": "CUDA: run decode steps at fixed shapes (rows padded to buckets 1, 2, 4, 8, 16, ...; key columns to powers of two), recorded as CUDA graphs at start and replayed with one launch; --no-cuda-graphs runs them eagerly"
+            "help": "CUDA: run decode steps at fixed shapes (rows padded to buckets 1, 2, 4, 8, 16, ...; key columns to powers of two), recorded as CUDA graphs at start and replayed with one launch; --no-cuda-graphs: each step at its batch's own shapes, launched op by op"
         },
     )
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
