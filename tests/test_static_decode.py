@@ -5,6 +5,7 @@ per bucket (the conditions a CUDA graph capture needs; the capture itself runs o
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -165,6 +166,38 @@ def test_the_static_step_compiles_whole_once_per_bucket(tiny_model_dir, prompts)
     assert len(buckets) > len(set(buckets)) >= 2  # several buckets, each used many times
     assert len(graphs) == len(set(buckets))
     torch._dynamo.reset()
+
+
+class ReplayingRecorder:
+    """Stands in for CUDA graphs on a CPU: recording runs the step once and keeps its output tensor;
+    a replay runs the step again from the fixed buffers and writes into that same tensor, as a graph
+    replay overwrites its captured output. What the engine reads after a replay is then what it would
+    read from a graph: wrong if the inputs did not reach the buffers, or if it read another tensor.
+    (That the step holds no host values a graph would freeze is the compile test's part.)"""
+
+    def __init__(self) -> None:
+        self.recorded = 0
+
+    def record(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], object], torch.Tensor]:
+        out = step()
+        self.recorded += 1
+        return (lambda: out.copy_(step())), out
+
+
+def test_recorded_steps_replay_from_the_fixed_buffers(lm, prompts):
+    """Every bucket recorded at start (largest first), every step then a replay; answers == solo reference."""
+    engine = make_engine(lm, accel=STATIC["plain"], max_batch_size=4, max_context=64)
+    static = engine.runner.static
+    assert static is not None and static.rows == [1, 2, 4] and static.widths == [64]
+    recorder = ReplayingRecorder()
+    static.recorder = recorder
+    static.record_all()
+    assert recorder.recorded == 3 and static.recorded == 3
+    specs = specs_for(prompts, 9, seed=17)
+    outputs = staggered_outputs(engine, specs, join_every=2)
+    for (prompt, ids, params), out in zip(specs, outputs):
+        assert out == reference_greedy(lm, prompt.embeddings, ids, params.max_new_tokens)
+    assert static.replays > 0 and static.eager_steps == 0 and recorder.recorded == 3  # nothing recorded late
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

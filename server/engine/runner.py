@@ -22,7 +22,7 @@ from server.engine.decoder import Decoder
 from server.engine.pool import NULL_SLOT, BlockPool, SeqBlocks
 from server.engine.prefix_cache import PrefixEntry
 from server.engine.request import Request
-from server.engine.static_decode import StaticDecode, StaticInputs
+from server.engine.static_decode import CudaGraphRecorder, StaticDecode, StaticInputs
 from server.engine.transfer import device_tensor
 from server.models import LoadedModel
 from server.prompts.types import SoftPrompt
@@ -123,7 +123,8 @@ class Runner:
         self.v[:, :, :block_size].zero_()
         graphs = accel.cuda_graphs and self.device.type == "cuda"
         static = graphs if accel.static_decode is None else accel.static_decode
-        self.static = StaticDecode(self._static_step, self.device, max_rows, max_context, graphs) if static else None
+        recorder = CudaGraphRecorder(self.device) if graphs else None
+        self.static = StaticDecode(self._static_step, self.device, max_rows, max_context, recorder) if static else None
         if self.static is not None:
             with torch.inference_mode():
                 self.static.record_all()  # at start, so that no request pays for it

@@ -16,9 +16,10 @@ Inputs reach the device in one copy that does not wait for the GPU (pageable mem
 once), so the step's one host sync stays the engine's read of the sampled tokens.
 
 On a CPU the same static step runs eagerly (`Acceleration.static_decode=True`): there the native
-kernels already take any shape, so it is there to be tested (tests/test_static_decode.py checks it
-token for token against the eager step and traces it whole with torch.compile, no graph breaks, no
-recompiles across steps: the conditions a CUDA graph capture needs).
+kernels already take any shape, so it is there to be tested. tests/test_static_decode.py checks it
+token for token against the eager step, replays it through a stand-in recorder (what the engine reads
+after a replay), and traces it whole with torch.compile, no graph break and no recompile across steps:
+the conditions a CUDA graph capture needs. Only `CudaGraphRecorder` itself needs a GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -68,6 +69,38 @@ class StaticInputs:
     all_rows: torch.Tensor  # [R] int64, 0..R-1 (every row wants logits)
 
 
+class Recorder(Protocol):
+    """Records a step once; returns (replay: runs it again on the same buffers, its output tensor,
+    which every replay overwrites)."""
+
+    def record(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], object], torch.Tensor]: ...
+
+
+class CudaGraphRecorder:
+    """Records steps as CUDA graphs that share one memory pool (one replays at a time)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool: Any = None
+
+    def record(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], object], torch.Tensor]:
+        # A few eager runs on a side stream first (cuBLAS and the allocator set themselves up outside
+        # the capture), then the capture itself.
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = step()
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph.replay, out
+
+
 class StaticDecode:
     """Buckets, the input buffer, and one recorded step per bucket (CUDA) or the same step run eagerly."""
 
@@ -77,9 +110,10 @@ class StaticDecode:
         device: torch.device,
         max_rows: int,
         max_context: int | None,
-        graphs: bool,
+        recorder: Recorder | None,
     ) -> None:
-        """step(inputs) -> logits [R, V]: the decode forward over the buffers' views, shapes fixed by the bucket."""
+        """step(inputs) -> logits [R, V]: the decode forward over the buffers' views, shapes fixed by the
+        bucket; recorder: CudaGraphRecorder, or None to run the step eagerly."""
         self.step = step
         self.device = device
         self.rows = row_buckets(max_rows)
@@ -87,10 +121,9 @@ class StaticDecode:
         r, w = self.rows[-1], self.widths[-1]
         self.buffer = torch.zeros(4 * r + r * w, dtype=torch.int64, device=device)
         self.arange = torch.arange(r, dtype=torch.int64, device=device)
-        self.graphs = graphs and device.type == "cuda"
+        self.recorder = recorder
         self._inputs: dict[tuple[int, int], StaticInputs] = {}
-        self._recorded: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool: Any = None  # the graphs' shared memory pool: one bucket replays at a time
+        self._recorded: dict[tuple[int, int], tuple[Callable[[], object], torch.Tensor]] = {}
         self.replays = 0  # steps served by a recorded graph (counters for /stats and tests)
         self.eager_steps = 0  # static steps run eagerly (CPU, or graphs off)
 
@@ -134,41 +167,29 @@ class StaticDecode:
         return self._run(rows, width)[:n]
 
     def _run(self, rows: int, width: int) -> torch.Tensor:
-        if self.graphs:
+        if self.recorder is not None:
             if (rows, width) not in self._recorded:
                 self._record(rows, width)
-            graph, out = self._recorded[(rows, width)]
-            graph.replay()
+            replay, out = self._recorded[(rows, width)]
+            replay()
             self.replays += 1
             return out
         self.eager_steps += 1
         return self.step(self.inputs(rows, width))
 
     def record_all(self) -> None:
-        """Record every bucket's graph now (at start), largest first so the shared pool is sized once."""
-        if not self.graphs:
+        """Record every bucket's step now (at start), largest first so a shared pool is sized once."""
+        if self.recorder is None:
             return
         for rows in reversed(self.rows):
             for width in reversed(self.widths):
                 self._record(rows, width)
 
     def _record(self, rows: int, width: int) -> None:
+        assert self.recorder is not None
         inputs = self.inputs(rows, width)
         self._pad(inputs)
-        # A few eager runs on a side stream first (cuBLAS and the allocator set themselves up
-        # outside the capture), then the capture itself.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step(inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.step(inputs)
-        if self._pool is None:
-            self._pool = graph.pool()
-        self._recorded[(rows, width)] = (graph, out)
+        self._recorded[(rows, width)] = self.recorder.record(lambda: self.step(inputs))
 
     def _pad(self, inputs: StaticInputs) -> None:
         """Every row a padding row: what the recording runs write goes to NULL_SLOT only."""
