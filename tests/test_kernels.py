@@ -201,6 +201,22 @@ def test_panel_linear_matches_a_float32_product(ops, dtype, rows):
     torch.testing.assert_close(ops.panel_linear(x, panels, 37, None) + b, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 13])
+def test_panel_linear_in_16_bits_is_the_float32_result_rounded(ops, dtype, rows):
+    """16-bit x in, 16-bit y out (what the decoder feeds a 16-bit model): bit for bit the float32
+    product of the same values, rounded as torch's cast rounds."""
+    g = torch.Generator().manual_seed(rows)
+    w, b = (torch.randn(37, 45, generator=g) * 0.1).to(dtype), torch.randn(37, generator=g)
+    x = torch.randn(rows, 45, generator=g).to(dtype)
+    panels = ops.pack_panels(w)
+    out = ops.panel_linear(x, panels, 37, b)
+    assert out.dtype == dtype and out.shape == (rows, 37)
+    assert torch.equal(out, ops.panel_linear(x.float(), panels, 37, b).to(dtype))
+    with pytest.raises(RuntimeError, match="x must be"):  # 16-bit x only with panels of its own dtype
+        ops.panel_linear(x, ops.pack_panels(w.float()), 37, b)
+
+
 def test_panel_linear_rows_do_not_depend_on_the_other_rows_bit_for_bit(ops):
     w, x = torch.randn(50, 300) * 0.1, torch.randn(40, 300)
     panels = ops.pack_panels(w)

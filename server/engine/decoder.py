@@ -110,6 +110,8 @@ class Linear:
         if self.panels is not None:
             assert self.ops is not None
             if x.shape[0] <= self.max_rows:
+                if x.dtype == self.panels.dtype:  # 16-bit in and out: widened and rounded inside the kernel
+                    return self.ops.panel_linear(x.contiguous(), self.panels, self.out_features, self.panel_bias)
                 y = self.ops.panel_linear(x.float().contiguous(), self.panels, self.out_features, self.panel_bias)
                 return y.to(x.dtype)  # a no-op for float32
             if self.packed is not None:  # native 16-bit GEMM

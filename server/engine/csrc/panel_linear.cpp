@@ -52,8 +52,8 @@ inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(
 // While it computes, a tile prefetches lines pf, pf + pf_step, ... of the next panel into L2 (one
 // line per k): the row tiles of a panel share its next panel's lines, so that memory latency hides
 // behind arithmetic instead of stalling the first tile of every panel.
-template <typename w_t, int MR>
-void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, float* y, int64_t ldy,
+template <typename w_t, typename y_t, int MR>
+void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, y_t* y, int64_t ldy,
           int64_t cols, const w_t* next, int64_t pf, int64_t pf_step) {
   // Every loop over r is unrolled so that the accumulators live in registers (not on the stack).
   __m256 acc[MR][2];
@@ -80,55 +80,57 @@ void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, c
     _mm256_store_ps(out[r] + 8, acc[r][1]);
   }
   for (int r = 0; r < MR; ++r) {
-    float* dst = y + r * ldy;
-    for (int64_t c = 0; c < cols; ++c) dst[c] = bias != nullptr ? out[r][c] + bias[c] : out[r][c];
+    y_t* dst = y + r * ldy;  // a 16-bit y rounds to nearest even, as torch's cast does
+    for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<y_t>(bias != nullptr ? out[r][c] + bias[c] : out[r][c]);
   }
 }
 
-template <typename w_t>
-void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, float* y,
+template <typename w_t, typename y_t>
+void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, y_t* y,
                int64_t ldy, int64_t cols, const w_t* next, int64_t pf, int64_t pf_step) {
   switch (mr) {
-    case 1: return tile<w_t, 1>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
-    case 2: return tile<w_t, 2>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
-    case 3: return tile<w_t, 3>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
-    case 4: return tile<w_t, 4>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
-    case 5: return tile<w_t, 5>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
-    default: return tile<w_t, 6>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    case 1: return tile<w_t, y_t, 1>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    case 2: return tile<w_t, y_t, 2>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    case 3: return tile<w_t, y_t, 3>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    case 4: return tile<w_t, y_t, 4>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    case 5: return tile<w_t, y_t, 5>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    default: return tile<w_t, y_t, 6>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
   }
 }
 #else
 // The same chain of float32 multiply-adds per output, one at a time.
-template <typename w_t>
-void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, float* y,
+template <typename w_t, typename y_t>
+void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, y_t* y,
                int64_t ldy, int64_t cols, const w_t*, int64_t, int64_t) {
   for (int64_t r = 0; r < mr; ++r)
     for (int64_t c = 0; c < cols; ++c) {
       float s = 0.f;
       for (int64_t k = 0; k < K; ++k) s = std::fma(a[k * ak + r * ar], widen(panel[k * kCols + c]), s);
-      y[r * ldy + c] = bias != nullptr ? s + bias[c] : s;
+      y[r * ldy + c] = static_cast<y_t>(bias != nullptr ? s + bias[c] : s);
     }
 }
 #endif
 
-// x [M, K] row-major. One tile of rows reads x where it lies; more rows are first copied into tiles
-// of kRows rows, k-major ([chunks, K, kRows]), so that a tile's k-th values are adjacent.
-template <typename w_t>
-void run(const float* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const float* bias, float* y) {
+// x [M, K] row-major, float32 or the weight's 16-bit dtype (widened exactly); y [M, N] the same dtype.
+// One tile of float32 rows reads x where it lies; otherwise rows are first copied (as float32) into
+// tiles of kRows rows, k-major ([chunks, K, kRows]), so that a tile's k-th values are adjacent.
+template <typename w_t, typename x_t>
+void run(const x_t* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const float* bias, x_t* y) {
   const int64_t panels = (N + kCols - 1) / kCols, chunks = (M + kRows - 1) / kRows;
   std::vector<float> tiles;
-  const float* a = x;
+  const float* a = reinterpret_cast<const float*>(x);  // used as is only when x_t is float
   int64_t ak = 1, ar = K, a_chunk = 0;
-  if (chunks > 1) {
-    tiles.assign(chunks * K * kRows, 0.f);
+  if (chunks > 1 || !std::is_same<x_t, float>::value) {
+    const int64_t rows = chunks > 1 ? kRows : M;  // a single tile keeps x's row-major layout
+    tiles.assign(chunks * K * rows, 0.f);
     for (int64_t m = 0; m < M; ++m) {
-      float* dst = tiles.data() + (m / kRows) * K * kRows + m % kRows;
-      for (int64_t k = 0; k < K; ++k) dst[k * kRows] = x[m * K + k];
+      float* dst = tiles.data() + (m / rows) * K * rows + m % rows;
+      for (int64_t k = 0; k < K; ++k) dst[k * rows] = widen(x[m * K + k]);
     }
     a = tiles.data();
-    ak = kRows;
+    ak = rows;
     ar = 1;
-    a_chunk = K * kRows;
+    a_chunk = K * rows;
   }
   // Threads split the panels: each streams its share of the weight from memory once, and every row
   // chunk reuses a panel while it is in cache.
@@ -169,11 +171,12 @@ torch::Tensor pack_panels(const torch::Tensor& weight) {
   return padded.view({panels, kCols, K}).transpose(1, 2).contiguous();
 }
 
-// x [M, K] float32 contiguous, panels from pack_panels, n = the weight's N, bias [n] float32 or
-// None -> [M, n] float32.
+// x [M, K] contiguous, float32 or the panels' 16-bit dtype; panels from pack_panels, n = the weight's
+// N, bias [n] float32 or None -> [M, n] in x's dtype (16-bit: the float32 result rounded, as `.to()` does).
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && panels.device().is_cpu(), "panel_linear: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [M, K]");
+  TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == panels.scalar_type()) && x.dim() == 2 && x.is_contiguous(),
+              "x must be contiguous [M, K], float32 or the panels' dtype");
   TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kCols && panels.is_contiguous() && panels.size(1) == x.size(1) &&
                   n > (panels.size(0) - 1) * kCols && n <= panels.size(0) * kCols,
               "panels must come from pack_panels of an [n, K] weight with K = x.size(1)");
@@ -186,12 +189,21 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
   }
   auto y = torch::empty({M, n}, x.options());
   if (M == 0) return y;
-  const float* xd = x.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
+  const bool wide = x.scalar_type() == torch::kFloat32;
   switch (panels.scalar_type()) {
-    case torch::kFloat32: run(xd, M, K, panels.data_ptr<float>(), n, bd, yd); break;
-    case torch::kBFloat16: run(xd, M, K, panels.data_ptr<at::BFloat16>(), n, bd, yd); break;
-    case torch::kHalf: run(xd, M, K, panels.data_ptr<at::Half>(), n, bd, yd); break;
+    case torch::kFloat32: run(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), n, bd, y.data_ptr<float>()); break;
+    case torch::kBFloat16: {
+      const auto* wp = panels.data_ptr<at::BFloat16>();
+      if (wide) run(x.data_ptr<float>(), M, K, wp, n, bd, y.data_ptr<float>());
+      else run(x.data_ptr<at::BFloat16>(), M, K, wp, n, bd, y.data_ptr<at::BFloat16>());
+      break;
+    }
+    case torch::kHalf: {
+      const auto* wp = panels.data_ptr<at::Half>();
+      if (wide) run(x.data_ptr<float>(), M, K, wp, n, bd, y.data_ptr<float>());
+      else run(x.data_ptr<at::Half>(), M, K, wp, n, bd, y.data_ptr<at::Half>());
+      break;
+    }
     default: TORCH_CHECK(false, "panels dtype must be float32, bfloat16 or float16");
   }
   return y;
