@@ -261,3 +261,23 @@ def test_the_silu_kernel_applies_to_silu_activations_only():
 
     assert _is_silu(nn.SiLU()) and _is_silu(ACT2FN["silu"])
     assert not _is_silu(ACT2FN["gelu_pytorch_tanh"]) and not _is_silu(nn.GELU())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 5, 8, 13, 1027])
+def test_greedy_is_torch_argmax_and_flags_rows_that_are_not_finite(ops, dtype, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-3, 4, (9, vocab), generator=g).to(dtype)  # few distinct values: many ties
+    logits[1] = -5.0  # the max in the first lane
+    logits[1, -1] = 7.0  # ... and in the tail
+    logits[2] = torch.randn(vocab, generator=g).to(dtype)
+    bad = {4: float("nan"), 5: float("inf"), 6: -float("inf")}
+    for row, value in bad.items():
+        logits[row, vocab // 2] = value
+    tokens, finite = ops.greedy(logits)
+    assert tokens.dtype == torch.int64 and finite.dtype == torch.bool
+    assert finite.tolist() == [row not in bad for row in range(9)]
+    good = [row for row in range(9) if row not in bad]
+    assert tokens[good].tolist() == logits[good].float().argmax(dim=-1).tolist()  # ties: the first index
+    with pytest.raises(RuntimeError, match="logits must be"):
+        ops.greedy(logits.double())

@@ -19,11 +19,12 @@ from typing import Any, Protocol
 import torch
 
 from server.engine.block_cache import BlockCache
+from server.engine.decoder import KERNEL_DTYPES
 from server.engine.detok import IncrementalText
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
 from server.engine.runner import Acceleration, Runner
-from server.engine.sampler import prepare, sample
+from server.engine.sampler import SamplingBatch, prepare, sample
 from server.engine.scheduler import Plan, Scheduler
 from server.errors import ErrorKind
 from server.models import LoadedModel
@@ -287,12 +288,8 @@ class Engine:
     @torch.inference_mode()
     def _postprocess(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Choose each row's token, deliver it, and finish the rows that are done."""
-        # [B]: a poisoned row must fail alone. One reduction instead of an elementwise test: the sum
-        # is finite exactly when every logit is, unless they overflow float32 together (garbage anyway).
-        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
-        logits.masked_fill_(~finite[:, None], 0.0)  # in place: the pass's own output
         batch = prepare(rows, self.runner.vocab_size, logits.device)
-        tokens, logprobs = sample(logits, batch.params, batch.steps, batch.seen, batch.flags)
+        tokens, finite, logprobs = self._choose(logits, batch)
         parts = [tokens, finite.to(torch.int64)]
         if logprobs is not None:  # token ids are exact in float64
             parts = [tokens.double(), finite.double(), logprobs.double()]
@@ -306,6 +303,19 @@ class Engine:
             reason = self._append_token(req, tok, lp)
             if reason is not None:
                 self._finish(req, reason)
+
+    def _choose(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """logits [B, V] -> (tokens [B], finite [B] bool: a poisoned row must fail alone, log-probabilities [B] or None)."""
+        flags, ops = batch.flags, self.runner.ops
+        if ops is not None and not (flags.sampling or flags.penalty or flags.logprobs) and logits.dtype in KERNEL_DTYPES:
+            tokens, finite = ops.greedy(logits.contiguous())  # argmax and the finite test in one pass (CPU)
+            return tokens, finite, None
+        # One reduction instead of an elementwise test: the sum is finite exactly when every logit
+        # is, unless they overflow float32 together (garbage anyway).
+        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+        logits.masked_fill_(~finite[:, None], 0.0)  # in place (the pass's own output): sampling needs finite rows
+        tokens, logprobs = sample(logits, batch.params, batch.steps, batch.seen, batch.flags)
+        return tokens, finite, logprobs
 
     def _append_token(self, req: Request, tok: int, logprob: float) -> FinishReason | None:
         if not req.output_ids:

@@ -9,6 +9,7 @@
 //   rotary            rotary embedding of q and k together, in place
 //   silu_mul          silu(gate) * up
 // (the last three in float32, bfloat16 and float16, rounding where torch's separate ops round)
+//   greedy            each row's argmax and whether it is finite, in one pass over the logits
 //   panel_linear      x W^T + b over weights repacked in panels, for decode-sized inputs (panel_linear.cpp)
 // Compiled with -ffp-contract=off so that a*b + c*d rounds as the separate torch ops do.
 
@@ -19,6 +20,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -304,6 +307,74 @@ torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
   return out;
 }
 
+// One row's greedy pick: the first index of its largest value (torch.argmax's answer) and whether
+// every value is finite. 8 lanes keep their own best value and index (strictly greater wins, so each
+// keeps its earliest); the lanes are merged at the end, the lowest index among equal bests.
+template <typename scalar_t>
+void greedy_row(const scalar_t* row, int64_t V, int64_t* token, bool* finite) {
+  int64_t i = 0, best_i = 0;
+  float best = -std::numeric_limits<float>::infinity();
+  bool ok = true;
+#ifdef SOFTMUX_AVX2_EXP
+  if (V >= 8) {
+    float buf[8];
+    __m256 vbest = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), bad = _mm256_setzero_ps();
+    __m256i vidx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vbest_i = vidx;
+    const __m256i eight = _mm256_set1_epi32(8);
+    for (; i + 8 <= V; i += 8) {
+      __m256 x;
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        x = _mm256_loadu_ps(row + i);
+      } else {
+        for (int j = 0; j < 8; ++j) buf[j] = static_cast<float>(row[i + j]);
+        x = _mm256_loadu_ps(buf);
+      }
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));  // inf - inf, NaN
+      const __m256 gt = _mm256_cmp_ps(x, vbest, _CMP_GT_OQ);
+      vbest = _mm256_blendv_ps(vbest, x, gt);
+      vbest_i = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vbest_i), _mm256_castsi256_ps(vidx), gt));
+      vidx = _mm256_add_epi32(vidx, eight);
+    }
+    alignas(32) float lane_best[8];
+    alignas(32) int32_t lane_i[8];
+    _mm256_store_ps(lane_best, vbest);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lane_i), vbest_i);
+    best_i = lane_i[0];
+    best = lane_best[0];
+    for (int j = 1; j < 8; ++j)
+      if (lane_best[j] > best || (lane_best[j] == best && lane_i[j] < best_i)) best = lane_best[j], best_i = lane_i[j];
+    ok = _mm256_movemask_ps(bad) == 0;
+  }
+#endif
+  for (; i < V; ++i) {
+    const float x = static_cast<float>(row[i]);
+    ok = ok && std::isfinite(x);
+    if (x > best) best = x, best_i = i;
+  }
+  *token = best_i;
+  *finite = ok;
+}
+
+// logits [B, V] contiguous, float32/bfloat16/float16 -> (tokens [B] int64: each row's torch.argmax,
+// finite [B] bool: the row holds no NaN or infinity). One pass over the logits, rows split between threads.
+std::tuple<torch::Tensor, torch::Tensor> greedy(const torch::Tensor& logits) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous() && elementwise_dtype(logits),
+              "logits must be a contiguous [B, V] CPU tensor, float32/bfloat16/float16");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0 && V < (int64_t(1) << 31), "vocabulary size out of range");
+  auto tokens = torch::empty({B}, logits.options().dtype(torch::kInt64));
+  auto finite = torch::empty({B}, logits.options().dtype(torch::kBool));
+  int64_t* td = tokens.data_ptr<int64_t>();
+  bool* fd = finite.data_ptr<bool>();
+  SOFTMUX_DISPATCH(logits.scalar_type(), "greedy", [&] {
+    const scalar_t* ld = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) greedy_row(ld + b * V, V, td + b, fd + b);
+    });
+  });
+  return {tokens, finite};
+}
+
 }  // namespace
 
 namespace softmux {  // panel_linear.cpp
@@ -317,6 +388,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "optional residual add, then RMSNorm");
   m.def("rotary", &rotary, "rotary embedding in place");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("greedy", &greedy, "each row's argmax and whether the row is finite");
   m.def("pack_panels", &softmux::pack_panels, "a weight in panels of 16 output columns, for panel_linear");
   m.def("panel_linear", &softmux::panel_linear, "x W^T + b over panel-packed weights, float32 accumulation");
   m.def("panel_linear_vectorized", &softmux::panel_linear_vectorized, "whether panel_linear is vectorised here");
