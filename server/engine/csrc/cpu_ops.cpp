@@ -36,6 +36,67 @@ void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, name, " must have a contiguous last dimension");
 }
 
+#ifdef SOFTMUX_AVX2_EXP
+// exp of 8 float32 lanes within ~1-2 ulp (torch's own vectorised exp is also a polynomial, not
+// glibc's): exp(x) = 2^n exp(r), x = n ln2 + r, |r| <= ln2 / 2, exp(r) a degree-7 polynomial (the
+// Cephes coefficients), 2^n put in the exponent bits; saturating to inf above 88.72 and to 0 below -87.3.
+inline __m256 exp8(__m256 x) {
+  const __m256 big = _mm256_set1_ps(88.72283935546875f), small = _mm256_set1_ps(-87.33654022216797f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, small), big);
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  // 2^n for n in [-126, 128]: split as 2^(n - h) * 2^h so that neither factor leaves the normal range
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i h = _mm256_srai_epi32(ni, 1);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), _mm256_set1_epi32(127)), 23));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _mm256_cmp_ps(x, big, _CMP_GT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, small, _CMP_LT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN stays NaN
+}
+
+// silu(x) = x / (1 + exp(-x)) of 8 values, the formula torch uses.
+inline void silu8(const float* in, float* out) {
+  const __m256 x = _mm256_loadu_ps(in);
+  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+  _mm256_storeu_ps(out, _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+}
+#else
+inline void silu8(const float* in, float* out) {
+  for (int j = 0; j < 8; ++j) out[j] = in[j] / (1.f + std::exp(-in[j]));
+}
+#endif
+
+// s[t] = exp(s[t] - shift) for t < n, 8 lanes at a time (a partial last group padded), so that a
+// value's result does not depend on its position; float64 (and non-AVX2 builds) use std::exp.
+inline void exp_shifted(float* s, int64_t n, float shift) {
+#ifdef SOFTMUX_AVX2_EXP
+  const __m256 m = _mm256_set1_ps(shift);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) _mm256_storeu_ps(s + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m)));
+  if (t < n) {
+    float buf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int64_t j = t; j < n; ++j) buf[j - t] = s[j];
+    _mm256_storeu_ps(buf, exp8(_mm256_sub_ps(_mm256_loadu_ps(buf), m)));
+    for (int64_t j = t; j < n; ++j) s[j] = buf[j - t];
+  }
+#else
+  for (int64_t t = 0; t < n; ++t) s[t] = std::exp(s[t] - shift);
+#endif
+}
+inline void exp_shifted(double* s, int64_t n, double shift) {
+  for (int64_t t = 0; t < n; ++t) s[t] = std::exp(s[t] - shift);
+}
+
 // q [B, H, D] (row/head strides free), k_new/v_new [B, Hk, D] keys and values of the new tokens,
 // kpool/vpool [Hk, S, D] one layer of the pool (contiguous), write [B] slot of each new token,
 // slots [B, T] key slots of each row (its prefix, its own tokens, the new one; padding past
@@ -102,11 +163,9 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_new, c
         acc_t* s = scores.data() + g * T;
         acc_t mx = -std::numeric_limits<acc_t>::infinity();
         for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+        exp_shifted(s, n, mx);
         acc_t sum = 0;
-        for (int64_t t = 0; t < n; ++t) {
-          s[t] = std::exp(s[t] - mx);
-          sum += s[t];
-        }
+        for (int64_t t = 0; t < n; ++t) sum += s[t];
         for (int64_t t = 0; t < n; ++t) s[t] /= sum;
         std::fill(acc.begin() + g * D, acc.begin() + (g + 1) * D, acc_t(0));
       }
@@ -242,45 +301,6 @@ void rotary(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin)
   });
 }
 
-#ifdef SOFTMUX_AVX2_EXP
-// exp of 8 float32 lanes within ~1-2 ulp (torch's own vectorised exp is also a polynomial, not
-// glibc's): exp(x) = 2^n exp(r), x = n ln2 + r, |r| <= ln2 / 2, exp(r) a degree-7 polynomial (the
-// Cephes coefficients), 2^n put in the exponent bits; saturating to inf above 88.72 and to 0 below -87.3.
-inline __m256 exp8(__m256 x) {
-  const __m256 big = _mm256_set1_ps(88.72283935546875f), small = _mm256_set1_ps(-87.33654022216797f);
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, small), big);
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  // 2^n for n in [-126, 128]: split as 2^(n - h) * 2^h so that neither factor leaves the normal range
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i h = _mm256_srai_epi32(ni, 1);
-  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, _mm256_set1_epi32(127)), 23));
-  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), _mm256_set1_epi32(127)), 23));
-  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
-  y = _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _mm256_cmp_ps(x, big, _CMP_GT_OQ));
-  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, small, _CMP_LT_OQ));
-  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN stays NaN
-}
-
-// silu(x) = x / (1 + exp(-x)) of 8 values, the formula torch uses.
-inline void silu8(const float* in, float* out) {
-  const __m256 x = _mm256_loadu_ps(in);
-  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-  _mm256_storeu_ps(out, _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
-}
-#else
-inline void silu8(const float* in, float* out) {
-  for (int j = 0; j < 8; ++j) out[j] = in[j] / (1.f + std::exp(-in[j]));
-}
-#endif
 
 // silu(gate) * up, [N, I] each, float32/bfloat16/float16 (silu rounded to the dtype before the product, as torch's two ops).
 // Every value goes through the same 8-lane silu (a partial last group is padded), so a value's
