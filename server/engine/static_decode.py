@@ -85,20 +85,26 @@ class CudaGraphRecorder:
 
     def record(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], object], torch.Tensor]:
         # A few eager runs on a side stream first (cuBLAS and the allocator set themselves up outside
-        # the capture), then the capture itself.
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = step()
+        # the capture), then the capture itself, on the model's device (cuda:N need not be the current one).
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = step()
         if self.pool is None:
             self.pool = graph.pool()
-        return graph.replay, out
+
+        def replay() -> None:
+            with torch.cuda.device(self.device):
+                graph.replay()
+
+        return replay, out
 
 
 class StaticDecode:
