@@ -187,31 +187,43 @@ def median_of(fn: Callable[[], dict[str, float]], repeats: int) -> dict[str, flo
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(ap)
+def add_workload_arguments(ap: argparse.ArgumentParser, input_min: int, input_max: int) -> None:
+    """The mixed-task workload's arguments (threads, requests over tasks, concurrency, lengths)."""
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--virtual", type=int, default=20)
-    ap.add_argument("--input-min", type=int, default=16)
-    ap.add_argument("--input-max", type=int, default=48)
+    ap.add_argument("--input-min", type=int, default=input_min)
+    ap.add_argument("--input-max", type=int, default=input_max)
+
+
+def load_workload(args: argparse.Namespace) -> tuple[LoadedModel, list[SoftPrompt], list[Job]]:
+    """The model, the tasks' soft prompts and the jobs that the workload arguments describe."""
+    torch.set_num_threads(args.threads)
+    lm = load_for_bench(args)
+    prompts = make_prompts(lm, args.tasks, args.virtual, seed=0)
+    return lm, prompts, make_jobs(args.requests, args.tasks, args.input_min, args.input_max, seed=1)
+
+
+def where(lm: LoadedModel) -> str:
+    """The GPU's or the CPU's name, for the header of every result."""
+    return torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else cpu_model()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(ap)
+    add_workload_arguments(ap, input_min=16, input_max=48)
     ap.add_argument("--single-requests", type=int, default=16, help="requests timed one at a time (a subset: it is slow)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    lm = load_for_bench(args)
-    prompts = make_prompts(lm, args.tasks, args.virtual, seed=0)
-    jobs = make_jobs(args.requests, args.tasks, args.input_min, args.input_max, seed=1)
+    lm, prompts, jobs = load_workload(args)
     one_task = [Job(task=0, input_ids=j.input_ids) for j in jobs]
     n, c = args.new_tokens, args.concurrency
-    print(
-        f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, "
-        f"{torch.cuda.get_device_name(lm.device) if lm.device.type == 'cuda' else cpu_model()}"
-    )
+    print(f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, {where(lm)}")
     print(
         f"{args.requests} requests over {args.tasks} tasks, concurrency {c}, P={args.virtual}, "
         f"inputs {args.input_min}-{args.input_max} tokens, {n} new tokens, medians of {args.repeats} runs",

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_model_arguments, cpu_model, load_for_bench, write_results
-from benchmarks.compare import Job, PassTimer, longest, make_jobs, make_prompts, sync
+from benchmarks.common import add_model_arguments, write_results
+from benchmarks.compare import Job, PassTimer, add_workload_arguments, load_workload, longest, sync, where
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import Request, SamplingParams
@@ -94,23 +94,12 @@ def run(engine: Engine, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--virtual", type=int, default=20)
-    ap.add_argument("--input-min", type=int, default=8)
-    ap.add_argument("--input-max", type=int, default=24)
+    add_workload_arguments(ap, input_min=8, input_max=24)  # issue 10's workload, as benchmarks/vs_vllm.py
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    lm = load_for_bench(args)
-    prompts = make_prompts(lm, args.tasks, args.virtual, seed=0)
-    jobs = make_jobs(args.requests, args.tasks, args.input_min, args.input_max, seed=1)
-    where = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else cpu_model()
-    header = f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, {where}"
+    lm, prompts, jobs = load_workload(args)
+    header = f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, {where(lm)}"
     print(header)
     print(
         f"{args.requests} requests over {args.tasks} tasks, concurrency {args.concurrency}, P={args.virtual}, inputs "
