@@ -2,7 +2,8 @@
 # The benchmark run on a lent GPU machine (see README "Benchmarks"). It expects, carried beside the
 # repo: .devmodel/ (the default model's config and tokenizer; its weights are too large to carry,
 # so the model is built with random weights: timings don't depend on them, as every request
-# generates a fixed number of tokens) and .whl/ (transformers 5.24, newer than the image's).
+# generates a fixed number of tokens) and .whl/ (transformers 5.24, newer than the image's): both made
+# by benchmarks/gpu_prep.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
