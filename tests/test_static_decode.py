@@ -135,6 +135,31 @@ def test_preemption_with_the_static_step_keeps_every_answer_exact(lm, prompts):
         engine.stop()
 
 
+@pytest.mark.parametrize("accel", list(STATIC.values()), ids=list(STATIC))
+def test_seeded_sampling_and_token_block_hits_with_the_static_step(lm, prompts, accel):
+    """Seeded samples are the same alone and staggered into a mixed batch, with requests that share
+    a 32-token opening taking its blocks from the token block cache; greedy rows == solo reference."""
+    rng = random.Random(21)
+    shared = [rng.randrange(40_000) for _ in range(32)]
+    specs = []
+    for k in range(8):
+        ids = shared + [rng.randrange(40_000) for _ in range(1 + k)] if k % 2 else [rng.randrange(40_000) for _ in range(3 + k)]
+        greedy = SamplingParams(max_new_tokens=8)
+        sampled = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=[0, 20][k % 2], seed=500 + k)
+        params = greedy if k % 3 == 0 else sampled
+        specs.append((prompts[k % 2], ids, params))  # two tasks: the shared opening hits within each
+    engine = make_engine(lm, accel=accel, prefix_cache=PrefixCache(1 << 30))
+    mixed = staggered_outputs(engine, specs, join_every=3)
+    assert engine.block_cache is not None and engine.block_cache.stats.hit_tokens > 0
+    alone = [staggered_outputs(make_engine(lm, accel=accel), [spec], 1)[0] for spec in specs]
+    assert mixed == alone
+    for (prompt, ids, params), out in zip(specs, mixed):
+        if not params.sampling:
+            assert out == reference_greedy(lm, prompt.embeddings, ids, 8)
+    static = engine.runner.static
+    assert static is not None and static.eager_steps > 0
+
+
 def test_the_static_step_compiles_whole_once_per_bucket(tiny_model_dir, prompts):
     """torch.compile(fullgraph=True, dynamic=False) of the step: no graph break (no host sync, no
     data-dependent shape or Python branch on tensor values) and, per bucket, one compile whatever
