@@ -183,9 +183,9 @@ class Runner:
         seqs = [_seq(r) for r in requests]
         if self.static is not None:
             tables = [s.slots() + s.new_slots(1) for s in seqs]  # each row's keys, its new token's last
-            if self.static.fits(len(requests), max(len(t) for t in tables)):
-                positions = [r.virtual_tokens + s.own_len for r, s in zip(requests, seqs)]
-                logits = self.static.decode([r.output_ids[-1] for r in requests], positions, tables)
+            positions = [r.virtual_tokens + s.own_len for r, s in zip(requests, seqs)]
+            logits = self.static.decode([r.output_ids[-1] for r in requests], positions, tables)
+            if logits is not None:
                 for s in seqs:
                     s.own_len += 1
                 return logits

@@ -149,16 +149,15 @@ class StaticDecode:
             )
         return self._inputs[key]
 
-    def fits(self, rows: int, width: int) -> bool:
-        return bucket(self.rows, rows) is not None and bucket(self.widths, width) is not None
-
-    def decode(self, tokens: list[int], positions: list[int], key_tables: list[list[int]]) -> torch.Tensor:
+    def decode(self, tokens: list[int], positions: list[int], key_tables: list[list[int]]) -> torch.Tensor | None:
         """One step for B = len(tokens) rows: key_tables[i] = row i's slots, its new token's last;
-        returns logits [B, V] (a view of a fixed buffer: valid until the next step)."""
+        returns logits [B, V] (a view of a fixed buffer: valid until the next step), or None when the
+        rows or a key table are past the largest bucket (the caller runs the eager step)."""
         n = len(tokens)
         rows = bucket(self.rows, n)
         width = bucket(self.widths, max(len(t) for t in key_tables))
-        assert rows is not None and width is not None, "callers check fits() first"
+        if rows is None or width is None:
+            return None
         pad = rows - n
         flat: list[int] = tokens + [0] * pad
         flat += positions + [0] * pad

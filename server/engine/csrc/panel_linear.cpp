@@ -118,10 +118,11 @@ template <typename w_t, typename x_t>
 void run(const x_t* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const float* bias, x_t* y) {
   const int64_t panels = (N + kCols - 1) / kCols, chunks = (M + kRows - 1) / kRows;
   std::vector<float> tiles;
-  const float* a = reinterpret_cast<const float*>(x);  // used as is only when x_t is float
+  const float* a = nullptr;
+  if constexpr (std::is_same<x_t, float>::value) a = x;  // read where it lies when it is one tile
   int64_t ak = 1, ar = K, a_chunk = 0;
   if (chunks > 1 || !std::is_same<x_t, float>::value) {
-    const int64_t rows = chunks > 1 ? kRows : M;  // a single tile keeps x's row-major layout
+    const int64_t rows = chunks > 1 ? kRows : M;  // a single 16-bit tile: its M rows, k-major
     tiles.assign(chunks * K * rows, 0.f);
     for (int64_t m = 0; m < M; ++m) {
       float* dst = tiles.data() + (m / rows) * K * rows + m % rows;
