@@ -149,12 +149,18 @@ def test_rotary_in_place_equals_rotate_half_on_strided_heads(ops):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rotary_and_silu_mul_in_16_bits_equal_the_torch_ops(ops, dtype):
-    n, heads, d = 7, 6, 16
-    qk = torch.randn(n, heads, d).to(dtype)
-    cos, sin = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
-    expected = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]  # each op rounds to the dtype
-    ops.rotary(qk, cos, sin)
-    assert torch.equal(qk, expected)
+    n, heads = 7, 6
+    for d in (16, 20, 64):  # half a head: whole groups of 8 lanes, and a scalar tail
+        qk = torch.randn(n, heads, d).to(dtype)
+        cos, sin = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
+        qk[0, 0, :2] = torch.tensor([float("nan"), float("inf")])
+        qk[0, 1] = torch.tensor([0.0, -0.0]).repeat(d // 2)  # both halves zero: the sum's sign is the products'
+        cos[0], sin[0] = -cos[0].abs(), sin[0].abs()
+        expected = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]  # each op rounds to the dtype
+        ops.rotary(qk, cos, sin)
+        assert torch.equal(qk.nan_to_num(), expected.nan_to_num()) and torch.equal(qk.isnan(), expected.isnan())
+        numbers = ~expected.isnan()
+        assert torch.equal(qk.signbit()[numbers], expected.signbit()[numbers])  # zeros keep torch's sign
     gate, up = (torch.randn(5, 300) * 4).to(dtype), torch.randn(5, 300).to(dtype)
     silu = ops.silu_mul(gate, up)
     assert silu.dtype == dtype
