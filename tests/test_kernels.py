@@ -70,10 +70,13 @@ def reference_attention(q, k, v, kpool, vpool, write, slots, lengths, scale):
         (torch.float32, 3, 3, 1e-6),
         (torch.float64, 6, 2, 1e-12),  # float64 is computed in float64, not float32
         (torch.bfloat16, 4, 1, 1e-2),
+        (torch.float16, 4, 2, 1e-2),
     ],
 )
-def test_decode_attention_writes_the_new_keys_and_attends_each_row_to_its_own_slots(ops, dtype, heads, kv_heads, tol):
-    q, k, v, kpool, vpool, write, slots, lengths = pool_case(dtype, heads, kv_heads)
+# head sizes: 8-lane registers holding 8 or 32 lanes of a head (float32, bfloat16), the scalar loops (12)
+@pytest.mark.parametrize("dim", [16, 64, 12])
+def test_decode_attention_writes_the_new_keys_and_attends_each_row_to_its_own_slots(ops, dtype, heads, kv_heads, tol, dim):
+    q, k, v, kpool, vpool, write, slots, lengths = pool_case(dtype, heads, kv_heads, dim)
     expected, kpool_after, vpool_after = reference_attention(q, k, v, kpool, vpool, write, slots, lengths, 0.25)
     # q, k, v as the decoder passes them: strided views into one fused projection output
     qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
