@@ -1,4 +1,4 @@
-"""softmux's CPU kernels (server/engine/csrc/: cpu_ops.cpp, panel_linear.cpp): built once per machine, loaded at start.
+"""softmux's CPU kernels (server/engine/csrc/: cpu_ops.cpp, attention.cpp, panel_linear.cpp, vec8.h): built once per machine, loaded at start.
 
 The build needs a C++ compiler (g++ or clang) and takes about a minute the first time; the library is
 cached under `<cache_dir>/kernels/<key>`, keyed by the source, torch's version and this CPU's
@@ -21,7 +21,9 @@ import torch
 
 log = logging.getLogger("softmux.kernels")
 
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("cpu_ops.cpp", "panel_linear.cpp")]
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / name for name in ("cpu_ops.cpp", "attention.cpp", "panel_linear.cpp")]
+HEADERS = [CSRC / "vec8.h"]  # part of the build key, not compiled on their own
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 
@@ -41,7 +43,7 @@ def cpuinfo(field: str) -> str:
 def build_key() -> str:
     digest = hashlib.blake2b(digest_size=8)
     for part in (
-        *(source.read_bytes() for source in SOURCES),
+        *(source.read_bytes() for source in SOURCES + HEADERS),
         torch.__version__.encode(),
         (cpuinfo("flags") or platform.processor()).encode(),
         platform.machine().encode(),
