@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -76,6 +77,13 @@ class PassTimer:
             self.decode.setdefault(rows, []).append(seconds)
 
 
+def bench_request(prompt: SoftPrompt, input_ids: list[int], new_tokens: int, sink: Callable[[Any], None]) -> Request:
+    """A greedy request of exactly `new_tokens` (the benchmark engines ignore eos: equal work everywhere)."""
+    return Request(
+        task=prompt.name, prompt=prompt, input_ids=input_ids, params=SamplingParams(max_new_tokens=new_tokens), seed=0, sink=sink
+    )
+
+
 def longest(prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int) -> int:
     """The longest sequence of the workload (prefix + input + output): the engine's max_context, which
     bounds the decode step's width buckets (CUDA graphs recorded at start)."""
@@ -105,16 +113,7 @@ def run_engine(
     # the OpenMP note).
     start = time.perf_counter()
     for job in jobs:
-        engine.scheduler.add(
-            Request(
-                task=prompts[job.task].name,
-                prompt=prompts[job.task],
-                input_ids=job.input_ids,
-                params=SamplingParams(max_new_tokens=new_tokens),
-                seed=0,
-                sink=sink,
-            )
-        )
+        engine.scheduler.add(bench_request(prompts[job.task], job.input_ids, new_tokens, sink))
     engine.run_until_idle()
     assert finished[0] == len(jobs)
     sync(lm)

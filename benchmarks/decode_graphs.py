@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import add_model_arguments, write_results
-from benchmarks.compare import Job, PassTimer, add_workload_arguments, load_workload, longest, sync, where
+from benchmarks.compare import Job, PassTimer, add_workload_arguments, bench_request, load_workload, longest, sync, where
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
-from server.engine.request import Request, SamplingParams
 from server.engine.runner import Acceleration
 from server.engine.scheduler import Scheduler
 from server.models import LoadedModel
@@ -70,17 +69,7 @@ def build(
 
 def run(engine: Engine, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int) -> tuple[float, list[list[int]]]:
     """All jobs queued at once; returns (tokens/s, each request's generated ids)."""
-    requests = [
-        Request(
-            task=prompts[j.task].name,
-            prompt=prompts[j.task],
-            input_ids=j.input_ids,
-            params=SamplingParams(max_new_tokens=new_tokens),
-            seed=0,
-            sink=lambda event: None,
-        )
-        for j in jobs
-    ]
+    requests = [bench_request(prompts[j.task], j.input_ids, new_tokens, lambda event: None) for j in jobs]
     start = time.perf_counter()
     for r in requests:
         engine.scheduler.add(r)

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/vs_vllm.py` from anywhere
 from benchmarks.common import cpu_model, write_results
-from benchmarks.compare import Job, PassTimer, bare_decode_step, make_jobs, make_prompts
+from benchmarks.compare import Job, PassTimer, bare_decode_step, bench_request, make_jobs, make_prompts
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
-from server.engine.request import ErrorEvent, FinishEvent, Request, SamplingParams
+from server.engine.request import ErrorEvent, FinishEvent
 from server.engine.scheduler import Scheduler
 from server.models import LoadedModel, load_model, resolve_model
 from server.prompts.types import SoftPrompt
@@ -62,13 +62,6 @@ def build_softmux_engine(lm: LoadedModel, max_rows: int, observer: PassTimer | N
     return engine
 
 
-def softmux_request(prompt: SoftPrompt, input_ids: list[int], new_tokens: int, sink) -> Request:
-    """A greedy request of exactly `new_tokens` (eos is ignored by the engine built above)."""
-    return Request(
-        task=prompt.name, prompt=prompt, input_ids=input_ids, params=SamplingParams(max_new_tokens=new_tokens), seed=0, sink=sink
-    )
-
-
 def run_softmux(
     lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, max_rows: int, timer: PassTimer | None = None
 ) -> dict:
@@ -86,7 +79,7 @@ def run_softmux(
             if remaining[0] == 0:
                 done.set()
 
-    requests = [softmux_request(prompts[job.task], job.input_ids, new_tokens, sink) for job in jobs]
+    requests = [bench_request(prompts[job.task], job.input_ids, new_tokens, sink) for job in jobs]
     # The loop runs on this thread, which loaded the model (server/engine/engine.py, the OpenMP note):
     # as vLLM's LLM.generate runs its engine on the caller's thread.
     start = time.perf_counter()
