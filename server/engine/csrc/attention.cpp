@@ -59,16 +59,12 @@ void attend_item(const acc_t* qf, int64_t G, int64_t D, const scalar_t* keys, co
 }
 
 #ifdef SOFTMUX_AVX2_EXP
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t D, int hint) {
+// Every cache line of one key or value row; Hint (_MM_HINT_T0: L1, _MM_HINT_T1: L2) must be a constant.
+template <int Hint, typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t D) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(scalar_t)); byte += 64) {
-    if (hint == _MM_HINT_T0) {
-      _mm_prefetch(p + byte, _MM_HINT_T0);
-    } else {
-      _mm_prefetch(p + byte, _MM_HINT_T1);
-    }
-  }
+  for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(scalar_t)); byte += 64)
+    _mm_prefetch(p + byte, static_cast<decltype(_MM_HINT_T0)>(Hint));
 }
 
 // Lane j: the sum of a[j]'s 8 lanes, ((0+1)+(2+3))+((4+5)+(6+7)) for every j alike.
@@ -180,10 +176,10 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_new, c
           // for two groups of 8 ahead, and each group's values as its keys are read (used after the
           // softmax). Over a 30-layer pool at 32 rows, float32, attend_item's loops -> these: 640 keys 92 ->
           // 66 ms a step (75 without the prefetches), 64 keys 13.8 -> 8.5 ms (9.5).
-          for (int64_t t = 0; t < std::min<int64_t>(16, n); ++t) prefetch_row(keys + row_slots[t] * D, D, _MM_HINT_T0);
+          for (int64_t t = 0; t < std::min<int64_t>(16, n); ++t) prefetch_row<_MM_HINT_T0>(keys + row_slots[t] * D, D);
           for (int64_t t0 = 0; t0 < n; t0 += 8) {
-            for (int64_t t = t0 + 16; t < std::min(t0 + 24, n); ++t) prefetch_row(keys + row_slots[t] * D, D, _MM_HINT_T0);
-            for (int64_t t = t0; t < std::min(t0 + 8, n); ++t) prefetch_row(values + row_slots[t] * D, D, _MM_HINT_T1);
+            for (int64_t t = t0 + 16; t < std::min(t0 + 24, n); ++t) prefetch_row<_MM_HINT_T0>(keys + row_slots[t] * D, D);
+            for (int64_t t = t0; t < std::min(t0 + 8, n); ++t) prefetch_row<_MM_HINT_T1>(values + row_slots[t] * D, D);
             const scalar_t* rows[8];
             for (int64_t j = 0; j < 8; ++j) rows[j] = t0 + j < n ? keys + row_slots[t0 + j] * D : zero_row.data();
             scores8(qf.data(), G, D, rows, static_cast<float>(ascale), scores.data() + t0, Tpad);

@@ -1,6 +1,6 @@
 // 8-lane (AVX2) helpers shared by softmux's CPU kernels: exp, silu, float32/bfloat16 loads and
-// rounding stores, and the scalar rounding rule. Every value goes through the same lanes wherever it
-// sits, so no result depends on its neighbours.
+// rounding stores, the scalar rounding rule, and the CPU-tensor check. Every value goes through the
+// same lanes wherever it sits, so no result depends on its neighbours.
 #pragma once
 
 #include <torch/extension.h>
