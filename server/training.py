@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from server.engine.engine import Engine
 from server.engine.request import Event, FinishEvent, Request, SamplingParams
 from server.engine.scheduler import Scheduler
+from server.model_card import render_card
 from server.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, LoadedModel
 from server.prompts.install import check_folder, install, temp_folder
 from server.prompts.store import read_adapter, validate_task_name
@@ -72,7 +73,7 @@ class TrainResult:
     before: float  # held-out exact match of the initial prompt
     after: float  # ... of the trained prompt
     losses: list[float]
-    seconds: float  # everything: data, both evaluations, training, writing
+    seconds: float  # data, both evaluations and training; not the writing that follows
     n_train: int
     n_eval: int
     samples: list[dict[str, str]] = field(default_factory=list)  # a few held-out predictions after training
@@ -255,27 +256,57 @@ def default_max_new_tokens(lm: LoadedModel, examples: Sequence[dict[str, str]]) 
 # Training
 
 
-def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None, log: Callable[[str], None] = print) -> TrainResult:
+def check_config(cfg: TrainConfig) -> None:
+    """Reject a bad task name, init or size before any data is read or the model is run."""
     validate_task_name(cfg.task)
     if cfg.init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
     if cfg.num_virtual_tokens < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ValueError("num_virtual_tokens, batch_size and lr must be positive")
-    started = time.monotonic()
+
+
+@dataclass
+class TrainData:
+    """The split data, tokenised once: `train` reads it, the loop indexes `encoded`, both evaluations use `held`."""
+
+    train_rows: list[dict[str, str]]
+    held: list[dict[str, str]]
+    encoded: list[tuple[list[int], list[int]]]  # (input ids, output ids + end token) per training row
+    max_new_tokens: int  # evaluation length, the same before and after training
+
+
+def prepare_data(cfg: TrainConfig, lm: LoadedModel) -> TrainData:
+    """Split and tokenise the data once, so every optimiser step and both evaluations see the same examples."""
     train_rows, held = split_data(cfg)
     encoded = [encode(lm, cfg.template, r) for r in train_rows]
     max_new = cfg.max_new_tokens or default_max_new_tokens(lm, held)
-    per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    steps = cfg.steps if cfg.steps is not None else (math.ceil(cfg.epochs * per_epoch) if cfg.epochs else 200)
+    return TrainData(train_rows=train_rows, held=held, encoded=encoded, max_new_tokens=max_new)
 
-    init, peft_cfg = initial_prompt(lm, cfg)
-    before, _ = evaluate(lm, init, held, cfg.template, max_new, cfg.eval_batch_size)
-    log(f"held-out exact match before training: {before:.1%} ({len(held)} examples)")
 
+def num_steps(cfg: TrainConfig, n_train: int) -> int:
+    """Optimiser steps: `steps` if given, else `epochs` passes over `n_train` examples, else 200."""
+    per_epoch = math.ceil(n_train / cfg.batch_size)
+    return cfg.steps if cfg.steps is not None else (math.ceil(cfg.epochs * per_epoch) if cfg.epochs else 200)
+
+
+def warmup_then_decay(steps: int, warmup: float) -> Callable[[int], float]:
+    """The learning-rate factor per step: linear warm-up over `warmup` of the steps (at least one), then linear decay to 0."""
+    warm = max(1, int(steps * warmup))
+    return lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+
+
+def optimise(
+    cfg: TrainConfig, lm: LoadedModel, init: torch.Tensor, encoded: list[tuple[list[int], list[int]]], steps: int
+) -> tuple[torch.Tensor, list[float], float]:
+    """Train the soft prompt alone (the model stays frozen, in eval mode, as served).
+
+    Batches are drawn by a `random.Random(cfg.seed)` reshuffle of all examples each time fewer than
+    a batch remain, so a run is reproducible from the config. Returns (trained embeddings [P, H]
+    float32 on the CPU, the loss of every step, seconds spent in the optimiser steps alone).
+    """
     soft = torch.nn.Parameter(init.to(lm.device))  # [P, H] float32, the only trainable tensor
     opt = torch.optim.AdamW([soft], lr=cfg.lr, weight_decay=0.0)
-    warm = max(1, int(steps * cfg.warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(steps, cfg.warmup))
     rng = random.Random(cfg.seed)
     order: list[int] = []
     losses: list[float] = []
@@ -302,23 +333,40 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None, log
         ema = value if ema is None else 0.9 * ema + 0.1 * value
         bar.set_postfix(loss=f"{ema:.4f}")
     train_seconds = time.monotonic() - loop_started  # the optimiser steps alone
+    return soft.detach().float().cpu(), losses, train_seconds
 
-    trained = soft.detach().float().cpu()
+
+def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None, log: Callable[[str], None] = print) -> TrainResult:
+    """Train `cfg.task`'s soft prompt on `lm`, score it on held-out data before and after, and install it in the store.
+
+    `model_label` is the base model as the adapter config and card name it (default `lm.name`).
+    """
+    check_config(cfg)
+    started = time.monotonic()
+    data = prepare_data(cfg, lm)
+    held, max_new = data.held, data.max_new_tokens
+    steps = num_steps(cfg, len(data.encoded))
+
+    init, peft_cfg = initial_prompt(lm, cfg)
+    before, _ = evaluate(lm, init, held, cfg.template, max_new, cfg.eval_batch_size)
+    log(f"held-out exact match before training: {before:.1%} ({len(held)} examples)")
+
+    trained, losses, train_seconds = optimise(cfg, lm, init, data.encoded, steps)
+
     after, preds = evaluate(lm, trained, held, cfg.template, max_new, cfg.eval_batch_size)
     log(f"held-out exact match after training: {after:.1%} (before {before:.1%})")
     samples = [{"input": e["input"], "expected": e["output"], "got": p} for e, p in zip(held[:5], preds[:5])]
     seconds = time.monotonic() - started
-    card = render_card(
-        cfg, model_label or lm.name, train_rows, held, steps, before, after, losses, train_seconds, seconds, samples
-    )
-    folder = save_adapter(lm, cfg, peft_cfg, trained, card, model_label or lm.name)
+    label = model_label or lm.name
+    card = render_card(cfg, label, data.train_rows, held, steps, before, after, losses, train_seconds, seconds, samples)
+    folder = save_adapter(lm, cfg, peft_cfg, trained, card, label)
     return TrainResult(
         folder=folder,
         before=before,
         after=after,
         losses=losses,
         seconds=seconds,
-        n_train=len(train_rows),
+        n_train=len(data.train_rows),
         n_eval=len(held),
         samples=samples,
         train_seconds=train_seconds,
@@ -352,73 +400,6 @@ def save_adapter(lm: LoadedModel, cfg: TrainConfig, peft_cfg: Any, embeddings: t
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return cfg.store / cfg.task
-
-
-def render_card(
-    cfg: TrainConfig,
-    model_label: str,
-    train_rows: list[dict[str, str]],
-    held: list[dict[str, str]],
-    steps: int,
-    before: float,
-    after: float,
-    losses: list[float],
-    train_seconds: float,
-    seconds: float,
-    samples: list[dict[str, str]],
-) -> str:
-    def sha(path: Path | None) -> str:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else "-"
-
-    settings = {
-        k: (v.name if isinstance(v, Path) else v)
-        for k, v in asdict(cfg).items()  # no local paths
-        if k not in {"progress", "store", "template"}
-    }
-    first = sum(losses[: max(1, len(losses) // 20)]) / max(1, len(losses[: max(1, len(losses) // 20)]))
-    last = sum(losses[-max(1, len(losses) // 20) :]) / max(1, len(losses[-max(1, len(losses) // 20) :]))
-    lines = [
-        f"# {cfg.task}",
-        "",
-        f"Prompt-tuning soft prompt ({cfg.num_virtual_tokens} virtual tokens) for `{model_label}`, trained with `softmux train`.",
-        "",
-        "## Input template",
-        "",
-        "Send `/generate` the input wrapped exactly like this (one ChatML user turn plus the assistant header);",
-        "the answer ends at `<|im_end|>`:",
-        "",
-        "```",
-        cfg.template.replace("{input}", "<input text>"),
-        "```",
-        "",
-        f"(as a Python string: `{cfg.template!r}`)",
-        "",
-        "## Data",
-        "",
-        f"- training: `{Path(cfg.data).name}` (sha256 {sha(cfg.data)}…), {len(train_rows)} examples",
-        f"- held-out: `{Path(cfg.eval_data).name}` (sha256 {sha(cfg.eval_data)}…), {len(held)} examples"
-        if cfg.eval_data
-        else f"- held-out: {len(held)} examples split from the training file (seed {cfg.seed})",
-        "",
-        "## Settings",
-        "",
-        "```json",
-        json.dumps({**settings, "steps": steps}, indent=2, sort_keys=True),
-        "```",
-        "",
-        "## Held-out exact match (greedy, through the serving engine)",
-        "",
-        f"- initial prompt ({cfg.init} init): {before:.1%}",
-        f"- trained prompt: {after:.1%}",
-        f"- loss: {first:.4f} (first 5% of steps) -> {last:.4f} (last 5%)",
-        f"- training time: {train_seconds:.0f} s for {steps} steps, {seconds:.0f} s in all with data loading and both "
-        f"evaluations (torch threads: {torch.get_num_threads()})",
-        "",
-        "Sample held-out predictions:",
-        "",
-    ]
-    lines += [f"- `{s['input']}` -> `{s['got']}` (expected `{s['expected']}`)" for s in samples]
-    return "\n".join(lines) + "\n"
 
 
 def model_label_for(model: str) -> str:
