@@ -47,6 +47,7 @@ class LiveState:
     tasks: int | None
     kv_blocks_used: int | None = None
     kv_blocks_total: int | None = None
+    kv_blocks_touched: int | None = None
     preemptions: int | None = None  # counters from here on
     prefix_hit_tokens: int | None = None
     prefix_hit_requests: int | None = None
@@ -71,6 +72,11 @@ class _LiveCollector(Collector):
             value=state.kv_blocks_used or 0,
         )
         yield GaugeMetricFamily("softmux_kv_cache_blocks_total", "key/value pool blocks", value=state.kv_blocks_total or 0)
+        yield GaugeMetricFamily(
+            "softmux_kv_cache_blocks_touched",
+            "key/value pool blocks ever used: the pool's committed memory (the rest is never faulted in)",
+            value=state.kv_blocks_touched or 0,
+        )
         for name, doc, value in (
             ("softmux_preemptions", "rows preempted when the key/value pool ran out (recomputed later)", state.preemptions),
             (

@@ -90,6 +90,12 @@ async def test_metrics_count_requests_passes_and_failures(app_client):
     assert value(m, "softmux_prompt_load_failures") == 1
     assert value(m, "softmux_tasks") == 3
     assert value(m, "softmux_queue_size") == 0 and value(m, "softmux_batch_current_size") == 0
+    pool = stats["kv_pool"]
+    assert value(m, "softmux_kv_cache_blocks_total") == pool["blocks"]
+    # the pool's committed memory: blocks ever used, bounded, and the limit is what the pool holds
+    assert 0 < value(m, "softmux_kv_cache_blocks_touched") == pool["touched"] <= pool["blocks"]
+    assert pool["bytes_committed"] == (pool["touched"] + 1) * pool["block_size"] * pool["bytes_per_token"]
+    assert pool["bytes_limit"] == (pool["blocks"] + 1) * pool["block_size"] * pool["bytes_per_token"]
     # a mixed pass went through: some prefill or decode held more than one task
     mixed = sum(
         v for (n, labels), v in m.items() if n == "softmux_batch_tasks_per_forward_bucket" and dict(labels)["le"] == "1.0"

@@ -7,11 +7,15 @@ its slots are the scratch space that padding rows write to and padding columns r
 A sequence (one running row, or one task's soft-prompt prefix) holds a list of blocks; a block
 shared by several sequences (a task's prefix, used by every row of that task) is counted once per
 holder and returns to the free list when the last holder releases it.
+
+Memory: the runner's tensors are left uninitialised, so a block's pages are committed only when it
+is first written. Freed blocks are handed out again before any block that was never used (last
+freed, first reused), so the memory a server commits follows the most blocks it ever needed at
+once (plus the cache's), not its traffic: `touched` counts the blocks ever handed out.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 NULL_BLOCK = 0
@@ -28,6 +32,7 @@ class PoolStats:
     freed: int = 0  # blocks returned to the free list, summed over time
     peak_used: int = 0
     preemptions: int = 0  # rows whose blocks were taken back mid-generation (recomputed later)
+    touched: int = 0  # distinct blocks ever handed out: those whose memory is committed
 
 
 class BlockPool:
@@ -38,7 +43,8 @@ class BlockPool:
             raise ValueError("the key/value pool needs at least 2 blocks (one is reserved)")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(1, num_blocks))
+        self._recycled: list[int] = []  # freed blocks, the last freed on top
+        self._fresh = 1  # blocks fresh..num_blocks-1 were never handed out (block 0 is reserved)
         self._refs = [0] * num_blocks
         self.stats = PoolStats()
 
@@ -49,19 +55,22 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._recycled) + self.num_blocks - self._fresh
 
     @property
     def num_used(self) -> int:
-        return self.capacity - len(self._free)
+        return self.capacity - self.num_free
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise PoolExhausted(f"{n} blocks wanted, {len(self._free)} free")
-        out = [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise PoolExhausted(f"{n} blocks wanted, {self.num_free} free")
+        reuse = min(n, len(self._recycled))
+        out = [self._recycled.pop() for _ in range(reuse)] + list(range(self._fresh, self._fresh + n - reuse))
+        self._fresh += n - reuse
+        self.stats.touched = self._fresh - 1
         for b in out:
             self._refs[b] = 1
         self.stats.allocated += n
@@ -80,7 +89,7 @@ class BlockPool:
             assert self._refs[b] > 0, f"block {b} released more often than held"
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                self._recycled.append(b)
                 self.stats.freed += 1
 
     def refs(self, block: int) -> int:
