@@ -275,18 +275,22 @@ def others(run: dict) -> str:
     return "" if run["others_cores"] is None else f" (others {run['others_cores']:.1f} cores)"
 
 
-def measure_throughput(
-    setup: Setup,
-    lm: LoadedModel,
-    prompts: list[SoftPrompt],
-    dtype: str,
-    limit: int,
-    vllm: VllmSide,
-    timer: PassTimer,
-    res: Results,
-) -> None:
+@dataclass
+class Trial:
+    """One (dtype, row limit): the model in that dtype, the prompts cast to it, vLLM's worker, the step timer."""
+
+    dtype: str
+    limit: int
+    lm: LoadedModel
+    prompts: list[SoftPrompt]
+    vllm: VllmSide
+    timer: PassTimer
+
+
+def measure_throughput(setup: Setup, t: Trial, res: Results) -> None:
     """All jobs at a row limit: softmux and vLLM runs alternating, `--repeats` each; the table's row."""
     a, watch = setup.args, setup.watch
+    dtype, limit, lm, prompts, vllm, timer = t.dtype, t.limit, t.lm, t.prompts, t.vllm, t.timer
     s_runs: list[dict] = []
     v_runs: list[dict] = []
     for r in range(a.repeats):
@@ -317,18 +321,10 @@ def measure_throughput(
     )
 
 
-def measure_latency_and_step(
-    setup: Setup,
-    lm: LoadedModel,
-    prompts: list[SoftPrompt],
-    dtype: str,
-    limit: int,
-    vllm: VllmSide,
-    timer: PassTimer,
-    res: Results,
-) -> None:
+def measure_latency_and_step(setup: Setup, t: Trial, res: Results) -> None:
     """One request alone (alternating, `--repeats` each) and the decode step at `limit` rows on both sides."""
     a = setup.args
+    dtype, limit, lm, prompts, vllm, timer = t.dtype, t.limit, t.lm, t.prompts, t.vllm, t.timer
     st = timer.decode.get(limit, [])
     res.steps[dtype] = {"rows": limit, "softmux_s": median(st), "softmux_steps": len(st)}
     s_single: list[float] = []
@@ -366,14 +362,13 @@ def measure_dtype(setup: Setup, dtype: str, res: Results) -> None:
     ]
     run_softmux(lm, prompts, setup.jobs[:16], 4, limits[0])  # warm-up (allocator, kernels)
     for limit in limits:
-        vllm = VllmSide(setup, dtype, limit, res)
-        timer = PassTimer()
+        trial = Trial(dtype, limit, lm, prompts, VllmSide(setup, dtype, limit, res), PassTimer())
         try:
-            measure_throughput(setup, lm, prompts, dtype, limit, vllm, timer, res)
+            measure_throughput(setup, trial, res)
             if limit == limits[0]:
-                measure_latency_and_step(setup, lm, prompts, dtype, limit, vllm, timer, res)
+                measure_latency_and_step(setup, trial, res)
         finally:
-            vllm.close()
+            trial.vllm.close()
     context = a.virtual + (a.input_min + a.input_max) // 2 + a.new_tokens // 2
     res.steps[dtype]["bare_s"] = bare_decode_step(lm, limits[0], context)
     res.floors[dtype] = matmul_floor(lm, limits[0])
