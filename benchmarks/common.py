@@ -16,6 +16,8 @@ from server.config import Settings
 from server.engine.kernels import cpuinfo
 from server.models import LoadedModel, load_model, resolve_device, resolve_dtype
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
 
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="default", help="'default', a model folder or hub id")
@@ -79,9 +81,8 @@ def median(values: list[float]) -> float:
 def print_ratio_table(rows: list[dict], targets: dict[tuple[str, str], float] | None = None) -> None:
     """The softmux-vs-vLLM table (Markdown). A row: dtype, mode, unit ("tok/s": higher is better, "s": lower),
     softmux and vllm (None when vLLM was not measured). Sets each row's `ratio` (softmux's speed / vLLM's)."""
-    target_column = targets is not None
-    print("| dtype | mode | softmux | vLLM | softmux speed / vLLM |" + (" issue 10 target |" if target_column else ""))
-    print("|---|---|---:|---:|---:|" + ("---:|" if target_column else ""))
+    print("| dtype | mode | softmux | vLLM | softmux speed / vLLM |" + (" issue 10 target |" if targets is not None else ""))
+    print("|---|---|---:|---:|---:|" + ("---:|" if targets is not None else ""))
     for row in rows:
         s, v = row["softmux"], row["vllm"]
         ratio = None if v is None else (s / v if row["unit"] == "tok/s" else v / s)

@@ -19,6 +19,7 @@ import httpx
 import torch
 from safetensors.torch import save_file
 
+from benchmarks.common import ROOT
 from benchmarks.compare import Job, make_jobs, make_prompts
 from benchmarks.peer import PeerUnavailable, peer_env
 from server.bench import free_port, start_server
@@ -26,7 +27,6 @@ from server.models import LoadedModel
 from server.prompts.store import CONFIG_FILE, EMBEDDINGS_KEY, WEIGHTS_FILE, read_adapter
 from server.prompts.types import PromptGeometry, SoftPrompt
 
-ROOT = Path(__file__).resolve().parent.parent
 JSON_HEADERS = {"content-type": "application/json"}
 
 

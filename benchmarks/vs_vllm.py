@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/vs_vllm.py` from anywhere
-from benchmarks.common import cpu_model, median, print_ratio_table, write_results
+from benchmarks.common import ROOT, cpu_model, median, print_ratio_table, write_results
 from benchmarks.compare import Job, PassTimer, bare_decode_step, bench_request, make_jobs, make_prompts
 from benchmarks.machine import CpuWatch, machine_line
-from benchmarks.peer import ROOT, Peer, PeerUnavailable
+from benchmarks.peer import Peer, PeerUnavailable
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache

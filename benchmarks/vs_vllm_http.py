@@ -56,7 +56,7 @@ import httpx
 import torch
 
 import server
-from benchmarks.common import cpu_model, median, print_ratio_table, write_results
+from benchmarks.common import ROOT, cpu_model, median, print_ratio_table, write_results
 from benchmarks.http_sides import JSON_HEADERS, Server, Softmux, Vllm, Workload, make_workload, peer_versions, write_store
 from benchmarks.machine import CpuWatch, machine_line
 from benchmarks.peer import PeerUnavailable
@@ -64,8 +64,6 @@ from benchmarks.vs_vllm import reference_greedy
 from server.config import Settings
 from server.models import LoadedModel, load_model, resolve_model
 from server.prompts.types import PromptGeometry
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- load ------------------------------------------------------------------------------------------

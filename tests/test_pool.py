@@ -37,16 +37,16 @@ def test_freed_blocks_are_reused_before_never_used_ones() -> None:
     for _ in range(50):  # one request after another, each needing 3 blocks
         blocks = pool.allocate(3)
         pool.release(blocks)
-    assert pool.stats.touched == 3  # 150 allocations, only 3 blocks' memory ever committed
+    assert pool.touched == 3  # 150 allocations, only 3 blocks' memory ever committed
     assert pool.stats.allocated == 150 and pool.num_free == 100
 
     first = pool.allocate(2)
     second = pool.allocate(2)  # one reused, one fresh
-    assert pool.stats.touched == 4
+    assert pool.touched == 4
     pool.release(second)
     pool.release(first)
     assert sorted(pool.allocate(4)) == sorted(first + second)  # the last freed come back first
-    assert pool.stats.touched == 4
+    assert pool.touched == 4
 
 
 def test_touched_grows_with_peak_use_and_every_block_is_reachable() -> None:
@@ -54,9 +54,9 @@ def test_touched_grows_with_peak_use_and_every_block_is_reachable() -> None:
     a = pool.allocate(3)
     b = pool.allocate(2)
     pool.release(a)
-    assert pool.stats.touched == 5
+    assert pool.touched == 5
     c = pool.allocate(6)  # 3 freed + 3 never used
-    assert pool.stats.touched == 8 and pool.num_free == 0
+    assert pool.touched == 8 and pool.num_free == 0
     assert sorted(b + c) == list(range(1, 9))
 
 

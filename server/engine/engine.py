@@ -197,10 +197,11 @@ class Engine:
             "blocks": pool.capacity,
             "blocks_used": pool.num_used,
             "blocks_free": pool.num_free,
+            "touched": pool.touched,
             "bytes_per_token": self.runner.bytes_per_token,
             # the reserved block is written at start; others from their first use on (the pool's own
             # memory: bounded by --kv-cache-bytes, growing to the most blocks ever needed at once)
-            "bytes_committed": (pool.stats.touched + 1) * self.runner.block_bytes,
+            "bytes_committed": (pool.touched + 1) * self.runner.block_bytes,
             "bytes_limit": pool.num_blocks * self.runner.block_bytes,
             "row_tokens_held": self.scheduler.held_tokens,
             "row_tokens_used": sum(r.kv.own_len for r in list(self.scheduler.running) if r.kv is not None),
@@ -221,7 +222,7 @@ class Engine:
         return {
             "kv_blocks_used": pool.num_used,
             "kv_blocks_total": pool.capacity,
-            "kv_blocks_touched": pool.stats.touched,
+            "kv_blocks_touched": pool.touched,
             "preemptions": pool.stats.preemptions,
             "prefix_hit_tokens": 0 if blocks is None else blocks.stats.hit_tokens,
             "prefix_hit_requests": 0 if blocks is None else blocks.stats.hit_requests,

@@ -32,7 +32,6 @@ class PoolStats:
     freed: int = 0  # blocks returned to the free list, summed over time
     peak_used: int = 0
     preemptions: int = 0  # rows whose blocks were taken back mid-generation (recomputed later)
-    touched: int = 0  # distinct blocks ever handed out: those whose memory is committed
 
 
 class BlockPool:
@@ -54,6 +53,11 @@ class BlockPool:
         return self.num_blocks - 1
 
     @property
+    def touched(self) -> int:
+        """Distinct blocks ever handed out: those whose memory is committed."""
+        return self._fresh - 1
+
+    @property
     def num_free(self) -> int:
         return len(self._recycled) + self.num_blocks - self._fresh
 
@@ -70,7 +74,6 @@ class BlockPool:
         reuse = min(n, len(self._recycled))
         out = [self._recycled.pop() for _ in range(reuse)] + list(range(self._fresh, self._fresh + n - reuse))
         self._fresh += n - reuse
-        self.stats.touched = self._fresh - 1
         for b in out:
             self._refs[b] = 1
         self.stats.allocated += n
