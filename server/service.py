@@ -114,6 +114,7 @@ class Service:
                 accel=Acceleration(
                     prepack_weights=self.settings.prepack_weights,
                     native_kernels=self.settings.native_kernels,
+                    native_layers=self.settings.native_layers,
                     kernel_dir=self.settings.cache_dir,
                     cuda_graphs=self.settings.cuda_graphs,
                 ),

@@ -12,7 +12,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from server.engine.decoder import UnsupportedModel
+from server.config import default_cache_dir
+from server.engine import kernels
+from server.engine.decoder import Decoder, PoolAttention, UnsupportedModel
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
@@ -93,3 +95,61 @@ def test_sliding_window_shorter_than_the_context_is_refused(tmp_path, default_mo
     with pytest.raises(UnsupportedModel, match="sliding-window attention \\(64 tokens\\)"):
         Engine(lm, Scheduler(4, 1000, 10), max_context=1000)
     Engine(lm, Scheduler(4, 1000, 10), max_context=64)  # every admitted sequence fits the window: served
+
+
+def two_row_passes(decoder: Decoder, ops: Any, dtype: torch.dtype) -> list[torch.Tensor]:
+    """A prefill pass (rows of 5 and 3 tokens, every token a query row of the native kernel) and a
+    decode pass (one token each) over a fresh pool -> [prefill logits, decode logits, keys, values]."""
+    k = torch.zeros(decoder.num_layers, decoder.num_kv_heads, 64, decoder.head_dim, dtype=dtype)  # slots 0-15 reserved
+    v = torch.zeros_like(k)
+    row_slots = [list(range(16, 26)), list(range(40, 50))]
+    g = torch.Generator().manual_seed(0)
+    prompt = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 3)]
+    passes = [[(prompt[0], 0), (prompt[1], 0)], [([7], 5), ([11], 3)]]  # per row: (tokens, first position)
+    out = []
+    for rows in passes:
+        tokens, positions, write, slots, lengths, last = [], [], [], [], [], []
+        for b, (ids, first) in enumerate(rows):
+            for j, token in enumerate(ids):
+                p = first + j
+                tokens.append(token)
+                positions.append(p)
+                write.append(row_slots[b][p])
+                slots.append(row_slots[b][: p + 1])  # it sees its row's tokens up to itself
+                lengths.append(p + 1)
+            last.append(len(tokens) - 1)
+        width = max(lengths)
+        slots_t = torch.tensor([s + [0] * (width - len(s)) for s in slots])
+        attend = PoolAttention(ops, k, v, torch.tensor(write), slots_t, torch.tensor(lengths))
+        with torch.inference_mode():
+            embeds = decoder.embed_tokens(torch.tensor(tokens)).to(dtype)
+            out.append(decoder.forward(embeds, torch.tensor(positions), attend, torch.tensor(last)))
+    return out + [k, v]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_native_layer_stack_equals_the_python_loop_bit_for_bit(family, dtype, tmp_path, default_model_dir):
+    """Decoder.stack (csrc/layers.cpp) runs the same kernels as the Python loop in the same order:
+    the same logits and the same keys and values written, bit for bit (q/k/v bias: llama; GQA: all)."""
+    ops = kernels.load(default_cache_dir())
+    if ops is None:
+        pytest.skip("no C++ compiler: the engine runs torch ops")
+    build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
+    lm = load_model(str(tmp_path / family), dtype=str(dtype).removeprefix("torch."))
+    stacked = Decoder(lm.model, pack=True, ops=ops)
+    looped = Decoder(lm.model, pack=True, ops=ops, native_layers=False)
+    assert stacked.stack is not None and looped.stack is None
+    for got, want in zip(two_row_passes(stacked, ops, dtype), two_row_passes(looped, ops, dtype)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gpt2"])
+def test_native_layer_stack_is_not_used_where_a_kernel_does_not_apply(family, tmp_path, default_model_dir):
+    """gemma's MLP is not SiLU-gated, gpt2 has no rotary and LayerNorm: their layers stay in the Python loop."""
+    ops = kernels.load(default_cache_dir())
+    if ops is None:
+        pytest.skip("no C++ compiler: the engine runs torch ops")
+    build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
+    lm = load_model(str(tmp_path / family), dtype="float32")
+    assert Decoder(lm.model, pack=True, ops=ops).stack is None

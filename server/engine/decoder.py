@@ -30,6 +30,23 @@ SUPPORTED = LLAMA_LIKE + ("gpt2",)
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class PoolAttention:
+    """Attention by the native kernel over the key/value pool, one query token per row: an Attend,
+    and also what the native DecoderStack takes whole (its index tensors are those of every layer)."""
+
+    ops: ModuleType
+    k: torch.Tensor  # [L, H_kv, slots, D]
+    v: torch.Tensor  # [L, H_kv, slots, D]
+    write: torch.Tensor  # [N] int64, the slot of each new token
+    slots: torch.Tensor  # [N, T] int64, each query row's key slots (padding: NULL_SLOT)
+    lengths: torch.Tensor  # [N] int64, the slots each query row sees
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Writes the new keys and values into the pool, then attends each row to its slots in place."""
+        return self.ops.decode_attention(q, k, v, self.k[layer], self.v[layer], self.write, self.slots, self.lengths, scaling)
+
+
 class UnsupportedModel(ValueError):
     """The model cannot be served exactly by this engine (the server refuses it at start)."""
 
@@ -215,10 +232,18 @@ class Decoder:
     final_norm: Norm
     layers: list[Layer]
 
-    def __init__(self, model: Any, max_context: int | None = None, pack: bool = False, ops: ModuleType | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        max_context: int | None = None,
+        pack: bool = False,
+        ops: ModuleType | None = None,
+        native_layers: bool = True,
+    ) -> None:
         """max_context: the longest sequence (prefix + input + output) the server admits; None: unchecked.
         pack: keep float32 weights also in oneDNN's layout (see Linear); ops: the native kernels
-        (server/engine/kernels.py) or None for torch ops only."""
+        (server/engine/kernels.py) or None for torch ops only; native_layers: with ops, run the layers
+        in one native call where the model allows (`stack`)."""
         self.ops = ops
         config = model.config.get_text_config()
         self.family = config.model_type
@@ -239,6 +264,11 @@ class Decoder:
         else:
             _check_llama_like(config, max_context)
             self._init_llama_like(model, config, pack)
+        # The native DecoderStack (an object of the compiled module) and the most tokens it takes.
+        self.stack: Any = None
+        self.stack_rows = 0
+        if native_layers:
+            self.stack, self.stack_rows = self._native_stack()
 
     def _init_llama_like(self, model: Any, config: Any, pack: bool) -> None:
         base = model.model
@@ -296,6 +326,36 @@ class Decoder:
                 )
             )
 
+    def _native_stack(self) -> tuple[Any, int]:
+        """The native DecoderStack (csrc/layers.cpp) where every op of every layer has its kernel:
+        llama-like, rotary, fused RMSNorms, SiLU-gated MLP, panel-packed linears in one dtype; and the
+        most tokens it takes (the linears' panel limit). (None, 0) otherwise: the Python loop serves."""
+        if self.ops is None or not hasattr(self.ops, "DecoderStack") or self.rotary is None:
+            return None, 0
+        dtype = self.lm_head.weight.dtype
+        norms = [n for layer in self.layers for n in (layer.input_norm, layer.post_norm)]
+        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down)]
+        if not (
+            all(layer.silu for layer in self.layers)
+            and all(n.fused and n.weight is not None and n.weight.dtype == dtype for n in norms)
+            and all(lin is not None and lin.panels is not None and lin.panels.dtype == dtype for lin in linears)
+        ):
+            return None, 0
+        lins = [lin for lin in linears if lin is not None]
+        stack = self.ops.DecoderStack(
+            [n.weight for n in norms],
+            [n.eps for n in norms],
+            [n.offset for n in norms],
+            [lin.panels for lin in lins],
+            [lin.panel_bias for lin in lins],
+            [lin.out_features for lin in lins],
+            [layer.scaling for layer in self.layers],
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
+        return stack, min(lin.max_rows for lin in lins)
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)
@@ -314,9 +374,28 @@ class Decoder:
         if self.rotary is not None:
             cos, sin = self.rotary(h, positions[None])  # [1, N, D] each
             rope = cos[0], sin[0]  # [N, D]
+        if (
+            self.stack is not None
+            and rope is not None
+            and isinstance(attend, PoolAttention)
+            and h.shape[0] <= self.stack_rows
+            and h.dtype == rope[0].dtype == self.lm_head.weight.dtype
+        ):  # _layers whole in C++: the same kernels in the same order, no Python between them
+            h, residual = self.stack.forward(h, *rope, attend.k, attend.v, attend.write, attend.slots, attend.lengths)
+        else:
+            h, residual = self._layers(h, rope, attend)
+        if residual is not None:
+            h = h + residual
+        _, last = self.final_norm(h[logit_rows], None)  # [R, hidden]
+        return self.lm_head(last)
+
+    def _layers(
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, attend: Attend
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every layer over h [N, hidden] -> (h, the last sublayer's output, not yet added to h)."""
         n = h.shape[0]
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
-        residual: torch.Tensor | None = None  # the last sublayer's output, not yet added to h
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             h, x = layer.input_norm(h, residual)
             qkv = layer.qkv(x)  # [N, (H + 2 H_kv) * D]
@@ -328,10 +407,7 @@ class Decoder:
             h, x = layer.post_norm(h, layer.o(attend(i, q, k, v, layer.scaling)))
             up = layer.up(x)  # [N, I]
             residual = layer.down(self._activate(layer, x, up))
-        if residual is not None:
-            h = h + residual
-        _, last = self.final_norm(h[logit_rows], None)  # [R, hidden]
-        return self.lm_head(last)
+        return h, residual
 
     def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Rotary embedding of q and k heads together, in place: qk [N, H + H_kv, D], cos/sin [N, D]."""

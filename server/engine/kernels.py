@@ -1,4 +1,4 @@
-"""softmux's CPU kernels (server/engine/csrc/: cpu_ops.cpp, attention.cpp, panel_linear.cpp, vec8.h): built once per machine, loaded at start.
+"""softmux's CPU kernels (server/engine/csrc/: cpu_ops.cpp, attention.cpp, panel_linear.cpp, layers.cpp, ops.h, vec8.h): built once per machine, loaded at start.
 
 The build needs a C++ compiler (g++ or clang) and takes about a minute the first time; the library is
 cached under `<cache_dir>/kernels/<key>`, keyed by the source, torch's version and this CPU's
@@ -22,8 +22,8 @@ import torch
 log = logging.getLogger("softmux.kernels")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / name for name in ("cpu_ops.cpp", "attention.cpp", "panel_linear.cpp")]
-HEADERS = [CSRC / "vec8.h"]  # part of the build key, not compiled on their own
+SOURCES = [CSRC / name for name in ("cpu_ops.cpp", "attention.cpp", "panel_linear.cpp", "layers.cpp")]
+HEADERS = [CSRC / "vec8.h", CSRC / "ops.h"]  # part of the build key, not compiled on their own
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from server.config import default_cache_dir
 from server.engine import kernels
-from server.engine.decoder import Decoder
+from server.engine.decoder import Attend, Decoder, PoolAttention
 from server.engine.pool import NULL_SLOT, BlockPool, SeqBlocks
 from server.engine.prefix_cache import PrefixEntry
 from server.engine.request import Request
@@ -35,6 +35,7 @@ class Acceleration:
 
     prepack_weights: bool = True  # CPU: weights also repacked for decode-sized inputs (decoder.Linear): ~1x weights more memory
     native_kernels: bool = True  # CPU: server/engine/csrc/, built at start (server/engine/kernels.py)
+    native_layers: bool = True  # with native_kernels: a pass's layers in one C++ call (decoder.Decoder.stack)
     kernel_dir: Path = field(default_factory=default_cache_dir)  # where the kernels are built and cached
     cuda_graphs: bool = True  # CUDA: decode steps at bucketed fixed shapes, recorded at start as CUDA graphs and replayed
     # The fixed-shape decode step without graphs (run eagerly): None = wherever graphs are recorded;
@@ -108,7 +109,7 @@ class Runner:
         self.device = lm.device
         self.dtype = lm.dtype
         self.ops = kernels.load(accel.kernel_dir) if accel.native_kernels and self.device.type == "cpu" else None
-        self.decoder = Decoder(lm.model, max_context, pack=accel.prepack_weights, ops=self.ops)
+        self.decoder = Decoder(lm.model, max_context, pack=accel.prepack_weights, ops=self.ops, native_layers=accel.native_layers)
         self.vocab_size = int(self.decoder.lm_head.weight.shape[0])
         self.bytes_per_token = kv_bytes_per_token(lm, self.decoder)
         num_blocks = max(2, kv_cache_bytes // (self.bytes_per_token * block_size))
@@ -206,7 +207,7 @@ class Runner:
         embeds = torch.cat([c.embeds for c in chunks]).to(self.dtype)  # [N, hidden]
         ends = device_tensor(lengths, torch.int64, self.device).cumsum(0) - 1  # [B] last token of each row
         rows = ends[:0] if logit_from is None else ends[logit_from:]
-        out = self.decoder.forward(embeds, positions, lambda i, q, k, v, s: self._attend(layout, i, q, k, v, s), rows)
+        out = self.decoder.forward(embeds, positions, self._attention(layout), rows)
         for c, n in zip(chunks, lengths):
             c.seq.own_len += n
         return out
@@ -226,9 +227,7 @@ class Runner:
             mask=mask,
             lengths=inputs.lengths,
         )
-        return self.decoder.forward(
-            embeds, inputs.positions, lambda i, q, k, v, s: self._attend(layout, i, q, k, v, s), inputs.all_rows
-        )
+        return self.decoder.forward(embeds, inputs.positions, self._attention(layout), inputs.all_rows)
 
     # ---- attention over the pool -----------------------------------------------------------
     def _layout(self, chunks: list[Chunk], lengths: list[int]) -> _Layout:
@@ -291,16 +290,19 @@ class Runner:
         mask.masked_fill_(hidden[:, None, :], float("-inf"))
         return mask.repeat(self.decoder.num_kv_heads, 1, 1)
 
+    def _attention(self, lay: _Layout) -> Attend:
+        """The pass's attention: the native kernel reading the pool in place (no mask: one query per
+        row; it writes k/v itself), else torch ops over gathered keys."""
+        if lay.mask is None:
+            assert self.ops is not None
+            return PoolAttention(self.ops, self.k, self.v, lay.write, lay.keys.view(lay.rows, lay.width), lay.lengths)
+        return lambda i, q, k, v, s: self._attend(lay, i, q, k, v, s)
+
     def _attend(
         self, lay: _Layout, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        """q [N, H, D], k/v [N, H_kv, D] of the new tokens -> attention output [N, H * D]."""
+        """q [N, H, D], k/v [N, H_kv, D] of the new tokens -> attention output [N, H * D], torch ops."""
         kpool, vpool = self.k[layer], self.v[layer]  # [H_kv, slots, D]
-        if lay.mask is None:  # the native kernel (one query per row): it writes k/v and reads the pool in place
-            assert self.ops is not None
-            return self.ops.decode_attention(
-                q, k, v, kpool, vpool, lay.write, lay.keys.view(lay.rows, lay.width), lay.lengths, scaling
-            )
         kpool.index_copy_(1, lay.write, k.transpose(0, 1))
         vpool.index_copy_(1, lay.write, v.transpose(0, 1))
         b, t = lay.rows, lay.width

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops.h"
 #include "vec8.h"
 
 namespace softmux {

@@ -11,7 +11,8 @@
 // (the last three in float32, bfloat16 and float16, rounding where torch's separate ops round)
 //   greedy            each row's argmax and whether it is finite, in one pass over the logits
 //   panel_linear      x W^T + b over weights repacked in panels, for decode-sized inputs (panel_linear.cpp)
-// decode_attention lives in attention.cpp, the 8-lane helpers they share in vec8.h.
+//   DecoderStack      every layer of a llama-like decoder for one pass, calling the above (layers.cpp)
+// decode_attention lives in attention.cpp, the 8-lane helpers they share in vec8.h, the entry points in ops.h.
 // Compiled with -ffp-contract=off so that a*b + c*d rounds as the separate torch ops do.
 
 #include <torch/extension.h>
@@ -24,16 +25,18 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops.h"
 #include "vec8.h"
 
+namespace softmux {
 namespace {
-
-using namespace softmux;
 
 bool elementwise_dtype(const torch::Tensor& t) {
   const auto dt = t.scalar_type();
   return dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kHalf;
 }
+
+}  // namespace
 
 #define SOFTMUX_DISPATCH(dtype, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, NAME, __VA_ARGS__)
 
@@ -240,25 +243,16 @@ std::tuple<torch::Tensor, torch::Tensor> greedy(const torch::Tensor& logits) {
   return {tokens, finite};
 }
 
-}  // namespace
-
-namespace softmux {
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
-                               torch::Tensor kpool, torch::Tensor vpool, const torch::Tensor& write,
-                               const torch::Tensor& slots, const torch::Tensor& lengths, double scale);  // attention.cpp
-// panel_linear.cpp
-bool panel_linear_vectorized();
-torch::Tensor pack_panels(const torch::Tensor& weight);
-torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n, const c10::optional<torch::Tensor>& bias);
 }  // namespace softmux
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &softmux::decode_attention, "write new keys/values into the pool and attend each row to its slots");
-  m.def("rms_norm", &rms_norm, "optional residual add, then RMSNorm");
-  m.def("rotary", &rotary, "rotary embedding in place");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up");
-  m.def("greedy", &greedy, "each row's argmax and whether the row is finite");
+  m.def("rms_norm", &softmux::rms_norm, "optional residual add, then RMSNorm");
+  m.def("rotary", &softmux::rotary, "rotary embedding in place");
+  m.def("silu_mul", &softmux::silu_mul, "silu(gate) * up");
+  m.def("greedy", &softmux::greedy, "each row's argmax and whether the row is finite");
   m.def("pack_panels", &softmux::pack_panels, "a weight in panels of 16 output columns, for panel_linear");
   m.def("panel_linear", &softmux::panel_linear, "x W^T + b over panel-packed weights, float32 accumulation");
   m.def("panel_linear_vectorized", &softmux::panel_linear_vectorized, "whether panel_linear is vectorised here");
+  softmux::bind_decoder_stack(m);
 }

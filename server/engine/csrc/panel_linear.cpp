@@ -23,6 +23,8 @@
 #include <vector>
 #include <cstdint>
 
+#include "ops.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SOFTMUX_AVX2 1
