@@ -6,7 +6,7 @@ batch after another (what a PEFT user does: PEFT cannot mix prompts in a batch);
 batching through the engine; (d) the bare model's forward at the same batch shapes (the floor for
 a decode step). Plus the mixing cost: the same load on 1 task vs spread over K tasks.
 
-    python benchmarks/compare.py [--device cpu|cuda] [--threads 2] [--requests 64] [--tasks 8]
+    python -m benchmarks.compare [--device cpu|cuda] [--threads 2] [--requests 64] [--tasks 8]
         [--concurrency 32] [--new-tokens 32] [--repeats 3] [--json out.json]
 """
 

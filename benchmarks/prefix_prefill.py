@@ -8,7 +8,7 @@
 Default model, P virtual tokens, a shared token prefix then a distinct suffix per request; the table
 gives medians. Usage:
 
-    python benchmarks/prefix_prefill.py [--threads 2] [--virtual 20] [--shared 100] [--suffix 12] [--repeats 15]
+    python -m benchmarks.prefix_prefill [--threads 2] [--virtual 20] [--shared 100] [--suffix 12] [--repeats 15]
 """
 
 from __future__ import annotations
