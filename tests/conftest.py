@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from server.config import Settings
+from server.config import Settings, default_cache_dir
+from server.engine import kernels
 from server.models import LoadedModel, ensure_default_model, load_model
 from tests.tiny_model import tiny_test_model
 
@@ -32,3 +35,14 @@ def lm(tiny_model_dir: Path) -> LoadedModel:
     """The tiny model loaded once, in float64: engine and API tests check batching logic bit for bit,
     without float32 near-ties. Nothing in the tests mutates it."""
     return load_model(str(tiny_model_dir), dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def ops() -> ModuleType:
+    """softmux's native kernels (built once per machine), or the test is skipped where no compiler is."""
+    module = kernels.load(default_cache_dir())
+    if module is None:
+        # Where a compiler exists the kernels must build: a silent fallback would hide a broken build.
+        assert shutil.which("c++") is None and shutil.which("g++") is None, "a C++ compiler is here but the kernels did not build"
+        pytest.skip("no C++ compiler: the engine runs torch ops")
+    return module

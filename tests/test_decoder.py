@@ -12,8 +12,6 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from server.config import default_cache_dir
-from server.engine import kernels
 from server.engine.decoder import Decoder, PoolAttention, UnsupportedModel
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
@@ -129,12 +127,9 @@ def two_row_passes(decoder: Decoder, ops: Any, dtype: torch.dtype) -> list[torch
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_native_layer_stack_equals_the_python_loop_bit_for_bit(family, dtype, tmp_path, default_model_dir):
+def test_native_layer_stack_equals_the_python_loop_bit_for_bit(family, dtype, ops, tmp_path, default_model_dir):
     """Decoder.stack (csrc/layers.cpp) runs the same kernels as the Python loop in the same order:
     the same logits and the same keys and values written, bit for bit (q/k/v bias: llama; GQA: all)."""
-    ops = kernels.load(default_cache_dir())
-    if ops is None:
-        pytest.skip("no C++ compiler: the engine runs torch ops")
     build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
     lm = load_model(str(tmp_path / family), dtype=str(dtype).removeprefix("torch."))
     stacked = Decoder(lm.model, pack=True, ops=ops)
@@ -145,11 +140,8 @@ def test_native_layer_stack_equals_the_python_loop_bit_for_bit(family, dtype, tm
 
 
 @pytest.mark.parametrize("family", ["gemma", "gpt2"])
-def test_native_layer_stack_is_not_used_where_a_kernel_does_not_apply(family, tmp_path, default_model_dir):
+def test_native_layer_stack_is_not_used_where_a_kernel_does_not_apply(family, ops, tmp_path, default_model_dir):
     """gemma's MLP is not SiLU-gated, gpt2 has no rotary and LayerNorm: their layers stay in the Python loop."""
-    ops = kernels.load(default_cache_dir())
-    if ops is None:
-        pytest.skip("no C++ compiler: the engine runs torch ops")
     build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
     lm = load_model(str(tmp_path / family), dtype="float32")
     assert Decoder(lm.model, pack=True, ops=ops).stack is None

@@ -4,9 +4,6 @@ torch computations they replace. The engine-level reference tests run both ways 
 
 from __future__ import annotations
 
-import shutil
-from types import ModuleType
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,19 +11,7 @@ from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from server.config import default_cache_dir
-from server.engine import kernels
 from server.engine.decoder import Linear, Norm, _is_silu, _rotate_half
-
-
-@pytest.fixture(scope="module")
-def ops() -> ModuleType:
-    module = kernels.load(default_cache_dir())
-    if module is None:
-        # Where a compiler exists the kernels must build: a silent fallback would hide a broken build.
-        assert shutil.which("c++") is None and shutil.which("g++") is None, "a C++ compiler is here but the kernels did not build"
-        pytest.skip("no C++ compiler: the engine runs torch ops")
-    return module
 
 
 def pool_case(dtype: torch.dtype, heads: int, kv_heads: int, dim: int = 16, seed: int = 0):

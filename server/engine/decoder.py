@@ -332,16 +332,16 @@ class Decoder:
         most tokens it takes (the linears' panel limit). (None, 0) otherwise: the Python loop serves."""
         if self.ops is None or not hasattr(self.ops, "DecoderStack") or self.rotary is None:
             return None, 0
+        if not all(layer.silu and layer.gate is not None for layer in self.layers):
+            return None, 0
         dtype = self.lm_head.weight.dtype
         norms = [n for layer in self.layers for n in (layer.input_norm, layer.post_norm)]
-        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down)]
+        lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down) if lin is not None]
         if not (
-            all(layer.silu for layer in self.layers)
-            and all(n.fused and n.weight is not None and n.weight.dtype == dtype for n in norms)
-            and all(lin is not None and lin.panels is not None and lin.panels.dtype == dtype for lin in linears)
+            all(n.fused and n.weight is not None and n.weight.dtype == dtype for n in norms)
+            and all(lin.panels is not None and lin.panels.dtype == dtype for lin in lins)
         ):
             return None, 0
-        lins = [lin for lin in linears if lin is not None]
         stack = self.ops.DecoderStack(
             [n.weight for n in norms],
             [n.eps for n in norms],

@@ -117,8 +117,8 @@ void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* pa
 // x [M, K] row-major, float32 or the weight's 16-bit dtype (widened exactly); y [M, N] the same dtype.
 // Rows go in tiles of at most kRows. Over float32 weights the tiles are of near-equal sizes (32 rows:
 // 6, 6, 5, 5, 5, 5 rather than five of 6 and one of 2, whose 4 FMA chains cannot hide the FMA
-// latency): float32 steps at 32 rows 0.93x the time, at 64 0.96x; over 16-bit weights the same split
-// measured 1-5% slower (AVX2 EPYC), so they keep tiles of kRows. The tiles only group rows: every
+// latency): float32 steps at 20-32 rows 0.89-0.93x the time, at 64 0.96x; over bfloat16 weights the
+// same split measured 0.99-1.08x (no gain; AVX2 EPYC), so 16-bit weights keep tiles of kRows. The tiles only group rows: every
 // output is the same chain either way. One tile of float32 rows reads x where it lies; otherwise each
 // tile's rows are first copied (as float32) k-major ([K, rows]), so that a tile's k-th values are adjacent.
 template <typename w_t, typename x_t>
