@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from server.engine.block_cache import BlockCache
-from server.engine.decoder import KERNEL_DTYPES
+from server.engine.blocks import KERNEL_DTYPES
 from server.engine.detok import IncrementalText
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent

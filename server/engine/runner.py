@@ -33,7 +33,7 @@ class Acceleration:
     """Speed-ups, each with a flag to turn it off; results agree with the plain path to float
     rounding (tests/test_kernels.py, tests/test_static_decode.py, and the reference tests run both ways)."""
 
-    prepack_weights: bool = True  # CPU: weights also repacked for decode-sized inputs (decoder.Linear): ~1x weights more memory
+    prepack_weights: bool = True  # CPU: weights also repacked for decode-sized inputs (blocks.Linear): ~1x weights more memory
     native_kernels: bool = True  # CPU: server/engine/csrc/, built at start (server/engine/kernels.py)
     native_layers: bool = True  # with native_kernels: a pass's layers in one C++ call (decoder.Decoder.stack)
     kernel_dir: Path = field(default_factory=default_cache_dir)  # where the kernels are built and cached

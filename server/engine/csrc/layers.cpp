@@ -26,7 +26,7 @@ struct Linear {
 struct Norm {
   torch::Tensor weight;  // [C], the model's dtype
   double eps, offset;
-  // h += residual (when there is one), then the norm of h: as decoder.Norm does.
+  // h += residual (when there is one), then the norm of h: as blocks.Norm does.
   torch::Tensor operator()(const torch::Tensor& h, const c10::optional<torch::Tensor>& residual) const {
     return rms_norm(h, residual, weight, eps, offset);
   }

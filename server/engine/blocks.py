@@ -1,0 +1,177 @@
+"""The decoder's building blocks over the Hugging Face model's own weights: Linear (the weight also
+repacked once, at load, for the native panel kernel or oneDNN), Norm (the model's norm module, or the
+fused native RMSNorm), Layer (one decoder layer's blocks). decoder.Decoder assembles them per family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the native norm, rotary, SiLU and panel kernels take
+
+
+class UnsupportedModel(ValueError):
+    """The model cannot be served exactly by this engine (the server refuses it at start)."""
+
+
+def fuse_linears(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate linears' weights (and biases) and make the modules use views of the result, so
+    the fused copy costs no extra memory and the transformers model still works (PEFT, training)."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    has_bias = [m.bias is not None for m in modules]
+    if any(has_bias) and not all(has_bias):
+        raise UnsupportedModel("projections with and without bias cannot be fused")
+    bias = torch.cat([m.bias.detach() for m in modules]) if all(has_bias) else None
+    start = 0
+    for m in modules:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return weight, bias
+
+
+class Linear:
+    """y = x W^T + b, with the weight also repacked once, at load, where that is available (CPU) and pays.
+
+    Decode-sized inputs (at most `PANEL_MAX_ROWS` rows) run the native panel kernel
+    (csrc/panel_linear.cpp) over a copy of the weight in panels of 16 output columns, in the model's
+    own dtype. Measured on a 2-core AVX2 EPYC over SmolLM2-135M's weights: at 32 rows ~140 GFLOP/s
+    against ~105 for oneDNN's packed GEMM, at one row the weights stream at ~22 GB/s against ~17, and
+    a 16-bit model reads its 16-bit weights (a float32 widening doubled the bytes). Each output is
+    one float32 FMA chain over k, so a row's result does not depend on the other rows, bit for bit.
+    Longer inputs (prefill) use the GEMM: F.linear for float32.
+
+    Without the native kernels (`--no-native-kernels`, or no compiler), `pack` reorders the weight
+    into oneDNN's blocked layout for inputs of at most `PANEL_MAX_ROWS` rows.
+    bfloat16/float16 on a CPU without native 16-bit GEMM (no AVX512-BF16/AMX, e.g. AVX2): torch's
+    16-bit matmul there is ~7x slower than float32, so every input size runs the panel kernel (or,
+    without it, a float32 oneDNN copy of the 16-bit values): products of the exact 16-bit values
+    accumulated in float32 and rounded back to the model's dtype, what a 16-bit GEMM with float32
+    accumulation computes. Where the CPU has native 16-bit GEMM, longer inputs use it.
+    Memory: one more copy of the weights (float32 for 16-bit models served through oneDNN).
+    """
+
+    PANEL_MAX_ROWS = 128
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, ops: ModuleType | None = None, rows_hint: int = 32
+    ) -> None:
+        self.weight, self.bias, self.ops = weight, bias, ops
+        self.out_features = weight.shape[0]
+        self.panels: torch.Tensor | None = None
+        self.panel_bias = None if bias is None else bias.float()
+        self.packed: torch.Tensor | None = None  # oneDNN's layout
+        self.packed_bias = bias  # in the packed weight's dtype
+        self.widen = False  # run a 16-bit model's oneDNN product in float32
+        self.max_rows = self.PANEL_MAX_ROWS  # rows up to which the repacked weight serves
+        if not pack or weight.device.type != "cpu":
+            return
+        if _panels_apply(ops, weight):
+            assert ops is not None
+            self.panels = ops.pack_panels(weight)
+            if weight.dtype != torch.float32 and torch.backends.mkldnn.is_available():
+                self.packed = _reorder(weight, rows_hint)  # native 16-bit GEMM for long inputs, where there is one
+                if self.packed is None:
+                    self.max_rows = 1 << 62
+            return
+        if not torch.backends.mkldnn.is_available():
+            return
+        self.packed = _reorder(weight, rows_hint)
+        if self.packed is None and weight.dtype in (torch.bfloat16, torch.float16):  # no native 16-bit GEMM here
+            self.packed, self.widen = _reorder(weight.float(), rows_hint), True
+            self.packed_bias = None if bias is None else bias.float()
+            self.max_rows = 1 << 62
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            return F.linear(x, self.weight, self.bias)
+        if self.panels is not None:
+            assert self.ops is not None
+            if x.shape[0] <= self.max_rows:
+                if x.dtype == self.panels.dtype:  # 16-bit in and out: widened and rounded inside the kernel
+                    return self.ops.panel_linear(x.contiguous(), self.panels, self.out_features, self.panel_bias)
+                y = self.ops.panel_linear(x.float().contiguous(), self.panels, self.out_features, self.panel_bias)
+                return y.to(x.dtype)  # a no-op for float32
+            if self.packed is not None:  # native 16-bit GEMM
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
+            return F.linear(x, self.weight, self.bias)
+        if self.packed is None or x.shape[0] > self.max_rows:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.float() if self.widen else x, self.packed, self.packed_bias, "none", [], "")
+        return y.to(x.dtype)  # a no-op unless widened
+
+
+def _panels_apply(ops: ModuleType | None, weight: torch.Tensor) -> bool:
+    """The native panel kernel serves this (CPU) weight: built here, vectorised for this CPU, a dtype it reads."""
+    return ops is not None and weight.dtype in KERNEL_DTYPES and ops.panel_linear_vectorized()
+
+
+def _reorder(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
+    """The weight in oneDNN's layout, or None where this build or CPU cannot (the plain path then)."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+class Norm:
+    """The model's own norm module. RMSNorm of llama-like models (gemma's `1 + w` too) runs as one
+    native kernel, with the residual add before it fused in (`h += residual` in place); in 16-bit
+    dtypes it rounds where the module's own ops round."""
+
+    FUSED = {"LlamaRMSNorm": 0.0, "MistralRMSNorm": 0.0, "Qwen2RMSNorm": 0.0, "GemmaRMSNorm": 1.0}
+
+    def __init__(self, module: nn.Module, ops: ModuleType | None) -> None:
+        self.module = module
+        self.ops = ops
+        offset = self.FUSED.get(type(module).__name__)
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        weight = getattr(module, "weight", None)
+        self.fused = ops is not None and offset is not None and eps is not None and weight is not None
+        self.weight = weight.detach() if weight is not None else None
+        self.eps, self.offset = float(eps or 0.0), float(offset or 0.0)
+
+    def __call__(self, h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [N, hidden], residual [N, hidden] or None -> (h + residual, norm(h + residual))."""
+        if self.fused and h.dtype in KERNEL_DTYPES and self.weight is not None and self.weight.dtype == h.dtype:
+            assert self.ops is not None
+            return h, self.ops.rms_norm(h, residual, self.weight, self.eps, self.offset)
+        if residual is not None:
+            h = h + residual
+        return h, self.module(h)
+
+
+@dataclass
+class Layer:
+    input_norm: Norm
+    post_norm: Norm
+    qkv: Linear  # -> [N, (H + 2 H_kv) * D]
+    o: Linear  # [N, H * D] -> [N, hidden]
+    up: Linear  # -> [N, I]
+    gate: Linear | None  # -> [N, I] when the MLP is gated (llama-like), else None
+    down: Linear  # [N, I] -> [N, hidden]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
+
+    def __post_init__(self) -> None:
+        self.silu = is_silu(self.act)  # the native silu(gate) * up applies
+
+
+def is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether the activation computes SiLU (transformers wraps it in classes of its own): probed."""
+    probe = torch.linspace(-8, 8, 33)
+    with torch.no_grad():
+        return bool(torch.equal(act(probe), F.silu(probe)))
+
+
+def bias_of(m: nn.Module) -> torch.Tensor | None:
+    b = getattr(m, "bias", None)
+    return None if b is None else b.detach()
