@@ -4,7 +4,9 @@
 run with transformers `generate()` on `inputs_embeds = cat(soft_prompt, embed(ids))`, one task
 batch after another (what a PEFT user does: PEFT cannot mix prompts in a batch); (c) softmux mixed
 batching through the engine; (d) the bare model's forward at the same batch shapes (the floor for
-a decode step). Plus the mixing cost: the same load on 1 task vs spread over K tasks.
+a decode step). Plus the mixing cost: the same load on 1 task vs spread over K tasks, and the
+arithmetic bound: the workload's unavoidable matrix multiplies at the best GEMM rate measured in the
+run, the most tokens/s any implementation could reach on the machine.
 
     python -m benchmarks.compare [--device cpu|cuda] [--threads 2] [--requests 64] [--tasks 8]
         [--concurrency 32] [--new-tokens 32] [--repeats 3] [--json out.json]
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from benchmarks.common import add_model_arguments, cpu_model, load_for_bench
@@ -181,6 +184,40 @@ def bare_decode_step(lm: LoadedModel, rows: int, context: int, steps: int = 8) -
     return statistics.median(times)
 
 
+def workload_gflop(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int) -> float:
+    """The matrix multiplies the workload cannot avoid, in GFLOP: every prefill token (inputs, and each
+    task's soft prompt once) and every decode token through the layers' linears, and the output head
+    for each generated token. Attention and everything else are left out (the bound is generous)."""
+    linears = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    head = lm.model.get_output_embeddings().weight.numel()
+    body = sum(m.weight.numel() for m in linears) - head
+    prefill = sum(len(j.input_ids) for j in jobs) + sum(prompts[t].num_virtual_tokens for t in {j.task for j in jobs})
+    decode = len(jobs) * (new_tokens - 1)
+    return 2 * (body * (prefill + decode) + head * len(jobs) * new_tokens) / 1e9
+
+
+@torch.inference_mode()
+def best_gemm_rate(lm: LoadedModel, rows: int = 512, repeats: int = 3) -> float:
+    """GFLOP/s of F.linear over the model's own weights at a prefill-sized `rows`, the best of `repeats`
+    (generous to the bound); on a CPU also in float32 (the native kernels widen 16-bit weights to
+    float32 arithmetic, faster than torch's 16-bit GEMM on AVX2), the faster of the two dtypes."""
+    dtypes = {lm.dtype} if lm.device.type == "cuda" else {lm.dtype, torch.float32}
+    best = 0.0
+    for dtype in dtypes:
+        weights = [m.weight.to(dtype) for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+        xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype, device=lm.device) for w in weights}
+        flops = sum(2 * rows * w.numel() for w in weights)
+        for i in range(repeats + 1):  # the first round warms up
+            sync(lm)
+            t = time.perf_counter()
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+            sync(lm)
+            if i:
+                best = max(best, flops / (time.perf_counter() - t) / 1e9)
+    return best
+
+
 def alternating_medians(variants: dict[str, Callable[[], dict[str, float]]], repeats: int) -> dict[str, dict[str, float]]:
     """Each variant once per round, `repeats` rounds, then per-figure medians: a slow spell of the machine
     falls on every variant alike (run back to back, 5 mixed runs then 5 one-task runs once gave a mixing
@@ -269,6 +306,15 @@ def main() -> None:
         f"decode step at batch {full}: engine {engine_step * 1e3:.1f} ms, bare model forward {bare_step * 1e3:.1f} ms "
         f"(engine / bare = {engine_step / bare_step:.3f}; context ~{context})"
     )
+    # What the machine allows any implementation: the workload's multiplies at the best GEMM rate.
+    gflop, rate = workload_gflop(lm, prompts, jobs, n), best_gemm_rate(lm)
+    bound = len(jobs) * n / (gflop / rate)
+    one = results["one_at_a_time"]["tokens_per_s"]
+    print(
+        f"arithmetic bound: the workload's matrix multiplies alone are {gflop:.0f} GFLOP, {gflop / rate:.2f} s at the best "
+        f"F.linear rate measured here ({rate:.0f} GFLOP/s, 512 rows): no implementation exceeds {bound:.0f} tokens/s on "
+        f"this machine, {bound / one:.2f}x one at a time; mixed batching reaches {mixed / bound:.0%} of it"
+    )
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -276,6 +322,7 @@ def main() -> None:
                     "args": {k: str(v) for k, v in vars(args).items()},
                     "results": results,
                     "decode_step": {"rows": full, "engine_s": engine_step, "bare_s": bare_step},
+                    "bound": {"gflop": gflop, "gemm_gflop_per_s": rate, "tokens_per_s": bound, "over_one_at_a_time": bound / one},
                 },
                 indent=2,
             )
