@@ -50,6 +50,10 @@ def reference_attention(q, k, v, kpool, vpool, write, slots, lengths, scale):
     [
         (torch.float32, 4, 2, 1e-6),
         (torch.float32, 3, 3, 1e-6),
+        (torch.float32, 9, 3, 1e-6),  # SmolLM2's 3 query heads per KV head
+        # query heads per KV head past one register group (8: 3+3+2 or 4+4; 5: 3+2 or 4+1)
+        (torch.float32, 16, 2, 1e-6),
+        (torch.bfloat16, 10, 2, 1e-2),
         (torch.float64, 6, 2, 1e-12),  # float64 is computed in float64, not float32
         (torch.bfloat16, 4, 1, 1e-2),
         (torch.float16, 4, 2, 1e-2),
