@@ -1,13 +1,21 @@
-"""The native CPU kernels (server/engine/csrc/) against the torch computations they replace. The
-engine-level reference tests run both ways too (tests/test_engine.py: accelerated and plain); the
-linears and norms built on them: tests/test_blocks.py."""
+"""The native CPU kernels (server/engine/csrc/) against the torch computations they replace, and their
+building and loading (server/engine/kernels.py). The engine-level reference tests run both ways too
+(tests/test_engine.py: accelerated and plain); the linears and norms built on them: tests/test_blocks.py."""
 
 from __future__ import annotations
+
+import fcntl
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from server.engine import kernels
 from server.engine.decoder import _rotate_half
 
 
@@ -206,3 +214,49 @@ def test_greedy_is_torch_argmax_and_flags_rows_that_are_not_finite(ops, dtype, v
     assert tokens[good].tolist() == logits[good].float().argmax(dim=-1).tolist()  # ties: the first index
     with pytest.raises(RuntimeError, match="logits must be"):
         ops.greedy(logits.double())
+
+
+# ---- building and loading (server/engine/kernels.py) ----------------------------------------------
+
+
+def test_a_built_library_is_imported_as_it_is_despite_a_stale_torch_lock(ops, tmp_path):
+    """A build killed halfway leaves torch's lock file behind; a start must not wait on it forever,
+    and a library already built (here: this session's, copied) must load without building again."""
+    key = kernels.build_key()
+    built = Path(ops.__file__)
+    target = tmp_path / "kernels" / key
+    target.mkdir(parents=True)
+    shutil.copy(built, target / built.name)
+    (target / "lock").touch()  # torch's baton from the killed build
+    script = (
+        "import sys; from pathlib import Path; import torch.utils.cpp_extension as ext\n"
+        "ext.load = None  # any attempt to build fails\n"
+        "from server.engine import kernels\n"
+        "m = kernels.load(Path(sys.argv[1])); assert m is not None and m.panel_linear_vectorized() in (True, False)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120, cwd=Path(__file__).parent.parent)
+
+
+def test_a_build_clears_a_stale_torch_lock_and_replaces_a_library_that_does_not_load(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    key = kernels.build_key()
+    build_dir = tmp_path / "kernels" / key
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").touch()
+    (build_dir / f"softmux_cpu_ops_{key}.so").write_bytes(b"cut short")
+    seen = {}
+    built = types.SimpleNamespace(name="built")
+
+    def fake_build(**kwargs):
+        seen["torch_lock"] = (build_dir / "lock").exists()
+        seen["library"] = (build_dir / f"softmux_cpu_ops_{key}.so").exists()
+        with open(build_dir / "softmux-build.lock") as f:  # held by the builder: another process waits
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return built
+
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    assert kernels.load(tmp_path) is built
+    assert seen == {"torch_lock": False, "library": False}

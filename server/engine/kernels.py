@@ -5,15 +5,24 @@ cached under `<cache_dir>/kernels/<key>`, keyed by the source, torch's version a
 instruction-set flags (it is compiled for this CPU: -march=native). Where it cannot be built or
 loaded (no compiler, another platform), `load()` returns None, says why in the log once, and the
 engine runs the same computation with torch ops. `--no-native-kernels` turns them off.
+
+Builds are safe against a build killed halfway (Ctrl-C during the first `make serve`, a worker shut
+down): one process builds at a time under an OS file lock (released when its holder dies, unlike
+torch's own lock file, which a killed build leaves behind and which made every later start wait
+forever), and a library built once is imported as it is, from any checkout of the same sources (torch's
+loader would rebuild it whenever the sources' path differs).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -64,18 +73,7 @@ def load(cache_dir: Path) -> ModuleType | None:
         else:
             build_dir = Path(cache_dir) / "kernels" / key
             try:
-                from torch.utils import cpp_extension
-
-                build_dir.mkdir(parents=True, exist_ok=True)
-                flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-                module = cpp_extension.load(
-                    name=f"softmux_cpu_ops_{key}",
-                    sources=[str(source) for source in SOURCES],
-                    extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"],
-                    build_directory=str(build_dir),
-                    verbose=os.environ.get("SOFTMUX_KERNELS_VERBOSE") == "1",
-                )
+                module = _import_or_build(build_dir, f"softmux_cpu_ops_{key}")
                 log.info("native kernels loaded from %s", build_dir)
             except Exception as exc:  # no compiler, headers or linker: the torch path serves the same results
                 log.warning(
@@ -85,3 +83,53 @@ def load(cache_dir: Path) -> ModuleType | None:
                 module = None
         _loaded[key] = module
         return module
+
+
+def _import_or_build(build_dir: Path, name: str) -> ModuleType:
+    """The library in build_dir imported as it is, or built there first (one process at a time)."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(build_dir / "softmux-build.lock"):
+        library = build_dir / f"{name}.so"
+        if library.exists():
+            try:
+                return _import(library, name)
+            except ImportError as exc:  # cut short by a killed build: build it again
+                log.warning("native kernels: %s does not load (%s); rebuilding", library, exc)
+                library.unlink()
+        # torch's own lock file, if one is here, was left by a build that died: only our lock's holder builds.
+        (build_dir / "lock").unlink(missing_ok=True)
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load(
+            name=name,
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=os.environ.get("SOFTMUX_KERNELS_VERBOSE") == "1",
+        )
+
+
+def _import(library: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module spec for {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` held by this process; the OS releases it if the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (torch's own serialises builds there)
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
