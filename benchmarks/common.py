@@ -44,6 +44,11 @@ def load_for_bench(args: argparse.Namespace) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, name=f"{args.model} (random weights)")
 
 
+def linear_weights(lm: LoadedModel) -> list[torch.Tensor]:
+    """Every weight matrix of the model's Linear modules (the output head included), in module order."""
+    return [m.weight for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+
+
 def cpu_model() -> str:
     """lscpu's 'Model name' (a VM may hide the full name: family and model are added then)."""
     try:

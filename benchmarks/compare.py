@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from benchmarks.common import add_model_arguments, cpu_model, load_for_bench
+from benchmarks.common import add_model_arguments, cpu_model, linear_weights, load_for_bench
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishEvent, Request, SamplingParams
@@ -188,9 +188,8 @@ def workload_gflop(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], 
     """The matrix multiplies the workload cannot avoid, in GFLOP: every prefill token (inputs, and each
     task's soft prompt once) and every decode token through the layers' linears, and the output head
     for each generated token. Attention and everything else are left out (the bound is generous)."""
-    linears = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
     head = lm.model.get_output_embeddings().weight.numel()
-    body = sum(m.weight.numel() for m in linears) - head
+    body = sum(w.numel() for w in linear_weights(lm)) - head
     prefill = sum(len(j.input_ids) for j in jobs) + sum(prompts[t].num_virtual_tokens for t in {j.task for j in jobs})
     decode = len(jobs) * (new_tokens - 1)
     return 2 * (body * (prefill + decode) + head * len(jobs) * new_tokens) / 1e9
@@ -204,7 +203,7 @@ def best_gemm_rate(lm: LoadedModel, rows: int = 512, repeats: int = 3) -> float:
     dtypes = {lm.dtype} if lm.device.type == "cuda" else {lm.dtype, torch.float32}
     best = 0.0
     for dtype in dtypes:
-        weights = [m.weight.to(dtype) for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+        weights = [w.to(dtype) for w in linear_weights(lm)]
         xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype, device=lm.device) for w in weights}
         flops = sum(2 * rows * w.numel() for w in weights)
         for i in range(repeats + 1):  # the first round warms up

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/vs_vllm.py` from anywhere
-from benchmarks.common import ROOT, cpu_model, median, print_ratio_table, write_results
+from benchmarks.common import ROOT, cpu_model, linear_weights, median, print_ratio_table, write_results
 from benchmarks.compare import Job, PassTimer, bare_decode_step, bench_request, make_jobs, make_prompts
 from benchmarks.machine import CpuWatch, machine_line
 from benchmarks.peer import Peer, PeerUnavailable
@@ -100,7 +100,7 @@ def matmul_floor(lm: LoadedModel, rows: int, repeats: int = 15) -> dict:
     included), in order, at `rows` rows; median seconds of the chain, its FLOPs and rate. Timed with
     2-D inputs [rows, in] and with the decode step's own 3-D layout [rows, 1, in] (interleaved); the
     floor is the faster of the two."""
-    weights = [m.weight for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = linear_weights(lm)
     flops = sum(2 * rows * w.shape[0] * w.shape[1] for w in weights)
     layouts = {"2d": (rows,), "3d": (rows, 1)}
     xs = {k: {w.shape[1]: torch.randn(*lead, w.shape[1], dtype=lm.dtype) for w in weights} for k, lead in layouts.items()}
