@@ -31,7 +31,7 @@ from benchmarks.common import add_model_arguments, cpu_model, linear_weights, lo
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishEvent, Request, SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Policy, SchedulerConfig
 from server.models import LoadedModel
 from server.prompts.types import PromptKind, SoftPrompt
 
@@ -94,12 +94,18 @@ def longest(prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int) -> int:
 
 
 def run_engine(
-    lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, concurrency: int, timer: PassTimer | None = None
+    lm: LoadedModel,
+    prompts: list[SoftPrompt],
+    jobs: list[Job],
+    new_tokens: int,
+    concurrency: int,
+    timer: PassTimer | None = None,
+    policy: Policy = Policy.FAIR,
 ) -> dict[str, float]:
     """Keep `concurrency` requests in flight; returns tokens/s and the engine's batching figures."""
     engine = Engine(
         lm,
-        Scheduler(concurrency, 1 << 30, len(jobs) + 1),
+        SchedulerConfig(concurrency, 1 << 30, len(jobs) + 1, policy=policy),
         PrefixCache(1 << 30),
         observer=timer,
         max_context=longest(prompts, jobs, new_tokens),

@@ -27,7 +27,7 @@ from benchmarks.compare import Job, PassTimer, add_workload_arguments, bench_req
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import Acceleration
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel
 from server.prompts.types import SoftPrompt
 
@@ -48,7 +48,7 @@ def build(
     start = time.perf_counter()
     engine = Engine(
         lm,
-        Scheduler(concurrency, 1 << 30, requests + 1),
+        SchedulerConfig(concurrency, 1 << 30, requests + 1),
         PrefixCache(1 << 30),
         observer=timer,
         max_context=max_context,

@@ -39,7 +39,22 @@ class Settings:
     max_input_tokens: int = field(default=1024, metadata={"help": "input tokens per request (virtual tokens not counted)"})
     max_new_tokens: int = field(default=512, metadata={"help": "largest max_new_tokens a request may ask for"})
     max_virtual_tokens: int = field(default=128, metadata={"help": "largest soft prompt (virtual tokens) the registry accepts"})
-    max_queue: int = field(default=256, metadata={"help": "waiting requests; beyond this new requests get 429"})
+    max_queue: int = field(
+        default=256, metadata={"help": "waiting requests of all tasks together; beyond this new requests get 429"}
+    )
+    max_queue_per_task: int = field(
+        default=64,
+        metadata={
+            "help": "waiting requests of one task, unless its task.json sets max_queue; beyond this that task's requests get 429 while other tasks are still admitted (0: only --max-queue)"
+        },
+    )
+    scheduling: str = field(
+        default="fair",
+        metadata={
+            "help": "fair: per-task queues, the least served task (weighted) admitted first, priorities, a task with no row takes one from the most served | fifo: one queue in arrival order",
+            "choices": ("fair", "fifo"),
+        },
+    )
     prefix_cache: bool = field(
         default=True, metadata={"help": "compute each task's key/value prefix once and reuse it (--no-prefix-cache to compare)"}
     )

@@ -51,6 +51,7 @@ class LiveState:
     preemptions: int | None = None  # counters from here on
     prefix_hit_tokens: int | None = None
     prefix_hit_requests: int | None = None
+    per_task: dict[str, dict[str, float | int]] | None = None  # the scheduler's task_stats()
 
 
 class _LiveCollector(Collector):
@@ -87,6 +88,40 @@ class _LiveCollector(Collector):
             ("softmux_prefix_cache_hit_requests", "requests that reused cached input-token blocks", state.prefix_hit_requests),
         ):
             yield CounterMetricFamily(name, doc, value=value or 0)
+        yield from _task_metrics(state.per_task or {})
+
+
+# Per task, from the scheduler (server/engine/fairness.py): (metric, kind, help, stats key).
+_TASK_METRICS = (
+    ("softmux_task_queue_size", "gauge", "requests of the task waiting for admission", "waiting"),
+    ("softmux_task_running", "gauge", "rows of the task in the running batch", "running"),
+    ("softmux_task_weight", "gauge", "the task's weight (task.json)", "weight"),
+    (
+        "softmux_task_fairness_counter",
+        "gauge",
+        "weighted service the task received (input + 2 x output tokens) / weight",
+        "counter",
+    ),
+    ("softmux_task_input_tokens", "counter", "input tokens of the task's admitted requests", "input_tokens"),
+    ("softmux_task_generated_tokens", "counter", "tokens generated for the task", "output_tokens"),
+    ("softmux_task_admitted", "counter", "requests of the task admitted into the batch", "admitted"),
+    ("softmux_task_queue_refused", "counter", "requests of the task refused because its quota or the queue was full", "refused"),
+    (
+        "softmux_task_preemptions",
+        "counter",
+        "rows of the task taken back (memory, a starved task, a more urgent request)",
+        "preempted",
+    ),
+)
+
+
+def _task_metrics(per_task: dict[str, dict[str, float | int]]) -> Iterable[Metric]:
+    for name, kind, doc, key in _TASK_METRICS:
+        family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=("task",))
+        for task, stats in per_task.items():
+            if not task.startswith("_"):  # the engine's own warm-up
+                family.add_metric((task,), float(stats[key]))
+        yield family
 
 
 class Metrics:

@@ -20,11 +20,11 @@ import anyio
 import torch
 
 from server.config import Settings
-from server.engine.engine import Engine, EngineStats
+from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
 from server.engine.runner import Acceleration, default_kv_cache_bytes
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Policy, SchedulerConfig
 from server.errors import (
     DomainError,
     ErrorKind,
@@ -40,7 +40,7 @@ from server.metrics import UNKNOWN_TASK, LiveState, Metrics
 from server.models import LoadedModel, load_model
 from server.prompts.install import clean_leftovers
 from server.prompts.registry import Registry
-from server.prompts.types import PromptGeometry, PromptKind, SoftPrompt
+from server.prompts.types import PromptGeometry, SoftPrompt
 from server.prompts.watcher import StoreWatcher
 
 log = logging.getLogger("softmux.service")
@@ -55,6 +55,7 @@ class Prepared:
     params: SamplingParams
     seed: int
     deadline: float | None = None  # time.monotonic() after which the engine ends it with TIMEOUT
+    priority: int = 0  # lower is served first; the task's default unless the request asked
 
 
 class Service:
@@ -77,6 +78,7 @@ class Service:
             running=None if engine is None else len(engine.scheduler.running),
             prompt_load_failures=None if registry is None else len(registry.failures()),
             tasks=None if registry is None else len(registry),
+            per_task=None if engine is None else engine.scheduler.task_stats(),
             **({} if engine is None else engine.live_counters()),
         )
 
@@ -100,13 +102,16 @@ class Service:
             self.registry = Registry(self.settings.store, geometry, max_resident=self.settings.max_resident_prompts)
             clean_leftovers(Path(self.settings.store), older_than_s=60.0)  # hidden temp folders of crashed uploads
             self.registry.load_all()
-            scheduler = Scheduler(self.settings.max_batch_size, self.settings.max_batch_tokens, self.settings.max_queue)
+            s = self.settings
+            limits = SchedulerConfig(
+                s.max_batch_size, s.max_batch_tokens, s.max_queue, s.max_queue_per_task, Policy(s.scheduling)
+            )
             prefix_cache = PrefixCache(self.settings.prefix_cache_bytes) if self.settings.prefix_cache else None
             kv_bytes = self.settings.kv_cache_bytes or default_kv_cache_bytes(self.lm.device)
             max_context = self.settings.max_virtual_tokens + self.settings.max_input_tokens + self.settings.max_new_tokens
             self.engine = Engine(
                 self.lm,
-                scheduler,
+                limits,
                 prefix_cache,
                 observer=self.metrics,
                 kv_cache_bytes=kv_bytes,
@@ -119,7 +124,7 @@ class Service:
                     cuda_graphs=self.settings.cuda_graphs,
                 ),
             )
-            self._warm_up()
+            self.engine.warm_up()
             self.engine.start()
             if self.settings.reload_interval > 0:
                 self.watcher = StoreWatcher(self.registry, self.settings.reload_interval)
@@ -129,42 +134,6 @@ class Service:
         except BaseException as exc:
             log.exception("startup failed")
             self.load_error = exc
-
-    def _warm_up(self) -> None:
-        """Two requests through prefix, prefill and decode passes before the loop starts, so the
-        first real request does not pay for lazy initialisation; their traces are then wiped."""
-        engine, lm = self.engine, self.lm
-        assert engine is not None and lm is not None
-        prompt = SoftPrompt(
-            name="_warmup",
-            kind=PromptKind.PROMPT_TUNING,
-            content_hash="warmup",
-            source=Path("."),
-            embeddings=torch.zeros(1, lm.hidden_size, dtype=lm.dtype, device=lm.device),
-        )
-        queue_limit, engine.scheduler.max_queue = engine.scheduler.max_queue, 2  # also with --max-queue 0
-        for n in (1, 2):
-            engine.scheduler.add(
-                Request(
-                    task="_warmup",
-                    prompt=prompt,
-                    input_ids=[0] * n,
-                    params=SamplingParams(max_new_tokens=2),
-                    seed=0,
-                    sink=lambda event: None,
-                )
-            )
-        engine.scheduler.max_queue = queue_limit
-        observer, engine.observer = engine.observer, None  # warm-up passes are not traffic
-        while not engine.scheduler.idle:
-            engine.step()
-        engine.observer = observer
-        engine.prefix_cache.invalidate("_warmup")
-        engine.prefix_cache.stats = type(engine.prefix_cache.stats)()
-        if engine.block_cache is not None:
-            engine.block_cache.clear()
-            engine.block_cache.stats = type(engine.block_cache.stats)()
-        engine.stats = EngineStats()
 
     def drain(self, grace: float) -> bool:
         """Graceful shutdown: refuse new requests (503) and let accepted ones finish for up to
@@ -215,6 +184,8 @@ class Service:
         fit_new_tokens: bool = False,
         names: tuple[str, str] = ("inputs", "parameters.max_new_tokens"),
         timeout: float | None = None,
+        priority: int | None = None,
+        priority_name: str = "parameters.priority",
     ) -> Prepared:
         """Check the task and limits and tokenise (in a worker thread). Raises UnknownTask,
         InvalidRequest (its `field` named as in `names`) or Unavailable.
@@ -224,10 +195,14 @@ class Service:
         `names`: how the input and the token limit are called in the caller's API, for messages.
         `timeout`: seconds the request may take from now (None: the server's --request-timeout,
         which also caps it when set).
+        `priority`: lower is served first (None: the task's default); within what the task's
+        task.json allows (`priority_name` names the field in messages).
         """
         arrival = time.monotonic()
         try:
-            prepared = await self._prepare(task, text, params, add_special_tokens, fit_new_tokens, names)
+            prepared = await self._prepare(
+                task, text, params, add_special_tokens, fit_new_tokens, names, (priority, priority_name)
+            )
         except DomainError as exc:
             known = self.registry is not None and task in self.registry
             self.metrics.rejected(task if known else UNKNOWN_TASK, exc.kind)
@@ -244,11 +219,17 @@ class Service:
         add_special_tokens: bool,
         fit_new_tokens: bool,
         names: tuple[str, str],
+        asked_priority: tuple[int | None, str],
     ) -> Prepared:
         engine, registry, lm = self.require_ready()
         prompt = registry.get(task)
         if prompt is None:
             raise UnknownTask(task, known=registry.names())
+        priority = _priority(prompt, *asked_priority)
+        try:  # a task at its quota is refused before its text is tokenised: a flood's refusals stay cheap
+            engine.scheduler.check_room(task, prompt.settings)
+        except QueueFull as exc:
+            raise Overloaded(f"{exc}; retry later") from exc
         s = self.settings
         inputs_name, limit_name = names
         if params.max_new_tokens > s.max_new_tokens and not fit_new_tokens:
@@ -282,7 +263,7 @@ class Service:
                 limit_name,
             )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        return Prepared(task=task, input_ids=ids, params=params, seed=seed)
+        return Prepared(task=task, input_ids=ids, params=params, seed=seed, priority=priority)
 
     def submit(self, prepared: Prepared, stream: bool) -> Generation:
         """Hand a request to the engine now (raising Overloaded/Unavailable/UnknownTask at once, before
@@ -318,6 +299,7 @@ class Service:
             sink=sink,
             stream=stream,
             deadline=prepared.deadline,
+            priority=prepared.priority,
         )
         try:
             engine.submit(request)
@@ -353,6 +335,18 @@ class Service:
             if isinstance(event, FinishEvent):
                 return event
         raise GenerationFailed("the request ended without a result")
+
+
+def _priority(prompt: SoftPrompt, asked: int | None, field: str) -> int:
+    """The request's priority: the task's default, or what it asked within what its task.json allows."""
+    if asked is None:
+        return prompt.settings.priority
+    low, high = prompt.settings.allowed_priorities()
+    if not low <= asked <= high:
+        raise InvalidRequest(
+            f"{field} must be between {low} and {high} for task {prompt.name!r} (lower is served first; got {asked})", field
+        )
+    return asked
 
 
 class Generation:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from server.engine.engine import Engine
 from server.engine.request import Event, FinishEvent, Request, SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import SchedulerConfig
 from server.model_card import render_card
 from server.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, LoadedModel
 from server.prompts.install import check_folder, install, temp_folder
@@ -199,7 +199,7 @@ def generate_batch(
 ) -> list[str]:
     """Greedy answers for many inputs, through the engine exactly as served (driven on this thread)."""
     total = sum(len(i) for i in inputs) + len(inputs) * (prompt.num_virtual_tokens + max_new_tokens)
-    engine = Engine(lm, Scheduler(batch_size, max(total, 1), len(inputs) + 1))
+    engine = Engine(lm, SchedulerConfig(batch_size, max(total, 1), len(inputs) + 1))
     results: dict[int, FinishEvent] = {}
 
     def sink_for(i: int) -> Callable[[Event], None]:

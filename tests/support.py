@@ -14,7 +14,7 @@ import torch
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, FinishReason, Request, SamplingParams, TokenEvent
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel
 from server.prompts.types import PromptKind, SoftPrompt
 
@@ -111,7 +111,7 @@ def make_engine(
 ) -> Engine:
     """The one place tests construct an engine: adapt it here when the engine's constructor changes.
     `options`: Engine's keyword arguments (kv_cache_bytes, max_context, observer, accel)."""
-    return Engine(lm, Scheduler(max_batch_size, max_batch_tokens, max_queue), prefix_cache, **options)
+    return Engine(lm, SchedulerConfig(max_batch_size, max_batch_tokens, max_queue), prefix_cache, **options)
 
 
 def start_engine(lm: LoadedModel, **limits: Any) -> Engine:

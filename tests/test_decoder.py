@@ -16,7 +16,7 @@ from server.engine.decoder import Decoder, PoolAttention, UnsupportedModel
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel, load_model
 from tests.support import make_prompt, make_request, reference_greedy
 
@@ -55,7 +55,7 @@ def test_family_mixed_staggered_batch_matches_solo_reference(family, tmp_path, d
     prompts = [make_prompt(f"{family}{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
     rng = random.Random(1)
     specs = [(prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 7) % 19)], 5 + k % 6) for k in range(9)]
-    engine = Engine(lm, Scheduler(16, 100_000, 100), PrefixCache(1 << 30))
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30))
     engine.start()
     try:
         tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
@@ -85,14 +85,14 @@ def test_unsupported_family_is_refused_with_the_reason(tmp_path, default_model_d
         max_position_embeddings=128,
     )
     with pytest.raises(UnsupportedModel, match="'opt' is not supported.*llama"):
-        Engine(lm, Scheduler(4, 1000, 10))
+        Engine(lm, SchedulerConfig(4, 1000, 10))
 
 
 def test_sliding_window_shorter_than_the_context_is_refused(tmp_path, default_model_dir):
     lm = build(tmp_path / "mistral", default_model_dir, "mistral", **dict(FAMILIES["mistral"], sliding_window=64))
     with pytest.raises(UnsupportedModel, match="sliding-window attention \\(64 tokens\\)"):
-        Engine(lm, Scheduler(4, 1000, 10), max_context=1000)
-    Engine(lm, Scheduler(4, 1000, 10), max_context=64)  # every admitted sequence fits the window: served
+        Engine(lm, SchedulerConfig(4, 1000, 10), max_context=1000)
+    Engine(lm, SchedulerConfig(4, 1000, 10), max_context=64)  # every admitted sequence fits the window: served
 
 
 def two_row_passes(decoder: Decoder, ops: Any, dtype: torch.dtype) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishReason, SamplingParams, TokenEvent
 from server.engine.runner import Acceleration
-from server.engine.scheduler import Scheduler, ShuttingDown
+from server.engine.scheduler import Policy, SchedulerConfig, ShuttingDown
 from server.models import LoadedModel, load_model
 from server.prompts.types import PromptKind, SoftPrompt
 from tests.support import (
@@ -453,9 +453,9 @@ def test_preemption_in_a_tiny_pool_keeps_every_answer_exact(lm, prompts):
     and every request still gets exactly its solo reference tokens."""
     rng = random.Random(7)
     specs = [(prompts[k % 4], random_ids(rng, 2 + k % 5), 30 + 3 * (k % 7)) for k in range(8)]
-    block_bytes = Engine(lm, Scheduler(1, 1, 1)).runner.block_bytes
+    block_bytes = Engine(lm, SchedulerConfig(1, 1, 1)).runner.block_bytes
     # 13 usable blocks of 16 tokens: the four prefixes take 5, each row grows to 3 blocks.
-    engine = Engine(lm, Scheduler(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=14 * block_bytes)
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=14 * block_bytes)
     engine.start()
     try:
         tracked = submit_and_check_solo(engine, lm, specs)
@@ -468,7 +468,7 @@ def test_preemption_in_a_tiny_pool_keeps_every_answer_exact(lm, prompts):
 
 def test_memory_per_row_is_its_own_tokens_only(lm, prompts):
     """Rows of one task hold blocks for their own tokens; the task's prefix is stored once."""
-    engine = Engine(lm, Scheduler(16, 100_000, 1000), PrefixCache(1 << 30))
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30))
     prompt = prompts[3]  # 20 virtual tokens
     tracked = [make_request(prompt, [5] * 3, SamplingParams(max_new_tokens=8)) for _ in range(6)]
     for t in tracked:
@@ -490,7 +490,7 @@ def test_requests_sharing_a_token_prefix_reuse_its_blocks_and_stay_exact(lm, pro
     tokens prefills only what follows them; another task with the same tokens reuses nothing."""
     rng = random.Random(11)
     shared = random_ids(rng, 40)
-    engine = Engine(lm, Scheduler(16, 100_000, 1000), PrefixCache(1 << 30))
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30))
     engine.start()
     try:
 
@@ -581,3 +581,29 @@ def test_sampled_tokens_stay_inside_each_rows_top_k_and_nucleus_in_a_mixed_batch
             assert outside_filters(logits, out, temperature, 3, 1.0), "the control never left its top 3"
     greedy = tracked[-1]
     assert greedy.request.output_ids == reference_greedy(lm, prompts[2].embeddings, greedy.request.input_ids, 24)
+
+
+@pytest.mark.parametrize("policy", [Policy.FAIR, Policy.FIFO])
+def test_a_starved_task_gets_a_row_at_the_next_step_and_every_answer_stays_exact(lm, prompts, policy):
+    """A flood holds every row for a long wave; a request of another task arrives. Fair scheduling
+    admits it at the next step by preempting the flood's youngest row (FIFO makes it wait out the
+    wave), and every answer, the preempted row's included, is its solo reference."""
+    rng = random.Random(11)
+    engine = Engine(lm, SchedulerConfig(4, 100_000, 100, policy=policy), PrefixCache(1 << 30))
+    flood = [make_request(prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=24)) for _ in range(6)]
+    for t in flood:
+        engine.scheduler.add(t.request)
+    engine.step()
+    quiet = make_request(prompts[1], random_ids(rng, 5), SamplingParams(max_new_tokens=5))
+    engine.scheduler.add(quiet.request)
+    steps = 0
+    while quiet.request.first_token_at is None:
+        engine.step()
+        steps += 1
+    assert steps == 1 if policy is Policy.FAIR else steps > 20
+    engine.run_until_idle()
+    for t in [*flood, quiet]:
+        ids, n = t.request.input_ids, t.request.params.max_new_tokens
+        assert t.result.finish_reason is FinishReason.LENGTH
+        assert t.request.output_ids == reference_greedy(lm, t.request.prompt.embeddings, ids, n)
+    assert (flood[3].request.preemptions == 1) is (policy is Policy.FAIR)

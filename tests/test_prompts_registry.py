@@ -82,18 +82,28 @@ def test_mixed_store_serves_good_and_lists_bad(mixed_store: Path, caplog: pytest
 
 
 def test_describe_is_the_tasks_json(mixed_store: Path) -> None:
+    (mixed_store / "sentiment" / "task.json").write_text('{"weight": 3, "max_queue": 8, "priority": 2, "min_priority": -1}')
     registry = make_registry(mixed_store)
     registry.load_all()
     body = registry.describe()
     json.dumps(body)  # plain JSON types only
+    defaults = {"weight": 1.0, "max_queue": None, "max_running": None, "priority": 0, "min_priority": None}
     assert body["tasks"] == [
-        {"name": "hand-made", "peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "prefix_length": 3, "folder": "hand-made"},
+        {
+            "name": "hand-made",
+            "peft_type": "PROMPT_TUNING",
+            "num_virtual_tokens": 3,
+            "prefix_length": 3,
+            "folder": "hand-made",
+            "settings": defaults,
+        },
         {
             "name": "qa.v2",
             "peft_type": "P_TUNING",
             "num_virtual_tokens": NUM_VIRTUAL,
             "prefix_length": NUM_VIRTUAL,
             "folder": "qa.v2",
+            "settings": defaults,
         },
         {
             "name": "sentiment",
@@ -101,6 +111,7 @@ def test_describe_is_the_tasks_json(mixed_store: Path) -> None:
             "num_virtual_tokens": NUM_VIRTUAL,
             "prefix_length": NUM_VIRTUAL,
             "folder": "sentiment",
+            "settings": {**defaults, "weight": 3.0, "max_queue": 8, "priority": 2, "min_priority": -1},
         },
     ]
     assert [f["folder"] for f in body["failed"]] == ["Bad_Name", "broken", "empty", "lora", "no-weights", "wide"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from server.engine.block_cache import BlockCache
 from server.engine.pool import BlockPool
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import Request, RequestStatus, SamplingParams
-from server.engine.scheduler import QueueFull, Scheduler, ShuttingDown
+from server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, ShuttingDown
 from server.prompts.types import PromptKind, SoftPrompt
 
 BS = 4  # block size in these tests
@@ -36,13 +37,13 @@ def req(virtual: int = 2, inputs: int = 3, max_new: int = 5, task: str | None = 
     )
 
 
-def sched(rows: int = 100, tokens: int = 10_000, queue: int = 100, blocks: int = 1000, prefix_bytes: int = 1 << 20) -> Scheduler:
-    s = Scheduler(max_batch_size=rows, max_batch_tokens=tokens, max_queue=queue)
+def sched(
+    rows: int = 100, tokens: int = 10_000, queue: int = 100, blocks: int = 1000, prefix_bytes: int = 1 << 20, **config: Any
+) -> Scheduler:
     pool = BlockPool(blocks + 1, BS)  # + the reserved block
     cache = PrefixCache(prefix_bytes)
     cache.bind(pool, block_bytes=1)
-    s.bind(pool, cache)
-    return s
+    return Scheduler(SchedulerConfig(max_batch_size=rows, max_batch_tokens=tokens, max_queue=queue, **config), pool, cache)
 
 
 def test_fifo_admission_and_status() -> None:
@@ -346,9 +347,10 @@ def test_concurrent_add_while_the_engine_thread_schedules() -> None:
 
 
 def sched_with_blocks(blocks: int = 1000) -> Scheduler:
-    s = sched(blocks=blocks)
-    s.blocks = BlockCache(s.pool)
-    return s
+    pool = BlockPool(blocks + 1, BS)
+    cache = PrefixCache(1 << 20)
+    cache.bind(pool, block_bytes=1)
+    return Scheduler(SchedulerConfig(max_batch_size=100, max_batch_tokens=10_000, max_queue=100), pool, cache, BlockCache(pool))
 
 
 def test_token_blocks_are_reused_by_the_same_task_version_only() -> None:

@@ -15,7 +15,7 @@ from server.engine.pool import NULL_SLOT
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
 from server.engine.runner import Acceleration
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import SchedulerConfig
 from server.engine.static_decode import StaticInputs, bucket, row_buckets, width_buckets
 from server.models import LoadedModel, load_model
 from tests.support import make_engine, make_prompt, make_request, reference_greedy, submit_and_check_solo
@@ -110,7 +110,7 @@ def test_padding_rows_and_columns_write_nothing_but_the_null_slot(lm, prompts):
 
 def test_rows_past_the_largest_width_bucket_run_the_eager_step(lm, prompts):
     """Key tables wider than the largest bucket (here 64 columns) fall back to the eager step."""
-    engine = Engine(lm, Scheduler(4, 100_000, 100), PrefixCache(1 << 30), max_context=64, accel=STATIC["plain"])
+    engine = Engine(lm, SchedulerConfig(4, 100_000, 100), PrefixCache(1 << 30), max_context=64, accel=STATIC["plain"])
     prompt = prompts[3]  # 20 virtual tokens
     ids = [5, 17, 2000, 31, 9]
     out = staggered_outputs(engine, [(prompt, ids, SamplingParams(max_new_tokens=50))], 1)[0]
@@ -123,9 +123,9 @@ def test_rows_past_the_largest_width_bucket_run_the_eager_step(lm, prompts):
 def test_preemption_with_the_static_step_keeps_every_answer_exact(lm, prompts):
     rng = random.Random(7)
     specs = [(prompts[k % 4], [rng.randrange(40_000) for _ in range(2 + k % 5)], 30 + 3 * (k % 7)) for k in range(8)]
-    block_bytes = Engine(lm, Scheduler(1, 1, 1)).runner.block_bytes
+    block_bytes = Engine(lm, SchedulerConfig(1, 1, 1)).runner.block_bytes
     engine = Engine(
-        lm, Scheduler(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=14 * block_bytes, accel=STATIC["accelerated"]
+        lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=14 * block_bytes, accel=STATIC["accelerated"]
     )
     engine.start()
     try:

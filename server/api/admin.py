@@ -23,6 +23,7 @@ from server.api.errors import ApiError
 from server.errors import InvalidRequest, UnknownTask
 from server.prompts.install import check_folder, install, remove, temp_folder
 from server.prompts.registry import Registry
+from server.prompts.settings import MAX_SETTINGS_BYTES, SETTINGS_FILE
 from server.prompts.store import CONFIG_FILE, WEIGHTS_FILE, validate_task_name
 from server.prompts.types import PromptError
 from server.service import Service
@@ -30,6 +31,7 @@ from server.service import Service
 router = APIRouter(dependencies=[Depends(require_admin)], tags=["admin"])
 
 CARD_FILE = "README.md"
+_PARTS = (CONFIG_FILE, WEIGHTS_FILE, SETTINGS_FILE, CARD_FILE)
 MAX_CARD_BYTES = 64 << 10
 _MULTIPART_OVERHEAD = 64 << 10  # part headers and boundaries on top of the files themselves
 
@@ -85,10 +87,10 @@ async def _files(request: Request, body: bytes, limit: int) -> dict[str, bytes]:
         for field, value in form.multi_items():
             if not isinstance(value, UploadFile):
                 raise InvalidRequest(f"form field {field!r} must be a file")
-            key = field if field in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE) else (value.filename or field)
-            if key not in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE):
+            key = field if field in _PARTS else (value.filename or field)
+            if key not in _PARTS:
                 raise InvalidRequest(
-                    f"unexpected file {key!r}; send {CONFIG_FILE} and {WEIGHTS_FILE} (and optionally {CARD_FILE})"
+                    f"unexpected file {key!r}; send {CONFIG_FILE} and {WEIGHTS_FILE} (and optionally {SETTINGS_FILE}, {CARD_FILE})"
                 )
             if key in files:
                 raise InvalidRequest(f"{key} sent twice")
@@ -103,6 +105,8 @@ async def _files(request: Request, body: bytes, limit: int) -> dict[str, bytes]:
         raise TooLarge(f"adapter files are {total} bytes; at most {limit} bytes are accepted")
     if len(files.get(CARD_FILE, b"")) > MAX_CARD_BYTES:
         raise TooLarge(f"{CARD_FILE} is over {MAX_CARD_BYTES} bytes")
+    if len(files.get(SETTINGS_FILE, b"")) > MAX_SETTINGS_BYTES:
+        raise TooLarge(f"{SETTINGS_FILE} is over {MAX_SETTINGS_BYTES} bytes")
     return files
 
 
@@ -148,6 +152,7 @@ def _describe(registry: Registry, name: str) -> dict[str, Any]:
         "content_hash": info.content_hash,
         "created": datetime.fromtimestamp(info.created, UTC).isoformat(),
         "resident": name in registry.resident(),
+        "settings": info.settings.model_dump(),
         "card": card,
     }
 
@@ -170,6 +175,9 @@ _UPLOAD_BODY: dict[str, Any] = {
                         WEIGHTS_FILE: _file_part(
                             "safetensors file with the tensor prompt_embeddings (and, for multitask "
                             "prompt tuning, prefix_task_cols and prefix_task_rows)"
+                        ),
+                        SETTINGS_FILE: _file_part(
+                            "optional task settings (JSON: weight, max_queue, max_running, priority, min_priority)"
                         ),
                         CARD_FILE: _file_part("optional task card (markdown), shown by GET /tasks/{name}"),
                     },

@@ -61,6 +61,12 @@ class _Common(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past end-of-sequence tokens")
     user: str | None = None
+    priority: int | None = Field(
+        None,
+        ge=-1000,
+        le=1000,
+        description="vLLM's extension: lower is served first; default and range from the task's task.json",
+    )
 
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -223,7 +229,14 @@ def _model_card(name: str) -> dict[str, Any]:
 async def completions(body: CompletionRequest, request: Request) -> Any:
     service = _service(request)
     assert body.max_tokens is not None
-    prepared = await service.prepare(body.model, body.text, body.sampling(body.max_tokens), names=("prompt", "max_tokens"))
+    prepared = await service.prepare(
+        body.model,
+        body.text,
+        body.sampling(body.max_tokens),
+        names=("prompt", "max_tokens"),
+        priority=body.priority,
+        priority_name="priority",
+    )
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(text: str, finish: str | None, _: bool) -> dict[str, Any]:
@@ -267,6 +280,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         add_special_tokens=False,
         fit_new_tokens=fit,
         names=("messages", "max_tokens"),
+        priority=body.priority,
+        priority_name="priority",
     )
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -91,7 +91,13 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     service = service_of(request)
-    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters), timeout=body.parameters.timeout)
+    prepared = await service.prepare(
+        body.task,
+        body.inputs,
+        sampling_params(body.parameters),
+        timeout=body.parameters.timeout,
+        priority=body.parameters.priority,
+    )
     result = await generate_unless_gone(service, prepared, request)
     return GenerateResponse(
         generated_text=result.generated_text,
@@ -151,7 +157,13 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
     (unknown task, invalid input, queue full) are ordinary HTTP errors; a client that disconnects
     cancels its request."""
     service = service_of(request)
-    prepared = await service.prepare(body.task, body.inputs, sampling_params(body.parameters), timeout=body.parameters.timeout)
+    prepared = await service.prepare(
+        body.task,
+        body.inputs,
+        sampling_params(body.parameters),
+        timeout=body.parameters.timeout,
+        priority=body.parameters.priority,
+    )
     return event_stream(service, prepared, tgi_stream)
 
 

@@ -58,6 +58,12 @@ class GenerateParameters(BaseModel):
         False, description="keep generating past end-of-sequence tokens, up to max_new_tokens or a stop string (vLLM's name)"
     )
     details: bool = Field(True, description="accepted for TGI compatibility; details are always returned")
+    priority: int | None = Field(
+        None,
+        ge=-1000,
+        le=1000,
+        description="lower is served first (vLLM's convention); default and range from the task's task.json",
+    )
 
     best_of: int | None = None
     decoder_input_details: bool | None = None

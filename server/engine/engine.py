@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -21,17 +22,24 @@ import torch
 from server.engine.block_cache import BlockCache
 from server.engine.blocks import KERNEL_DTYPES
 from server.engine.detok import IncrementalText
-from server.engine.prefix_cache import PrefixCache
-from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
+from server.engine.prefix_cache import PrefixCache, PrefixCacheStats
+from server.engine.request import ErrorEvent, Event, FinishEvent, FinishReason, Request, SamplingParams, TokenEvent
 from server.engine.runner import Acceleration, Runner
 from server.engine.sampler import SamplingBatch, prepare, sample
-from server.engine.scheduler import Plan, Scheduler
+from server.engine.scheduler import Plan, Scheduler, SchedulerConfig
 from server.errors import ErrorKind
 from server.models import LoadedModel
+from server.prompts.types import PromptKind, SoftPrompt
 
 log = logging.getLogger("softmux.engine")
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+WARM_UP_TASK = "_warmup"  # not a valid task name, so never a client's
+
+
+def _ignore(event: Event) -> None:
+    pass
+
 
 # Torch's CPU build runs its threads on GNU OpenMP, which keeps each thread's OpenMP team alive
 # until that thread exits and, once the process holds more OpenMP threads than CPUs, makes idle
@@ -88,7 +96,7 @@ class Engine:
     def __init__(
         self,
         lm: LoadedModel,
-        scheduler: Scheduler,
+        limits: SchedulerConfig,
         prefix_cache: PrefixCache | None = None,
         observer: EngineObserver | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
@@ -97,15 +105,14 @@ class Engine:
     ) -> None:
         self.observer = observer
         self.lm = lm
-        self.runner = Runner(lm, kv_cache_bytes, max_context=max_context, accel=accel, max_rows=scheduler.max_batch_size)
-        self.scheduler = scheduler
+        self.runner = Runner(lm, kv_cache_bytes, max_context=max_context, accel=accel, max_rows=limits.max_batch_size)
         # None: prefixes are still computed once and shared by the rows running at the same time,
         # but not kept once the last of them leaves.
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self.prefix_cache.bind(self.runner.pool, self.runner.block_bytes)
         # Input-token blocks are cached only with the prefix cache on (--no-prefix-cache: neither).
         self.block_cache = BlockCache(self.runner.pool) if prefix_cache is not None else None
-        scheduler.bind(self.runner.pool, self.prefix_cache, self.block_cache)
+        self.scheduler = Scheduler(limits, self.runner.pool, self.prefix_cache, self.block_cache)
         self.tokenizer = lm.tokenizer
         self.eos_ids = lm.eos_token_ids
         self.stats = EngineStats()
@@ -148,6 +155,35 @@ class Engine:
             raise RuntimeError("the engine is not running")
         self.scheduler.add(request)
 
+    def warm_up(self) -> None:
+        """Two requests through prefix, prefill and decode passes before the loop starts, so the
+        first real request does not pay for lazy initialisation; their traces are then wiped."""
+        lm = self.lm
+        prompt = SoftPrompt(
+            name=WARM_UP_TASK,
+            kind=PromptKind.PROMPT_TUNING,
+            content_hash="warmup",
+            source=Path("."),
+            embeddings=torch.zeros(1, lm.hidden_size, dtype=lm.dtype, device=lm.device),
+        )
+        for n in (1, 2):
+            request = Request(
+                task=WARM_UP_TASK, prompt=prompt, input_ids=[0] * n, params=SamplingParams(max_new_tokens=2), seed=0, sink=_ignore
+            )
+            self.scheduler.add(request, bounded=False)  # also with --max-queue 0
+        observer, self.observer = self.observer, None  # warm-up passes are not traffic
+        try:
+            self.run_until_idle()
+        finally:
+            self.observer = observer
+        self.prefix_cache.invalidate(WARM_UP_TASK)
+        self.prefix_cache.stats = PrefixCacheStats()
+        if self.block_cache is not None:
+            self.block_cache.clear()
+            self.block_cache.stats = type(self.block_cache.stats)()
+        self.scheduler.forget(WARM_UP_TASK)
+        self.stats = EngineStats()
+
     def run_until_idle(self) -> None:
         """Drive the loop on the calling thread until nothing waits or runs (benchmarks, batch jobs:
         requests go in with `scheduler.add` first). Why not `start()` there: the OpenMP note at the top."""
@@ -180,6 +216,8 @@ class Engine:
                     },
                     "waiting": self.scheduler.num_waiting,
                     "running": len(self.scheduler.running),
+                    "scheduling": self.scheduler.config.policy.value,
+                    "tasks": self.scheduler.task_stats(),
                     "kv_pool": self.pool_stats(),
                     "token_block_cache": None if self.block_cache is None else asdict(self.block_cache.stats),
                     "static_decode": self.static_decode_stats(),
@@ -301,14 +339,17 @@ class Engine:
             parts = [tokens.double(), finite.double(), logprobs.double()]
         host = torch.stack(parts).tolist()  # the step's one host sync
         logprob_list = host[2] if logprobs is not None else [0.0] * len(rows)
+        served = []
         for req, tok, ok, lp in zip(rows, host[0], host[1], logprob_list):
             tok = int(tok)
             if not ok:
                 self._fail(req, "the model produced non-finite logits for this request")
                 continue
+            served.append(req)
             reason = self._append_token(req, tok, lp)
             if reason is not None:
                 self._finish(req, reason)
+        self.scheduler.served(served)
 
     def _choose(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """logits [B, V] -> (tokens [B], finite [B] bool: a poisoned row must fail alone, log-probabilities [B] or None)."""

@@ -95,6 +95,7 @@ class Request:
     seed: int  # always set: the caller's seed or one drawn for it
     sink: Sink
     stream: bool = False
+    priority: int = 0  # lower is served first (vLLM's convention); within what the task's settings allow
     id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
     admitted: float | None = None
@@ -108,6 +109,9 @@ class Request:
     prefix_blocks: list[int] = field(default_factory=list)
     text: IncrementalText | None = None
     preemptions: int = 0
+    # Scheduler state: its input tokens charged to its task's fairness counter; when it was last admitted.
+    charged: bool = False
+    admit_order: int = 0
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property

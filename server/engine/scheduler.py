@@ -2,29 +2,49 @@
 
 waiting --schedule()--> running --finish()--> finished
                ^                  |
-               +---- preempt() ---+   (pool exhausted mid-generation: blocks taken back, recomputed later)
+               +---- preempt() ---+   (pool exhausted, a starved task or a more urgent request:
+                                        blocks taken back, recomputed later)
 
-Admission is FIFO under three limits: rows in the batch, tokens fed by one prefill pass, and what
-the key/value pool can hold now (a row takes blocks for the tokens it feeds, plus its task's
-shared soft-prompt prefix when that is not resident). Rows then grow one block at a time; when the
-pool runs dry, cached prefixes nobody uses are evicted first, then the youngest rows are preempted.
+Waiting requests queue per task (server/engine/fairness.py): each task within its quota, the whole
+queue within --max-queue. Admission takes the next request from the task served least (weighted),
+under three limits: rows in the batch, tokens fed by one prefill pass, and what the key/value pool
+can hold now (a row takes blocks for the tokens it feeds, plus its task's shared soft-prompt prefix
+when that is not resident). When every row is taken, a task with no row, or a more urgent request,
+takes one back from the most served task. Rows then grow one block at a time; when the pool runs
+dry, cached prefixes nobody uses are evicted first, then rows are preempted (least urgent, youngest).
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from server.engine.block_cache import BlockCache
+from server.engine.fairness import Policy, TaskQueues
 from server.engine.pool import BlockPool
 from server.engine.prefix_cache import PrefixCache, PrefixEntry
 from server.engine.request import Request, RequestStatus
 from server.errors import QueueFull, ShuttingDown
+from server.prompts.settings import TaskSettings
 from server.prompts.types import SoftPrompt
 
-__all__ = ["QueueFull", "Scheduler", "ShuttingDown"]
+__all__ = ["Policy", "QueueFull", "Scheduler", "SchedulerConfig", "ShuttingDown"]
+
+log = logging.getLogger("softmux.scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's limits and policy (the engine builds the scheduler over its pool)."""
+
+    max_batch_size: int = 32  # rows in the running batch
+    max_batch_tokens: int = 16384  # tokens one prefill pass may feed
+    max_queue: int = 256  # waiting requests of all tasks together
+    max_queue_per_task: int = 0  # a task's waiting requests unless its task.json says (0: only the global bound)
+    policy: Policy = Policy.FAIR
 
 
 @dataclass
@@ -34,53 +54,68 @@ class Plan:
     admitted: list[Request] = field(default_factory=list)  # rows to prefill now
     dropped: list[Request] = field(default_factory=list)  # cancelled or expired while waiting
     rejected: list[Request] = field(default_factory=list)  # can never fit in the pool
+    preempted: list[Request] = field(default_factory=list)  # rows taken back for a starved task or a more urgent request
     new_prefixes: list[tuple[PrefixEntry, SoftPrompt]] = field(default_factory=list)  # to fill before prefill
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_batch_tokens: int, max_queue: int) -> None:
-        self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens  # tokens one prefill pass may feed
-        self.max_queue = max_queue
-        self._waiting: deque[Request] = deque()
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, prefixes: PrefixCache, blocks: BlockCache | None = None) -> None:
+        """`blocks`: the cache of input-token blocks (None: off)."""
+        self.config = config
+        self.pool, self.prefixes, self.blocks = pool, prefixes, blocks
+        self._queues = TaskQueues(config.policy)
         self.running: list[Request] = []  # admission order: oldest first
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self.closed = False
-        self._pool: BlockPool | None = None
-        self._prefixes: PrefixCache | None = None
-        self.blocks: BlockCache | None = None
-
-    def bind(self, pool: BlockPool, prefixes: PrefixCache, blocks: BlockCache | None = None) -> None:
-        """Attach the key/value pool, the soft-prompt prefixes and (optionally) the cache of input
-        token blocks (the engine does this once)."""
-        self._pool, self._prefixes, self.blocks = pool, prefixes, blocks
+        self._admissions = itertools.count(1)
 
     @property
-    def pool(self) -> BlockPool:
-        assert self._pool is not None, "Scheduler.bind(pool, prefixes) first"
-        return self._pool
+    def max_batch_size(self) -> int:
+        return self.config.max_batch_size
 
     @property
-    def prefixes(self) -> PrefixCache:
-        assert self._prefixes is not None, "Scheduler.bind(pool, prefixes) first"
-        return self._prefixes
+    def max_queue(self) -> int:
+        return self.config.max_queue
+
+    def task_quota(self, settings: TaskSettings) -> int | None:
+        """Waiting requests one task may hold (None: only the global bound)."""
+        if self.config.policy is Policy.FIFO:
+            return None
+        if settings.max_queue is not None:
+            return settings.max_queue
+        return self.config.max_queue_per_task or None
 
     # ---- any thread ---------------------------------------------------------------------------
-    def add(self, request: Request) -> None:
-        """Raises ShuttingDown after close(), QueueFull when the queue is at its limit."""
+    def add(self, request: Request, *, bounded: bool = True) -> None:
+        """Raises ShuttingDown after close(), QueueFull when the queue or the task's quota is full.
+        `bounded=False`: past the queue limits (the engine's own warm-up requests)."""
         with self._lock:
             if self.closed:
                 raise ShuttingDown("the server is shutting down and accepts no new requests")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"queue is full ({self.max_queue} waiting requests)")
-            self._waiting.append(request)
+            if bounded:
+                self._check_room(request.task, request.prompt.settings)
+            self._queues.push(request)
             self._wakeup.notify()
+
+    def check_room(self, task: str, settings: TaskSettings) -> None:
+        """Raise QueueFull now if a request of `task` would be refused (before tokenising it)."""
+        with self._lock:
+            self._check_room(task, settings)
+
+    def _check_room(self, task: str, settings: TaskSettings) -> None:
+        quota = self.task_quota(settings)
+        if quota is not None and self._queues.waiting_of(task) >= quota:
+            self._queues.task(task).refused += 1
+            raise QueueFull(f"task {task!r} has {quota} requests waiting, its quota (task.json max_queue, --max-queue-per-task)")
+        if len(self._queues) >= self.config.max_queue:
+            self._queues.task(task).refused += 1
+            raise QueueFull(f"queue is full ({self.config.max_queue} waiting requests)")
 
     def wait_for_work(self, timeout: float) -> None:
         """Block the engine thread until something is waiting (or timeout)."""
         with self._lock:
-            if not self._waiting and not self.running:
+            if not len(self._queues) and not self.running:
                 self._wakeup.wait(timeout)
 
     def close(self) -> None:
@@ -92,7 +127,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         with self._lock:
-            return not self._waiting and not self.running
+            return not len(self._queues) and not self.running
 
     def notify(self) -> None:
         with self._lock:
@@ -100,7 +135,17 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._queues)
+
+    def task_stats(self) -> dict[str, dict[str, float | int]]:
+        """Per task: waiting, running, weight, fairness counter, tokens served, admitted, refused, preempted."""
+        with self._lock:
+            return self._queues.stats()
+
+    def forget(self, task: str) -> None:
+        """Drop an idle task's counters (the engine's warm-up task)."""
+        with self._lock:
+            self._queues.forget(task)
 
     @property
     def held_tokens(self) -> int:
@@ -109,33 +154,56 @@ class Scheduler:
 
     # ---- engine thread ------------------------------------------------------------------------
     def schedule(self) -> Plan:
-        """Admit waiting requests that fit now, oldest first."""
+        """Admit waiting requests that fit now, the least served task first."""
         plan = Plan()
-        now = time.monotonic()
-        fed = 0
         with self._lock:
-            if any(r.deadline is not None or r.cancelled for r in self._waiting):
-                ended = [r for r in self._waiting if r.ended_reason(now) is not None]
-                for r in ended:
-                    self._waiting.remove(r)
-                plan.dropped.extend(ended)
-            while self._waiting and len(self.running) < self.max_batch_size:
-                head = self._waiting[0]
+            self._drop_ended(plan, time.monotonic())
+            fed = 0
+            while heads := self._queues.candidates():
+                head = heads[0]
                 tokens = len(head.input_ids) + len(head.output_ids)
-                if plan.admitted and fed + tokens > self.max_batch_tokens:
+                if plan.admitted and fed + tokens > self.config.max_batch_tokens:
+                    break
+                if len(self.running) >= self.config.max_batch_size and not self._make_room(head, plan):
                     break
                 verdict = self._admit(head, plan)
                 if verdict == "wait":
                     break
-                self._waiting.popleft()
                 if verdict == "never":
+                    self._queues.remove(head)
                     plan.rejected.append(head)
                     continue
                 fed += tokens
+                self._queues.admit(head)
                 head.status = RequestStatus.RUNNING
+                head.admit_order = next(self._admissions)
                 self.running.append(head)
                 plan.admitted.append(head)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("admit request %d of task %r: %s", head.id, head.task, self._why(head, heads))
         return plan
+
+    def _drop_ended(self, plan: Plan, now: float) -> None:
+        """Waiting requests whose client left or whose deadline passed leave the queue (caller holds the lock)."""
+        ended = [r for r in self._queues if r.ended_reason(now) is not None]
+        for r in ended:
+            self._queues.remove(r)
+        plan.dropped.extend(sorted(ended, key=lambda r: r.id))
+
+    def _make_room(self, head: Request, plan: Plan) -> bool:
+        """Every row is taken: preempt one for `head` if the policy says so (caller holds the lock)."""
+        victim = self._queues.victim_for(head, [r for r in self.running if r not in plan.admitted])
+        if victim is None:
+            return False
+        log.debug("request %d of task %r takes the row of request %d (task %r)", head.id, head.task, victim.id, victim.task)
+        self._take_back(victim)
+        plan.preempted.append(victim)
+        return True
+
+    def _why(self, head: Request, heads: list[Request]) -> str:
+        stats = self._queues.task(head.task)
+        rivals = ", ".join(f"{r.task}={self._queues.task(r.task).counter:.0f}" for r in heads[1:4])
+        return f"priority {head.priority}, counter {stats.counter:.0f}, {stats.running} running; next in line: {rivals or 'none'}"
 
     def _admit(self, req: Request, plan: Plan) -> str:
         """Give `req` its blocks: 'ok', 'wait' (not now) or 'never' (larger than the whole pool)."""
@@ -182,8 +250,8 @@ class Scheduler:
                 self.blocks.insert(r.prompt.cache_key, r.input_ids, r.kv.own_blocks)
 
     def grow(self) -> list[Request]:
-        """Before a decode step: make room for one more token in every running row, preempting the
-        youngest rows when the pool is exhausted. Returns the rows preempted."""
+        """Before a decode step: make room for one more token in every running row, preempting
+        (least urgent, then youngest) when the pool is exhausted. Returns the rows preempted."""
         preempted: list[Request] = []
         for req in list(self.running):
             if req not in self.running:  # preempted earlier in this loop
@@ -193,7 +261,7 @@ class Scheduler:
                 if self._ensure_free(1):
                     req.kv.own_blocks += self.pool.allocate(1)
                     continue
-                victim = self.running[-1]
+                victim = self._queues.victim_for_memory(self.running)
                 self.preempt(victim)
                 preempted.append(victim)
                 if victim is req:
@@ -201,21 +269,32 @@ class Scheduler:
         return preempted
 
     def preempt(self, req: Request) -> None:
-        """Take a running row's blocks back; it waits at the head of the queue and is recomputed
-        (input plus what it generated so far) when readmitted."""
+        """Take a running row's blocks back; it waits again in its task's queue, ahead of the requests
+        that came after it, and is recomputed (input plus what it generated so far) when readmitted."""
+        with self._lock:
+            self._take_back(req)
+
+    def _take_back(self, req: Request) -> None:
         self.running.remove(req)
         self._release(req)
         req.status = RequestStatus.WAITING
         req.preemptions += 1
         self.pool.stats.preemptions += 1
+        self._queues.push_back(req)
+
+    def served(self, rows: list[Request]) -> None:
+        """One generated token for each of `rows` (engine thread, after a pass): charged to their tasks."""
         with self._lock:
-            self._waiting.appendleft(req)
+            for r in rows:
+                self._queues.served(r)
 
     def finish(self, request: Request) -> None:
         """A running row leaves: its blocks return to the pool (engine thread only)."""
         self.running.remove(request)
         self._release(request)
         request.status = RequestStatus.FINISHED
+        with self._lock:
+            self._queues.left(request)
         self.prefixes.trim()
 
     def _release(self, req: Request) -> None:
@@ -226,6 +305,4 @@ class Scheduler:
     def drain_waiting(self) -> list[Request]:
         """Remove and return every waiting request (used when the engine stops)."""
         with self._lock:
-            out = list(self._waiting)
-            self._waiting.clear()
-        return out
+            return self._queues.drain()

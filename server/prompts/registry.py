@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.prompts.settings import SETTINGS_FILE, TaskSettings
 from server.prompts.store import CONFIG_FILE, WEIGHTS_FILE, read_task_folder, validate_task_name
 from server.prompts.types import PromptError, PromptGeometry, PromptKind, SoftPrompt
 
@@ -31,12 +32,13 @@ class TaskInfo:
     num_virtual_tokens: int
     content_hash: str
     created: float  # mtime of the adapter weights file (seconds since the epoch)
+    settings: TaskSettings  # the folder's task.json (defaults without one)
 
 
 def folder_signature(folder: Path) -> Signature | None:
-    """Cheap change detector for hot reload: stat of the adapter files; None if the folder is gone."""
+    """Cheap change detector for hot reload: stat of the adapter files and task.json; None if the folder is gone."""
     out = []
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in (CONFIG_FILE, WEIGHTS_FILE, SETTINGS_FILE):
         try:
             st = (folder / name).stat()
         except OSError:
@@ -130,6 +132,7 @@ class Registry:
             num_virtual_tokens=p.num_virtual_tokens,
             content_hash=p.content_hash,
             created=created,
+            settings=p.settings,
         )
 
     def _trim(self) -> None:
@@ -257,7 +260,7 @@ class Registry:
         with self._lock:
             if self._info.get(name) is not info:  # replaced or removed meanwhile
                 return self._prompts.get(name)
-            if prompt.content_hash != info.content_hash:  # the files changed: serve what is on disk
+            if prompt.content_hash != info.content_hash or prompt.settings != info.settings:  # changed on disk: serve that
                 self._info[name] = self._info_of(prompt)
             self._prompts[name] = prompt
             self._trim()
@@ -297,6 +300,7 @@ class Registry:
                     "num_virtual_tokens": p.num_virtual_tokens,
                     "prefix_length": p.num_virtual_tokens,  # cache entries in front of every request of this task
                     "folder": p.folder.name,
+                    "settings": p.settings.model_dump(),
                 }
                 for p in (infos[n] for n in sorted(infos))
             ],

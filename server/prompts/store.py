@@ -18,6 +18,14 @@ from typing import Any
 import torch
 from safetensors.torch import load as safetensors_load
 
+from server.prompts.settings import (
+    DEFAULT_SETTINGS,
+    MAX_SETTINGS_BYTES,
+    SETTINGS_FILE,
+    SettingsError,
+    TaskSettings,
+    parse_settings,
+)
 from server.prompts.types import PromptError, PromptGeometry, PromptKind, SoftPrompt
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -69,12 +77,17 @@ def read_task_folder(folder: Path, geometry: PromptGeometry) -> list[SoftPrompt]
     weights_bytes = _read_bytes(folder / WEIGHTS_FILE, MAX_WEIGHTS_BYTES)
     tensors = _load_safetensors(weights_bytes)
     digest = content_hash(config_bytes, weights_bytes)
+    settings = read_settings(folder)
     dtype, dev = geometry.dtype, geometry.device
 
     if kind is PromptKind.PREFIX_TUNING:
         kv = _read_prefix(tensors, config, geometry)  # [L, 2, H_kv, P, D]
         kv = _cast_checked(kv, dtype=dtype, device=dev)
-        return [SoftPrompt(name=folder.name, kind=kind, embeddings=None, content_hash=digest, source=folder, prefix_kv=kv)]
+        return [
+            SoftPrompt(
+                name=folder.name, kind=kind, embeddings=None, content_hash=digest, source=folder, prefix_kv=kv, settings=settings
+            )
+        ]
     if kind is PromptKind.MULTITASK_PROMPT_TUNING:
         per_task = _read_multitask(tensors, config, geometry)  # T x [P, H]
         return [
@@ -84,12 +97,24 @@ def read_task_folder(folder: Path, geometry: PromptGeometry) -> list[SoftPrompt]
                 embeddings=_cast_checked(e, dtype=dtype, device=dev),
                 content_hash=f"{digest}:{t}",
                 source=folder,
+                settings=settings,
             )
             for t, e in enumerate(per_task)
         ]
     embeddings = _read_prompt_embeddings(tensors, config, kind, geometry)  # [P, H] in the file's dtype
     embeddings = _cast_checked(embeddings, dtype=dtype, device=dev)
-    return [SoftPrompt(name=folder.name, kind=kind, embeddings=embeddings, content_hash=digest, source=folder)]
+    return [SoftPrompt(name=folder.name, kind=kind, embeddings=embeddings, content_hash=digest, source=folder, settings=settings)]
+
+
+def read_settings(folder: Path) -> TaskSettings:
+    """The folder's optional task.json (weight, queue quota, priority class); the defaults without one.
+    Not part of the content hash: settings never change a prompt's keys and values."""
+    if not (folder / SETTINGS_FILE).exists():
+        return DEFAULT_SETTINGS
+    try:
+        return parse_settings(_read_bytes(folder / SETTINGS_FILE, MAX_SETTINGS_BYTES))
+    except SettingsError as e:
+        raise PromptError(str(e)) from None
 
 
 def content_hash(config_bytes: bytes, weights_bytes: bytes) -> str:

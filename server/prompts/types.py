@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from server.prompts.settings import DEFAULT_SETTINGS, TaskSettings
+
 if TYPE_CHECKING:
     from server.models import LoadedModel
 
@@ -90,6 +92,7 @@ class SoftPrompt:
     content_hash: str  # sha256 over adapter_config.json and adapter_model.safetensors bytes
     source: Path  # the adapter folder it was read from
     prefix_kv: torch.Tensor | None = None  # [num_layers, 2, H_kv, P, D]: keys then values (prefix tuning only)
+    settings: TaskSettings = DEFAULT_SETTINGS  # the folder's task.json: weight, queue quota, priority class
 
     @property
     def num_virtual_tokens(self) -> int:
