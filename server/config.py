@@ -43,9 +43,9 @@ class Settings:
         default=256, metadata={"help": "waiting requests of all tasks together; beyond this new requests get 429"}
     )
     max_queue_per_task: int = field(
-        default=64,
+        default=0,
         metadata={
-            "help": "waiting requests of one task, unless its task.json sets max_queue; beyond this that task's requests get 429 while other tasks are still admitted (0: only --max-queue)"
+            "help": "a cap on one task's waiting requests, unless its task.json sets max_queue (0: none; a full queue still admits a task below its weighted share of --max-queue)"
         },
     )
     scheduling: str = field(

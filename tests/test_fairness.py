@@ -143,7 +143,7 @@ def test_equal_weights_share_equally_and_3_to_1_weights_share_75_25() -> None:
 
 
 def test_a_task_over_its_quota_is_refused_while_other_tasks_are_admitted() -> None:
-    s = sched(rows=1, queue=10, per_task=3)
+    s = sched(rows=1, queue=100, per_task=3)
     for _ in range(3):
         s.add(req("flood"))
     with pytest.raises(QueueFull, match="'flood' has 3 requests waiting"):
@@ -151,12 +151,32 @@ def test_a_task_over_its_quota_is_refused_while_other_tasks_are_admitted() -> No
     with pytest.raises(QueueFull):
         s.check_room("flood", TaskSettings())  # the same answer before tokenising
     s.add(req("quiet"))  # still admitted
-    s.add(req("big", max_queue=6))  # task.json overrides the server's per-task quota
-    for _ in range(5):
+    for _ in range(6):
+        s.add(req("big", max_queue=6))  # task.json overrides the server's per-task cap
+    with pytest.raises(QueueFull, match="'big' has 6"):
         s.add(req("big", max_queue=6))
-    with pytest.raises(QueueFull, match="queue is full"):  # the global bound stays the last guard
-        s.add(req("other"))
     assert s.task_stats()["flood"]["refused"] == 2 and s.num_waiting == 10
+
+
+def test_a_full_queue_still_admits_a_task_below_its_weighted_share() -> None:
+    s = sched(rows=1, queue=8)
+    for _ in range(8):
+        s.add(req("flood"))  # alone, the flood may fill the whole queue
+    with pytest.raises(QueueFull, match="share is 8"):
+        s.add(req("flood"))
+    s.add(req("quiet", weight=3.0))  # the queue is full, but quiet's share is 8 * 3 / (3 + 1) = 6
+    with pytest.raises(QueueFull, match="share is 2"):  # and the flood's is now 2: it holds 8
+        s.add(req("flood"))
+    for _ in range(5):
+        s.add(req("quiet", weight=3.0))
+    with pytest.raises(QueueFull, match="'quiet' holds 6, its share is 6"):
+        s.add(req("quiet", weight=3.0))
+    assert s.num_waiting == 14  # at most twice --max-queue, whatever the tasks do
+    fifo = sched(rows=1, queue=8, policy=Policy.FIFO)
+    for _ in range(8):
+        fifo.add(req("flood"))
+    with pytest.raises(QueueFull):
+        fifo.add(req("quiet"))  # one arrival order, one bound
 
 
 def test_max_running_caps_a_tasks_rows_and_the_rest_go_to_others() -> None:

@@ -27,6 +27,7 @@ from server.engine.request import ErrorEvent, Event, FinishEvent, FinishReason, 
 from server.engine.runner import Acceleration, Runner
 from server.engine.sampler import SamplingBatch, prepare, sample
 from server.engine.scheduler import Plan, Scheduler, SchedulerConfig
+from server.engine.threads import ThreadGovernor
 from server.errors import ErrorKind
 from server.models import LoadedModel
 from server.prompts.types import PromptKind, SoftPrompt
@@ -116,6 +117,7 @@ class Engine:
         self.tokenizer = lm.tokenizer
         self.eos_ids = lm.eos_token_ids
         self.stats = EngineStats()
+        self.threads = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads) if lm.device.type == "cpu" else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # set if the loop died
@@ -221,6 +223,9 @@ class Engine:
                     "kv_pool": self.pool_stats(),
                     "token_block_cache": None if self.block_cache is None else asdict(self.block_cache.stats),
                     "static_decode": self.static_decode_stats(),
+                    "threads": None
+                    if self.threads is None
+                    else {"full": self.threads.full, "current": self.threads.current, "drops": self.threads.drops},
                 }
             except (RuntimeError, AttributeError):  # a dict changed size, or a row left, mid-read
                 time.sleep(0.001)
@@ -311,11 +316,14 @@ class Engine:
         self._postprocess(plan.admitted, logits)
 
     def _forward(self, phase: str, rows: list[Request], forward: Callable[[list[Request]], torch.Tensor]) -> torch.Tensor:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         logits = forward(rows)
+        seconds = time.perf_counter() - started
+        if self.threads is not None:
+            self.threads.observe(seconds, time.thread_time() - cpu)
         tasks = self.stats.record_pass(phase, rows)
         if self.observer is not None:
-            self.observer.on_pass(phase, len(rows), tasks, time.perf_counter() - started)
+            self.observer.on_pass(phase, len(rows), tasks, seconds)
         return logits
 
     def _guarded(self, requests: list[Request], work: Callable[[], None]) -> None:

@@ -94,9 +94,10 @@ class TaskQueues:
         if queue is not None and not queue.waiting and queue.running == 0:
             del self._tasks[name]
 
-    def waiting_of(self, name: str) -> int:
-        queue = self._tasks.get(name)
-        return 0 if queue is None else len(queue.waiting)
+    def share(self, name: str, weight: float, size: int) -> float:
+        """Task `name`'s weighted share of `size` queue places among the tasks waiting (itself included)."""
+        others = sum(q.weight for q in self._tasks.values() if q.waiting and q.name != name)
+        return size * weight / (weight + others)
 
     # ---- in and out ---------------------------------------------------------------------------
     def push(self, req: Request) -> None:

@@ -43,7 +43,7 @@ class SchedulerConfig:
     max_batch_size: int = 32  # rows in the running batch
     max_batch_tokens: int = 16384  # tokens one prefill pass may feed
     max_queue: int = 256  # waiting requests of all tasks together
-    max_queue_per_task: int = 0  # a task's waiting requests unless its task.json says (0: only the global bound)
+    max_queue_per_task: int = 0  # cap on one task's waiting requests unless its task.json says (0: its share only)
     policy: Policy = Policy.FAIR
 
 
@@ -79,7 +79,7 @@ class Scheduler:
         return self.config.max_queue
 
     def task_quota(self, settings: TaskSettings) -> int | None:
-        """Waiting requests one task may hold (None: only the global bound)."""
+        """Waiting requests one task may hold whatever the others do (None: no cap but its share)."""
         if self.config.policy is Policy.FIFO:
             return None
         if settings.max_queue is not None:
@@ -104,13 +104,23 @@ class Scheduler:
             self._check_room(task, settings)
 
     def _check_room(self, task: str, settings: TaskSettings) -> None:
+        """The queue holds --max-queue requests. When it is full, a task below its weighted share of it
+        (weight / the weights of the tasks waiting, itself included) is still let in, so a flood that
+        filled the queue alone never locks the other tasks out; the queue then holds at most twice
+        --max-queue. A task's own cap (task.json max_queue, --max-queue-per-task) applies always."""
+        queue = self._queues.task(task)
+        waiting, total, size = len(queue.waiting), len(self._queues), self.config.max_queue
         quota = self.task_quota(settings)
-        if quota is not None and self._queues.waiting_of(task) >= quota:
-            self._queues.task(task).refused += 1
+        if quota is not None and waiting >= quota:
+            queue.refused += 1
             raise QueueFull(f"task {task!r} has {quota} requests waiting, its quota (task.json max_queue, --max-queue-per-task)")
-        if len(self._queues) >= self.config.max_queue:
-            self._queues.task(task).refused += 1
-            raise QueueFull(f"queue is full ({self.config.max_queue} waiting requests)")
+        if total < size:
+            return
+        share = self._queues.share(task, settings.weight, size)
+        if self.config.policy is Policy.FAIR and waiting < share and total < 2 * size:
+            return
+        queue.refused += 1
+        raise QueueFull(f"queue is full ({total} waiting requests; task {task!r} holds {waiting}, its share is {share:.0f})")
 
     def wait_for_work(self, timeout: float) -> None:
         """Block the engine thread until something is waiting (or timeout)."""
