@@ -244,3 +244,35 @@ async def test_the_upload_is_described_in_the_openapi_schema_well_enough_to_use(
     r = await client.put("/tasks/from-schema", headers=AUTH, files=multipart({part: files[part] for part in body["required"]}))
     assert r.status_code == 201 and r.json()["status"] == "created", r.text
     assert {"200", "201", "413", "422"} <= set(put["responses"])
+
+
+async def test_task_settings_are_uploaded_validated_and_shown(client, lm):
+    """task.json travels with the adapter: validated like it (422 naming the field, store unchanged),
+    shown by GET /tasks/{name} and GET /tasks, and its priority class bounds a request's priority."""
+    files = adapter_files(lm.hidden_size, seed=5)
+    before = snapshot(client.store)
+    bad = {**files, "task.json": json.dumps({"weight": 0, "max_queue": 4}).encode()}
+    r = await client.put("/tasks/tenant", files=multipart(bad), headers=AUTH)
+    assert r.status_code == 422 and "weight" in r.json()["error"] and "greater than 0" in r.json()["error"]
+    typo = {**files, "task.json": json.dumps({"wieght": 2}).encode()}
+    r = await client.put("/tasks/tenant", files=multipart(typo), headers=AUTH)
+    assert r.status_code == 422 and "wieght: unknown field" in r.json()["error"]
+    assert snapshot(client.store) == before
+    good = {**files, "task.json": json.dumps({"weight": 3, "priority": 2, "min_priority": 1}).encode()}
+    r = await client.put("/tasks/tenant", files=multipart(good), headers=AUTH)
+    assert r.status_code == 201, r.text
+    assert r.json()["settings"] == {"weight": 3.0, "max_queue": None, "max_running": None, "priority": 2, "min_priority": 1}
+    listed = {t["name"]: t for t in (await client.get("/tasks")).json()["tasks"]}
+    assert listed["tenant"]["settings"]["weight"] == 3.0
+    ask = {"task": "tenant", "inputs": "hello", "parameters": {"max_new_tokens": 2, "priority": 0}}
+    r = await client.post("/generate", json=ask)
+    assert r.status_code == 422 and "parameters.priority must be between 1 and 1000" in r.json()["error"]
+    r = await client.post("/v1/completions", json={"model": "tenant", "prompt": "hello", "max_tokens": 2, "priority": 0})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "priority"
+    ask["parameters"]["priority"] = 1
+    assert (await client.post("/generate", json=ask)).status_code == 200
+    stats = (await client.get("/stats")).json()["tasks"]["tenant"]
+    assert stats["admitted"] == 1 and stats["weight"] == 3.0 and stats["output_tokens"] == 2
+    metrics = (await client.get("/metrics")).text
+    assert 'softmux_task_generated_tokens_total{task="tenant"} 2.0' in metrics
+    assert 'softmux_task_weight{task="tenant"} 3.0' in metrics and "_warmup" not in metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -81,9 +82,11 @@ def test_mixed_store_serves_good_and_lists_bad(mixed_store: Path, caplog: pytest
         assert any(repr(folder) in w and reason in w for w in warnings), folder
 
 
-def test_describe_is_the_tasks_json(mixed_store: Path) -> None:
-    (mixed_store / "sentiment" / "task.json").write_text('{"weight": 3, "max_queue": 8, "priority": 2, "min_priority": -1}')
-    registry = make_registry(mixed_store)
+def test_describe_is_the_tasks_json(mixed_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(mixed_store, store)
+    (store / "sentiment" / "task.json").write_text('{"weight": 3, "max_queue": 8, "priority": 2, "min_priority": -1}')
+    registry = make_registry(store)
     registry.load_all()
     body = registry.describe()
     json.dumps(body)  # plain JSON types only
@@ -149,6 +152,25 @@ def test_reload_replaces_tasks_and_failures(tmp_path: Path) -> None:
     registry.load_all()
     assert registry.names() == ["bad", "one", "two"] and registry.failures() == {}
     assert registry.get("one").content_hash != old_hash  # type: ignore[union-attr]
+
+
+def test_task_settings_changes_are_picked_up_and_a_bad_file_refuses_only_its_task(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    write_adapter(store / "one", good_config(), {"prompt_embeddings": good_tensor()})
+    write_adapter(store / "two", good_config(), {"prompt_embeddings": good_tensor()})
+    registry = make_registry(store)
+    registry.load_all()
+    assert registry.info("one").settings.weight == 1.0  # type: ignore[union-attr]
+    content = registry.get("one").content_hash  # type: ignore[union-attr]
+    (store / "one" / "task.json").write_text('{"weight": 2.5, "max_running": 4}')
+    assert registry.refresh()["loaded"] == ["one"]
+    one = registry.get("one")
+    assert one is not None and one.settings.weight == 2.5 and one.settings.max_running == 4
+    assert one.content_hash == content  # settings never change keys and values: caches stay valid
+    (store / "two" / "task.json").write_text('{"priority": 1, "min_priority": 5}')
+    assert registry.refresh()["failed"] == ["two"]
+    assert "min_priority (5) must be <= priority (1)" in registry.failures()["two"]
+    assert registry.names() == ["one"]
 
 
 def test_failures_returns_a_copy(mixed_store: Path) -> None:

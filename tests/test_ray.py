@@ -265,10 +265,14 @@ def test_client_leaving_cancels_the_request_on_its_replica(client, cluster, stre
 
 
 # ---- the store across replicas ---------------------------------------------------------------------
-def _upload(client: httpx.Client, tmp_path: Path, name: str, num_virtual: int, seed: int) -> httpx.Response:
+def _upload(
+    client: httpx.Client, tmp_path: Path, name: str, num_virtual: int, seed: int, settings: dict | None = None
+) -> httpx.Response:
     folder = tmp_path / "src"
     write_task(folder, name, num_virtual, 64, seed)
     files = {f: (f, (folder / name / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")}
+    if settings is not None:
+        files["task.json"] = ("task.json", json.dumps(settings).encode())
     return client.put(f"/tasks/{name}", files=files, headers={"authorization": f"Bearer {ADMIN}"})
 
 
@@ -303,6 +307,36 @@ def test_upload_and_delete_reach_every_replica_within_2s(client, tmp_path):
         assert g.status_code == 404 and g.json()["error_type"] == "not_found"
         m = client.get("/v1/models/delta")
         assert m.status_code == 404
+
+
+def test_a_task_refused_by_its_full_home_replica_is_served_by_the_other(cluster, tmp_path):
+    """task.json caps the task at one running row and two waiting requests per replica. Four long
+    requests at once all go to the task's home replica, which holds three at most and refuses the
+    rest with 429: the ingress sends those to the other replica, so all four are served."""
+    url = cluster[0]
+    with httpx.Client(base_url=url, timeout=120) as c:
+        r = _upload(c, tmp_path, "capped", 4, seed=31, settings={"max_running": 1, "max_queue": 2})
+        assert r.status_code == 201, r.text
+        assert wait_until(lambda: all("capped" in rep["tasks"] for rep in replica_stats(c).values()), timeout=5)
+        before = c.get("/stats").json()["ingress"].get("overloaded_retried", 0)
+    body = {"task": "capped", "inputs": "a long one", "parameters": {"max_new_tokens": 300, "ignore_eos": True}}
+
+    def one(_: int) -> httpx.Response:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            return c.post("/generate", json=body)
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(one, range(4)))
+        with httpx.Client(base_url=url, timeout=60) as c:
+            ingress = c.get("/stats").json()["ingress"]
+        served = [(a.status_code, a.headers[HEADER]) for a in answers]
+        assert [a.status_code for a in answers] == [200] * 4, (served, ingress)
+        assert len({a.headers[HEADER] for a in answers}) == 2  # both replicas served the task
+        assert ingress["overloaded_retried"] - before >= 1
+    finally:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            c.delete("/tasks/capped", headers={"authorization": f"Bearer {ADMIN}"})
 
 
 # ---- faults -----------------------------------------------------------------------------------------

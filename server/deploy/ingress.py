@@ -2,7 +2,7 @@
 
 `/stats` and `/metrics` fan out to every replica through the control actor; everything else is
 forwarded, with its task as `multiplexed_model_id`, to one engine replica (retried once on another
-if that one dies before answering), and a 2xx admin write is broadcast as a store change. It also
+if that one dies before answering or refuses it with 429), and a 2xx admin write is broadcast as a store change. It also
 holds the body limits and the SIGTERM drain. Its own module: it talks to replicas only through a
 deployment handle and the control actor, never by importing the replica's code.
 """
@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from server.config import Settings
 from server.deploy.control import get_control
 from server.deploy.options import APP_NAME
-from server.deploy.wire import REPLICA_HEADER, WireRequest, WireStart, merge_metrics, task_of
+from server.deploy.wire import AVOID_PREFIX, REPLICA_HEADER, WireRequest, WireStart, merge_metrics, task_of
 
 log = logging.getLogger("softmux.deploy")
 
@@ -60,7 +60,7 @@ class SoftmuxIngress:
         self.control = get_control(app_name)
         self.draining = False
         self.inflight = 0
-        self.counts: Counter[str] = Counter()  # forwarded, retried, failed (replica died), streams_broken
+        self.counts: Counter[str] = Counter()  # forwarded, retried, overloaded_retried, failed (replica died), streams_broken
 
     # ---- fan-out routes -------------------------------------------------------------------------
     @ingress_app.get("/stats")
@@ -97,7 +97,7 @@ class SoftmuxIngress:
             "# TYPE softmux_ingress_requests_total counter",
             *(
                 f'softmux_ingress_requests_total{{outcome="{k}"}} {self.counts.get(k, 0)}'
-                for k in ("forwarded", "retried", "failed", "streams_broken")
+                for k in ("forwarded", "retried", "overloaded_retried", "failed", "streams_broken")
             ),
         ]
         ids = ",".join(got["answers"]) or INGRESS_ID
@@ -187,15 +187,16 @@ class SoftmuxIngress:
         return b"".join(chunks)
 
     async def _start(self, wire: WireRequest, task: str | None) -> tuple[Any, WireStart] | Response:
-        """Send the request to a replica and wait for its answer to start; if that replica dies
-        first, try once more on another one, then give up with a retryable 503."""
+        """Send the request to a replica and wait for its answer to start. If that replica dies first,
+        try once more on another one, then give up with a retryable 503. If it refuses with 429 (its
+        queue, or the task's share of it, is full), try once more on the least loaded replica: a task
+        is never refused on its home replica while another one has room."""
+        avoid = ""  # after a 429: the replica that refused, which the router then passes over
         for attempt in (1, 2):
-            handle = self.engine.options(stream=True, multiplexed_model_id=task or "")
+            handle = self.engine.options(stream=True, multiplexed_model_id=task or "", session_id=avoid)
             gen: Any = handle.handle_http.remote(wire)
             try:
                 start = await gen.__anext__()
-                self.counts["forwarded"] += 1
-                return gen, start
             except asyncio.CancelledError:  # the client left before the answer: the replica drops the row
                 gen.cancel()
                 raise
@@ -212,6 +213,14 @@ class SoftmuxIngress:
                 if attempt == 1:
                     self.counts["retried"] += 1
                     continue
+                break
+            if start.status == 429 and attempt == 1 and task:
+                gen.cancel()
+                self.counts["overloaded_retried"] += 1
+                avoid = AVOID_PREFIX + start.replica
+                continue
+            self.counts["forwarded"] += 1
+            return gen, start
         return _error(
             wire.path,
             503,

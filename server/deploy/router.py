@@ -13,6 +13,8 @@ only once it is full (`max_ongoing_requests`). A burst of new tasks then lands o
   homing fewest tasks), which becomes a home of the task too: hot tasks spread, cold ones stay put;
 - homes are recorded by the router at once, so a burst of new tasks is spread at once.
 Requests naming no task use power of two choices. Each replica still mixes all its tasks in one pass.
+A request whose `session_id` is `avoid:<replica id>` (the ingress's retry after that replica refused it
+with 429) goes to another replica, the least loaded, whatever the task's homes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from ray.serve.request_router import (
     RequestRouter,
     RunningReplica,
 )
+
+from server.deploy.wire import AVOID_PREFIX
 
 
 class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
@@ -61,6 +65,12 @@ class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         if not candidate_replicas:
             return []
         task = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        session = pending_request.metadata.session_id if pending_request is not None else ""
+        if session.startswith(AVOID_PREFIX):
+            others = [r for r in candidate_replicas if r.replica_id.unique_id != session[len(AVOID_PREFIX) :]]
+            if others:
+                lens = await self._queue_lens(others)
+                return [[min(others, key=lambda r: (lens.get(r.replica_id, 0), random.random()))]]
         if not task:  # power of two choices
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         live = {r.replica_id for r in candidate_replicas}

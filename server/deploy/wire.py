@@ -20,6 +20,7 @@ from typing import Any
 log = logging.getLogger("softmux.deploy")
 
 REPLICA_HEADER = "x-softmux-replica"
+AVOID_PREFIX = "avoid:"  # a request's session_id "avoid:<replica>": the router sends it to another replica
 Headers = list[tuple[bytes, bytes]]
 ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 

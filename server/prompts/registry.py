@@ -159,8 +159,8 @@ class Registry:
         try:
             loaded = self._read_checked(folder, folder_names, taken)
         except PromptError as e:
-            with self._lock:
-                self._folders[folder.name] = (sig, [])  # remembered: not retried until the files change
+            with self._lock:  # remembered: not retried until the files change; its tasks still listed
+                self._folders[folder.name] = (sig, sorted(old_names))
             raise e
         with self._lock:
             for n in old_names:
