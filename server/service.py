@@ -226,6 +226,12 @@ class Service:
         if prompt is None:
             raise UnknownTask(task, known=registry.names())
         priority = _priority(prompt, *asked_priority)
+        unknown = [t for t, _ in params.logit_bias if t >= engine.runner.vocab_size]
+        if unknown:
+            raise InvalidRequest(
+                f"logit_bias names token ids outside the vocabulary (0..{engine.runner.vocab_size - 1}): {unknown[:5]}",
+                "logit_bias",
+            )
         try:  # a task at its quota is refused before its text is tokenised: a flood's refusals stay cheap
             engine.scheduler.check_room(task, prompt.settings)
         except QueueFull as exc:

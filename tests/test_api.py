@@ -117,6 +117,8 @@ async def test_unknown_task_is_404_naming_known_tasks(client):
         ({"seed": -1}, "parameters.seed"),
         ({"best_of": 3}, "best_of"),
         ({"ignore_eos": "maybe"}, "parameters.ignore_eos"),
+        ({"frequency_penalty": 2.5}, "parameters.frequency_penalty"),
+        ({"priority": 5000}, "parameters.priority"),
         ({"unknown_knob": 1}, "parameters.unknown_knob"),
     ],
 )

@@ -607,3 +607,51 @@ def test_a_starved_task_gets_a_row_at_the_next_step_and_every_answer_stays_exact
         assert t.result.finish_reason is FinishReason.LENGTH
         assert t.request.output_ids == reference_greedy(lm, t.request.prompt.embeddings, ids, n)
     assert (flood[3].request.preemptions == 1) is (policy is Policy.FAIR)
+
+
+@torch.inference_mode()
+def reference_penalised(lm: LoadedModel, prompt: torch.Tensor, ids: list[int], n: int, params: SamplingParams) -> list[int]:
+    """The solo reference with OpenAI's rules applied by hand to the base model's logits: logit_bias
+    added, then logit[j] -= count[j] * frequency + (count[j] > 0) * presence over the generated tokens."""
+    embed = lm.model.get_input_embeddings()
+    x = torch.cat([prompt, embed(torch.tensor(ids))])[None]
+    out: list[int] = []
+    for _ in range(n):
+        logits = lm.model(inputs_embeds=x).logits[0, -1].double().clone()
+        for token, bias in params.logit_bias:
+            logits[token] += bias
+        for token in set(out):
+            logits[token] -= out.count(token) * params.frequency_penalty + params.presence_penalty
+        out.append(int(logits.argmax()))
+        x = torch.cat([x, embed(torch.tensor([[out[-1]]]))], dim=1)
+    return out
+
+
+def test_penalties_and_logit_bias_match_openais_formula_alone_and_in_a_mixed_batch(lm, prompts):
+    rng = random.Random(5)
+    # The tiny model never repeats itself greedily, so negative penalties (which reward repeats) are what
+    # changes its answers; every variant must change some answer (checked below), or the test could not
+    # tell a penalty that is ignored.
+    variants = [
+        SamplingParams(max_new_tokens=10, frequency_penalty=-1.5),
+        SamplingParams(max_new_tokens=10, presence_penalty=-6.0),  # past the API's +-2 (the engine takes any)
+        SamplingParams(max_new_tokens=10, frequency_penalty=1.0, presence_penalty=-2.0, logit_bias=((17, 30.0), (5, -100.0))),
+        SamplingParams(max_new_tokens=10),
+    ]
+    specs = [(prompts[k % 4], random_ids(rng, 3 + k), variants[k % 4]) for k in range(8)]
+    engine = start_engine(lm)
+    try:
+        tracked = [make_request(p, ids, params) for p, ids, params in specs]
+        for t in tracked:  # all at once: one mixed batch, penalised and plain rows together
+            engine.submit(t.request)
+        for t, (p, ids, params) in zip(tracked, specs):
+            assert t.result.generated_tokens == 10
+            assert t.request.output_ids == reference_penalised(lm, p.embeddings, ids, 10, params), params
+        changed = {
+            params
+            for t, (p, ids, params) in zip(tracked, specs)
+            if t.request.output_ids != reference_greedy(lm, p.embeddings, ids, 10)
+        }
+        assert changed == set(variants[:3])  # each penalised variant changed an answer; the plain one none
+    finally:
+        engine.stop()

@@ -170,6 +170,11 @@ def test_n_greater_than_one_is_422(oai, base_url):
         ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed"),
         ("/v1/completions", {"model": "alpha", "prompt": "x", "ignore_eos": "maybe"}, "ignore_eos"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "logit_bias": {"17": 101}}, "logit_bias"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "logit_bias": {"hello": 1}}, "logit_bias"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "logit_bias": {"10000000": 1}}, "logit_bias"),
         (
             "/v1/chat/completions",
             {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1},
@@ -184,6 +189,19 @@ def test_bad_requests_are_422_in_openai_shape(base_url, path, body, param):
     assert error["type"] == "invalid_request_error" and error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_logit_bias_and_penalties_reach_the_sampler(oai, lm):
+    """A +100 bias makes one token the answer every step (OpenAI's documented effect); -100 bans it."""
+    token = 1337
+    forced = oai.completions.create(model="alpha", prompt="x", max_tokens=4, temperature=0, logit_bias={str(token): 100})
+    assert forced.choices[0].text == lm.tokenizer.decode([token] * 4)
+    plain = oai.completions.create(model="alpha", prompt="x", max_tokens=4, temperature=0)
+    first = lm.tokenizer(plain.choices[0].text, add_special_tokens=False)["input_ids"][0]
+    banned = oai.completions.create(model="alpha", prompt="x", max_tokens=4, temperature=0, logit_bias={str(first): -100})
+    assert lm.tokenizer(banned.choices[0].text, add_special_tokens=False)["input_ids"][0] != first
+    r = oai.completions.create(model="alpha", prompt="x", max_tokens=8, temperature=0, frequency_penalty=-2, presence_penalty=-2)
+    assert r.choices[0].text != plain.choices[0].text or len(plain.choices[0].text) == 0
 
 
 def test_malformed_json_is_422(base_url):

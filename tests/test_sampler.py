@@ -8,13 +8,19 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
+from pathlib import Path
+
+from server.engine.request import Request, SamplingParams
 from server.engine.sampler import (
     SamplingTensors,
     _filter_top_k_top_p,
+    apply_openai_penalties,
     apply_repetition_penalty,
+    prepare,
     row_uniforms,
     sample,
 )
+from server.prompts.types import PromptKind, SoftPrompt
 
 
 def make_params(
@@ -357,3 +363,60 @@ def test_repetition_penalty_changes_the_greedy_choice() -> None:
     assert int(tokens[0]) == 1  # 3.0 / 1.5 = 2.0 < 2.9
     tokens, _ = sample(logits, make_params(1, sampling=False, repetition_penalty=1.0), torch.zeros(1, dtype=torch.int64), seen)
     assert int(tokens[0]) == 0
+
+
+# --- OpenAI's penalties and logit_bias ------------------------------------------------------------
+
+
+def test_openai_penalties_follow_the_formula_token_by_token() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    counts = torch.tensor([[0.0, 2.0, 1.0, 3.0], [1.0, 0.0, 0.0, 0.0]])
+    frequency, presence = torch.tensor([0.5, -1.0]), torch.tensor([1.5, 0.25])
+    out = apply_openai_penalties(logits, counts, frequency, presence)
+    for b in range(2):
+        for j in range(4):  # logit[j] - count[j] * frequency - (count[j] > 0) * presence, by hand
+            c = counts[b, j].item()
+            expected = logits[b, j].item() - c * frequency[b].item() - (presence[b].item() if c > 0 else 0.0)
+            assert out[b, j].item() == pytest.approx(expected)
+
+
+def _request(output: list[int], params: SamplingParams, inputs: list[int] | None = None) -> Request:
+    prompt = SoftPrompt(name="t", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(1, 4), content_hash="", source=Path("."))
+    r = Request(task="t", prompt=prompt, input_ids=inputs or [3, 3, 3], params=params, seed=0, sink=lambda e: None)
+    r.output_ids = list(output)
+    return r
+
+
+def test_prepare_counts_generated_tokens_only_and_places_each_rows_bias() -> None:
+    rows = [
+        _request([1, 1, 2], SamplingParams(frequency_penalty=0.5), inputs=[1, 1, 1, 1]),  # input tokens do not count
+        _request([0], SamplingParams(logit_bias=((4, -100.0), (2, 7.5)))),
+        _request([2], SamplingParams()),
+    ]
+    batch = prepare(rows, 6, torch.device("cpu"))
+    assert batch.flags.penalty and batch.seen is None  # no repetition penalty: no seen matrix
+    assert batch.counts is not None and batch.counts[0].tolist() == [0, 2, 1, 0, 0, 0]
+    assert batch.counts[2].tolist() == [0, 0, 1, 0, 0, 0]
+    assert batch.params.presence_penalty is not None and batch.params.presence_penalty.tolist() == [0, 0, 0]
+    assert batch.bias is not None and batch.bias[1].tolist() == [0, 0, 7.5, 0, -100, 0]
+    assert batch.bias[0].abs().sum() == 0 and batch.bias[2].abs().sum() == 0
+
+
+def test_bias_then_penalties_change_the_greedy_choice_of_their_row_only() -> None:
+    logits = torch.tensor([[5.0, 4.0, 0.0, 0.0]] * 3)
+    rows = [
+        _request([0, 0], SamplingParams(frequency_penalty=1.0)),  # 5 - 2 = 3 < 4: token 1
+        _request([], SamplingParams(logit_bias=((3, 6.0),))),  # 0 + 6 > 5: token 3
+        _request([0, 0], SamplingParams()),  # untouched: token 0
+    ]
+    batch = prepare(rows, 4, torch.device("cpu"))
+    tokens, _ = sample(logits.clone(), batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias)
+    assert tokens.tolist() == [1, 3, 0]
+    # The order: the bias applies before the repetition penalty (vLLM's): (1 + 7) / 2 = 4 < 5, where
+    # penalising first would give 1 / 2 + 7 = 7.5 and pick token 2.
+    row = [_request([], SamplingParams(repetition_penalty=2.0, logit_bias=((2, 7.0),)), inputs=[2])]
+    batch = prepare(row, 4, torch.device("cpu"))
+    tokens, _ = sample(
+        torch.tensor([[5.0, 4.0, 1.0, 0.0]]), batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias
+    )
+    assert tokens.tolist() == [0]

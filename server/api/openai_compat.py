@@ -7,6 +7,7 @@ Errors on these routes use `{"error": {"message", "type", "param", "code"}}` (se
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,10 +28,8 @@ from server.service import Generation, Service
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 # Fields OpenAI clients send routinely: accepted at their neutral value, refused otherwise.
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's own limit)
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
     "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
     "echo": (None, False),
@@ -68,9 +67,13 @@ class _Common(BaseModel):
         description="vLLM's extension: lower is served first; default and range from the task's task.json",
     )
 
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="logit -= its count among the generated tokens x this (OpenAI's formula)"
+    )
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="logit -= this once a token was generated")
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="{token id: -100..100} added to the token's logit before sampling"
+    )
     top_logprobs: int | None = None
     best_of: int | None = None
 
@@ -82,6 +85,16 @@ class _Common(BaseModel):
         return v
 
     _finite = field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty")(finite_or_none)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids (non-negative integers as strings); got {token!r}")
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"biases must be between -100 and 100; got {bias} for token {token}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -112,6 +125,9 @@ class _Common(BaseModel):
             stop=tuple(self.stop or ()),
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            logit_bias=tuple(sorted((int(t), float(b)) for t, b in (self.logit_bias or {}).items())),
         )
 
     @property

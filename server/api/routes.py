@@ -82,6 +82,7 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
         top_k=p.top_k or 0,
         top_p=1.0 if p.top_p is None else p.top_p,
         repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
+        frequency_penalty=p.frequency_penalty or 0.0,
         stop=tuple(p.stop),
         seed=p.seed,
         ignore_eos=p.ignore_eos,

@@ -21,7 +21,6 @@ _TGI_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "typical_p": (None, 1.0),
     "watermark": (None, False),
     "top_n_tokens": (None, 0),
-    "frequency_penalty": (None, 0.0),
     "grammar": (None,),
     "adapter_id": (None,),
 }
@@ -72,11 +71,13 @@ class GenerateParameters(BaseModel):
     typical_p: float | None = None
     watermark: bool | None = None
     top_n_tokens: int | None = None
-    frequency_penalty: float | None = None
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="logit -= its count among the generated tokens x this (OpenAI's formula; 0: off)"
+    )
     grammar: Any = None
     adapter_id: str | None = None
 
-    _finite = field_validator("temperature", "top_p", "repetition_penalty", "timeout")(finite_or_none)
+    _finite = field_validator("temperature", "top_p", "repetition_penalty", "timeout", "frequency_penalty")(finite_or_none)
 
     @field_validator("stop")
     @classmethod

@@ -369,7 +369,7 @@ class Engine:
         # is, unless they overflow float32 together (garbage anyway).
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
         logits.masked_fill_(~finite[:, None], 0.0)  # in place (the pass's own output): sampling needs finite rows
-        tokens, logprobs = sample(logits, batch.params, batch.steps, batch.seen, batch.flags)
+        tokens, logprobs = sample(logits, batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias)
         return tokens, finite, logprobs
 
     def _append_token(self, req: Request, tok: int, logprob: float) -> FinishReason | None:

@@ -40,6 +40,9 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off
+    frequency_penalty: float = 0.0  # OpenAI: logit -= count of the token among the generated ones x this
+    presence_penalty: float = 0.0  # OpenAI: logit -= this when the token was generated at all
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI: (token id, bias) added to its logit
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # eos tokens do not end this request (it runs to max_new_tokens or a stop string)

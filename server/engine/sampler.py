@@ -1,4 +1,7 @@
-"""Vectorised per-row sampling: every row its own temperature, top-k, top-p, repetition penalty and seed.
+"""Vectorised per-row sampling: every row its own logit bias, penalties, temperature, top-k, top-p and seed.
+
+The order, vLLM's: logit_bias, the repetition penalty (over input and output), the frequency and
+presence penalties (over generated tokens), temperature, top-k and top-p, then the draw.
 
 Seeded sampling must not depend on the batch, so randomness is not drawn from a shared generator:
 each row's noise is a hash of (seed, step, token id). That makes a seeded row's draws identical
@@ -47,6 +50,8 @@ class SamplingTensors:
     top_p: torch.Tensor  # [B] float, 1 = off
     repetition_penalty: torch.Tensor  # [B] float, 1 = off
     seeds: torch.Tensor  # [B] int64
+    frequency_penalty: torch.Tensor | None = None  # [B] float, 0 = off (None: no row has one)
+    presence_penalty: torch.Tensor | None = None  # [B] float, 0 = off
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -57,6 +62,14 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     p = penalty[:, None].to(logits.dtype)
     penalised = torch.where(logits > 0, logits / p, logits * p)
     return torch.where(seen, penalised, logits)
+
+
+def apply_openai_penalties(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's formula: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, counts over the
+    generated tokens. logits [B, V] float, counts [B, V] float, frequency and presence [B]."""
+    return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -81,7 +94,7 @@ class BatchFlags:
     """What the batch's rows need, known on the host: skipping work (and device syncs) for the rest."""
 
     sampling: bool  # some row samples
-    penalty: bool  # some row has a repetition penalty
+    penalty: bool  # some row has a repetition, frequency or presence penalty or a logit bias
     filtering: bool  # some sampling row uses top-k or top-p
     logprobs: bool  # some row wants log-probabilities (streams report them)
 
@@ -91,7 +104,7 @@ class BatchFlags:
         sampling = bool(params.sampling.any())
         return cls(
             sampling=sampling,
-            penalty=bool((params.repetition_penalty != 1.0).any()),
+            penalty=bool((params.repetition_penalty != 1.0).any()) or params.frequency_penalty is not None,
             filtering=sampling and bool(((params.top_k > 0) | (params.top_p < 1.0)).any()),
             logprobs=True,
         )
@@ -103,6 +116,8 @@ def sample(
     steps: torch.Tensor,  # [B] int64: tokens generated so far per row
     seen: torch.Tensor | None,  # [B, V] bool: tokens present in each row's input and output
     flags: BatchFlags | None = None,
+    counts: torch.Tensor | None = None,  # [B, V] float: each token's count among the generated ones
+    bias: torch.Tensor | None = None,  # [B, V] float: each row's logit bias
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Choose one token per row. Returns (token ids [B] int64, their log-probabilities [B] float32,
     or None when no row asked for them).
@@ -112,8 +127,12 @@ def sample(
     """
     flags = flags or BatchFlags.of(params)
     logits = logits.float()
+    if bias is not None:
+        logits = logits + bias
     if seen is not None and flags.penalty:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if counts is not None and params.frequency_penalty is not None and params.presence_penalty is not None:
+        logits = apply_openai_penalties(logits, counts, params.frequency_penalty, params.presence_penalty)
     greedy_tokens = logits.argmax(dim=-1)  # [B]
     if not flags.sampling:
         if not flags.logprobs:
@@ -142,6 +161,8 @@ class SamplingBatch:
     steps: torch.Tensor  # [B] int64: tokens generated so far per row
     seen: torch.Tensor | None  # [B, V] bool, only when some row has a repetition penalty
     flags: BatchFlags
+    counts: torch.Tensor | None = None  # [B, V] float, only when some row has a frequency or presence penalty
+    bias: torch.Tensor | None = None  # [B, V] float, only when some row has a logit bias
 
 
 def prepare(requests: list[Request], vocab_size: int, device: torch.device) -> SamplingBatch:
@@ -149,13 +170,31 @@ def prepare(requests: list[Request], vocab_size: int, device: torch.device) -> S
     (and device syncs) no row asks for."""
     params = [r.params for r in requests]
     sampling = [p.sampling for p in params]
-    penalty = any(p.repetition_penalty != 1.0 for p in params)
+    repetition = any(p.repetition_penalty != 1.0 for p in params)
+    openai = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
+    biased = any(p.logit_bias for p in params)
     seen = None
-    if penalty:  # a row's seen tokens are its input and what it generated
+    if repetition:  # a row's seen tokens are its input and what it generated
         rows = [i for i, r in enumerate(requests) for _ in range(len(r.input_ids) + len(r.output_ids))]
         cols = [t for r in requests for t in (*r.input_ids, *r.output_ids)]
         seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
         seen[device_tensor(rows, torch.int64, device), device_tensor(cols, torch.int64, device)] = True
+    counts = None
+    if openai:  # OpenAI's penalties count the generated tokens only
+        rows = [i for i, r in enumerate(requests) for _ in r.output_ids]
+        cols = [t for r in requests for t in r.output_ids]
+        counts = torch.zeros(len(requests), vocab_size, dtype=torch.float32, device=device)
+        ones = torch.ones(len(cols), dtype=torch.float32, device=device)
+        counts.index_put_(
+            (device_tensor(rows, torch.int64, device), device_tensor(cols, torch.int64, device)), ones, accumulate=True
+        )
+    bias = None
+    if biased:
+        rows = [i for i, p in enumerate(params) for _ in p.logit_bias]
+        cols = [t for p in params for t, _ in p.logit_bias]
+        bias = torch.zeros(len(requests), vocab_size, dtype=torch.float32, device=device)
+        values = device_tensor([b for p in params for _, b in p.logit_bias], torch.float32, device)
+        bias[device_tensor(rows, torch.int64, device), device_tensor(cols, torch.int64, device)] = values
     return SamplingBatch(
         params=SamplingTensors(
             sampling=device_tensor(sampling, torch.bool, device),
@@ -164,13 +203,17 @@ def prepare(requests: list[Request], vocab_size: int, device: torch.device) -> S
             top_p=device_tensor([p.top_p for p in params], torch.float32, device),
             repetition_penalty=device_tensor([p.repetition_penalty for p in params], torch.float32, device),
             seeds=device_tensor([r.seed for r in requests], torch.int64, device),
+            frequency_penalty=device_tensor([p.frequency_penalty for p in params], torch.float32, device) if openai else None,
+            presence_penalty=device_tensor([p.presence_penalty for p in params], torch.float32, device) if openai else None,
         ),
         steps=device_tensor([len(r.output_ids) for r in requests], torch.int64, device),
         seen=seen,
         flags=BatchFlags(
             sampling=any(sampling),
-            penalty=penalty,
+            penalty=repetition or openai or biased,
             filtering=any(s and (p.top_k > 0 or p.top_p < 1.0) for s, p in zip(sampling, params)),
             logprobs=any(r.stream for r in requests),
         ),
+        counts=counts,
+        bias=bias,
     )
