@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
-
-from pathlib import Path
 
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import (
