@@ -204,6 +204,13 @@ def test_logit_bias_and_penalties_reach_the_sampler(oai, lm):
     assert r.choices[0].text != plain.choices[0].text or len(plain.choices[0].text) == 0
 
 
+def test_null_max_tokens_takes_openais_default(base_url):
+    """Found by the fuzz run: an explicit `"max_tokens": null` was a 500."""
+    body = {"model": "alpha", "prompt": "x", "max_tokens": None, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{base_url}/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+
+
 def test_malformed_json_is_422(base_url):
     r = httpx.post(f"{base_url}/v1/completions", content=b"{oops", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error"

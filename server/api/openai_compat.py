@@ -28,6 +28,7 @@ from server.service import Generation, Service
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 # Fields OpenAI clients send routinely: accepted at their neutral value, refused otherwise.
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's own limit)
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0),
@@ -137,7 +138,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] = Field(..., description="the text after the soft prompt (a string, or a list of one)")
-    max_tokens: int | None = Field(16, ge=1, description="tokens to generate at most (OpenAI's default: 16)")
+    max_tokens: int | None = Field(COMPLETIONS_MAX_TOKENS, ge=1, description="tokens to generate at most (OpenAI's default: 16)")
     echo: bool | None = None
     suffix: str | None = None
     logprobs: int | None = None
@@ -244,11 +245,11 @@ def _model_card(name: str) -> dict[str, Any]:
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     service = _service(request)
-    assert body.max_tokens is not None
+    limit = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens  # an explicit null: OpenAI's default
     prepared = await service.prepare(
         body.model,
         body.text,
-        body.sampling(body.max_tokens),
+        body.sampling(limit),
         names=("prompt", "max_tokens"),
         priority=body.priority,
         priority_name="priority",

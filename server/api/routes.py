@@ -89,16 +89,16 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
     )
 
 
+async def prepare_native(service: Service, body: GenerateRequest) -> Prepared:
+    """A native request checked, tokenised and given its deadline and priority."""
+    p = body.parameters
+    return await service.prepare(body.task, body.inputs, sampling_params(p), timeout=p.timeout, priority=p.priority)
+
+
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     service = service_of(request)
-    prepared = await service.prepare(
-        body.task,
-        body.inputs,
-        sampling_params(body.parameters),
-        timeout=body.parameters.timeout,
-        priority=body.parameters.priority,
-    )
+    prepared = await prepare_native(service, body)
     result = await generate_unless_gone(service, prepared, request)
     return GenerateResponse(
         generated_text=result.generated_text,
@@ -158,14 +158,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
     (unknown task, invalid input, queue full) are ordinary HTTP errors; a client that disconnects
     cancels its request."""
     service = service_of(request)
-    prepared = await service.prepare(
-        body.task,
-        body.inputs,
-        sampling_params(body.parameters),
-        timeout=body.parameters.timeout,
-        priority=body.parameters.priority,
-    )
-    return event_stream(service, prepared, tgi_stream)
+    return event_stream(service, await prepare_native(service, body), tgi_stream)
 
 
 @router.get("/tasks")
