@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -118,6 +119,7 @@ async def test_unknown_task_is_404_naming_known_tasks(client):
         ({"best_of": 3}, "best_of"),
         ({"ignore_eos": "maybe"}, "parameters.ignore_eos"),
         ({"frequency_penalty": 2.5}, "parameters.frequency_penalty"),
+        ({"top_n_tokens": 6}, "parameters.top_n_tokens"),
         ({"priority": 5000}, "parameters.priority"),
         ({"unknown_knob": 1}, "parameters.unknown_knob"),
     ],
@@ -206,3 +208,20 @@ async def test_concurrent_requests_over_three_tasks_share_forward_passes(client,
     stats = (await client.get("/stats")).json()
     assert stats["mixed_task_passes"] > 0 and stats["max_tasks_in_pass"] == 3
     assert stats["running"] == 0 and stats["kv_pool"]["row_tokens_held"] == 0
+
+
+async def test_top_n_tokens_gives_tgis_token_details_in_answers_and_streams(client):
+    payload = {"task": "beta", "inputs": "The quick brown fox", "parameters": {"max_new_tokens": 5, "top_n_tokens": 2}}
+    r = await client.post("/generate", json=payload)
+    assert r.status_code == 200, r.text
+    details = r.json()["details"]
+    assert len(details["tokens"]) == len(details["top_tokens"]) == details["generated_tokens"] == 5
+    for token, top in zip(details["tokens"], details["top_tokens"]):
+        assert len(top) == 2 and top[0]["logprob"] >= top[1]["logprob"]
+        assert token == top[0]  # greedy: the chosen token is the most likely, with the same figures
+        assert set(token) == {"id", "text", "logprob", "special"}
+    async with client.stream("POST", "/generate_stream", json=payload) as s:
+        events = [json.loads(line[5:]) async for line in s.aiter_lines() if line.startswith("data:")]
+    assert [e["top_tokens"] for e in events] == details["top_tokens"]
+    plain = (await client.post("/generate", json={**payload, "parameters": {"max_new_tokens": 5}})).json()
+    assert "tokens" not in plain["details"] and plain["generated_text"] == r.json()["generated_text"]

@@ -655,3 +655,46 @@ def test_penalties_and_logit_bias_match_openais_formula_alone_and_in_a_mixed_bat
         assert changed == set(variants[:3])  # each penalised variant changed an answer; the plain one none
     finally:
         engine.stop()
+
+
+def test_logprobs_come_from_the_distribution_each_row_was_chosen_from_alone_or_mixed(lm, prompts):
+    """Each token's log-probability and its alternatives: the model's log_softmax for a greedy row, after
+    the bias for a biased one, after temperature for a sampled one; the same figures alone and in a batch."""
+    rng = random.Random(9)
+    specs = [
+        (prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=5, logprobs=True, top_logprobs=4)),
+        (prompts[1], random_ids(rng, 6), SamplingParams(max_new_tokens=5, logprobs=True, top_logprobs=2, logit_bias=((9, 2.5),))),
+        (
+            prompts[2],
+            random_ids(rng, 3),
+            SamplingParams(max_new_tokens=5, logprobs=True, do_sample=True, temperature=0.7, seed=3),
+        ),
+        (prompts[3], random_ids(rng, 5), SamplingParams(max_new_tokens=5)),
+    ]
+    engine = start_engine(lm)
+    try:
+        alone = []
+        for p, ids, params in specs:
+            t = make_request(p, ids, params)
+            engine.submit(t.request)
+            alone.append(t.result.logprobs)
+        together = [make_request(p, ids, params) for p, ids, params in specs]
+        for t in together:
+            engine.submit(t.request)
+        assert [t.result.logprobs for t in together] == alone
+        embed = lm.model.get_input_embeddings()
+        for t, (p, ids, params) in zip(together, specs):
+            out = t.request.output_ids
+            assert len(t.result.logprobs) == (len(out) if params.logprobs else 0)
+            for i, entry in enumerate(t.result.logprobs):
+                x = torch.cat([p.embeddings, embed(torch.tensor(ids + out[:i]))])[None]
+                logits = lm.model(inputs_embeds=x).logits[0, -1].double()
+                for token, bias in params.logit_bias:
+                    logits[token] += bias
+                logp = torch.log_softmax(logits / (params.temperature if params.sampling else 1.0), dim=-1)
+                assert entry.token_id == out[i] and entry.logprob == pytest.approx(logp[out[i]].item(), abs=1e-5)
+                top = logp.topk(params.top_logprobs)
+                assert [a for a, _ in entry.top] == top.indices.tolist()
+                assert [b for _, b in entry.top] == pytest.approx(top.values.tolist(), abs=1e-5)
+    finally:
+        engine.stop()

@@ -3,11 +3,13 @@ server: completions and chat (streaming and not), models, parameter mapping, err
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
+import torch
 from fastapi import FastAPI
 
 from server.api.app import create_app
@@ -163,7 +165,14 @@ def test_n_greater_than_one_is_422(oai, base_url):
         ("/v1/completions", {"model": "alpha", "prompt": ["a", "b"]}, "prompt"),
         ("/v1/completions", {"model": "alpha", "prompt": ""}, "prompt"),
         ("/v1/completions", {"model": "alpha", "prompt": "x", "stop": ["a"] * 5}, "stop"),
-        ("/v1/completions", {"model": "alpha", "prompt": "x", "logprobs": 3}, None),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x", "top_logprobs": 2}, None),
+        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, None),
+        (
+            "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
         ("/v1/completions", {"model": "alpha", "prompt": " word" * 100}, "prompt"),
         ("/v1/completions", {"model": "alpha"}, "prompt"),
         ("/v1/chat/completions", {"model": "alpha", "messages": []}, "messages"),
@@ -202,6 +211,60 @@ def test_logit_bias_and_penalties_reach_the_sampler(oai, lm):
     assert lm.tokenizer(banned.choices[0].text, add_special_tokens=False)["input_ids"][0] != first
     r = oai.completions.create(model="alpha", prompt="x", max_tokens=8, temperature=0, frequency_penalty=-2, presence_penalty=-2)
     assert r.choices[0].text != plain.choices[0].text or len(plain.choices[0].text) == 0
+
+
+def test_completion_logprobs_are_the_models_and_the_stream_carries_the_same(oai, base_url, lm, store):
+    """Greedy, no bias: each token's log-probability is the model's own (torch.log_softmax over the
+    reference's logits), its alternatives are the top 3, the chosen one first; the stream's chunks
+    carry the same figures token by token."""
+    prompt, n = "The quick brown fox", 6
+    r = oai.completions.create(
+        model="beta", prompt=prompt, max_tokens=n, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    )
+    lp = r.choices[0].logprobs
+    ids = lm.tokenizer(prompt)["input_ids"]
+    soft = store[1]["beta"].double()
+    embed = lm.model.get_input_embeddings()
+    generated = reference_greedy(lm, soft, ids, n)
+    for i in range(n):
+        x = torch.cat([soft, embed(torch.tensor(ids + generated[:i]))])[None]
+        logp = torch.log_softmax(lm.model(inputs_embeds=x).logits[0, -1].double(), dim=-1)
+        assert lp.token_logprobs[i] == pytest.approx(logp[generated[i]].item(), abs=1e-5)  # the sampler works in float32
+        top = logp.topk(3)
+        assert list(lp.top_logprobs[i].values()) == pytest.approx(top.values.tolist(), abs=1e-5)  # the sampler works in float32
+        assert lp.tokens[i] == lm.tokenizer.decode([generated[i]])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+    body = {
+        "model": "beta",
+        "prompt": prompt,
+        "max_tokens": n,
+        "temperature": 0,
+        "logprobs": 3,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    streamed: list[float] = []
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                if choice["logprobs"] is not None:
+                    streamed += choice["logprobs"]["token_logprobs"]
+    assert streamed == lp.token_logprobs
+
+
+def test_chat_logprobs_with_alternatives_and_bytes(oai):
+    r = oai.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert bytes(entry.bytes) == entry.token.encode() and len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy: the most likely
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    plain = oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
 
 
 def test_null_max_tokens_takes_openais_default(base_url):

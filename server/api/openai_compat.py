@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import anyio
@@ -18,10 +18,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.errors import openai_error
+from server.api.logprobs import chat_logprobs, completion_logprobs
 from server.api.routes import event_stream, generate_unless_gone
 from server.api.schemas import MAX_SEED, MAX_STOP, finite_or_none
 from server.api.sse import sse
-from server.engine.request import ErrorEvent, FinishEvent, FinishReason, SamplingParams, TokenEvent
+from server.engine.request import ErrorEvent, FinishEvent, FinishReason, SamplingParams, TokenEvent, TokenLogprob
 from server.errors import InvalidRequest, UnknownTask, error_of
 from server.service import Generation, Service
 
@@ -31,8 +32,6 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's own limit)
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
@@ -75,7 +74,9 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = Field(
         None, max_length=MAX_LOGIT_BIAS, description="{token id: -100..100} added to the token's logit before sampling"
     )
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="chat: alternatives per token (0-20) with logprobs=true; completions use logprobs"
+    )
     best_of: int | None = None
 
     @field_validator("n")
@@ -129,7 +130,17 @@ class _Common(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
             logit_bias=tuple(sorted((int(t), float(b)) for t, b in (self.logit_bias or {}).items())),
+            logprobs=self.wants_logprobs,
+            top_logprobs=self.alternatives,
         )
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return False
+
+    @property
+    def alternatives(self) -> int:
+        return 0
 
     @property
     def include_usage(self) -> bool:
@@ -141,7 +152,23 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(COMPLETIONS_MAX_TOKENS, ge=1, description="tokens to generate at most (OpenAI's default: 16)")
     echo: bool | None = None
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="log-probabilities of each token and of its N most likely alternatives (0-5)"
+    )
+
+    @model_validator(mode="after")
+    def _no_top_logprobs(self) -> CompletionRequest:
+        if self.top_logprobs is not None:
+            raise ValueError("top_logprobs belongs to chat completions; on /v1/completions ask logprobs=N (0-5)")
+        return self
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    @property
+    def alternatives(self) -> int:
+        return self.logprobs or 0
 
     @field_validator("prompt")
     @classmethod
@@ -178,11 +205,25 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens (newer clients)")
-    logprobs: bool | None = None
+    logprobs: bool | None = Field(None, description="log-probabilities of each token (with top_logprobs alternatives)")
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
+    @property
+    def alternatives(self) -> int:
+        return self.top_logprobs or 0
 
 
 def _service(request: Request) -> Service:
@@ -204,12 +245,18 @@ def _usage(event: FinishEvent) -> dict[str, int]:
     }
 
 
-async def _openai_stream(generation: Generation, chunk: Any, include_usage: bool) -> AsyncIterator[bytes]:
-    """`chunk(text, finish_reason)` builds one chunk; then the usage chunk if asked, then [DONE]."""
+async def _openai_stream(
+    generation: Generation, chunk: Any, include_usage: bool, logprobs: Callable[[TokenEvent], Any] | None = None
+) -> AsyncIterator[bytes]:
+    """`chunk(text, finish_reason, first, logprobs)` builds one chunk; then the usage chunk if asked, then
+    [DONE]. With `logprobs` every token gets a chunk (its text may be ""), carrying its log-probabilities."""
     first = True
     async for event in generation:
         if isinstance(event, TokenEvent):
-            if event.text or first:
+            if logprobs is not None:
+                yield sse(chunk(event.text, None, first, logprobs(event)))
+                first = False
+            elif event.text or first:
                 yield sse(chunk(event.text, None, first))
                 first = False
         elif isinstance(event, FinishEvent):
@@ -255,20 +302,30 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         priority_name="priority",
     )
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    tokenizer = service.require_ready()[2].tokenizer
 
-    def chunk(text: str, finish: str | None, _: bool) -> dict[str, Any]:
+    def chunk(text: str, finish: str | None, _: bool, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "id": rid,
             "object": "text_completion",
             "created": created,
             "model": body.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         }
 
     if body.stream:
-        return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage))
+        offset = [0]
+
+        def per_token(event: TokenEvent) -> dict[str, Any]:
+            out = completion_logprobs(tokenizer, [TokenLogprob(event.token_id, event.logprob, event.top)], offset[0])
+            offset[0] += len(out["tokens"][0])
+            return out
+
+        per = per_token if body.wants_logprobs else None
+        return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage, per))
     result = await generate_unless_gone(service, prepared, request)
-    out = chunk(result.generated_text, _finish_reason(result.finish_reason), False)
+    logprobs = completion_logprobs(tokenizer, result.logprobs) if body.wants_logprobs else None
+    out = chunk(result.generated_text, _finish_reason(result.finish_reason), False, logprobs)
     out["usage"] = _usage(result)
     return out
 
@@ -302,18 +359,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     )
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any]:
+    def chunk(text: str, finish: str | None, first: bool, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         return {
             "id": rid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": body.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
 
     if body.stream:
-        return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage))
+
+        def per_token(event: TokenEvent) -> dict[str, Any]:
+            return chat_logprobs(tokenizer, [TokenLogprob(event.token_id, event.logprob, event.top)])
+
+        per = per_token if body.wants_logprobs else None
+        return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage, per))
     result = await generate_unless_gone(service, prepared, request)
     return {
         "id": rid,
@@ -324,7 +386,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": result.generated_text},
-                "logprobs": None,
+                "logprobs": chat_logprobs(tokenizer, result.logprobs) if body.wants_logprobs else None,
                 "finish_reason": _finish_reason(result.finish_reason),
             }
         ],

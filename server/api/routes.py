@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, Response
 
 import server
 from server.api.errors import ApiError, tgi_error
-from server.api.schemas import MAX_STOP, Details, ErrorBody, GenerateParameters, GenerateRequest, GenerateResponse
+from server.api.logprobs import token_text
+from server.api.schemas import MAX_STOP, Details, ErrorBody, GenerateParameters, GenerateRequest, GenerateResponse, TokenDetail
 from server.api.sse import EventStream, sse
 from server.engine.request import ErrorEvent, FinishEvent, SamplingParams, TokenEvent
 from server.errors import ErrorKind, Unavailable
@@ -86,6 +87,8 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
         stop=tuple(p.stop),
         seed=p.seed,
         ignore_eos=p.ignore_eos,
+        logprobs=bool(p.top_n_tokens),
+        top_logprobs=p.top_n_tokens or 0,
     )
 
 
@@ -95,21 +98,29 @@ async def prepare_native(service: Service, body: GenerateRequest) -> Prepared:
     return await service.prepare(body.task, body.inputs, sampling_params(p), timeout=p.timeout, priority=p.priority)
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     service = service_of(request)
     prepared = await prepare_native(service, body)
     result = await generate_unless_gone(service, prepared, request)
-    return GenerateResponse(
-        generated_text=result.generated_text,
-        details=Details(
-            finish_reason=result.finish_reason.value,
-            generated_tokens=result.generated_tokens,
-            input_tokens=result.input_tokens,
-            virtual_tokens=result.virtual_tokens,
-            seed=result.seed,
-        ),
+    details = Details(
+        finish_reason=result.finish_reason.value,
+        generated_tokens=result.generated_tokens,
+        input_tokens=result.input_tokens,
+        virtual_tokens=result.virtual_tokens,
+        seed=result.seed,
     )
+    if body.parameters.top_n_tokens:  # TGI's token details, only when asked (the answer's shape otherwise unchanged)
+        tokenizer = service.require_ready()[2].tokenizer
+        special = set(tokenizer.all_special_ids)
+        details.tokens = [TokenDetail(**_detail(tokenizer, special, t.token_id, t.logprob)) for t in result.logprobs]
+        details.top_tokens = [[TokenDetail(**_detail(tokenizer, special, i, lp)) for i, lp in t.top] for t in result.logprobs]
+    return GenerateResponse(generated_text=result.generated_text, details=details)
+
+
+def _detail(tokenizer: Any, special: set[int], token_id: int, logprob: float) -> dict[str, Any]:
+    """TGI's {id, text, logprob, special} for one token."""
+    return {"id": token_id, "text": token_text(tokenizer, token_id), "logprob": logprob, "special": token_id in special}
 
 
 def _token(event: TokenEvent) -> dict[str, Any]:
@@ -127,7 +138,21 @@ def _details(event: FinishEvent) -> dict[str, Any]:
     }
 
 
-async def tgi_stream(generation: Generation) -> AsyncIterator[bytes]:
+def _top_tokens(tokenizer: Any, event: TokenEvent) -> list[dict[str, Any]]:
+    special = set(tokenizer.all_special_ids)
+    return [_detail(tokenizer, special, i, lp) for i, lp in event.top]
+
+
+def tgi_stream_for(tokenizer: Any, top_n_tokens: int) -> Callable[[Generation], AsyncIterator[bytes]]:
+    """tgi_stream, each token's event with `top_tokens` when the request asked top_n_tokens."""
+    if not top_n_tokens:
+        return tgi_stream
+    return lambda generation: tgi_stream(generation, lambda event: _top_tokens(tokenizer, event))
+
+
+async def tgi_stream(
+    generation: Generation, top: Callable[[TokenEvent], list[dict[str, Any]]] | None = None
+) -> AsyncIterator[bytes]:
     """TGI's stream: one event per token, `{"index", "token", "generated_text": null, "details": null}`;
     the last token's event carries `generated_text` and `details`; a failure is `{"error", "error_type"}`.
 
@@ -140,11 +165,15 @@ async def tgi_stream(generation: Generation) -> AsyncIterator[bytes]:
             if event.final:
                 last = event
             else:
-                yield sse({"index": index, "token": _token(event), "generated_text": None, "details": None})
+                extra = {} if top is None else {"top_tokens": top(event)}
+                yield sse({"index": index, "token": _token(event), **extra, "generated_text": None, "details": None})
                 index += 1
         elif isinstance(event, FinishEvent):
             token = _token(last) if last is not None else None
-            yield sse({"index": index, "token": token, "generated_text": event.generated_text, "details": _details(event)})
+            extra = {} if top is None or last is None else {"top_tokens": top(last)}
+            yield sse(
+                {"index": index, "token": token, **extra, "generated_text": event.generated_text, "details": _details(event)}
+            )
         elif isinstance(event, ErrorEvent):
             yield sse(tgi_error(event.kind, event.message))
 
@@ -158,7 +187,9 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
     (unknown task, invalid input, queue full) are ordinary HTTP errors; a client that disconnects
     cancels its request."""
     service = service_of(request)
-    return event_stream(service, await prepare_native(service, body), tgi_stream)
+    prepared = await prepare_native(service, body)
+    render = tgi_stream_for(service.require_ready()[2].tokenizer, body.parameters.top_n_tokens or 0)
+    return event_stream(service, prepared, render)
 
 
 @router.get("/tasks")

@@ -20,7 +20,6 @@ _TGI_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "truncate": (None,),
     "typical_p": (None, 1.0),
     "watermark": (None, False),
-    "top_n_tokens": (None, 0),
     "grammar": (None,),
     "adapter_id": (None,),
 }
@@ -70,7 +69,12 @@ class GenerateParameters(BaseModel):
     truncate: int | None = None
     typical_p: float | None = None
     watermark: bool | None = None
-    top_n_tokens: int | None = None
+    top_n_tokens: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="the N most likely tokens at each step (details.top_tokens, and details.tokens with each token's logprob)",
+    )
     frequency_penalty: float | None = Field(
         None, ge=-2.0, le=2.0, description="logit -= its count among the generated tokens x this (OpenAI's formula; 0: off)"
     )
@@ -105,12 +109,21 @@ class GenerateRequest(BaseModel):
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
 
+class TokenDetail(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
 class Details(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence", "timeout"]
     generated_tokens: int
     input_tokens: int
     virtual_tokens: int
     seed: int | None
+    tokens: list[TokenDetail] | None = Field(None, description="with top_n_tokens: each generated token and its logprob")
+    top_tokens: list[list[TokenDetail]] | None = Field(None, description="with top_n_tokens: each step's N most likely tokens")
 
 
 class GenerateResponse(BaseModel):

@@ -23,9 +23,19 @@ from server.engine.block_cache import BlockCache
 from server.engine.blocks import KERNEL_DTYPES
 from server.engine.detok import IncrementalText
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats
-from server.engine.request import ErrorEvent, Event, FinishEvent, FinishReason, Request, SamplingParams, TokenEvent
+from server.engine.request import (
+    Alternatives,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    FinishReason,
+    Request,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
 from server.engine.runner import Acceleration, Runner
-from server.engine.sampler import SamplingBatch, prepare, sample
+from server.engine.sampler import SamplingBatch, prepare, sample_with_top
 from server.engine.scheduler import Plan, Scheduler, SchedulerConfig
 from server.engine.threads import ThreadGovernor
 from server.errors import ErrorKind
@@ -40,6 +50,12 @@ WARM_UP_TASK = "_warmup"  # not a valid task name, so never a client's
 
 def _ignore(event: Event) -> None:
     pass
+
+
+def _alternatives(values: list[list[float]], ids: list[list[float]], row: int, k: int) -> Alternatives:
+    """Row `row`'s first k alternatives from the host copy of the top tensors (k lists of B values each);
+    tokens a filter removed (-inf) are left out."""
+    return tuple((int(ids[j][row]), values[j][row]) for j in range(min(k, len(values))) if values[j][row] != float("-inf"))
 
 
 # Torch's CPU build runs its threads on GNU OpenMP, which keeps each thread's OpenMP team alive
@@ -341,41 +357,52 @@ class Engine:
     def _postprocess(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Choose each row's token, deliver it, and finish the rows that are done."""
         batch = prepare(rows, self.runner.vocab_size, logits.device)
-        tokens, finite, logprobs = self._choose(logits, batch)
+        tokens, finite, logprobs, top = self._choose(logits, batch)
         parts = [tokens, finite.to(torch.int64)]
         if logprobs is not None:  # token ids are exact in float64
             parts = [tokens.double(), finite.double(), logprobs.double()]
+        if top is not None:
+            parts += [*top[0].double().T, *top[1].double().T]  # k rows of values, then k rows of ids
         host = torch.stack(parts).tolist()  # the step's one host sync
         logprob_list = host[2] if logprobs is not None else [0.0] * len(rows)
+        k = 0 if top is None else top[0].shape[1]
         served = []
-        for req, tok, ok, lp in zip(rows, host[0], host[1], logprob_list):
+        for i, (req, tok, ok, lp) in enumerate(zip(rows, host[0], host[1], logprob_list)):
             tok = int(tok)
             if not ok:
                 self._fail(req, "the model produced non-finite logits for this request")
                 continue
             served.append(req)
-            reason = self._append_token(req, tok, lp)
+            alternatives = _alternatives(host[3 : 3 + k], host[3 + k : 3 + 2 * k], i, req.params.top_logprobs)
+            reason = self._append_token(req, tok, lp, alternatives)
             if reason is not None:
                 self._finish(req, reason)
         self.scheduler.served(served)
 
-    def _choose(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """logits [B, V] -> (tokens [B], finite [B] bool: a poisoned row must fail alone, log-probabilities [B] or None)."""
+    def _choose(
+        self, logits: torch.Tensor, batch: SamplingBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """logits [B, V] -> (tokens [B], finite [B] bool: a poisoned row must fail alone, log-probabilities
+        [B] or None, the top alternatives ([B, k] log-probabilities, [B, k] ids) or None)."""
         flags, ops = batch.flags, self.runner.ops
         if ops is not None and not (flags.sampling or flags.penalty or flags.logprobs) and logits.dtype in KERNEL_DTYPES:
             tokens, finite = ops.greedy(logits.contiguous())  # argmax and the finite test in one pass (CPU)
-            return tokens, finite, None
+            return tokens, finite, None, None
         # One reduction instead of an elementwise test: the sum is finite exactly when every logit
         # is, unless they overflow float32 together (garbage anyway).
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
         logits.masked_fill_(~finite[:, None], 0.0)  # in place (the pass's own output): sampling needs finite rows
-        tokens, logprobs = sample(logits, batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias)
-        return tokens, finite, logprobs
+        tokens, logprobs, top = sample_with_top(
+            logits, batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias, batch.top
+        )
+        return tokens, finite, logprobs, top
 
-    def _append_token(self, req: Request, tok: int, logprob: float) -> FinishReason | None:
+    def _append_token(self, req: Request, tok: int, logprob: float, alternatives: Alternatives = ()) -> FinishReason | None:
         if not req.output_ids:
             req.first_token_at = time.monotonic()
         req.output_ids.append(tok)
+        if req.params.logprobs:
+            req.logprobs.append(TokenLogprob(tok, logprob, alternatives))
         text = req.text
         is_eos = tok in self.eos_ids
         ends = is_eos and not req.params.ignore_eos  # an ignored eos is an ordinary token (its text: none when special)
@@ -391,7 +418,10 @@ class Engine:
         if req.stream:
             if reason is not None and text is not None:
                 delta += text.flush()  # text held back for a stop string that never came
-            req.sink(TokenEvent(token_id=tok, text=delta, logprob=logprob, special=is_eos, final=reason is not None))
+            event = TokenEvent(
+                token_id=tok, text=delta, logprob=logprob, special=is_eos, final=reason is not None, top=alternatives
+            )
+            req.sink(event)
         return reason
 
     def _drop_ended(self, now: float) -> None:
@@ -422,6 +452,7 @@ class Engine:
                 queue_time=(req.admitted or now) - req.arrival,
                 total_time=now - req.arrival,
                 first_token_time=None if req.first_token_at is None else req.first_token_at - req.arrival,
+                logprobs=tuple(req.logprobs),
             )
         )
 

@@ -46,6 +46,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # eos tokens do not end this request (it runs to max_new_tokens or a stop string)
+    logprobs: bool = False  # record each generated token's log-probability (and its alternatives) in the answer
+    top_logprobs: int = 0  # alternatives per token, the most likely first (0: none)
 
     @property
     def sampling(self) -> bool:
@@ -55,6 +57,19 @@ class SamplingParams:
         return self.do_sample or self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0
 
 
+Alternatives = tuple[tuple[int, float], ...]  # (token id, log-probability), the most likely first
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and its top alternatives, from the distribution it was
+    chosen from (after logit_bias and penalties; for sampled rows, temperature and top-k/top-p too)."""
+
+    token_id: int
+    logprob: float
+    top: Alternatives = ()
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
@@ -62,6 +77,7 @@ class TokenEvent:
     logprob: float
     special: bool
     final: bool = False  # the request's last token: its FinishEvent follows at once
+    top: Alternatives = ()  # with params.top_logprobs
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,7 @@ class FinishEvent:
     queue_time: float  # seconds from arrival to admission
     total_time: float  # seconds from arrival to finish
     first_token_time: float | None = None  # seconds from arrival to the first generated token
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per generated token, with params.logprobs
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,7 @@ class Request:
     kv: SeqBlocks | None = None
     prefix_blocks: list[int] = field(default_factory=list)
     text: IncrementalText | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
     preemptions: int = 0
     # Scheduler state: its input tokens charged to its task's fairness counter; when it was last admitted.
     charged: bool = False

@@ -122,9 +122,25 @@ def sample(
     """Choose one token per row. Returns (token ids [B] int64, their log-probabilities [B] float32,
     or None when no row asked for them).
 
-    The log-probability is that of the distribution the token was drawn from (after penalties and
-    warpers), as TGI reports it.
+    The log-probability is that of the distribution the token was chosen from (after the bias and
+    penalties; for sampled rows after temperature and top-k/top-p too), as TGI reports it.
     """
+    tokens, logprobs, _ = sample_with_top(logits, params, steps, seen, flags, counts, bias)
+    return tokens, logprobs
+
+
+def sample_with_top(
+    logits: torch.Tensor,
+    params: SamplingTensors,
+    steps: torch.Tensor,
+    seen: torch.Tensor | None,
+    flags: BatchFlags | None = None,
+    counts: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    top: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`sample`, plus each row's `top` most likely tokens of that same distribution: (log-probabilities
+    [B, top], ids [B, top]), or None when top is 0."""
     flags = flags or BatchFlags.of(params)
     logits = logits.float()
     if bias is not None:
@@ -136,8 +152,9 @@ def sample(
     greedy_tokens = logits.argmax(dim=-1)  # [B]
     if not flags.sampling:
         if not flags.logprobs:
-            return greedy_tokens, None
-        return greedy_tokens, logits.log_softmax(dim=-1).gather(-1, greedy_tokens[:, None]).squeeze(-1)
+            return greedy_tokens, None, None
+        dist = logits.log_softmax(dim=-1)
+        return greedy_tokens, dist.gather(-1, greedy_tokens[:, None]).squeeze(-1), _top(dist, top)
 
     temperature = torch.where(params.sampling, params.temperature, torch.ones_like(params.temperature))
     warped = logits / temperature[:, None].to(logits.dtype)
@@ -148,9 +165,17 @@ def sample(
     sampled = (logp + gumbel).argmax(dim=-1)  # [B]
     tokens = torch.where(params.sampling, sampled, greedy_tokens)
     if not flags.logprobs:
-        return tokens, None
-    chosen_logp = torch.where(params.sampling[:, None], logp, logits.log_softmax(dim=-1)).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, chosen_logp
+        return tokens, None, None
+    dist = torch.where(params.sampling[:, None], logp, logits.log_softmax(dim=-1))
+    return tokens, dist.gather(-1, tokens[:, None]).squeeze(-1), _top(dist, top)
+
+
+def _top(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """dist [B, V] log-probabilities -> (values [B, k], ids [B, k]), the most likely first."""
+    if k <= 0:
+        return None
+    values, ids = dist.topk(min(k, dist.shape[-1]), dim=-1)
+    return values, ids
 
 
 @dataclass
@@ -163,6 +188,7 @@ class SamplingBatch:
     flags: BatchFlags
     counts: torch.Tensor | None = None  # [B, V] float, only when some row has a frequency or presence penalty
     bias: torch.Tensor | None = None  # [B, V] float, only when some row has a logit bias
+    top: int = 0  # alternatives per token the batch's rows ask for at most
 
 
 def prepare(requests: list[Request], vocab_size: int, device: torch.device) -> SamplingBatch:
@@ -212,8 +238,9 @@ def prepare(requests: list[Request], vocab_size: int, device: torch.device) -> S
             sampling=any(sampling),
             penalty=repetition or openai or biased,
             filtering=any(s and (p.top_k > 0 or p.top_p < 1.0) for s, p in zip(sampling, params)),
-            logprobs=any(r.stream for r in requests),
+            logprobs=any(r.stream or p.logprobs for r, p in zip(requests, params)),
         ),
         counts=counts,
         bias=bias,
+        top=max(p.top_logprobs for p in params) if any(p.logprobs for p in params) else 0,
     )
