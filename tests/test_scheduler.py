@@ -302,7 +302,7 @@ def test_concurrent_add_from_many_threads(policy: Policy) -> None:
     if policy is Policy.FIFO:
         assert sum(rejected) == 50  # exactly max_queue accepted, none over the limit
     else:  # a full queue still lets in a task below its share: every task holds at least its share
-        assert all(len(m) >= s.max_queue / threads_n for m in made)
+        assert all(len(m) >= s.config.max_queue / threads_n for m in made)
     admitted = s.schedule().admitted
     assert len(admitted) == accepted
     assert {id(r) for r in admitted} == {id(r) for rs in made for r in rs}

@@ -70,14 +70,6 @@ class Scheduler:
         self.closed = False
         self._admissions = itertools.count(1)
 
-    @property
-    def max_batch_size(self) -> int:
-        return self.config.max_batch_size
-
-    @property
-    def max_queue(self) -> int:
-        return self.config.max_queue
-
     def task_quota(self, settings: TaskSettings) -> int | None:
         """Waiting requests one task may hold whatever the others do (None: no cap but its share)."""
         if self.config.policy is Policy.FIFO:
