@@ -21,6 +21,7 @@ import torch
 
 from server.config import Settings
 from server.engine.engine import Engine
+from server.engine.grammar import COMPILE_TIMEOUT, Compiled, GrammarCompiler
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
 from server.engine.runner import Acceleration, default_kv_cache_bytes
@@ -40,8 +41,10 @@ from server.metrics import UNKNOWN_TASK, LiveState, Metrics
 from server.models import LoadedModel, load_model
 from server.prompts.install import clean_leftovers
 from server.prompts.registry import Registry
+from server.prompts.settings import TaskSettings
 from server.prompts.types import PromptGeometry, SoftPrompt
 from server.prompts.watcher import StoreWatcher
+from server.structured import GrammarError, OutputSpec
 
 log = logging.getLogger("softmux.service")
 
@@ -56,6 +59,13 @@ class Prepared:
     seed: int
     deadline: float | None = None  # time.monotonic() after which the engine ends it with TIMEOUT
     priority: int = 0  # lower is served first; the task's default unless the request asked
+    grammar: Compiled | None = None  # the structured output every answer must match (each row gets its own matcher)
+    n: int = 1  # samples of this prompt (OpenAI's n): one prefill, forked into n rows
+
+
+def sample_seed(seed: int, i: int) -> int:
+    """Sample i's own seed stream: sample 0 keeps the request's seed (n=1 answers do not change)."""
+    return (seed + i * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
 class Service:
@@ -66,6 +76,7 @@ class Service:
         self.registry: Registry | None = None
         self.watcher: StoreWatcher | None = None
         self.engine: Engine | None = None
+        self.grammars: GrammarCompiler | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.draining = False  # set on SIGTERM: new requests get 503, accepted ones finish
@@ -99,7 +110,14 @@ class Service:
                 torch.set_num_threads(self.settings.threads)
             self.lm = self._loader()
             geometry = PromptGeometry.of(self.lm, self.settings.max_virtual_tokens)
-            self.registry = Registry(self.settings.store, geometry, max_resident=self.settings.max_resident_prompts)
+            vocab = int(self.lm.model.get_output_embeddings().weight.shape[0])
+            self.grammars = GrammarCompiler(self.lm.tokenizer, sorted(self.lm.eos_token_ids), vocab)
+            self.registry = Registry(
+                self.settings.store,
+                geometry,
+                max_resident=self.settings.max_resident_prompts,
+                check_settings=self._check_contract,
+            )
             clean_leftovers(Path(self.settings.store), older_than_s=60.0)  # hidden temp folders of crashed uploads
             self.registry.load_all()
             s = self.settings
@@ -134,6 +152,12 @@ class Service:
         except BaseException as exc:
             log.exception("startup failed")
             self.load_error = exc
+
+    def _check_contract(self, settings: TaskSettings) -> None:
+        """A task's output contract must compile for this model (GrammarError, a ValueError, says why not)."""
+        spec = settings.output_spec
+        if spec is not None and self.grammars is not None:
+            self.grammars.compile(spec)
 
     def drain(self, grace: float) -> bool:
         """Graceful shutdown: refuse new requests (503) and let accepted ones finish for up to
@@ -186,6 +210,8 @@ class Service:
         timeout: float | None = None,
         priority: int | None = None,
         priority_name: str = "parameters.priority",
+        output: tuple[OutputSpec | None, str] = (None, ""),
+        explicit: frozenset[str] | None = None,
     ) -> Prepared:
         """Check the task and limits and tokenise (in a worker thread). Raises UnknownTask,
         InvalidRequest (its `field` named as in `names`) or Unavailable.
@@ -197,11 +223,14 @@ class Service:
         which also caps it when set).
         `priority`: lower is served first (None: the task's default); within what the task's
         task.json allows (`priority_name` names the field in messages).
+        `output`: the structured output the request asks for and the field that asked (the task's
+        contract binds anyway; a different one is refused). `explicit`: the SamplingParams fields the
+        request set itself (None: all); the others take the task's defaults.
         """
         arrival = time.monotonic()
         try:
             prepared = await self._prepare(
-                task, text, params, add_special_tokens, fit_new_tokens, names, (priority, priority_name)
+                task, text, params, add_special_tokens, fit_new_tokens, names, (priority, priority_name), output, explicit
             )
         except DomainError as exc:
             known = self.registry is not None and task in self.registry
@@ -220,12 +249,18 @@ class Service:
         fit_new_tokens: bool,
         names: tuple[str, str],
         asked_priority: tuple[int | None, str],
+        output: tuple[OutputSpec | None, str] = (None, ""),
+        explicit: frozenset[str] | None = None,
     ) -> Prepared:
         engine, registry, lm = self.require_ready()
         prompt = registry.get(task)
         if prompt is None:
             raise UnknownTask(task, known=registry.names())
         priority = _priority(prompt, *asked_priority)
+        params = _with_defaults(params, prompt.settings, explicit)
+        spec, field = _contract(prompt, *output)
+        if spec is not None and params.ignore_eos:
+            raise InvalidRequest(f"ignore_eos cannot be combined with a structured output ({field})", "ignore_eos")
         unknown = [t for t, _ in params.logit_bias if t >= engine.runner.vocab_size]
         if unknown:
             raise InvalidRequest(
@@ -269,21 +304,41 @@ class Service:
                 limit_name,
             )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        return Prepared(task=task, input_ids=ids, params=params, seed=seed, priority=priority)
+        grammar = None if spec is None else await self._compile(spec, field)
+        return Prepared(task=task, input_ids=ids, params=params, seed=seed, priority=priority, grammar=grammar)
+
+    async def _compile(self, spec: OutputSpec, field: str) -> Compiled:
+        """Compiled off the event loop (cached; a compile that runs long keeps its thread, not the request)."""
+        assert self.grammars is not None
+        future = asyncio.wrap_future(self.grammars.submit(spec))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), COMPILE_TIMEOUT)
+        except TimeoutError:
+            raise InvalidRequest(f"{field}: took over {COMPILE_TIMEOUT:.0f} s to compile; simplify it", field) from None
+        except GrammarError as e:
+            raise InvalidRequest(f"{field}: {e}", field) from None
 
     def submit(self, prepared: Prepared, stream: bool) -> Generation:
         """Hand a request to the engine now (raising Overloaded/Unavailable/UnknownTask at once, before
         any response has started) and return a handle to iterate its events."""
+        (generation,) = self.submit_samples(replace(prepared, n=1), stream)
+        return generation
+
+    def submit_samples(self, prepared: Prepared, stream: bool) -> list[Generation]:
+        """`submit` for `prepared.n` samples of one prompt: one request goes to the engine, the others
+        ride with it and fork from its prefill; one handle per sample, each with its own seed stream."""
         engine, registry, _ = self.require_ready()
         prompt = registry.get(prepared.task)
         if prompt is None:  # removed between prepare() and now
             self.metrics.rejected(UNKNOWN_TASK, ErrorKind.UNKNOWN_TASK)
             raise UnknownTask(prepared.task)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
         metrics, task, n_input = self.metrics, prepared.task, len(prepared.input_ids)
 
-        def sink(event: Event) -> None:  # engine thread: cheap, never raises
+        def sink_to(queue: asyncio.Queue[Event]) -> Callable[[Event], None]:
+            return lambda event: sink(queue, event)
+
+        def sink(queue: asyncio.Queue[Event], event: Event) -> None:  # engine thread: cheap, never raises
             try:
                 if isinstance(event, FinishEvent):
                     metrics.finished(task, event)
@@ -296,17 +351,24 @@ class Service:
             except RuntimeError:  # the event loop is gone (server shutting down)
                 pass
 
-        request = Request(
-            task=prepared.task,
-            prompt=prompt,
-            input_ids=prepared.input_ids,
-            params=prepared.params,
-            seed=prepared.seed,
-            sink=sink,
-            stream=stream,
-            deadline=prepared.deadline,
-            priority=prepared.priority,
-        )
+        queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in range(prepared.n)]
+        requests = [
+            Request(
+                task=prepared.task,
+                prompt=prompt,
+                input_ids=prepared.input_ids,
+                params=prepared.params,
+                seed=sample_seed(prepared.seed, i),
+                sink=sink_to(queue),
+                stream=stream,
+                deadline=prepared.deadline,
+                priority=prepared.priority,
+                matcher=None if prepared.grammar is None else prepared.grammar.matcher(),
+            )
+            for i, queue in enumerate(queues)
+        ]
+        request = requests[0]
+        request.forks = requests[1:]
         try:
             engine.submit(request)
         except QueueFull as exc:
@@ -318,7 +380,7 @@ class Service:
         except RuntimeError as exc:  # the engine is not running
             self.metrics.rejected(task, ErrorKind.UNAVAILABLE)
             raise Unavailable(str(exc)) from exc
-        return Generation(request, queue, engine)
+        return [Generation(r, q, engine) for r, q in zip(requests, queues)]
 
     async def events(self, prepared: Prepared, stream: bool) -> AsyncIterator[Event]:
         """Submit to the engine and yield its events until the request ends.
@@ -335,12 +397,49 @@ class Service:
 
     async def generate(self, prepared: Prepared) -> FinishEvent:
         """Run a request to its end and return the final event."""
-        async for event in self.events(prepared, stream=False):
-            if isinstance(event, ErrorEvent):
-                raise error_of(event.kind, event.message)
-            if isinstance(event, FinishEvent):
-                return event
-        raise GenerationFailed("the request ended without a result")
+        (result,) = await self.generate_samples(replace(prepared, n=1))
+        return result
+
+    async def generate_samples(self, prepared: Prepared) -> list[FinishEvent]:
+        """Run `prepared.n` samples to their ends; their final events in order. A sample that fails
+        fails the call (the others are cancelled)."""
+        generations = self.submit_samples(prepared, stream=False)
+        try:
+            return list(await asyncio.gather(*(_result(g) for g in generations)))
+        finally:
+            for g in generations:
+                g.cancel()
+
+
+async def _result(generation: Generation) -> FinishEvent:
+    async for event in generation:
+        if isinstance(event, ErrorEvent):
+            raise error_of(event.kind, event.message)
+        if isinstance(event, FinishEvent):
+            return event
+    raise GenerationFailed("the request ended without a result")
+
+
+def _with_defaults(params: SamplingParams, settings: TaskSettings, explicit: frozenset[str] | None) -> SamplingParams:
+    """The task's default parameters for those the request left unset."""
+    if explicit is None:
+        return params
+    given = {k: v for k, v in settings.defaults.given().items() if k not in explicit}
+    return replace(params, **given) if given else params  # type: ignore[arg-type]
+
+
+def _contract(prompt: SoftPrompt, asked: OutputSpec | None, field: str) -> tuple[OutputSpec | None, str]:
+    """The structured output a request runs under: its task's contract binds; a request may repeat it,
+    not replace it."""
+    bound = prompt.settings.output_spec
+    if bound is None:
+        return asked, field
+    if asked is not None and asked != bound:
+        raise InvalidRequest(
+            f"task {prompt.name!r} fixes its output ({bound.kind.value}, in its task.json); {field} asks another: leave it out",
+            field,
+        )
+    return bound, f"task {prompt.name!r} output"
 
 
 def _priority(prompt: SoftPrompt, asked: int | None, field: str) -> int:

@@ -261,7 +261,15 @@ async def test_task_settings_are_uploaded_validated_and_shown(client, lm):
     good = {**files, "task.json": json.dumps({"weight": 3, "priority": 2, "min_priority": 1}).encode()}
     r = await client.put("/tasks/tenant", files=multipart(good), headers=AUTH)
     assert r.status_code == 201, r.text
-    assert r.json()["settings"] == {"weight": 3.0, "max_queue": None, "max_running": None, "priority": 2, "min_priority": 1}
+    assert r.json()["settings"] == {
+        "weight": 3.0,
+        "max_queue": None,
+        "max_running": None,
+        "priority": 2,
+        "min_priority": 1,
+        "output": None,
+        "defaults": {},
+    }
     listed = {t["name"]: t for t in (await client.get("/tasks")).json()["tasks"]}
     assert listed["tenant"]["settings"]["weight"] == 3.0
     ask = {"task": "tenant", "inputs": "hello", "parameters": {"max_new_tokens": 2, "priority": 0}}

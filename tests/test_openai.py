@@ -146,14 +146,35 @@ def test_unknown_model_is_404_in_openai_shape(oai, base_url):
     assert error["param"] == "model" and error["code"] == "model_not_found" and "'nope'" in error["message"]
 
 
-def test_n_greater_than_one_is_422(oai, base_url):
-    with pytest.raises(openai.UnprocessableEntityError) as info:
-        oai.completions.create(model="alpha", prompt="x", max_tokens=2, n=2)
-    assert "n=1" in str(info.value)
-    r = httpx.post(
-        f"{base_url}/v1/chat/completions", json={"model": "alpha", "n": 3, "messages": [{"role": "user", "content": "x"}]}
+def test_n_choices_share_one_prompt_and_each_is_its_own_seeded_sample(oai, base_url):
+    """n=3: three choices; choice 0 is the n=1 answer with the same seed, the others their own seed
+    streams; usage counts the prompt once and every choice's tokens; a stream gives the same texts."""
+    ask = {
+        "model": "beta",
+        "prompt": "Once upon",
+        "max_tokens": 8,
+        "temperature": 1.2,
+        "seed": 17,
+        "extra_body": {"ignore_eos": True},
+    }
+    one = oai.completions.create(**ask)
+    three = oai.completions.create(**ask, n=3)
+    texts = [c.text for c in sorted(three.choices, key=lambda c: c.index)]
+    assert [c.index for c in three.choices] == [0, 1, 2] and texts[0] == one.choices[0].text
+    assert len(set(texts)) > 1
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens and three.usage.completion_tokens == 24
+    streamed = ["", "", ""]
+    for chunk in oai.completions.create(**ask, n=3, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == texts
+    chat = oai.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, n=2
     )
-    assert r.status_code == 422 and r.json()["error"]["param"] == "n"
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content  # greedy
+    for n in (0, 17):
+        r = httpx.post(f"{base_url}/v1/completions", json={"model": "alpha", "prompt": "x", "n": n})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "n"
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,15 @@ def test_describe_is_the_tasks_json(mixed_store: Path, tmp_path: Path) -> None:
     registry.load_all()
     body = registry.describe()
     json.dumps(body)  # plain JSON types only
-    defaults = {"weight": 1.0, "max_queue": None, "max_running": None, "priority": 0, "min_priority": None}
+    defaults = {
+        "weight": 1.0,
+        "max_queue": None,
+        "max_running": None,
+        "priority": 0,
+        "min_priority": None,
+        "output": None,
+        "defaults": {},
+    }
     assert body["tasks"] == [
         {
             "name": "hand-made",

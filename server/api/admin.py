@@ -152,7 +152,7 @@ def _describe(registry: Registry, name: str) -> dict[str, Any]:
         "content_hash": info.content_hash,
         "created": datetime.fromtimestamp(info.created, UTC).isoformat(),
         "resident": name in registry.resident(),
-        "settings": info.settings.model_dump(),
+        "settings": info.settings.shown(),
         "card": card,
     }
 

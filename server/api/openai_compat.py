@@ -7,10 +7,12 @@ Errors on these routes use `{"error": {"message", "type", "param", "code"}}` (se
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 import anyio
@@ -19,25 +21,39 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from server.api.errors import openai_error
 from server.api.logprobs import chat_logprobs, completion_logprobs
-from server.api.routes import event_stream, generate_unless_gone
+from server.api.outputs import ResponseFormat, from_response_format, from_structured_outputs, one_of
+from server.api.routes import samples_stream, samples_unless_gone
 from server.api.schemas import MAX_SEED, MAX_STOP, finite_or_none
 from server.api.sse import sse
-from server.engine.request import ErrorEvent, FinishEvent, FinishReason, SamplingParams, TokenEvent, TokenLogprob
+from server.engine.request import ErrorEvent, Event, FinishEvent, FinishReason, SamplingParams, TokenEvent, TokenLogprob
 from server.errors import InvalidRequest, UnknownTask, error_of
+from server.prompts.registry import Registry
+from server.prompts.settings import DEFAULT_SETTINGS
 from server.service import Generation, Service
+from server.structured import OutputSpec
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 # Fields OpenAI clients send routinely: accepted at their neutral value, refused otherwise.
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's own limit)
+MAX_N = 16  # choices per request
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
     "tools": (None, []),
     "tool_choice": (None, "none"),
-    "response_format": (None, {"type": "text"}),
+}
+# Request fields that are SamplingParams' own, by their SamplingParams name: unset ones take the task's defaults.
+_DEFAULTABLE = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+    "stop": "stop",
 }
 
 
@@ -53,7 +69,9 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0: greedy; default 1 (sampling)")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(1, description="choices per request: softmux returns exactly one")
+    n: int | None = Field(
+        1, ge=1, le=MAX_N, description=f"choices (samples of the prompt: one prefill, its blocks shared), 1 to {MAX_N}"
+    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description=f"a stop string or up to {MAX_STOP}")
@@ -78,13 +96,12 @@ class _Common(BaseModel):
         None, ge=0, le=20, description="chat: alternatives per token (0-20) with logprobs=true; completions use logprobs"
     )
     best_of: int | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("only n=1 is supported: softmux returns one choice per request; send several requests instead")
-        return v
+    response_format: ResponseFormat | None = Field(
+        None, description='{"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}'
+    )
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's extension: one of json (a schema), json_object, regex, choice (strings), grammar (Lark or GBNF)"
+    )
 
     _finite = field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty")(finite_or_none)
 
@@ -137,6 +154,18 @@ class _Common(BaseModel):
     @property
     def wants_logprobs(self) -> bool:
         return False
+
+    def output(self) -> tuple[OutputSpec | None, str]:
+        """The one structured output asked (response_format or structured_outputs) and its field."""
+        return one_of(
+            (from_response_format(self.response_format), "response_format"),
+            (from_structured_outputs(self.structured_outputs), "structured_outputs"),
+        )
+
+    @property
+    def explicit(self) -> frozenset[str]:
+        """The SamplingParams fields this request set itself."""
+        return frozenset(_DEFAULTABLE[f] for f in self.model_fields_set if f in _DEFAULTABLE)
 
     @property
     def alternatives(self) -> int:
@@ -208,7 +237,6 @@ class ChatCompletionRequest(_Common):
     logprobs: bool | None = Field(None, description="log-probabilities of each token (with top_logprobs alternatives)")
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
@@ -235,46 +263,85 @@ def _finish_reason(reason: FinishReason) -> str:
     return "length" if reason in (FinishReason.LENGTH, FinishReason.TIMEOUT) else "stop"
 
 
-def _usage(event: FinishEvent) -> dict[str, int]:
-    # prompt_tokens counts the input text's tokens; the task's virtual tokens are reported apart.
+def _usage(events: list[FinishEvent]) -> dict[str, int]:
+    """OpenAI's counts: the prompt once, the completion tokens of every choice; the task's virtual
+    tokens are reported apart."""
+    prompt, completion = events[0].input_tokens, sum(e.generated_tokens for e in events)
     return {
-        "prompt_tokens": event.input_tokens,
-        "completion_tokens": event.generated_tokens,
-        "total_tokens": event.input_tokens + event.generated_tokens,
-        "virtual_tokens": event.virtual_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "virtual_tokens": events[0].virtual_tokens,
     }
 
 
+async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Event]]:
+    """Every sample's events as they come, tagged with the sample's index."""
+    if len(generations) == 1:
+        async for event in generations[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+
+    async def pump(i: int, generation: Generation) -> None:
+        async for event in generation:
+            await queue.put((i, event))
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        open_ = len(tasks)
+        while open_:
+            i, item = await queue.get()
+            if item is None:
+                open_ -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+Chunk = Callable[..., dict[str, Any]]  # chunk(text, finish_reason, first, logprobs=None, index=0) -> one chunk
+
+
 async def _openai_stream(
-    generation: Generation, chunk: Any, include_usage: bool, logprobs: Callable[[TokenEvent], Any] | None = None
+    generations: list[Generation],
+    chunk: Chunk,
+    include_usage: bool,
+    logprobs: Callable[[int, TokenEvent], Any] | None = None,
 ) -> AsyncIterator[bytes]:
-    """`chunk(text, finish_reason, first, logprobs)` builds one chunk; then the usage chunk if asked, then
-    [DONE]. With `logprobs` every token gets a chunk (its text may be ""), carrying its log-probabilities."""
-    first = True
-    async for event in generation:
+    """`chunk` builds one chunk of choice `index`; each choice ends with its finish chunk; then the
+    usage chunk if asked, then [DONE]. With `logprobs` every token gets a chunk (its text may be ""),
+    carrying its log-probabilities. An error ends the stream."""
+    first = [True] * len(generations)
+    finished: list[FinishEvent] = []
+    async for i, event in _merged(generations):
         if isinstance(event, TokenEvent):
             if logprobs is not None:
-                yield sse(chunk(event.text, None, first, logprobs(event)))
-                first = False
-            elif event.text or first:
-                yield sse(chunk(event.text, None, first))
-                first = False
+                yield sse(chunk(event.text, None, first[i], logprobs(i, event), index=i))
+                first[i] = False
+            elif event.text or first[i]:
+                yield sse(chunk(event.text, None, first[i], index=i))
+                first[i] = False
         elif isinstance(event, FinishEvent):
-            yield sse(chunk("", _finish_reason(event.finish_reason), first))
-            if include_usage:
-                final = chunk("", None, False)
-                final["choices"], final["usage"] = [], _usage(event)
-                yield sse(final)
-            yield sse("[DONE]")
+            yield sse(chunk("", _finish_reason(event.finish_reason), first[i], index=i))
+            finished.append(event)
         elif isinstance(event, ErrorEvent):
             yield sse(openai_error(error_of(event.kind, event.message)))
+            return
+    if include_usage and finished:
+        final = chunk("", None, False)
+        final["choices"], final["usage"] = [], _usage(finished)
+        yield sse(final)
+    yield sse("[DONE]")
 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Every task, as an OpenAI model."""
     _, registry, _ = _service(request).require_ready()
-    return {"object": "list", "data": [_model_card(name) for name in registry.names()]}
+    return {"object": "list", "data": [_model_card(name, registry) for name in registry.names()]}
 
 
 @router.get("/models/{model}")
@@ -282,11 +349,15 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
     _, registry, _ = _service(request).require_ready()
     if model not in registry:
         raise UnknownTask(model)
-    return _model_card(model)
+    return _model_card(model, registry)
 
 
-def _model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "softmux"}
+def _model_card(name: str, registry: Registry) -> dict[str, Any]:
+    """OpenAI's model object, plus the task's contract: the output every answer matches, its defaults."""
+    info = registry.info(name)
+    settings = DEFAULT_SETTINGS if info is None else info.settings
+    contract = {"output": settings.output, "defaults": settings.defaults.given()}
+    return {"id": name, "object": "model", "created": 0, "owned_by": "softmux", "contract": contract}
 
 
 @router.post("/completions")
@@ -300,33 +371,39 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         names=("prompt", "max_tokens"),
         priority=body.priority,
         priority_name="priority",
+        output=body.output(),
+        explicit=body.explicit,
     )
+    prepared = replace(prepared, n=body.n or 1)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     tokenizer = service.require_ready()[2].tokenizer
 
-    def chunk(text: str, finish: str | None, _: bool, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    def chunk(text: str, finish: str | None, _: bool, logprobs: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
         return {
             "id": rid,
             "object": "text_completion",
             "created": created,
             "model": body.model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         }
 
     if body.stream:
-        offset = [0]
+        offsets = [0] * prepared.n
 
-        def per_token(event: TokenEvent) -> dict[str, Any]:
-            out = completion_logprobs(tokenizer, [TokenLogprob(event.token_id, event.logprob, event.top)], offset[0])
-            offset[0] += len(out["tokens"][0])
+        def per_token(i: int, event: TokenEvent) -> dict[str, Any]:
+            out = completion_logprobs(tokenizer, [TokenLogprob(event.token_id, event.logprob, event.top)], offsets[i])
+            offsets[i] += len(out["tokens"][0])
             return out
 
         per = per_token if body.wants_logprobs else None
-        return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage, per))
-    result = await generate_unless_gone(service, prepared, request)
-    logprobs = completion_logprobs(tokenizer, result.logprobs) if body.wants_logprobs else None
-    out = chunk(result.generated_text, _finish_reason(result.finish_reason), False, logprobs)
-    out["usage"] = _usage(result)
+        return samples_stream(service, prepared, lambda gens: _openai_stream(gens, chunk, body.include_usage, per))
+    results = await samples_unless_gone(service, prepared, request)
+    choices = []
+    for i, result in enumerate(results):
+        logprobs = completion_logprobs(tokenizer, result.logprobs) if body.wants_logprobs else None
+        choices += chunk(result.generated_text, _finish_reason(result.finish_reason), False, logprobs, index=i)["choices"]
+    out = chunk("", None, False)
+    out["choices"], out["usage"] = choices, _usage(results)
     return out
 
 
@@ -356,27 +433,32 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         names=("messages", "max_tokens"),
         priority=body.priority,
         priority_name="priority",
+        output=body.output(),
+        explicit=body.explicit,
     )
+    prepared = replace(prepared, n=body.n or 1)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(text: str, finish: str | None, first: bool, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    def chunk(
+        text: str, finish: str | None, first: bool, logprobs: dict[str, Any] | None = None, index: int = 0
+    ) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         return {
             "id": rid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": body.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
 
     if body.stream:
 
-        def per_token(event: TokenEvent) -> dict[str, Any]:
+        def per_token(_: int, event: TokenEvent) -> dict[str, Any]:
             return chat_logprobs(tokenizer, [TokenLogprob(event.token_id, event.logprob, event.top)])
 
         per = per_token if body.wants_logprobs else None
-        return event_stream(service, prepared, lambda generation: _openai_stream(generation, chunk, body.include_usage, per))
-    result = await generate_unless_gone(service, prepared, request)
+        return samples_stream(service, prepared, lambda gens: _openai_stream(gens, chunk, body.include_usage, per))
+    results = await samples_unless_gone(service, prepared, request)
     return {
         "id": rid,
         "object": "chat.completion",
@@ -384,11 +466,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         "model": body.model,
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": result.generated_text},
                 "logprobs": chat_logprobs(tokenizer, result.logprobs) if body.wants_logprobs else None,
                 "finish_reason": _finish_reason(result.finish_reason),
             }
+            for i, result in enumerate(results)
         ],
-        "usage": _usage(result),
+        "usage": _usage(results),
     }

@@ -4,6 +4,7 @@ GET /health, /ready, /info, /metrics, /stats."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 import server
 from server.api.errors import ApiError, tgi_error
 from server.api.logprobs import token_text
+from server.api.outputs import from_tgi_grammar
 from server.api.schemas import MAX_STOP, Details, ErrorBody, GenerateParameters, GenerateRequest, GenerateResponse, TokenDetail
 from server.api.sse import EventStream, sse
 from server.engine.request import ErrorEvent, FinishEvent, SamplingParams, TokenEvent
@@ -46,7 +48,13 @@ class ClientGone(ApiError):
 async def generate_unless_gone(service: Service, prepared: Prepared, request: Request) -> FinishEvent:
     """`service.generate`, cancelled (its row freed at the engine's next step) if the client
     disconnects first: a plain JSON response never writes until the end, so it has to listen."""
-    result: FinishEvent | None = None
+    (result,) = await samples_unless_gone(service, replace(prepared, n=1), request)
+    return result
+
+
+async def samples_unless_gone(service: Service, prepared: Prepared, request: Request) -> list[FinishEvent]:
+    """`generate_unless_gone` for `prepared.n` samples: their final events, in order."""
+    result: list[FinishEvent] | None = None
     error: Exception | None = None
     async with anyio.create_task_group() as tg:
 
@@ -57,7 +65,7 @@ async def generate_unless_gone(service: Service, prepared: Prepared, request: Re
 
         tg.start_soon(listen)
         try:
-            result = await service.generate(prepared)
+            result = await service.generate_samples(prepared)
         except Exception as exc:  # raised after the group, not wrapped in an ExceptionGroup
             error = exc
         tg.cancel_scope.cancel()
@@ -66,6 +74,19 @@ async def generate_unless_gone(service: Service, prepared: Prepared, request: Re
     if result is None:
         raise ClientGone("the client disconnected")
     return result
+
+
+def samples_stream(
+    service: Service, prepared: Prepared, render: Callable[[list[Generation]], AsyncIterator[bytes]]
+) -> EventStream:
+    """`event_stream` for `prepared.n` samples: `render` gets one generation per sample."""
+    generations = service.submit_samples(prepared, stream=True)
+
+    def cancel() -> None:
+        for g in generations:
+            g.cancel()
+
+    return EventStream(render(generations), on_close=cancel)
 
 
 def event_stream(service: Service, prepared: Prepared, render: Callable[[Generation], AsyncIterator[bytes]]) -> EventStream:
@@ -92,10 +113,24 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
     )
 
 
+# GenerateParameters' fields that are SamplingParams' own: those a request leaves unset take its task's defaults.
+_DEFAULTABLE = frozenset(
+    {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop"}
+)
+
+
 async def prepare_native(service: Service, body: GenerateRequest) -> Prepared:
-    """A native request checked, tokenised and given its deadline and priority."""
+    """A native request checked, tokenised and given its deadline, priority and structured output."""
     p = body.parameters
-    return await service.prepare(body.task, body.inputs, sampling_params(p), timeout=p.timeout, priority=p.priority)
+    return await service.prepare(
+        body.task,
+        body.inputs,
+        sampling_params(p),
+        timeout=p.timeout,
+        priority=p.priority,
+        output=(from_tgi_grammar(p.grammar), "parameters.grammar"),
+        explicit=frozenset(p.model_fields_set) & _DEFAULTABLE,
+    )
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses=_ERRORS)

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.api.outputs import TgiGrammar
+
 MAX_STOP = 4
 MAX_SEED = 2**63 - 1
 MAX_TIMEOUT = 3600.0  # seconds; parameters.timeout above this is refused
@@ -20,7 +22,6 @@ _TGI_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "truncate": (None,),
     "typical_p": (None, 1.0),
     "watermark": (None, False),
-    "grammar": (None,),
     "adapter_id": (None,),
 }
 
@@ -78,7 +79,9 @@ class GenerateParameters(BaseModel):
     frequency_penalty: float | None = Field(
         None, ge=-2.0, le=2.0, description="logit -= its count among the generated tokens x this (OpenAI's formula; 0: off)"
     )
-    grammar: Any = None
+    grammar: TgiGrammar | None = Field(
+        None, description='structured output: {"type": "json", "value": <JSON schema>} or {"type": "regex", "value": <pattern>}'
+    )
     adapter_id: str | None = None
 
     _finite = field_validator("temperature", "top_p", "repetition_penalty", "timeout", "frequency_penalty")(finite_or_none)

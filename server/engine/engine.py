@@ -5,6 +5,9 @@ step():  plan = scheduler.schedule()        admit waiting rows the key/value poo
                                              prefixes not resident yet: one pass
          scheduler.grow(); runner.decode()   every running row, one pass
          postprocess                         sample, emit, finish; rows leave, blocks return
+
+Rows with a structured output get their token masks filled by a worker thread while each pass runs
+(server/engine/masks.py); the sampler applies them before anything else.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ import torch
 from server.engine.block_cache import BlockCache
 from server.engine.blocks import KERNEL_DTYPES
 from server.engine.detok import IncrementalText
+from server.engine.masks import MaskWorker, Pending
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from server.engine.request import (
     Alternatives,
@@ -103,6 +108,26 @@ class EngineStats:
         return asdict(self)
 
 
+@dataclass
+class MaskStats:
+    """What structured outputs cost: passes with a constrained row, the mask fill's own time, and the
+    part of it the engine waited for after the forward pass (the rest was hidden behind the pass)."""
+
+    passes: int = 0
+    fill_seconds: float = 0.0
+    waited_seconds: float = 0.0
+    grammar_errors: int = 0  # rows failed because their matcher refused a token or broke a limit
+
+    def __post_init__(self) -> None:
+        self.recent: deque[tuple[float, float]] = deque(maxlen=4096)  # (fill, waited) per pass, for percentiles
+
+    def record(self, fill: float, waited: float) -> None:
+        self.passes += 1
+        self.fill_seconds += fill
+        self.waited_seconds += waited
+        self.recent.append((fill, waited))
+
+
 class EngineObserver(Protocol):
     """Hooks for metrics; called on the engine thread, so they must be cheap and never raise."""
 
@@ -133,6 +158,8 @@ class Engine:
         self.tokenizer = lm.tokenizer
         self.eos_ids = lm.eos_token_ids
         self.stats = EngineStats()
+        self.masks = MaskWorker(self.runner.vocab_size)
+        self.mask_stats = MaskStats()
         self.threads = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads) if lm.device.type == "cpu" else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -162,6 +189,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         self._fail_all("the server is shutting down", ErrorKind.UNAVAILABLE)
+        self.masks.close()
 
     @property
     def alive(self) -> bool:
@@ -201,6 +229,7 @@ class Engine:
             self.block_cache.stats = type(self.block_cache.stats)()
         self.scheduler.forget(WARM_UP_TASK)
         self.stats = EngineStats()
+        self.mask_stats = MaskStats()
 
     def run_until_idle(self) -> None:
         """Drive the loop on the calling thread until nothing waits or runs (benchmarks, batch jobs:
@@ -239,6 +268,7 @@ class Engine:
                     "kv_pool": self.pool_stats(),
                     "token_block_cache": None if self.block_cache is None else asdict(self.block_cache.stats),
                     "static_decode": self.static_decode_stats(),
+                    "structured_outputs": asdict(self.mask_stats),
                     "threads": None
                     if self.threads is None
                     else {"full": self.threads.full, "current": self.threads.current, "drops": self.threads.drops},
@@ -301,12 +331,13 @@ class Engine:
         self._drop_ended(now)
         if plan.admitted:
             self._start(plan.admitted)
-            self._guarded(plan.admitted, lambda: self._prefill(plan))
+            family = plan.admitted + [c for r in plan.admitted for c in r.forks]  # forks fail with a failed pass
+            self._guarded(family, lambda: self._prefill(plan))
         if self.scheduler.running:
             self.scheduler.grow()
             rows = list(self.scheduler.running)
             if rows:
-                self._guarded(rows, lambda: self._postprocess(rows, self._forward("decode", rows, self.runner.decode)))
+                self._guarded(rows, lambda: self._decode(rows))
         return bool(plan.admitted or plan.dropped or plan.rejected or self.scheduler.running)
 
     def _start(self, admitted: list[Request]) -> None:
@@ -322,25 +353,71 @@ class Engine:
     def _prefill(self, plan: Plan) -> None:
         prefixes = plan.new_prefixes
         try:
-            logits = self._forward("prefill", plan.admitted, lambda rows: self.runner.prefill(rows, prefixes))
+            logits, masks = self._forward("prefill", plan.admitted, lambda rows: self.runner.prefill(rows, prefixes))
         except Exception:
             for entry, _ in prefixes:  # half-written prefixes must never be served
                 self.prefix_cache.discard(entry.key)
             raise
         self.stats.prefix_passes += bool(prefixes)
         self.scheduler.prefilled(plan.admitted)  # before rows that end now give their blocks back
-        self._postprocess(plan.admitted, logits)
+        rows, index = self._fork(plan.admitted)
+        bitmask = self._resolve(masks)
+        if len(rows) > len(plan.admitted):  # forked samples choose from their parent's logits
+            at = torch.tensor(index, device=logits.device)
+            logits = logits.index_select(0, at)
+            bitmask = None if bitmask is None else bitmask.index_select(0, at.cpu())
+        self._postprocess(rows, logits, bitmask)
 
-    def _forward(self, phase: str, rows: list[Request], forward: Callable[[list[Request]], torch.Tensor]) -> torch.Tensor:
+    def _decode(self, rows: list[Request]) -> None:
+        logits, masks = self._forward("decode", rows, self.runner.decode)
+        self._postprocess(rows, logits, self._resolve(masks))
+
+    def _fork(self, admitted: list[Request]) -> tuple[list[Request], list[int]]:
+        """The other samples of each newly prefilled prompt (OpenAI's n) join the batch sharing its blocks.
+        Returns the rows to sample and, for each, the index of the logits row it chooses from."""
+        rows, index, copies = list(admitted), list(range(len(admitted))), []
+        for i, parent in enumerate(admitted):
+            forks, parent.forks = parent.forks, []
+            for child in forks:
+                pairs = self.scheduler.fork(parent, child)
+                if pairs is None:  # no row or memory now: it waits, and is prefilled on its own
+                    self.scheduler.add(child, bounded=False)
+                    continue
+                copies += pairs
+                rows.append(child)
+                index.append(i)
+        if copies:
+            self.runner.copy_blocks(copies)
+        self._start(rows[len(admitted) :])
+        return rows, index
+
+    def _resolve(self, masks: Pending | None) -> torch.Tensor | None:
+        """The pass's token masks [B, W], once filled (None: no constrained row)."""
+        if masks is None:
+            return None
+        bitmask, fill, waited = masks.wait()
+        self.mask_stats.record(fill, waited)
+        return bitmask
+
+    def _forward(
+        self, phase: str, rows: list[Request], forward: Callable[[list[Request]], torch.Tensor]
+    ) -> tuple[torch.Tensor, Pending | None]:
+        """One pass over `rows`: their logits [B, V], and their masks being filled meanwhile."""
+        masks = self.masks.start(rows)
         started, cpu = time.perf_counter(), time.thread_time()
-        logits = forward(rows)
+        try:
+            logits = forward(rows)
+        except Exception:
+            if masks is not None:  # the matchers are not touched again before their fill is done
+                masks.wait()
+            raise
         seconds = time.perf_counter() - started
         if self.threads is not None:
             self.threads.observe(seconds, time.thread_time() - cpu)
         tasks = self.stats.record_pass(phase, rows)
         if self.observer is not None:
             self.observer.on_pass(phase, len(rows), tasks, seconds)
-        return logits
+        return logits, masks
 
     def _guarded(self, requests: list[Request], work: Callable[[], None]) -> None:
         """A forward pass that raises fails only the requests it was running; the loop goes on."""
@@ -354,9 +431,9 @@ class Engine:
 
     # ---- tokens out ----------------------------------------------------------------------
     @torch.inference_mode()
-    def _postprocess(self, rows: list[Request], logits: torch.Tensor) -> None:
+    def _postprocess(self, rows: list[Request], logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> None:
         """Choose each row's token, deliver it, and finish the rows that are done."""
-        batch = prepare(rows, self.runner.vocab_size, logits.device)
+        batch = prepare(rows, self.runner.vocab_size, logits.device, bitmask)
         tokens, finite, logprobs, top = self._choose(logits, batch)
         parts = [tokens, finite.to(torch.int64)]
         if logprobs is not None:  # token ids are exact in float64
@@ -372,11 +449,16 @@ class Engine:
             if not ok:
                 self._fail(req, "the model produced non-finite logits for this request")
                 continue
+            if req.matcher is not None and req.matcher.is_error():  # never fail open: the row ends with the reason
+                self._fail_grammar(req)
+                continue
             served.append(req)
             alternatives = _alternatives(host[3 : 3 + k], host[3 + k : 3 + 2 * k], i, req.params.top_logprobs)
             reason = self._append_token(req, tok, lp, alternatives)
             if reason is not None:
                 self._finish(req, reason)
+            elif req.matcher is not None and req.matcher.is_error():
+                self._fail_grammar(req)
         self.scheduler.served(served)
 
     def _choose(
@@ -385,7 +467,8 @@ class Engine:
         """logits [B, V] -> (tokens [B], finite [B] bool: a poisoned row must fail alone, log-probabilities
         [B] or None, the top alternatives ([B, k] log-probabilities, [B, k] ids) or None)."""
         flags, ops = batch.flags, self.runner.ops
-        if ops is not None and not (flags.sampling or flags.penalty or flags.logprobs) and logits.dtype in KERNEL_DTYPES:
+        fast = not (flags.sampling or flags.penalty or flags.logprobs or flags.masked)
+        if ops is not None and fast and logits.dtype in KERNEL_DTYPES:
             tokens, finite = ops.greedy(logits.contiguous())  # argmax and the finite test in one pass (CPU)
             return tokens, finite, None, None
         # One reduction instead of an elementwise test: the sum is finite exactly when every logit
@@ -393,7 +476,7 @@ class Engine:
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
         logits.masked_fill_(~finite[:, None], 0.0)  # in place (the pass's own output): sampling needs finite rows
         tokens, logprobs, top = sample_with_top(
-            logits, batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias, batch.top
+            logits, batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias, batch.top, batch.mask
         )
         return tokens, finite, logprobs, top
 
@@ -406,8 +489,11 @@ class Engine:
         text = req.text
         is_eos = tok in self.eos_ids
         ends = is_eos and not req.params.ignore_eos  # an ignored eos is an ordinary token (its text: none when special)
+        complete = False  # the grammar is satisfied and allows nothing more: the answer is whole
+        if req.matcher is not None and not ends:
+            complete = req.matcher.consume_token(tok) and req.matcher.is_stopped()
         delta = text.add(tok) if text is not None and not ends else ""
-        if ends:
+        if ends or complete:
             reason: FinishReason | None = FinishReason.EOS
         elif text is not None and text.stopped:
             reason = FinishReason.STOP
@@ -435,10 +521,14 @@ class Engine:
         if req.text is not None:
             generated = req.text.text
         else:
-            ids = req.output_ids[:-1] if reason is FinishReason.EOS else req.output_ids
+            ended_by_eos = reason is FinishReason.EOS and req.output_ids and req.output_ids[-1] in self.eos_ids
+            ids = req.output_ids[:-1] if ended_by_eos else req.output_ids  # a completed grammar's last token is text
             generated = str(self.tokenizer.decode(ids, skip_special_tokens=True))
         if req in self.scheduler.running:
             self.scheduler.finish(req)
+        for child in req.forks:  # never forked: the parent ended before its prefill
+            self._finish(child, reason)
+        req.forks = []
         now = time.monotonic()
         self.stats.requests_finished += 1
         req.sink(
@@ -456,9 +546,17 @@ class Engine:
             )
         )
 
+    def _fail_grammar(self, req: Request) -> None:
+        assert req.matcher is not None
+        self.mask_stats.grammar_errors += 1
+        self._fail(req, f"the structured output could not be continued: {req.matcher.get_error() or 'no token allowed'}")
+
     def _fail(self, req: Request, message: str, kind: ErrorKind = ErrorKind.GENERATION_FAILED) -> None:
         if req in self.scheduler.running:
             self.scheduler.finish(req)
+        for child in req.forks:
+            self._fail(child, message, kind)
+        req.forks = []
         self.stats.requests_failed += 1
         req.sink(ErrorEvent(message=message, kind=kind))
 

@@ -159,6 +159,14 @@ class TaskQueues:
             queue.input_tokens += len(req.input_ids)
             queue.counter += INPUT_TOKEN_COST * len(req.input_ids) / req.prompt.settings.weight
 
+    def joined(self, req: Request) -> None:
+        """A sample forked from a running row joins the batch: it never waited, and its input was
+        prefilled (and charged) once, for its parent."""
+        queue = self.task(req.task)
+        queue.running += 1
+        queue.admitted += 1
+        req.charged = True
+
     def served(self, req: Request, tokens: int = 1) -> None:
         """`tokens` generated for a running row."""
         queue = self.task(req.task)

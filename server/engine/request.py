@@ -15,12 +15,14 @@ from server.errors import ErrorKind
 from server.prompts.types import SoftPrompt
 
 if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
     from server.engine.detok import IncrementalText
 
 
 class FinishReason(str, enum.Enum):
     LENGTH = "length"
-    EOS = "eos_token"
+    EOS = "eos_token"  # also: a structured output's grammar is complete (nothing but end-of-sequence may follow)
     STOP = "stop_sequence"
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"  # the request's deadline passed; the text so far is returned
@@ -129,6 +131,10 @@ class Request:
     prefix_blocks: list[int] = field(default_factory=list)
     text: IncrementalText | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
+    # Structured output: the grammar's state after output_ids (kept through preemption: its tokens are kept too).
+    matcher: LLMatcher | None = None
+    # Other samples of the same prompt (OpenAI's n): forked from this row right after its prefill.
+    forks: list[Request] = field(default_factory=list)
     preemptions: int = 0
     # Scheduler state: its input tokens charged to its task's fairness counter; when it was last admitted.
     charged: bool = False

@@ -134,6 +134,15 @@ class Runner:
     def block_bytes(self) -> int:
         return self.bytes_per_token * self.pool.block_size
 
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks of keys and values, (source, destination): a forked sample's own copy of the
+        block its parent is still writing into."""
+        bs = self.pool.block_size
+        for src, dst in pairs:
+            self.k[:, :, dst * bs : (dst + 1) * bs] = self.k[:, :, src * bs : (src + 1) * bs]
+            self.v[:, :, dst * bs : (dst + 1) * bs] = self.v[:, :, src * bs : (src + 1) * bs]
+
     # ---- passes ------------------------------------------------------------------------------
     @torch.inference_mode()
     def fill_prefixes(self, items: list[tuple[PrefixEntry, SoftPrompt]]) -> None:

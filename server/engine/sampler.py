@@ -1,6 +1,6 @@
 """Vectorised per-row sampling: every row its own logit bias, penalties, temperature, top-k, top-p and seed.
 
-The order, vLLM's: logit_bias, the repetition penalty (over input and output), the frequency and
+The order, vLLM's: the structured-output mask, logit_bias, the repetition penalty (over input and output), the frequency and
 presence penalties (over generated tokens), temperature, top-k and top-p, then the draw.
 
 Seeded sampling must not depend on the batch, so randomness is not drawn from a shared generator:
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.masks import apply_mask
 from server.engine.request import Request
 from server.engine.transfer import device_tensor
 
@@ -97,6 +98,7 @@ class BatchFlags:
     penalty: bool  # some row has a repetition, frequency or presence penalty or a logit bias
     filtering: bool  # some sampling row uses top-k or top-p
     logprobs: bool  # some row wants log-probabilities (streams report them)
+    masked: bool = False  # some row has a structured output's token mask
 
     @classmethod
     def of(cls, params: SamplingTensors) -> BatchFlags:
@@ -118,6 +120,7 @@ def sample(
     flags: BatchFlags | None = None,
     counts: torch.Tensor | None = None,  # [B, V] float: each token's count among the generated ones
     bias: torch.Tensor | None = None,  # [B, V] float: each row's logit bias
+    mask: torch.Tensor | None = None,  # [B, W] int32 bitmask of the tokens each row's grammar allows
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Choose one token per row. Returns (token ids [B] int64, their log-probabilities [B] float32,
     or None when no row asked for them).
@@ -125,7 +128,7 @@ def sample(
     The log-probability is that of the distribution the token was chosen from (after the bias and
     penalties; for sampled rows after temperature and top-k/top-p too), as TGI reports it.
     """
-    tokens, logprobs, _ = sample_with_top(logits, params, steps, seen, flags, counts, bias)
+    tokens, logprobs, _ = sample_with_top(logits, params, steps, seen, flags, counts, bias, mask=mask)
     return tokens, logprobs
 
 
@@ -138,11 +141,14 @@ def sample_with_top(
     counts: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     top: int = 0,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """`sample`, plus each row's `top` most likely tokens of that same distribution: (log-probabilities
     [B, top], ids [B, top]), or None when top is 0."""
     flags = flags or BatchFlags.of(params)
     logits = logits.float()
+    if mask is not None:  # first: what a grammar forbids stays forbidden whatever the bias
+        logits = apply_mask(logits, mask)
     if bias is not None:
         logits = logits + bias
     if seen is not None and flags.penalty:
@@ -189,9 +195,10 @@ class SamplingBatch:
     counts: torch.Tensor | None = None  # [B, V] float, only when some row has a frequency or presence penalty
     bias: torch.Tensor | None = None  # [B, V] float, only when some row has a logit bias
     top: int = 0  # alternatives per token the batch's rows ask for at most
+    mask: torch.Tensor | None = None  # [B, W] int32: tokens each row's grammar allows (None: no row has one)
 
 
-def prepare(requests: list[Request], vocab_size: int, device: torch.device) -> SamplingBatch:
+def prepare(requests: list[Request], vocab_size: int, device: torch.device, mask: torch.Tensor | None = None) -> SamplingBatch:
     """One rule for what a batch needs: per-row tensors, plus host-side flags that skip the work
     (and device syncs) no row asks for."""
     params = [r.params for r in requests]
@@ -239,8 +246,10 @@ def prepare(requests: list[Request], vocab_size: int, device: torch.device) -> S
             penalty=repetition or openai or biased,
             filtering=any(s and (p.top_k > 0 or p.top_p < 1.0) for s, p in zip(sampling, params)),
             logprobs=any(r.stream or p.logprobs for r, p in zip(requests, params)),
+            masked=mask is not None,
         ),
         counts=counts,
         bias=bias,
+        mask=mask,
         top=max(p.top_logprobs for p in params) if any(p.logprobs for p in params) else 0,
     )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from server.engine.block_cache import BlockCache
 from server.engine.fairness import Policy, TaskQueues
-from server.engine.pool import BlockPool
+from server.engine.pool import BlockPool, SeqBlocks
 from server.engine.prefix_cache import PrefixCache, PrefixEntry
 from server.engine.request import Request, RequestStatus
 from server.errors import QueueFull, ShuttingDown
@@ -69,6 +69,7 @@ class Scheduler:
         self._wakeup = threading.Condition(self._lock)
         self.closed = False
         self._admissions = itertools.count(1)
+        self.forked = 0  # samples that joined the batch sharing their parent's prefill
 
     def task_quota(self, settings: TaskSettings) -> int | None:
         """Waiting requests one task may hold whatever the others do (None: no cap but its share)."""
@@ -250,6 +251,32 @@ class Scheduler:
         for r in requests:
             if r.kv is not None:
                 self.blocks.insert(r.prompt.cache_key, r.input_ids, r.kv.own_blocks)
+
+    def fork(self, parent: Request, child: Request) -> list[tuple[int, int]] | None:
+        """`child` (another sample of `parent`'s prompt) joins the batch holding what `parent` just
+        prefilled: its full blocks and soft-prompt prefix by reference, and its own copy of the block
+        the parent writes next. Returns the blocks to copy (source, destination), or None when there is
+        no row or no memory for it now (the child then waits and is prefilled like any request)."""
+        assert parent.kv is not None
+        if len(self.running) >= self.config.max_batch_size:
+            return None
+        kv, bs = parent.kv, self.pool.block_size
+        full = kv.own_len // bs
+        private = len(kv.own_blocks) - full  # the block being written (and any after it)
+        if not self._ensure_free(private + len(self.running)):
+            return None
+        own = self.pool.allocate(private)
+        shared = kv.own_blocks[:full]
+        self.pool.share(shared + parent.prefix_blocks)
+        child.kv = SeqBlocks(bs, prefix_slots=list(kv.prefix_slots), own_blocks=shared + own, own_len=kv.own_len)
+        child.prefix_blocks = list(parent.prefix_blocks)
+        with self._lock:
+            self._queues.joined(child)
+        child.status = RequestStatus.RUNNING
+        child.admit_order = next(self._admissions)
+        self.running.append(child)
+        self.forked += 1
+        return [(kv.own_blocks[full], own[0])] if kv.own_len % bs else []
 
     def grow(self) -> list[Request]:
         """Before a decode step: make room for one more token in every running row, preempting

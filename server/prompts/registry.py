@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,19 @@ class Registry:
     Requests keep the `SoftPrompt` they started with, so dropping or replacing never affects them.
     """
 
-    def __init__(self, store: Path, geometry: PromptGeometry, *, max_resident: int | None = None) -> None:
+    def __init__(
+        self,
+        store: Path,
+        geometry: PromptGeometry,
+        *,
+        max_resident: int | None = None,
+        check_settings: Callable[[TaskSettings], None] | None = None,
+    ) -> None:
+        """`check_settings`: raises ValueError for a task.json the server cannot honour (its output
+        contract does not compile for this model's tokenizer); such a task is refused with the reason."""
         self.store = Path(store)
         self.geometry = geometry
+        self.check_settings = check_settings
         self.max_resident = max_resident
         self._lock = threading.Lock()
         self._info: dict[str, TaskInfo] = {}  # every servable task
@@ -76,8 +87,15 @@ class Registry:
         self._write = threading.Lock()  # one writer at a time (watcher, admin API); readers use _lock
 
     def read(self, folder: Path) -> list[SoftPrompt]:
-        """Read one adapter folder (one task, or one per sub-task) with this registry's model limits."""
-        return read_task_folder(folder, self.geometry)
+        """Read one adapter folder (one task, or one per sub-task) with this registry's model limits,
+        its task.json checked against the server (its output contract compiled)."""
+        prompts = read_task_folder(folder, self.geometry)
+        if self.check_settings is not None and prompts:
+            try:
+                self.check_settings(prompts[0].settings)
+            except ValueError as e:
+                raise PromptError(f"{SETTINGS_FILE}: {e}") from None
+        return prompts
 
     def load_all(self) -> None:
         """(Re)scan the store: load every valid task folder, record every invalid one with its reason."""
@@ -300,7 +318,7 @@ class Registry:
                     "num_virtual_tokens": p.num_virtual_tokens,
                     "prefix_length": p.num_virtual_tokens,  # cache entries in front of every request of this task
                     "folder": p.folder.name,
-                    "settings": p.settings.model_dump(),
+                    "settings": p.settings.shown(),
                 }
                 for p in (infos[n] for n in sorted(infos))
             ],

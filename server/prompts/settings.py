@@ -7,6 +7,11 @@ of the task may ask for). Every field is optional; a folder without the file get
 equal for every task. The file is validated like the adapter itself: a bad file refuses the task
 with the reason, the other tasks keep serving.
 
+A task is also a contract on its answers: `output` (vLLM's structured_outputs keys: json, json_object,
+regex, choice, grammar) binds every request of the task, whatever the client sends; a request may
+repeat it but not replace it. `defaults` are sampling parameters for requests that leave them unset;
+a request's own value always wins.
+
 Priorities follow vLLM's convention: a lower number is served first.
 """
 
@@ -15,11 +20,32 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from server.structured import OutputSpec
 
 SETTINGS_FILE = "task.json"
 MAX_SETTINGS_BYTES = 64 << 10
 PRIORITY_RANGE = (-1000, 1000)
+
+
+class TaskDefaults(BaseModel):
+    """Sampling parameters a task gives requests that leave them unset (the request's value wins)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0.0, le=100.0, description="0: greedy")
+    top_k: int | None = Field(None, ge=0, le=1 << 20)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stop: tuple[str, ...] | None = Field(None, max_length=4)
+
+    def given(self) -> dict[str, object]:
+        """The parameters this task sets, by SamplingParams' names."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class TaskSettings(BaseModel):
@@ -39,6 +65,27 @@ class TaskSettings(BaseModel):
         le=PRIORITY_RANGE[1],
         description="the most urgent (lowest) priority a request of this task may ask for (default: priority)",
     )
+
+    output: dict[str, object] | None = Field(
+        None,
+        description="structured output binding every request: one of json, json_object, regex, choice, grammar",
+    )
+    defaults: TaskDefaults = Field(default_factory=TaskDefaults, description="parameters for requests that leave them unset")
+
+    @field_validator("output")
+    @classmethod
+    def _output_shape(cls, v: dict[str, object] | None) -> dict[str, object] | None:
+        if v is not None:
+            OutputSpec.from_fields(v)  # a GrammarError is a ValueError: reported with the field's name
+        return v
+
+    def shown(self) -> dict[str, object]:
+        """As GET /tasks shows it: every field, the defaults only where the task sets one."""
+        return {**self.model_dump(exclude={"defaults"}), "defaults": self.defaults.given()}
+
+    @property
+    def output_spec(self) -> OutputSpec | None:
+        return None if self.output is None else OutputSpec.from_fields(self.output)
 
     @model_validator(mode="after")
     def _min_priority_not_above_default(self) -> TaskSettings:
@@ -84,6 +131,7 @@ def _describe(error: ValidationError) -> str:
         where = ".".join(str(p) for p in item["loc"]) or "(file)"
         msg = str(item["msg"]).removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            msg = f"unknown field; allowed: {', '.join(TaskSettings.model_fields)}"
+            model = TaskDefaults if item["loc"][:1] == ("defaults",) else TaskSettings
+            msg = f"unknown field; allowed: {', '.join(model.model_fields)}"
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)
