@@ -7,6 +7,7 @@ the rows to `LLM(model=folder, enable_prompt_embeds=True, ...)` as `prompt_embed
 Protocol: one JSON object per line. The first line written is {"ready": ...} (or {"error": ...});
 then for each command read on stdin one answer. Commands:
   {"cmd": "run"}                  all requests at once (vLLM's scheduler keeps max_num_seqs running)
+                                  (+ "structured": {"json": schema}, "max_tokens", "exact": under a constraint)
   {"cmd": "single", "index": i}   one request alone, its latency
   {"cmd": "steps", "rows": n}     the first n requests stepped by hand, the time of every engine step
   {"cmd": "quit"}
@@ -36,6 +37,22 @@ def answer(obj: dict) -> None:
     _ANSWERS.flush()
 
 
+def run_params(cmd: dict, params):
+    """The run's SamplingParams: the bench's (exactly --new-tokens, greedy), or with `structured`
+    ({"json": schema} ...: vLLM's StructuredOutputsParams, compact JSON) and, with `"exact": false`,
+    answers that end where the grammar does, up to `max_tokens`."""
+    if "structured" not in cmd:
+        return params
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    structured = StructuredOutputsParams(**cmd["structured"])
+    n = cmd.get("max_tokens", params.max_tokens)
+    if cmd.get("exact", True):
+        return SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, structured_outputs=structured)
+    return SamplingParams(max_tokens=n, temperature=0.0, structured_outputs=structured)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -53,7 +70,18 @@ def main() -> None:
         dtype = getattr(torch, args.dtype)
         work = torch.load(args.workload)
         embeds = [e.to(dtype) for e in work["embeds"]]  # [P+L, H] each
-        llm = LLM(model=args.model, enable_prompt_embeds=True, dtype=args.dtype, max_num_seqs=args.max_num_seqs, seed=0)
+        # Compact JSON under structured outputs, as softmux writes it (xgrammar: what "auto" picks for JSON
+        # schemas; the setting needs a named backend): vLLM 0.32 reads this engine-wide
+        # setting only (the request's own `disable_any_whitespace` is ignored), and with free whitespace
+        # the 135M model fills answers with newlines until the token limit (63 of 64, measured).
+        llm = LLM(
+            model=args.model,
+            enable_prompt_embeds=True,
+            dtype=args.dtype,
+            max_num_seqs=args.max_num_seqs,
+            seed=0,
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+        )
         params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True, temperature=0.0)
         # warm-up (kernels, allocator), as the softmux side gets
         llm.generate(
@@ -91,11 +119,22 @@ def main() -> None:
         reset()
         if cmd["cmd"] == "run":
             t = time.perf_counter()
-            outs = llm.generate([{"prompt_embeds": e} for e in embeds], params, use_tqdm=False)
+            outs = llm.generate([{"prompt_embeds": e} for e in embeds], run_params(cmd, params), use_tqdm=False)
             seconds = time.perf_counter() - t
             tokens = [list(o.outputs[0].token_ids) for o in outs]
             n = sum(len(x) for x in tokens)
-            answer({"seconds": seconds, "tokens_per_s": n / seconds, "generated": n, "tokens": tokens})
+            texts = [o.outputs[0].text for o in outs]
+            reasons = [o.outputs[0].finish_reason for o in outs]
+            answer(
+                {
+                    "seconds": seconds,
+                    "tokens_per_s": n / seconds,
+                    "generated": n,
+                    "tokens": tokens,
+                    "texts": texts,
+                    "reasons": reasons,
+                }
+            )
         elif cmd["cmd"] == "single":
             t = time.perf_counter()
             outs = llm.generate([{"prompt_embeds": embeds[cmd["index"]]}], params, use_tqdm=False)

@@ -58,10 +58,14 @@ TEXTS = [
 # ---- servers ---------------------------------------------------------------------------------------
 @contextmanager
 def store_with(settings: dict[str, dict[str, Any]]) -> Iterator[Path]:
-    """A copy of prompts_store/ with a task.json written into the named task folders."""
+    """A copy of prompts_store/ with a task.json written into the named task folders, and none in the
+    others: the shipped output contracts would end the floods' ignore_eos rows early (a complete answer
+    ends its row), so the measurements stay the scheduling ones they were."""
     tmp = Path(tempfile.mkdtemp(prefix="softmux-tenants-"))
     store = tmp / "store"
     shutil.copytree(ROOT / "prompts_store", store)
+    for shipped in store.glob("*/task.json"):
+        shipped.unlink()
     for task, values in settings.items():
         (store / task / "task.json").write_text(json.dumps(values))
     try:

@@ -20,6 +20,7 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 Example = dict[str, str]
 SIZES = {"train": 600, "test": 150}
@@ -231,6 +232,28 @@ TASKS: dict[str, Callable[[random.Random, str], Example]] = {
     "iso-date": iso_date,
     "extract-json": extract_json,
     "sentiment": sentiment,
+}
+
+# Each task's contract on its answers, the task.json of its store folders (`<task>` and `<task>-trained`):
+# scripts/train_tasks.py and scripts/make_text_tasks.py write it, so a re-made folder keeps it. Greedy,
+# and enough tokens for any answer above (a complete answer ends its request before that).
+CONTRACTS: dict[str, dict[str, Any]] = {
+    "iso-date": {
+        "output": {"regex": "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"},  # [0-9]: \d is any Unicode digit
+        "defaults": {"temperature": 0, "max_new_tokens": 12},
+    },
+    "extract-json": {
+        "output": {
+            "json": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "minLength": 1}, "city": {"type": "string", "minLength": 1}},
+                "required": ["name", "city"],
+                "additionalProperties": False,
+            }
+        },
+        "defaults": {"temperature": 0, "max_new_tokens": 48},
+    },
+    "sentiment": {"output": {"choice": ["positive", "negative"]}, "defaults": {"temperature": 0, "max_new_tokens": 8}},
 }
 
 

@@ -14,15 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from safetensors.torch import load_file
 
-from server.config import default_cache_dir
-from server.models import DEFAULT_MODEL_ID, LoadedModel, ensure_default_model, load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.make_datasets import CONTRACTS  # noqa: E402
+from server.config import default_cache_dir  # noqa: E402
+from server.models import DEFAULT_MODEL_ID, LoadedModel, ensure_default_model, load_model  # noqa: E402
 
 # name -> (system instruction, worked examples, demo inputs)
 TASKS: dict[str, tuple[str, list[tuple[str, str]], list[str]]] = {
@@ -61,8 +66,9 @@ def prefix_text(instruction: str, examples: list[tuple[str, str]]) -> str:
     return f"<|im_start|>system\n{instruction}<|im_end|>\n{shots}"
 
 
-def write_task(lm: LoadedModel, model_dir: Path, folder: Path, text: str) -> int:
-    """Save one prompt-tuning adapter initialised from `text`; return its virtual token count."""
+def write_task(lm: LoadedModel, model_dir: Path, folder: Path, text: str, contract: dict[str, Any] | None = None) -> int:
+    """Save one prompt-tuning adapter initialised from `text` (and `contract` as its task.json); return its
+    virtual token count."""
     n = len(lm.tokenizer(text)["input_ids"])  # the tokenizer adds no BOS: exactly the text's tokens
     cfg = PromptTuningConfig(
         task_type="CAUSAL_LM",
@@ -82,6 +88,8 @@ def write_task(lm: LoadedModel, model_dir: Path, folder: Path, text: str) -> int
         saved["tokenizer_name_or_path"] = DEFAULT_MODEL_ID
         cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model card names the local path
+        if contract is not None:
+            (tmp / "task.json").write_text(json.dumps(contract, indent=2) + "\n")
         check(lm, tmp, text, n)
         tmp.chmod(0o755)  # mkdtemp and safetensors make private files; the store is shared
         for f in tmp.iterdir():
@@ -130,7 +138,7 @@ def main() -> None:
     lm = load_model(str(model_dir), device="cpu", dtype="float32")
     args.store.mkdir(parents=True, exist_ok=True)
     for name, (instruction, examples, inputs) in TASKS.items():
-        n = write_task(lm, model_dir, args.store / name, prefix_text(instruction, examples))
+        n = write_task(lm, model_dir, args.store / name, prefix_text(instruction, examples), CONTRACTS.get(name))
         print(f"{name}: {n} virtual tokens -> {args.store / name}")
         if args.demo:
             demo(lm, args.store / name, inputs)

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.make_datasets import SIZES, generate  # noqa: E402
+from scripts.make_datasets import CONTRACTS, SIZES, generate  # noqa: E402
 from server.models import DEFAULT_MODEL_ID, LoadedModel, load_model  # noqa: E402
 from server.training import (  # noqa: E402
     CHATML_TEMPLATE,
@@ -105,6 +105,8 @@ def main() -> None:
                 init_text=instruction,
                 seed=0,
                 max_eval=args.max_eval,
+                output=CONTRACTS[task]["output"],  # task.json beside the adapter
+                defaults=CONTRACTS[task]["defaults"],
                 **settings,
             )
             result = train(cfg, lm, model_label=DEFAULT_MODEL_ID)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from server import __version__
 from server.config import add_arguments, default_cache_dir, from_namespace
@@ -46,15 +48,12 @@ def _train(ns: argparse.Namespace) -> int:
     import torch  # lazy: importing torch and transformers takes seconds
 
     from server.models import load_model
-    from server.training import TrainConfig, model_label_for, train
+    from server.training import TrainConfig, model_label_for, task_settings, train
 
     if ns.threads > 0:
         torch.set_num_threads(ns.threads)
     if ns.steps is not None and ns.epochs is not None:
         raise SystemExit("give --steps or --epochs, not both")
-    lm = load_model(
-        ns.model, device=ns.device, dtype="float32" if ns.device in ("auto", "cpu") else "auto", cache_dir=ns.cache_dir
-    )
     cfg = TrainConfig(
         task=ns.task,
         data=ns.data,
@@ -70,6 +69,16 @@ def _train(ns: argparse.Namespace) -> int:
         batch_size=ns.batch_size,
         seed=ns.seed,
         max_eval=ns.max_eval,
+        output=ns.output,
+        output_choices_from_data=ns.output_choices_from_data,
+        defaults=ns.defaults or {},
+    )
+    try:  # a contract the data cannot give is refused before the model loads
+        task_settings(cfg)
+    except ValueError as e:
+        raise SystemExit(f"softmux train: {e}") from None
+    lm = load_model(
+        ns.model, device=ns.device, dtype="float32" if ns.device in ("auto", "cpu") else "auto", cache_dir=ns.cache_dir
     )
     result = train(cfg, lm, model_label=model_label_for(ns.model))
     print(f"wrote {result.folder} in {result.seconds:.0f} s: held-out exact match {result.before:.1%} -> {result.after:.1%}")
@@ -97,6 +106,105 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default); default: %(default)s")
+    contract = p.add_argument_group("contract", "written as task.json beside the adapter; the server holds every request to it")
+    given = contract.add_mutually_exclusive_group()
+    given.add_argument(
+        "--output",
+        type=parse_output,
+        default=None,
+        metavar="JSON",
+        help="the answers' shape, a structured_outputs object (one of json, json_object, regex, choice, grammar), "
+        'e.g. \'{"choice": ["positive", "negative"]}\'',
+    )
+    given.add_argument(
+        "--output-choices-from-data",
+        action="store_true",
+        help="the answers are a choice among the distinct outputs of --data (classification tasks)",
+    )
+    contract.add_argument(
+        "--default",
+        dest="defaults",
+        action=DefaultsAction,
+        default=None,
+        metavar="KEY=VALUE",
+        help="a sampling default for requests that leave it unset, repeatable: max_new_tokens, temperature, top_k, "
+        "top_p, repetition_penalty, frequency_penalty, presence_penalty, stop (repeat it or give a JSON list)",
+    )
+
+
+def parse_output(text: str) -> dict[str, Any]:
+    """--output: a structured_outputs object stating one constraint (refused here, before any training)."""
+    from server.structured import GrammarError, OutputSpec  # light: no torch
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({e}); e.g. \'{{"choice": ["yes", "no"]}}\'') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object with one of json, json_object, regex, choice, grammar")
+    try:
+        spec = OutputSpec.from_fields(value)
+    except GrammarError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if spec is None:
+        raise argparse.ArgumentTypeError("it states no constraint: give one of json, json_object, regex, choice, grammar")
+    return value
+
+
+def parse_default(text: str) -> tuple[str, Any]:
+    """One --default KEY=VALUE -> (TaskDefaults field, value of the field's type); stop gives a list."""
+    from pydantic import ValidationError
+
+    from server.prompts.settings import TaskDefaults
+
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if key not in TaskDefaults.model_fields:
+        raise argparse.ArgumentTypeError(f"unknown default {key!r}; allowed: {', '.join(TaskDefaults.model_fields)}")
+    value: Any = _stop_strings(raw) if key == "stop" else raw
+    try:
+        parsed = TaskDefaults.model_validate({key: value})
+    except ValidationError as e:
+        raise argparse.ArgumentTypeError(f"{key}: {e.errors()[0]['msg']} (got {raw!r})") from None
+    result = getattr(parsed, key)
+    return key, list(result) if isinstance(result, tuple) else result
+
+
+def _stop_strings(raw: str) -> Any:
+    """stop=TEXT is one string; a JSON string or list (stop='["\\n", "END"]') allows escapes and several."""
+    if raw[:1] in ('"', "["):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            return [raw]
+        return [value] if isinstance(value, str) else value
+    return [raw]
+
+
+class DefaultsAction(argparse.Action):
+    """Collects repeated --default KEY=VALUE into one dict (stop strings add up; other keys: the last wins),
+    checked whole, so a bad value is a usage error before any training."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None
+    ) -> None:
+        from pydantic import ValidationError
+
+        from server.prompts.settings import TaskDefaults
+
+        try:
+            key, value = parse_default(str(values))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+        defaults = dict(getattr(namespace, self.dest, None) or {})
+        defaults[key] = defaults.get(key, []) + value if key == "stop" else value
+        try:
+            TaskDefaults.model_validate(defaults)
+        except ValidationError as e:
+            raise argparse.ArgumentError(self, f"{key}: {e.errors()[0]['msg']}") from None
+        setattr(namespace, self.dest, defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:

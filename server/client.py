@@ -215,7 +215,9 @@ class Client:
             raise _error(response)
 
     def generate(self, task: str, inputs: str, *, request_id: str | None = None, **parameters: Any) -> Generation:
-        """`parameters`: max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, do_sample, ignore_eos, priority."""
+        """`parameters`: /generate's (max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+        frequency_penalty, stop, seed, do_sample, ignore_eos, priority, top_n_tokens, grammar={"type": "json"
+        | "regex", "value": ...})."""
         headers = {"x-request-id": request_id} if request_id else None
         return _generation(self._send("POST", "/generate", json=_payload(task, inputs, parameters), headers=headers).json())
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,8 +44,10 @@ def render_card(
     train_seconds: float,
     seconds: float,
     samples: list[dict[str, str]],
+    task_settings: dict[str, Any] | None = None,
 ) -> str:
-    """The adapter's README.md in markdown; `model_label` is the base model as the card names it."""
+    """The adapter's README.md in markdown; `model_label` is the base model as the card names it and
+    `task_settings` the task.json written beside it (its output contract and defaults), if any."""
     settings = {
         k: (v.name if isinstance(v, Path) else v)
         for k, v in asdict(cfg).items()  # no local paths
@@ -68,6 +70,7 @@ def render_card(
         "",
         f"(as a Python string: `{cfg.template!r}`)",
         "",
+        *_contract_lines(task_settings),
         "## Data",
         "",
         f"- training: `{Path(cfg.data).name}` (sha256 {file_sha(cfg.data)}…), {len(train_rows)} examples",
@@ -94,3 +97,20 @@ def render_card(
     ]
     lines += [f"- `{s['input']}` -> `{s['got']}` (expected `{s['expected']}`)" for s in samples]
     return "\n".join(lines) + "\n"
+
+
+def _contract_lines(task_settings: dict[str, Any] | None) -> list[str]:
+    """The card's section on task.json: clients must know the server holds every answer to it."""
+    if task_settings is None:
+        return []
+    return [
+        "## Contract (task.json)",
+        "",
+        "The server holds every request of this task to this output contract and uses these defaults for",
+        "parameters a request leaves unset (the held-out scores below were measured free-form):",
+        "",
+        "```json",
+        json.dumps(task_settings, indent=2),
+        "```",
+        "",
+    ]

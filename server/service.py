@@ -314,7 +314,7 @@ class Service:
         try:
             return await asyncio.wait_for(asyncio.shield(future), COMPILE_TIMEOUT)
         except TimeoutError:
-            raise InvalidRequest(f"{field}: took over {COMPILE_TIMEOUT:.0f} s to compile; simplify it", field) from None
+            raise InvalidRequest(f"{field}: took over {COMPILE_TIMEOUT:g} s to compile; simplify it", field) from None
         except GrammarError as e:
             raise InvalidRequest(f"{field}: {e}", field) from None
 

@@ -64,8 +64,12 @@ class OutputSpec:
                     value = json.loads(value)
                 except json.JSONDecodeError as e:
                     raise GrammarError(f"the schema is not valid JSON: {e}") from None
-            if not isinstance(value, dict | bool):
-                raise GrammarError("a JSON schema is an object (or true/false)")
+            if value is True:
+                value = {}  # any JSON value
+            if value is False:
+                raise GrammarError("the schema false accepts no answer at all")
+            if not isinstance(value, dict):
+                raise GrammarError("a JSON schema is an object (or true)")
             text = json.dumps(_canonical_schema(value), separators=(",", ":"))
         elif kind is OutputKind.CHOICE:
             if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
@@ -88,7 +92,9 @@ class OutputSpec:
         unknown = sorted(set(fields) - known)
         if unknown:
             raise GrammarError(f"unknown key(s) {unknown}; allowed: {', '.join(sorted(known))}")
-        given = [k for k, v in fields.items() if v is not None and v is not False]
+        if fields.get("json_object") not in (None, True, False):
+            raise GrammarError("json_object is true or false")
+        given = [k for k, v in fields.items() if v is not None and not (k == OutputKind.JSON_OBJECT.value and v is False)]
         if len(given) > 1:
             raise GrammarError(f"give one constraint, not {len(given)} ({', '.join(given)})")
         if not given:

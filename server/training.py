@@ -4,7 +4,8 @@ The data is JSON lines `{"input": ..., "output": ...}`. Each input is wrapped in
 template (default: one ChatML user turn plus the assistant header, `CHATML_TEMPLATE`) and the
 target is the output followed by the tokenizer's end-of-sequence token (`<|im_end|>` for
 SmolLM2-Instruct). Clients must send `/generate` the same template around their text; the card
-written next to the adapter says which.
+written next to the adapter says which. A task may also get a contract on its answers (`output`,
+`defaults`): written as task.json beside the adapter, the server then holds every request to it.
 
 Training runs the base model on `cat(soft_prompt, embed(input + output))` with right padding, so
 virtual tokens take positions 0..P-1 and input tokens P.. exactly as the engine serves them; the
@@ -34,8 +35,10 @@ from server.engine.scheduler import SchedulerConfig
 from server.model_card import render_card
 from server.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, LoadedModel
 from server.prompts.install import check_folder, install, temp_folder
+from server.prompts.settings import SETTINGS_FILE, parse_settings
 from server.prompts.store import read_adapter, validate_task_name
 from server.prompts.types import PromptGeometry, PromptKind, SoftPrompt
+from server.structured import MAX_CHOICES
 
 CHATML_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 INITS = ("text", "sample_vocab", "random")
@@ -62,6 +65,10 @@ class TrainConfig:
     max_new_tokens: int | None = None  # evaluation; default: longest held-out output + 4 tokens
     warmup: float = 0.05  # fraction of steps with a linear learning-rate warm-up; then linear decay to 0
     progress: bool = True
+    # The task's contract, written as task.json beside the adapter (none of them: no task.json).
+    output: dict[str, Any] | None = None  # structured_outputs shape: json, json_object, regex, choice or grammar
+    output_choices_from_data: bool = False  # output: a choice among the distinct outputs of `data`
+    defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults (TaskDefaults' fields)
 
     def resolved_init_text(self) -> str:
         return self.init_text or f"You are a precise assistant for the task '{self.task}'. Answer with the result only."
@@ -253,6 +260,68 @@ def default_max_new_tokens(lm: LoadedModel, examples: Sequence[dict[str, str]]) 
 
 
 # ---------------------------------------------------------------------------------------------
+# The task's contract (task.json)
+
+
+def choices_from_data(rows: Sequence[dict[str, str]]) -> list[str]:
+    """The distinct training outputs, sorted: a classification task's labels, as its output contract."""
+    choices = sorted({r["output"] for r in rows})
+    if "" in choices:
+        raise ValueError("output_choices_from_data: an empty output cannot be a choice")
+    if len(choices) > MAX_CHOICES:
+        raise ValueError(
+            f"output_choices_from_data: the data has {len(choices)} distinct outputs; a choice holds at most "
+            f"{MAX_CHOICES} (it is meant for classification tasks)"
+        )
+    return choices
+
+
+def task_settings(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The task.json the trained folder gets (None: the config states no contract).
+
+    Validated as the server reads task.json (SettingsError, a ValueError, names the field), so a bad
+    contract is refused before any training; whether it compiles for the model is `check_contract`.
+    """
+    output = cfg.output
+    if cfg.output_choices_from_data:
+        if output is not None:
+            raise ValueError("give output or output_choices_from_data, not both")
+        output = {"choice": choices_from_data(read_jsonl(cfg.data))}
+    settings: dict[str, Any] = {}
+    if output is not None:
+        settings["output"] = output
+    if cfg.defaults:
+        settings["defaults"] = dict(cfg.defaults)
+    if not settings:
+        return None
+    parse_settings(json.dumps(settings).encode())
+    return settings
+
+
+def check_contract(lm: LoadedModel, settings: dict[str, Any]) -> None:
+    """The output contract must compile for this model, as the server requires when it loads the task:
+    refused now (GrammarError, a ValueError), not after minutes of training."""
+    spec = parse_settings(json.dumps(settings).encode()).output_spec
+    if spec is None:
+        return
+    from server.engine.grammar import GrammarCompiler  # llguidance: only when there is a contract
+
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    compiler = GrammarCompiler(lm.tokenizer, sorted(lm.eos_token_ids), vocab, workers=1)
+    try:
+        compiler.compile(spec)
+    finally:
+        compiler.close()
+
+
+def write_task_settings(folder: Path, settings: dict[str, Any]) -> Path:
+    """Write task.json into `folder` (the hidden folder save_adapter installs whole: atomic with the adapter)."""
+    path = Path(folder) / SETTINGS_FILE
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # Training
 
 
@@ -342,6 +411,9 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None, log
     `model_label` is the base model as the adapter config and card name it (default `lm.name`).
     """
     check_config(cfg)
+    settings = task_settings(cfg)
+    if settings is not None:
+        check_contract(lm, settings)
     started = time.monotonic()
     data = prepare_data(cfg, lm)
     held, max_new = data.held, data.max_new_tokens
@@ -358,8 +430,8 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None, log
     samples = [{"input": e["input"], "expected": e["output"], "got": p} for e, p in zip(held[:5], preds[:5])]
     seconds = time.monotonic() - started
     label = model_label or lm.name
-    card = render_card(cfg, label, data.train_rows, held, steps, before, after, losses, train_seconds, seconds, samples)
-    folder = save_adapter(lm, cfg, peft_cfg, trained, card, label)
+    card = render_card(cfg, label, data.train_rows, held, steps, before, after, losses, train_seconds, seconds, samples, settings)
+    folder = save_adapter(lm, cfg, peft_cfg, trained, card, label, settings)
     return TrainResult(
         folder=folder,
         before=before,
@@ -373,8 +445,17 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None, log
     )
 
 
-def save_adapter(lm: LoadedModel, cfg: TrainConfig, peft_cfg: Any, embeddings: torch.Tensor, card: str, model_label: str) -> Path:
-    """Write adapter_config.json, adapter_model.safetensors and README.md into the store atomically."""
+def save_adapter(
+    lm: LoadedModel,
+    cfg: TrainConfig,
+    peft_cfg: Any,
+    embeddings: torch.Tensor,
+    card: str,
+    model_label: str,
+    settings: dict[str, Any] | None = None,
+) -> Path:
+    """Write adapter_config.json, adapter_model.safetensors, README.md and (given `settings`) task.json
+    into the store atomically."""
     from safetensors.torch import save_file
 
     tmp = temp_folder(cfg.store, cfg.task)
@@ -390,6 +471,8 @@ def save_adapter(lm: LoadedModel, cfg: TrainConfig, peft_cfg: Any, embeddings: t
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         save_file({"prompt_embeddings": embeddings.float().contiguous()}, str(tmp / "adapter_model.safetensors"))
         (tmp / "README.md").write_text(card)
+        if settings is not None:
+            write_task_settings(tmp, settings)
         # The same validation the server applies at startup, before the folder becomes visible.
         geometry = PromptGeometry.of(lm, cfg.num_virtual_tokens, device="cpu")
         check_folder(tmp, cfg.task, lambda folder: read_adapter(folder, geometry))

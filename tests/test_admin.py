@@ -246,6 +246,22 @@ async def test_the_upload_is_described_in_the_openapi_schema_well_enough_to_use(
     assert {"200", "201", "413", "422"} <= set(put["responses"])
 
 
+async def test_an_uploaded_contract_is_compiled_and_binds_the_task(client, lm):
+    """task.json's output contract is compiled on upload: one that does not compile is a 422 with the
+    reason and the store is unchanged; a good one binds every request of the task."""
+    files = adapter_files(lm.hidden_size, seed=6)
+    before = snapshot(client.store)
+    bad = {**files, "task.json": json.dumps({"output": {"regex": "[0-9"}}).encode()}
+    r = await client.put("/tasks/contracted", files=multipart(bad), headers=AUTH)
+    assert r.status_code == 422 and "task.json" in r.json()["error"] and "regex" in r.json()["error"], r.text
+    assert snapshot(client.store) == before
+    good = {**files, "task.json": json.dumps({"output": {"choice": ["yes", "no"]}, "defaults": {"max_new_tokens": 3}}).encode()}
+    r = await client.put("/tasks/contracted", files=multipart(good), headers=AUTH)
+    assert r.status_code == 201 and r.json()["settings"]["output"] == {"choice": ["yes", "no"]}, r.text
+    r = await client.post("/generate", json={"task": "contracted", "inputs": "well?"})
+    assert r.status_code == 200 and r.json()["generated_text"] in ("yes", "no")
+
+
 async def test_task_settings_are_uploaded_validated_and_shown(client, lm):
     """task.json travels with the adapter: validated like it (422 naming the field, store unchanged),
     shown by GET /tasks/{name} and GET /tasks, and its priority class bounds a request's priority."""

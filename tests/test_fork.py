@@ -72,3 +72,19 @@ def test_a_cancelled_parent_before_its_prefill_ends_its_samples_too(lm, prompts)
         assert [t.result.finish_reason for t in group] == [FinishReason.CANCELLED] * 3
     finally:
         engine.stop()
+
+
+def test_groups_of_samples_take_their_rows_together_so_every_sample_forks(lm, prompts):
+    """Four prompts with n=4 under a batch of 8 rows: a prompt is admitted only when its four rows are
+    free, so each prefill is followed by its three forks and nobody is prefilled twice."""
+    engine = start_engine(lm, max_batch_size=8)
+    try:
+        params = SamplingParams(max_new_tokens=5, do_sample=True, seed=None)
+        groups = [samples(prompts[g % 2], [g + 1, g + 2, g + 3], params, 4, seed=g) for g in range(4)]
+        for group in groups:
+            engine.submit(group[0].request)
+        for group in groups:
+            assert all(t.result.finish_reason is FinishReason.LENGTH for t in group)
+        assert engine.stats.rows_prefilled == 4 and engine.scheduler.forked == 12
+    finally:
+        engine.stop()

@@ -55,6 +55,9 @@ def test_specs_are_canonical_and_the_vllm_shape_takes_exactly_one():
         OutputSpec.of(OutputKind.CHOICE, [])
     with pytest.raises(GrammarError, match="not valid JSON"):
         OutputSpec.of(OutputKind.JSON_SCHEMA, "{nope")
+    assert OutputSpec.of(OutputKind.JSON_SCHEMA, True) == OutputSpec.of(OutputKind.JSON_SCHEMA, {})  # any JSON value
+    with pytest.raises(GrammarError, match="no answer"):
+        OutputSpec.of(OutputKind.JSON_SCHEMA, False)
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,8 @@ def test_tgi_grammar_on_generate_and_generate_stream(base_url):
         ),
         ("/v1/completions", {"structured_outputs": {"regex": DATE, "choice": LABELS}}, "structured_outputs", "one constraint"),
         ("/v1/completions", {"structured_outputs": {"grammar": "start: nowhere"}}, "structured_outputs", "nowhere"),
+        ("/v1/completions", {"structured_outputs": {"json": False}}, "structured_outputs", "accepts no answer"),
+        ("/v1/completions", {"structured_outputs": {"json_object": "yes"}}, "structured_outputs", "true or false"),
         (
             "/v1/completions",
             {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": DATE}},
@@ -179,3 +181,35 @@ def test_a_contract_that_does_not_compile_refuses_only_its_task(oai, base_url):
     failures = httpx.get(f"{base_url}/tasks", timeout=10).json()
     assert "unclosed group" in json.dumps(failures)
     assert oai.completions.create(model="alpha", prompt="x", max_tokens=2).choices[0].text is not None
+
+
+def test_a_compile_past_the_limit_is_refused_and_the_running_batch_goes_on(app, oai, base_url, monkeypatch):
+    """A constraint whose compile outlasts the limit is a 422 naming the field, while requests already
+    running (and new unconstrained ones) are served: compiling never runs on the engine thread."""
+    import threading
+    import time
+
+    import httpx
+
+    import server.service as service_module
+    from server.engine.grammar import GrammarCompiler
+
+    release = threading.Event()
+    slow = GrammarCompiler._compile
+
+    def stalled(self, spec):
+        if "stall" in spec.text:
+            release.wait(30)
+        return slow(self, spec)
+
+    monkeypatch.setattr(GrammarCompiler, "_compile", stalled)
+    monkeypatch.setattr(service_module, "COMPILE_TIMEOUT", 0.5)
+    try:
+        began = time.monotonic()
+        body = {"model": "alpha", "prompt": "x", "max_tokens": 4, "structured_outputs": {"regex": "stall[0-9]+"}}
+        r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 422 and "to compile" in r.text and r.json()["error"]["param"] == "structured_outputs"
+        assert time.monotonic() - began < 10
+        assert oai.completions.create(model="beta", prompt="still", max_tokens=3).choices[0].finish_reason == "length"
+    finally:
+        release.set()

@@ -103,6 +103,10 @@ class GrammarCompiler:
     def _compile(self, spec: OutputSpec) -> Compiled:
         self.compiles += 1
         matcher = llguidance.LLMatcher(self.tokenizer, grammar_text(spec), log_level=0, limits=self._limits)
+        if not matcher.is_error():
+            # The first mask, computed once here: a grammar that admits no finite answer or that breaks a
+            # lexer limit shows it now (a 422 before queueing), and its lazily built lexer is warm.
+            matcher.compute_bitmask()
         if matcher.is_error():
             raise GrammarError(_first_line(matcher.get_error()))
         return Compiled(spec, matcher)

@@ -167,6 +167,11 @@ class Scheduler:
                 tokens = len(head.input_ids) + len(head.output_ids)
                 if plan.admitted and fed + tokens > self.config.max_batch_tokens:
                     break
+                # n samples take their rows together, forked from one prefill: rows for the forks of
+                # requests admitted in this plan are spoken for.
+                taken = len(self.running) + sum(len(r.forks) for r in plan.admitted)
+                if head.forks and taken and taken + 1 + len(head.forks) > self.config.max_batch_size:
+                    break
                 if len(self.running) >= self.config.max_batch_size and not self._make_room(head, plan):
                     break
                 verdict = self._admit(head, plan)
