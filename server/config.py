@@ -19,6 +19,10 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "softmux" if xdg else Path.home() / ".cache" / "softmux"
 
 
+DEFAULT_INPUT_TOKENS = 1024  # --max-input-tokens where the model's context window holds it
+DEFAULT_NEW_TOKENS = 512  # --max-new-tokens likewise
+
+
 @dataclass(frozen=True)
 class Settings:
     model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M-Instruct), a local HF folder or a hub id"})
@@ -36,8 +40,22 @@ class Settings:
     max_batch_tokens: int = field(
         default=16384, metadata={"help": "tokens one prefill pass may feed (a longer single request still runs alone)"}
     )
-    max_input_tokens: int = field(default=1024, metadata={"help": "input tokens per request (virtual tokens not counted)"})
-    max_new_tokens: int = field(default=512, metadata={"help": "largest max_new_tokens a request may ask for"})
+    max_input_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "input tokens per request (virtual tokens not counted); 0: from the model, 1024 where its context window allows"
+        },
+    )
+    max_new_tokens: int = field(
+        default=0,
+        metadata={"help": "largest max_new_tokens a request may ask for; 0: from the model, 512 where its context window allows"},
+    )
+    max_model_len: int = field(
+        default=0,
+        metadata={
+            "help": "longest sequence a request may reach (virtual + input + new tokens), vLLM's name; 0: the model's context window"
+        },
+    )
     max_virtual_tokens: int = field(default=128, metadata={"help": "largest soft prompt (virtual tokens) the registry accepts"})
     max_queue: int = field(
         default=256, metadata={"help": "waiting requests of all tasks together; beyond this new requests get 429"}
@@ -71,6 +89,12 @@ class Settings:
         default=True,
         metadata={
             "help": "CPU: keep the weights also repacked for decode-sized batches: in 16-column panels for the native panel kernel (float32 decode step at 32 rows on a 2-core AVX2 EPYC: ~75 ms, against ~118 with oneDNN's layout), else in oneDNN's blocked layout; one more copy of the weights in memory"
+        },
+    )
+    one_copy: bool = field(
+        default=True,
+        metadata={
+            "help": "CPU with the native kernels: keep each weight once, in the panel layout the kernels read (prefill runs on it too), and release the transformers model's own copy; --no-one-copy keeps both (about 2x the weights' memory)"
         },
     )
     native_kernels: bool = field(
@@ -148,6 +172,39 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def with_model_limits(self, context: int | None) -> Settings:
+        """The request limits for a model whose context window is `context` tokens (None: unknown).
+
+        Limits left at 0 are derived: 1024 input and 512 new tokens where the window holds them beside the
+        largest soft prompt, else the window's room split 2:1. Limits given that the window cannot hold
+        raise ValueError saying which and why (the server then refuses to start)."""
+        window = context
+        if self.max_model_len:
+            if context is not None and self.max_model_len > context:
+                raise ValueError(f"--max-model-len {self.max_model_len} exceeds the model's context window ({context} tokens)")
+            window = self.max_model_len
+        if window is None:
+            return self.replace(
+                max_input_tokens=self.max_input_tokens or DEFAULT_INPUT_TOKENS,
+                max_new_tokens=self.max_new_tokens or DEFAULT_NEW_TOKENS,
+            )
+        room = window - self.max_virtual_tokens
+        if room < 2:
+            raise ValueError(
+                f"--max-virtual-tokens {self.max_virtual_tokens} leaves no room in the model's context window ({window} tokens)"
+            )
+        new = self.max_new_tokens or min(
+            DEFAULT_NEW_TOKENS, max(1, (room if self.max_input_tokens else room // 3) - self.max_input_tokens)
+        )
+        given = self.max_input_tokens or min(DEFAULT_INPUT_TOKENS, room - new)
+        if given < 1 or given + new > room:
+            raise ValueError(
+                f"--max-virtual-tokens ({self.max_virtual_tokens}) + --max-input-tokens ({given}) + --max-new-tokens ({new}) = "
+                f"{self.max_virtual_tokens + given + new} exceeds the model's context window ({window} tokens); lower them, or "
+                "leave --max-input-tokens/--max-new-tokens out to derive them from the model"
+            )
+        return self.replace(max_input_tokens=given, max_new_tokens=new)
 
 
 def _parse_bool(text: str) -> bool:

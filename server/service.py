@@ -71,12 +71,14 @@ def sample_seed(seed: int, i: int) -> int:
 class Service:
     def __init__(self, settings: Settings, loader: Callable[[], LoadedModel] | None = None) -> None:
         self.settings = settings
+        self._owns_model = loader is None
         self._loader = loader or (lambda: load_model(settings.model, settings.device, settings.dtype, settings.cache_dir))
         self.lm: LoadedModel | None = None
         self.registry: Registry | None = None
         self.watcher: StoreWatcher | None = None
         self.engine: Engine | None = None
         self.grammars: GrammarCompiler | None = None
+        self.grammars_error = "the model is still loading"
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.draining = False  # set on SIGTERM: new requests get 503, accepted ones finish
@@ -109,9 +111,9 @@ class Service:
             if self.settings.threads > 0:
                 torch.set_num_threads(self.settings.threads)
             self.lm = self._loader()
+            self.settings = self.settings.with_model_limits(context_window(self.lm))  # ValueError: refused, with why
             geometry = PromptGeometry.of(self.lm, self.settings.max_virtual_tokens)
-            vocab = int(self.lm.model.get_output_embeddings().weight.shape[0])
-            self.grammars = GrammarCompiler(self.lm.tokenizer, sorted(self.lm.eos_token_ids), vocab)
+            self.grammars = self._grammar_compiler(self.lm)
             self.registry = Registry(
                 self.settings.store,
                 geometry,
@@ -140,6 +142,7 @@ class Service:
                     native_layers=self.settings.native_layers,
                     kernel_dir=self.settings.cache_dir,
                     cuda_graphs=self.settings.cuda_graphs,
+                    one_copy=self.settings.one_copy and self._owns_model,  # a model handed in (tests) keeps its weights
                 ),
             )
             self.engine.warm_up()
@@ -153,11 +156,25 @@ class Service:
             log.exception("startup failed")
             self.load_error = exc
 
+    def _grammar_compiler(self, lm: LoadedModel) -> GrammarCompiler | None:
+        """Structured outputs for this model's tokenizer; None (with the reason kept) where llguidance
+        cannot read it: the server still serves, constrained requests are refused with the reason."""
+        vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+        try:
+            return GrammarCompiler(lm.tokenizer, sorted(i for i in lm.eos_token_ids if i < vocab), vocab)
+        except Exception as exc:
+            self.grammars_error = f"structured outputs are unavailable for this model's tokenizer ({exc})"
+            log.warning("%s", self.grammars_error)
+            return None
+
     def _check_contract(self, settings: TaskSettings) -> None:
         """A task's output contract must compile for this model (GrammarError, a ValueError, says why not)."""
         spec = settings.output_spec
-        if spec is not None and self.grammars is not None:
-            self.grammars.compile(spec)
+        if spec is None:
+            return
+        if self.grammars is None:
+            raise GrammarError(self.grammars_error)
+        self.grammars.compile(spec)
 
     def drain(self, grace: float) -> bool:
         """Graceful shutdown: refuse new requests (503) and let accepted ones finish for up to
@@ -309,7 +326,8 @@ class Service:
 
     async def _compile(self, spec: OutputSpec, field: str) -> Compiled:
         """Compiled off the event loop (cached; a compile that runs long keeps its thread, not the request)."""
-        assert self.grammars is not None
+        if self.grammars is None:
+            raise InvalidRequest(f"{field}: {self.grammars_error}", field)
         future = asyncio.wrap_future(self.grammars.submit(spec))
         try:
             return await asyncio.wait_for(asyncio.shield(future), COMPILE_TIMEOUT)
@@ -440,6 +458,13 @@ def _contract(prompt: SoftPrompt, asked: OutputSpec | None, field: str) -> tuple
             field,
         )
     return bound, f"task {prompt.name!r} output"
+
+
+def context_window(lm: LoadedModel) -> int | None:
+    """The longest sequence the model's positions cover (None: the config does not say)."""
+    config = lm.model.config.get_text_config()
+    window = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(window) if window else None
 
 
 def _priority(prompt: SoftPrompt, asked: int | None, field: str) -> int:

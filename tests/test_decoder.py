@@ -16,6 +16,7 @@ from server.engine.decoder import Decoder, PoolAttention, UnsupportedModel
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
+from server.engine.runner import Acceleration
 from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel, load_model
 from tests.support import make_prompt, make_request, reference_greedy
@@ -145,3 +146,47 @@ def test_native_layer_stack_is_not_used_where_a_kernel_does_not_apply(family, op
     build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
     lm = load_model(str(tmp_path / family), dtype="float32")
     assert Decoder(lm.model, pack=True, ops=ops).stack is None
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct tensors a model's parameters hold (a tied table counted once)."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters() if p.numel()}
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_one_copy_of_the_weights_gives_the_same_tokens_and_releases_the_models_own(
+    family, dtype, ops, tmp_path, default_model_dir
+):
+    """With one_copy the panels are the only copy of every linear weight (and of a tied embedding
+    table): the transformers modules' weights are released, prefill runs on the panels too, and a
+    mixed staggered batch gives exactly the tokens of the two-copy layout."""
+    build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
+    runs, kept = [], []
+    for one_copy in (False, True):
+        lm = load_model(str(tmp_path / family), dtype=dtype)
+        before = weight_bytes(lm.model)
+        prompts = [make_prompt(f"{family}{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
+        engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=Acceleration(one_copy=one_copy))
+        engine.start()
+        try:
+            rng = random.Random(2)
+            tracked = [
+                make_request(
+                    prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 11) % 150)], SamplingParams(max_new_tokens=6)
+                )
+                for k in range(8)
+            ]
+            for t in tracked:
+                engine.submit(t.request)
+            runs.append([t.result and t.request.output_ids for t in tracked])
+        finally:
+            engine.stop()
+        kept.append(weight_bytes(lm.model) / before)
+        decoder = engine.runner.decoder
+        if one_copy:
+            assert all(lin.weight is None for layer in decoder.layers for lin in (layer.qkv, layer.o, layer.up, layer.down))
+            assert decoder.embed_panels and decoder.lm_head.weight is None  # tied: the table lives in the head's panels
+    assert runs[0] == runs[1]
+    assert kept[0] == 1.0 and kept[1] < 0.1  # what is left: norms, biases, positions (gpt2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -67,4 +68,19 @@ def run_server(settings: Settings) -> None:
         timeout_graceful_shutdown=max(math.ceil(settings.shutdown_grace), 1),
     )
     # SIGTERM/SIGINT: drain the engine (503 for new requests, accepted ones finish), then exit 0.
-    DrainingServer(config, app.state.service, settings.shutdown_grace).run()
+    server = DrainingServer(config, app.state.service, settings.shutdown_grace)
+    threading.Thread(target=_exit_if_unservable, args=(server,), name="softmux-startup-watch", daemon=True).start()
+    server.run()
+    error = app.state.service.load_error
+    if error is not None:
+        raise SystemExit(f"softmux serve: the model cannot be served: {error}")
+
+
+def _exit_if_unservable(server: DrainingServer) -> None:
+    """A model that fails to load (unsupported, limits it cannot hold, a broken folder) stops the process
+    with the reason, instead of leaving a server that is never ready."""
+    service = server.service
+    while not service.ready.is_set() and service.load_error is None:
+        time.sleep(0.2)
+    if service.load_error is not None:
+        server.should_exit = True

@@ -17,6 +17,7 @@ from server.api.logprobs import token_text
 from server.api.outputs import from_tgi_grammar
 from server.api.schemas import MAX_STOP, Details, ErrorBody, GenerateParameters, GenerateRequest, GenerateResponse, TokenDetail
 from server.api.sse import EventStream, sse
+from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, SamplingParams, TokenEvent
 from server.errors import ErrorKind, Unavailable
 from server.service import Generation, Prepared, Service
@@ -282,7 +283,34 @@ async def info(request: Request) -> dict[str, Any]:
             "context_length": None if lm is None else getattr(lm.model.config, "max_position_embeddings", None),
         },
         "prefix_cache": s.prefix_cache,
+        "memory": None if service.engine is None else memory(service.engine),
     }
+
+
+def memory(engine: Engine) -> dict[str, int | None]:
+    """What the process holds: the model's weights (each layout counted), the key/value pool's committed
+    and limit bytes, and the resident set now and at its peak."""
+    pool = engine.pool_stats()
+    return {
+        "weights_bytes": engine.runner.weight_bytes(),
+        "kv_pool_bytes_committed": pool["bytes_committed"],
+        "kv_pool_bytes_limit": pool["bytes_limit"],
+        **resident_bytes(),
+    }
+
+
+def resident_bytes() -> dict[str, int | None]:
+    """The process's resident set (VmRSS) and its peak (VmHWM), from /proc (None elsewhere)."""
+    out: dict[str, int | None] = {"resident_bytes": None, "peak_resident_bytes": None}
+    try:
+        for line in open("/proc/self/status"):
+            key, _, value = line.partition(":")
+            name = {"VmRSS": "resident_bytes", "VmHWM": "peak_resident_bytes"}.get(key)
+            if name:
+                out[name] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 @router.get("/metrics", response_class=Response)

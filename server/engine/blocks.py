@@ -5,6 +5,7 @@ fused native RMSNorm), Layer (one decoder layer's blocks). decoder.Decoder assem
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -56,15 +57,26 @@ class Linear:
     without it, a float32 oneDNN copy of the 16-bit values): products of the exact 16-bit values
     accumulated in float32 and rounded back to the model's dtype, what a 16-bit GEMM with float32
     accumulation computes. Where the CPU has native 16-bit GEMM, longer inputs use it.
-    Memory: one more copy of the weights (float32 for 16-bit models served through oneDNN).
+    Memory: one more copy of the weights (float32 for 16-bit models served through oneDNN), unless
+    `one_copy`: where the panel kernel serves, it then serves every input size (prefill included, at
+    about the GEMM's rate on an AVX2 CPU) and the plain weight is dropped (`weight` is None): the
+    panels are the only copy. The caller releases the transformers module's own reference.
     """
 
     PANEL_MAX_ROWS = 128
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, ops: ModuleType | None = None, rows_hint: int = 32
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        pack: bool,
+        ops: ModuleType | None = None,
+        rows_hint: int = 32,
+        one_copy: bool = False,
     ) -> None:
-        self.weight, self.bias, self.ops = weight, bias, ops
+        self.weight: torch.Tensor | None = weight
+        self.bias, self.ops = bias, ops
+        self.dtype = weight.dtype
         self.out_features = weight.shape[0]
         self.panels: torch.Tensor | None = None
         self.panel_bias = None if bias is None else bias.float()
@@ -77,6 +89,9 @@ class Linear:
         if _panels_apply(ops, weight):
             assert ops is not None
             self.panels = ops.pack_panels(weight)
+            if one_copy:
+                self.weight, self.max_rows = None, 1 << 62
+                return
             if weight.dtype != torch.float32 and torch.backends.mkldnn.is_available():
                 self.packed = _reorder(weight, rows_hint)  # native 16-bit GEMM for long inputs, where there is one
                 if self.packed is None:
@@ -90,8 +105,14 @@ class Linear:
             self.packed_bias = None if bias is None else bias.float()
             self.max_rows = 1 << 62
 
+    @property
+    def one_copy(self) -> bool:
+        return self.weight is None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
+            if self.weight is None:  # the panels are the only copy
+                return self(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
             return F.linear(x, self.weight, self.bias)
         if self.panels is not None:
             assert self.ops is not None
@@ -102,7 +123,9 @@ class Linear:
                 return y.to(x.dtype)  # a no-op for float32
             if self.packed is not None:  # native 16-bit GEMM
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
+            assert self.weight is not None
             return F.linear(x, self.weight, self.bias)
+        assert self.weight is not None  # without panels the plain weight is always kept
         if self.packed is None or x.shape[0] > self.max_rows:
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.mkldnn._linear_pointwise(x.float() if self.widen else x, self.packed, self.packed_bias, "none", [], "")
@@ -170,6 +193,41 @@ def is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     probe = torch.linspace(-8, 8, 33)
     with torch.no_grad():
         return bool(torch.equal(act(probe), F.silu(probe)))
+
+
+def own_kept_tensors(model: nn.Module, skip: nn.Module | None) -> None:
+    """Give the tensors that stay after packing (norms, biases, embeddings, buffers) memory of their own.
+
+    transformers maps a safetensors file into memory and its tensors point into that mapping; while any
+    one of them lives, the whole mapping stays and every page packing read counts as resident. Copying
+    the few tensors that stay lets the mapping go once the packed weights are released. `skip`: a module
+    whose weights are packed and released too (a tied embedding), left as it is."""
+    for module in model.modules():
+        if module is skip:
+            continue
+        for name, p in list(module._parameters.items()):
+            if p is not None and (p.dim() < 2 or isinstance(module, nn.Embedding)):
+                module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = b.clone()
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to hand freed heap memory back to the system (the packing's temporaries and the
+    released weights); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_weight(module: nn.Module) -> None:
+    """Drop a transformers module's weight (its panels hold the only copy now): the module keeps an
+    empty parameter of the same dtype, so the model still describes itself but cannot run."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        module.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
 
 
 def bias_of(m: nn.Module) -> torch.Tensor | None:

@@ -19,8 +19,20 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch import nn
 
-from server.engine.blocks import KERNEL_DTYPES, Layer, Linear, Norm, UnsupportedModel, bias_of, fuse_linears
+from server.engine.blocks import (
+    KERNEL_DTYPES,
+    Layer,
+    Linear,
+    Norm,
+    UnsupportedModel,
+    bias_of,
+    fuse_linears,
+    own_kept_tensors,
+    release_weight,
+    return_freed_memory,
+)
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
@@ -77,12 +89,17 @@ class Decoder:
         pack: bool = False,
         ops: ModuleType | None = None,
         native_layers: bool = True,
+        one_copy: bool = False,
     ) -> None:
         """max_context: the longest sequence (prefix + input + output) the server admits; None: unchecked.
         pack: keep float32 weights also in oneDNN's layout (see Linear); ops: the native kernels
         (server/engine/kernels.py) or None for torch ops only; native_layers: with ops, run the layers
-        in one native call where the model allows (`stack`)."""
+        in one native call where the model allows (`stack`). one_copy: where the panel kernel serves a
+        weight, its panels become the only copy: the transformers model's own weights are released (it
+        can no longer run; the server's own model only: tests and training keep theirs)."""
         self.ops = ops
+        self._one_copy = one_copy
+        self._linear_modules: list[tuple[nn.Module, Linear]] = []  # to release with one_copy
         config = model.config.get_text_config()
         self.family = config.model_type
         if self.family not in SUPPORTED:
@@ -91,7 +108,11 @@ class Decoder:
             )
         self.embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
-        self.lm_head = Linear(head.weight.detach(), bias_of(head), pack, ops)
+        self.vocab_size = int(head.weight.shape[0])
+        tied = head.weight.data_ptr() == self.embed.weight.data_ptr()
+        if one_copy and model.device.type == "cpu":
+            own_kept_tensors(model, skip=self.embed if tied else None)
+        self.lm_head = Linear(head.weight.detach(), bias_of(head), pack, ops, one_copy=one_copy)
         if self.family == "gpt2":
             if max_context is not None and max_context > config.n_positions:
                 raise UnsupportedModel(
@@ -107,6 +128,28 @@ class Decoder:
         self.stack_rows = 0
         if native_layers:
             self.stack, self.stack_rows = self._native_stack()
+        # A tied table read from the head's panels (row t: panel t // 16, column t % 16): one copy of it.
+        self.embed_panels = one_copy and tied and self.lm_head.one_copy and type(self.embed) is nn.Embedding
+        if one_copy:
+            self._release(head)
+
+    def _release(self, head: Any) -> None:
+        """Drop the transformers modules' references to weights whose panels are now the only copy."""
+        if self.lm_head.one_copy:
+            release_weight(head)
+            if self.embed_panels:
+                release_weight(self.embed)
+        for module, lin in self._linear_modules:
+            if lin.one_copy:
+                release_weight(module)
+        self._linear_modules = []
+        return_freed_memory()
+
+    def _linear(self, modules: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> Linear:
+        """A Linear over `modules`' weight (several when fused); they are released with one_copy."""
+        lin = Linear(weight, bias, pack, self.ops, one_copy=self._one_copy)
+        self._linear_modules += [(m, lin) for m in modules]
+        return lin
 
     def _init_llama_like(self, model: Any, config: Any, pack: bool) -> None:
         base = model.model
@@ -127,11 +170,11 @@ class Decoder:
                 Layer(
                     input_norm=Norm(block.input_layernorm, self.ops),
                     post_norm=Norm(block.post_attention_layernorm, self.ops),
-                    qkv=Linear(qkv_w, qkv_b, pack, self.ops),
-                    o=Linear(attn.o_proj.weight.detach(), bias_of(attn.o_proj), pack, self.ops),
-                    up=Linear(mlp.up_proj.weight.detach(), bias_of(mlp.up_proj), pack, self.ops),
-                    gate=Linear(mlp.gate_proj.weight.detach(), bias_of(mlp.gate_proj), pack, self.ops),
-                    down=Linear(mlp.down_proj.weight.detach(), bias_of(mlp.down_proj), pack, self.ops),
+                    qkv=self._linear([attn.q_proj, attn.k_proj, attn.v_proj], qkv_w, qkv_b, pack),
+                    o=self._linear([attn.o_proj], attn.o_proj.weight.detach(), bias_of(attn.o_proj), pack),
+                    up=self._linear([mlp.up_proj], mlp.up_proj.weight.detach(), bias_of(mlp.up_proj), pack),
+                    gate=self._linear([mlp.gate_proj], mlp.gate_proj.weight.detach(), bias_of(mlp.gate_proj), pack),
+                    down=self._linear([mlp.down_proj], mlp.down_proj.weight.detach(), bias_of(mlp.down_proj), pack),
                     act=mlp.act_fn,
                     scaling=float(attn.scaling),
                 )
@@ -154,11 +197,11 @@ class Decoder:
                 Layer(
                     input_norm=Norm(block.ln_1, self.ops),
                     post_norm=Norm(block.ln_2, self.ops),
-                    qkv=Linear(attn.c_attn.weight.detach().t(), bias_of(attn.c_attn), pack, self.ops),
-                    o=Linear(attn.c_proj.weight.detach().t(), bias_of(attn.c_proj), pack, self.ops),
-                    up=Linear(mlp.c_fc.weight.detach().t(), bias_of(mlp.c_fc), pack, self.ops),
+                    qkv=self._linear([attn.c_attn], attn.c_attn.weight.detach().t(), bias_of(attn.c_attn), pack),
+                    o=self._linear([attn.c_proj], attn.c_proj.weight.detach().t(), bias_of(attn.c_proj), pack),
+                    up=self._linear([mlp.c_fc], mlp.c_fc.weight.detach().t(), bias_of(mlp.c_fc), pack),
                     gate=None,
-                    down=Linear(mlp.c_proj.weight.detach().t(), bias_of(mlp.c_proj), pack, self.ops),
+                    down=self._linear([mlp.c_proj], mlp.c_proj.weight.detach().t(), bias_of(mlp.c_proj), pack),
                     act=mlp.act,
                     scaling=float(attn.scaling),
                 )
@@ -172,7 +215,7 @@ class Decoder:
             return None, 0
         if not all(layer.silu and layer.gate is not None for layer in self.layers):
             return None, 0
-        dtype = self.lm_head.weight.dtype
+        dtype = self.lm_head.dtype
         norms = [n for layer in self.layers for n in (layer.input_norm, layer.post_norm)]
         lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down) if lin is not None]
         if not (
@@ -194,12 +237,20 @@ class Decoder:
         )
         return stack, min(lin.max_rows for lin in lins)
 
+    def linears(self) -> list[Linear]:
+        return [self.lm_head] + [
+            lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down) if lin
+        ]
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [N] -> [N, hidden], with the model's own embedding scale (gemma) applied."""
+        if self.embed_panels:
+            assert self.lm_head.panels is not None
+            return self.lm_head.panels[ids // 16, :, ids % 16]  # [N, K] gathered from [P, K, 16]
         return self.embed(ids)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attend: Attend, logit_rows: torch.Tensor) -> torch.Tensor:
@@ -217,7 +268,7 @@ class Decoder:
             and rope is not None
             and isinstance(attend, PoolAttention)
             and h.shape[0] <= self.stack_rows
-            and h.dtype == rope[0].dtype == self.lm_head.weight.dtype
+            and h.dtype == rope[0].dtype == self.lm_head.dtype
         ):  # _layers whole in C++: the same kernels in the same order, no Python between them
             h, residual = self.stack.forward(h, *rope, attend.k, attend.v, attend.write, attend.slots, attend.lengths)
         else:

@@ -41,6 +41,9 @@ class Acceleration:
     # The fixed-shape decode step without graphs (run eagerly): None = wherever graphs are recorded;
     # True also on a CPU (tests; no speed-up there: the native kernels take any shape).
     static_decode: bool | None = None
+    # CPU with the native kernels: each weight kept once, in the panel layout, the transformers model's
+    # own copy released (it can no longer run). For a server's own model only (Service sets it).
+    one_copy: bool = False
 
 
 @dataclass
@@ -109,8 +112,15 @@ class Runner:
         self.device = lm.device
         self.dtype = lm.dtype
         self.ops = kernels.load(accel.kernel_dir) if accel.native_kernels and self.device.type == "cpu" else None
-        self.decoder = Decoder(lm.model, max_context, pack=accel.prepack_weights, ops=self.ops, native_layers=accel.native_layers)
-        self.vocab_size = int(self.decoder.lm_head.weight.shape[0])
+        self.decoder = Decoder(
+            lm.model,
+            max_context,
+            pack=accel.prepack_weights,
+            ops=self.ops,
+            native_layers=accel.native_layers,
+            one_copy=accel.one_copy and accel.prepack_weights,
+        )
+        self.vocab_size = self.decoder.vocab_size
         self.bytes_per_token = kv_bytes_per_token(lm, self.decoder)
         num_blocks = max(2, kv_cache_bytes // (self.bytes_per_token * block_size))
         self.pool = BlockPool(num_blocks, block_size)
@@ -133,6 +143,15 @@ class Runner:
     @property
     def block_bytes(self) -> int:
         return self.bytes_per_token * self.pool.block_size
+
+    def weight_bytes(self) -> int:
+        """Bytes the model's weights take in this process: every distinct storage of the transformers
+        model's parameters and of the decoder's own layouts (panels, oneDNN copies), each counted once."""
+        tensors: list[torch.Tensor] = list(self.lm.model.parameters())
+        for lin in self.decoder.linears():
+            tensors += [t for t in (lin.weight, lin.panels, lin.packed) if t is not None]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+        return sum(storages.values())
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
