@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import signal
 import socket
 import statistics
@@ -217,14 +218,19 @@ def free_port() -> int:
 def start_server(
     extra: list[str], *, cwd: Path | None = None, verbose: bool = False, ready_timeout: float = 300.0
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `softmux serve` on a free loopback port (in its own process group) and wait until
-    /ready answers 200. Returns the process and its base URL; the caller stops it (SIGTERM).
-    Its log goes to this terminal when `verbose`, else to a temp file shown if it fails to start."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *extra]
+    """Start `softmux serve` (in its own process group) and wait until /ready answers 200: on the
+    `--port`/`--host` that `extra` gives, else on a free loopback port. Returns the process and its base
+    URL; the caller stops it (SIGTERM). Its log goes to this terminal when `verbose`, else to a temp file
+    shown if it fails to start."""
+    port, host = flag_value(extra, "--port"), flag_value(extra, "--host")
+    if port is None:
+        port = str(free_port())
+        extra = ["--port", port, *extra]
+    cmd = [sys.executable, "-m", "server.cli", "serve", *extra]
     log = None if verbose else tempfile.TemporaryFile()  # never a pipe: nobody drains it during a long run
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    reach = "127.0.0.1" if host in (None, "0.0.0.0", "::") else host  # a wildcard bind is reached on loopback
+    url = f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
 
     def tail() -> str:
         if log is None:
@@ -251,10 +257,38 @@ def start_server(
     raise SystemExit(f"server did not become ready in {ready_timeout:.0f} s: {tail()}")
 
 
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value a command line gives `flag` (`--port 1` or `--port=1`; the last wins), or None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def check_plotting(path: Path | None) -> None:
+    """--plot needs matplotlib: say so before any load is sent, not after the run."""
+    if path is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            f"softmux bench: --plot {path} needs matplotlib, which is not installed here: "
+            "pip install 'softmux[bench]' (or leave --plot out)"
+        ) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server to load (default: %(default)s)")
     p.add_argument("--start-server", action="store_true", help="start `softmux serve` on a free port for the run")
-    p.add_argument("--server-args", default="", help="extra flags for the started server, e.g. '--max-batch-size 64'")
+    p.add_argument(
+        "--server-args",
+        default="",
+        help="extra flags for the started server, e.g. '--max-batch-size 64' (a --port or --host there is where it listens)",
+    )
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--tasks", type=int, default=0, help="spread over the first K tasks of /tasks (0: all)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[32], help="one level, or several for a sweep")
@@ -269,10 +303,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(ns: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the table
+    check_plotting(ns.plot)
     proc = None
     url = ns.url
     if ns.start_server:
-        proc, url = start_server(ns.server_args.split())
+        proc, url = start_server(shlex.split(ns.server_args))
     try:
         if ns.requests_file:
             requests = load_requests(ns.requests_file, ns.max_new_tokens)

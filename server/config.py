@@ -82,7 +82,7 @@ class Settings:
     kv_cache_bytes: int = field(
         default=0,
         metadata={
-            "help": "key/value pool size in bytes, soft-prompt prefixes included (0: a quarter of available memory, at most 4 GiB on CPU; half of free GPU memory)"
+            "help": "key/value pool size in bytes, soft-prompt prefixes included (0: measured once the weights are in place: a quarter of available memory, at most 4 GiB on CPU; half of free GPU memory)"
         },
     )
     prepack_weights: bool = field(

@@ -24,7 +24,7 @@ from server.engine.engine import Engine
 from server.engine.grammar import COMPILE_TIMEOUT, Compiled, GrammarCompiler
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
-from server.engine.runner import Acceleration, default_kv_cache_bytes
+from server.engine.runner import Acceleration
 from server.engine.scheduler import Policy, SchedulerConfig
 from server.errors import (
     DomainError,
@@ -79,6 +79,7 @@ class Service:
         self.engine: Engine | None = None
         self.grammars: GrammarCompiler | None = None
         self.grammars_error = "the model is still loading"
+        self.load_seconds: float | None = None  # from the start of loading to ready
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.draining = False  # set on SIGTERM: new requests get 503, accepted ones finish
@@ -107,6 +108,7 @@ class Service:
         worker.join()
 
     def _start(self) -> None:
+        began = time.monotonic()
         try:
             if self.settings.threads > 0:
                 torch.set_num_threads(self.settings.threads)
@@ -127,7 +129,7 @@ class Service:
                 s.max_batch_size, s.max_batch_tokens, s.max_queue, s.max_queue_per_task, Policy(s.scheduling)
             )
             prefix_cache = PrefixCache(self.settings.prefix_cache_bytes) if self.settings.prefix_cache else None
-            kv_bytes = self.settings.kv_cache_bytes or default_kv_cache_bytes(self.lm.device)
+            kv_bytes = self.settings.kv_cache_bytes  # 0: the runner sizes it from what the weights leave
             max_context = self.settings.max_virtual_tokens + self.settings.max_input_tokens + self.settings.max_new_tokens
             self.engine = Engine(
                 self.lm,
@@ -150,8 +152,16 @@ class Service:
             if self.settings.reload_interval > 0:
                 self.watcher = StoreWatcher(self.registry, self.settings.reload_interval)
                 self.watcher.start()
+            self.load_seconds = time.monotonic() - began
             self.ready.set()
-            log.info("ready: model %s on %s (%s), %d task(s)", self.lm.name, self.lm.device, self.lm.dtype, len(self.registry))
+            log.info(
+                "ready in %.1f s: model %s on %s (%s), %d task(s)",
+                self.load_seconds,
+                self.lm.name,
+                self.lm.device,
+                self.lm.dtype,
+                len(self.registry),
+            )
         except BaseException as exc:
             log.exception("startup failed")
             self.load_error = exc

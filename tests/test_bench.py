@@ -83,3 +83,47 @@ def test_percentiles():
     p = bench.percentiles([float(i) for i in range(1, 101)])
     assert p["p50"] == 50.5 and p["p90"] == 91.0 and p["p99"] == 100.0
     assert bench.percentiles([]) == {}
+
+
+def test_flag_values_are_read_as_the_server_reads_them():
+    assert bench.flag_value(["--max-batch-size", "8", "--port", "1234"], "--port") == "1234"
+    assert bench.flag_value(["--port=99", "--port", "100"], "--port") == "100"  # the last wins, as argparse does
+    assert bench.flag_value(["--store", "x"], "--port") is None
+
+
+def test_a_port_given_to_the_started_server_is_the_one_the_benchmark_polls(tiny_model_dir, tmp_path):
+    """`--server-args '--port P'`: the server listens on P and the benchmark waits for P (it used to
+    poll a port of its own choosing for its whole timeout, then fail)."""
+    import os
+    import signal
+    import time
+
+    store = tmp_path / "store"
+    store.mkdir()
+    port = bench.free_port()
+    began = time.monotonic()
+    proc, url = bench.start_server(
+        ["--model", str(tiny_model_dir), "--store", str(store), "--port", str(port)], ready_timeout=120
+    )
+    try:
+        assert url == f"http://127.0.0.1:{port}" and time.monotonic() - began < 120
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_a_plot_without_matplotlib_is_refused_before_any_load(tmp_path):
+    """With matplotlib hidden, `--plot` stops at once with how to get it; no request is sent (the URL
+    below has nothing listening, which would otherwise be the error)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from server.cli import main\n"
+        f"sys.exit(main(['bench', '--url', 'http://127.0.0.1:9', '--plot', {str(tmp_path / 'p.png')!r}]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "needs matplotlib" in out.stderr and "softmux[bench]" in out.stderr, out.stderr[-1000:]
+    assert "Connect" not in out.stderr and not (tmp_path / "p.png").exists()

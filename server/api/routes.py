@@ -283,6 +283,7 @@ async def info(request: Request) -> dict[str, Any]:
             "context_length": None if lm is None else getattr(lm.model.config, "max_position_embeddings", None),
         },
         "prefix_cache": s.prefix_cache,
+        "load_seconds": service.load_seconds,
         "memory": None if service.engine is None else memory(service.engine),
     }
 

@@ -90,6 +90,7 @@ class Linear:
             assert ops is not None
             self.panels = ops.pack_panels(weight)
             if one_copy:
+                drop_file_pages(weight)  # read once, now packed: its mapped file pages need not stay resident
                 self.weight, self.max_rows = None, 1 << 62
                 return
             if weight.dtype != torch.float32 and torch.backends.mkldnn.is_available():
@@ -211,6 +212,36 @@ def own_kept_tensors(model: nn.Module, skip: nn.Module | None) -> None:
         for name, b in list(module._buffers.items()):
             if b is not None:
                 module._buffers[name] = b.clone()
+
+
+_MADV_DONTNEED = 4
+
+
+def drop_file_pages(t: torch.Tensor) -> None:
+    """Let the kernel drop the resident pages of a tensor that lies in a mapped safetensors file (Linux).
+
+    transformers maps the weights' files; packing reads every page of a weight, and those pages would
+    stay resident until the whole mapping goes, so a model's load would peak at the file plus its
+    panels. The mapping is private and read-only: a page dropped here is read again from the file if
+    anything touches it, so this changes memory, never values. Tensors outside such a mapping are left."""
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = any(_within(line, start, end) for line in maps if line.rstrip().endswith(".safetensors"))
+        if not mapped:
+            return
+        page = 4096
+        lo, hi = -(-start // page) * page, end // page * page
+        if hi > lo:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
+def _within(maps_line: str, start: int, end: int) -> bool:
+    lo, hi = (int(x, 16) for x in maps_line.split(None, 1)[0].split("-"))
+    return lo <= start and end <= hi
 
 
 def return_freed_memory() -> None:

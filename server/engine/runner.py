@@ -100,7 +100,7 @@ class Runner:
     def __init__(
         self,
         lm: LoadedModel,
-        kv_cache_bytes: int,
+        kv_cache_bytes: int,  # 0: default_kv_cache_bytes, measured after the weights are packed
         block_size: int = 16,
         max_context: int | None = None,
         accel: Acceleration | None = None,
@@ -122,6 +122,8 @@ class Runner:
         )
         self.vocab_size = self.decoder.vocab_size
         self.bytes_per_token = kv_bytes_per_token(lm, self.decoder)
+        # 0: sized from the memory left once the weights are in their final layout
+        kv_cache_bytes = kv_cache_bytes or default_kv_cache_bytes(self.device)
         num_blocks = max(2, kv_cache_bytes // (self.bytes_per_token * block_size))
         self.pool = BlockPool(num_blocks, block_size)
         shape = (self.decoder.num_layers, self.decoder.num_kv_heads, num_blocks * block_size, self.decoder.head_dim)
