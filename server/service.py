@@ -154,13 +154,16 @@ class Service:
                 self.watcher.start()
             self.load_seconds = time.monotonic() - began
             self.ready.set()
+            host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host
             log.info(
-                "ready in %.1f s: model %s on %s (%s), %d task(s)",
+                "ready in %.1f s: model %s on %s (%s), %d task(s); try: curl http://%s:%d/tasks",
                 self.load_seconds,
                 self.lm.name,
                 self.lm.device,
                 self.lm.dtype,
                 len(self.registry),
+                host,
+                self.settings.port,
             )
         except BaseException as exc:
             log.exception("startup failed")
