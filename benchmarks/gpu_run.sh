@@ -4,7 +4,10 @@
 # so the model is built with random weights: timings don't depend on them, as every request
 # generates a fixed number of tokens) and .whl/ (transformers 5.24, newer than the image's): both made
 # by benchmarks/gpu_prep.sh.
-set -uo pipefail
+set -euo pipefail
+for carried in .devmodel .whl; do
+  [ -d "$carried" ] || { echo "gpu_run.sh: $carried/ is missing: make it with benchmarks/gpu_prep.sh and carry it (run(carry=['.devmodel', '.whl']))" >&2; exit 2; }
+done
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

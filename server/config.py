@@ -88,7 +88,7 @@ class Settings:
     prepack_weights: bool = field(
         default=True,
         metadata={
-            "help": "CPU: keep the weights also repacked for decode-sized batches: in 16-column panels for the native panel kernel (float32 decode step at 32 rows on a 2-core AVX2 EPYC: ~75 ms, against ~118 with oneDNN's layout), else in oneDNN's blocked layout; one more copy of the weights in memory"
+            "help": "CPU: repack the weights at load: in 16-column panels for the native panel kernel (with --one-copy their only copy), else in oneDNN's blocked layout for decode-sized batches (one more copy); docs/benchmarks.md has the measurements"
         },
     )
     one_copy: bool = field(
@@ -106,7 +106,7 @@ class Settings:
     native_layers: bool = field(
         default=True,
         metadata={
-            "help": "CPU, with --native-kernels: run all decoder layers of a pass in one C++ call over those kernels (llama-like models with a SiLU MLP) instead of a Python loop calling them one by one; the same results bit for bit; a one-row step takes ~0.9x the time on a 2-core AVX2 EPYC"
+            "help": "CPU, with --native-kernels: run all decoder layers of a pass in one C++ call over those kernels (llama-like models with a SiLU MLP) instead of a Python loop calling them one by one; the same results bit for bit, in less time per step (docs/architecture.md has the measurements)"
         },
     )
     cuda_graphs: bool = field(

@@ -82,10 +82,14 @@ def test_completion_stop_string_and_list(oai):
 
 
 def test_seeded_sampling_is_reproducible(oai):
-    kwargs = dict(model="gamma", prompt="hello", max_tokens=8, temperature=0.9, top_p=0.95, seed=123)
-    a = oai.completions.create(**kwargs).choices[0].text
-    b = oai.completions.create(**kwargs).choices[0].text
-    assert a == b
+    """The same seed gives the same text; other seeds give other texts, and they are not the greedy
+    one: a test that passes when the seed is ignored or sampling silently turns greedy is no test."""
+    kwargs = dict(model="gamma", prompt="hello", max_tokens=8, temperature=0.9, top_p=0.95, extra_body={"ignore_eos": True})
+    a = oai.completions.create(**kwargs, seed=123).choices[0].text
+    assert oai.completions.create(**kwargs, seed=123).choices[0].text == a
+    others = {oai.completions.create(**kwargs, seed=s).choices[0].text for s in (1, 2, 3)}
+    greedy = oai.completions.create(**{**kwargs, "temperature": 0}).choices[0].text
+    assert others - {a} and {a, *others} - {greedy}
 
 
 def test_chat_applies_the_template_after_the_soft_prompt(oai, lm, store):

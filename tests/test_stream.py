@@ -78,10 +78,19 @@ async def test_stream_with_stop_string_ends_on_it(client):
 
 
 async def test_stream_sampling_is_reproducible(client):
-    payload = {"task": "gamma", "inputs": "hello", "parameters": {"max_new_tokens": 6, "do_sample": True, "seed": 7}}
+    """Seed 7 twice: the same events; other seeds: other texts (so the seed is not ignored), and the
+    greedy text differs from the sampled ones (sampling did not silently turn greedy)."""
+    params = {"max_new_tokens": 6, "do_sample": True, "ignore_eos": True}
+    payload = {"task": "gamma", "inputs": "hello", "parameters": {**params, "seed": 7}}
     _, a = await stream(client, payload)
     _, b = await stream(client, payload)
     assert a == b and a[-1]["details"]["seed"] == 7
+    texts = set()
+    for seed in (1, 2, 3):
+        _, events = await stream(client, {**payload, "parameters": {**params, "seed": seed}})
+        texts.add(events[-1]["generated_text"])
+    _, greedy = await stream(client, {**payload, "parameters": {"max_new_tokens": 6, "ignore_eos": True}})
+    assert texts - {a[-1]["generated_text"]} and texts - {greedy[-1]["generated_text"]}
 
 
 @pytest.mark.parametrize(

@@ -44,9 +44,8 @@ class Linear:
 
     Decode-sized inputs (at most `PANEL_MAX_ROWS` rows) run the native panel kernel
     (csrc/panel_linear.cpp) over a copy of the weight in panels of 16 output columns, in the model's
-    own dtype. Measured on a 2-core AVX2 EPYC over SmolLM2-135M's weights: at 32 rows ~140 GFLOP/s
-    against ~105 for oneDNN's packed GEMM, at one row the weights stream at ~22 GB/s against ~17, and
-    a 16-bit model reads its 16-bit weights (a float32 widening doubled the bytes). Each output is
+    own dtype: faster than oneDNN's packed GEMM at decode sizes, and a 16-bit model reads its 16-bit
+    weights (docs/architecture.md, "Panel linears", has the measurements). Each output is
     one float32 FMA chain over k, so a row's result does not depend on the other rows, bit for bit.
     Longer inputs (prefill) use the GEMM: F.linear for float32.
 

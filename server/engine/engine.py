@@ -67,9 +67,9 @@ def _alternatives(values: list[list[float]], ids: list[list[float]], row: int, k
 # until that thread exits and, once the process holds more OpenMP threads than CPUs, makes idle
 # workers sleep at once instead of spinning for the next parallel region. A thread that computed
 # with torch and lives on (the main thread of a script, a thread-pool worker) therefore slows the
-# engine thread's every op: measured ~30% on a 2-core decode step. So the server loads the model and
-# warms up in a thread that then exits (Service.start), and scripts that computed on their own
-# thread run the loop there (Engine.run_until_idle).
+# engine thread's every op (measured: a large share of a 2-core decode step). So the server loads the
+# model and warms up in a thread that then exits (Service.start), and scripts that computed on their
+# own thread run the loop there (Engine.run_until_idle).
 
 
 @dataclass
