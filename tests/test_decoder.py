@@ -119,6 +119,18 @@ def test_unsupported_family_is_refused_with_the_reason(tmp_path, default_model_d
         Engine(lm, SchedulerConfig(4, 1000, 10))
 
 
+def test_dynamic_rope_scaling_is_refused_with_the_reason(tmp_path, default_model_dir):
+    """Dynamic scaling makes a row's frequencies depend on the longest row of its batch."""
+    lm = build(
+        tmp_path / "dyn",
+        default_model_dir,
+        "llama",
+        **dict(FAMILIES["llama"], rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    )
+    with pytest.raises(UnsupportedModel, match="dynamic rope scaling"):
+        Engine(lm, SchedulerConfig(4, 1000, 10))
+
+
 def test_sliding_window_shorter_than_the_context_is_refused(tmp_path, default_model_dir):
     lm = build(tmp_path / "mistral", default_model_dir, "mistral", **dict(FAMILIES["mistral"], sliding_window=64))
     with pytest.raises(UnsupportedModel, match="sliding-window attention \\(64 tokens\\)"):

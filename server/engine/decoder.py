@@ -62,6 +62,14 @@ def _check_llama_like(config: Any, max_context: int | None) -> None:
     for attr in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, attr, None):
             raise UnsupportedModel(f"{config.model_type}: {attr} is not supported")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) == "dynamic":
+        # transformers rescales dynamic rotary frequencies by the largest position in the call: in a
+        # mixed batch a row's answer would depend on its neighbours (and it syncs the host every step)
+        raise UnsupportedModel(
+            f"{config.model_type}: dynamic rope scaling rescales every row by the longest row of its batch; "
+            "not supported (a fixed scaling such as linear, yarn or llama3 is)"
+        )
     window: int | None = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
     # qwen2 slides only on layers typed so; mistral slides everywhere once a window is set

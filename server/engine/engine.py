@@ -411,6 +411,8 @@ class Engine:
             if masks is not None:  # the matchers are not touched again before their fill is done
                 masks.wait()
             raise
+        if logits.device.type == "cuda":  # kernels run asynchronously: time the pass, not its launch (the
+            torch.cuda.synchronize(logits.device)  # sampler's host copy waits for it right after anyway)
         seconds = time.perf_counter() - started
         if self.threads is not None:
             self.threads.observe(seconds, time.thread_time() - cpu)
