@@ -230,8 +230,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     lm = load_model("default", dtype="float32")
-    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-    compiler = GrammarCompiler(lm.tokenizer, sorted(lm.eos_token_ids), vocab)
+    compiler = GrammarCompiler.for_model(lm)
     tasks = shipped_contracts(lm, args.store)
     header = {
         "cpu": cpu_model(),

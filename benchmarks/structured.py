@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import jsonschema
 import torch
 
 from benchmarks.common import cpu_model
-from benchmarks.compare import Job, longest, make_jobs, make_prompts
+from benchmarks.compare import Job, alternating_medians, longest, make_jobs, make_prompts
 from benchmarks.schemas import CHOICES, REGEXES, SCHEMAS
 from server.engine.engine import Engine
 from server.engine.grammar import GrammarCompiler, GrammarError, OutputKind, OutputSpec
@@ -66,8 +65,8 @@ def constraints() -> list[tuple[str, OutputSpec]]:
     return out + [(name, OutputSpec.of(OutputKind.CHOICE, choices)) for name, choices in CHOICES]
 
 
-def compile_times(lm: LoadedModel, vocab: int) -> dict[str, Any]:
-    compiler = GrammarCompiler(lm.tokenizer, sorted(lm.eos_token_ids), vocab)
+def compile_times(lm: LoadedModel) -> dict[str, Any]:
+    compiler = GrammarCompiler.for_model(lm)
     cold, cached, refused = [], [], {}
     for name, spec in constraints():
         for bucket in (cold, cached):
@@ -105,8 +104,8 @@ def valid(spec: OutputSpec, text: str) -> bool:
         return False
 
 
-def validity(lm: LoadedModel, vocab: int, max_new: int = 128) -> dict[str, Any]:
-    compiler = GrammarCompiler(lm.tokenizer, sorted(lm.eos_token_ids), vocab)
+def validity(lm: LoadedModel, max_new: int = 128) -> dict[str, Any]:
+    compiler = GrammarCompiler.for_model(lm)
     newline = lm.tokenizer("\n", add_special_tokens=False)["input_ids"][:1]
     prompt = SoftPrompt(
         name="plain",
@@ -228,14 +227,6 @@ def samples_run(
     }
 
 
-def alternate(variants: dict[str, Any], rounds: int) -> dict[str, dict[str, float]]:
-    runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            runs[name].append(fn())
-    return {k: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for k, rs in runs.items()}
-
-
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,17 +237,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("default", dtype="float32")
-    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
     report: dict[str, Any] = {"cpu": cpu_model(), "threads": args.threads, "rounds": args.rounds}
     print(f"# structured outputs and n on {report['cpu']}, {args.threads} threads, float32, default model")
     if "compile" not in args.skip:
-        report["compile"] = c = compile_times(lm, vocab)
+        report["compile"] = c = compile_times(lm)
         print(
             f"compile, {c['constraints']} constraints: cold p50 {c['cold_ms']['p50']:.2f} ms, p99 {c['cold_ms']['p99']:.2f} ms, "
             f"max {c['cold_ms']['max']:.2f} ms; cached p50 {c['cached_ms']['p50'] * 1000:.1f} us; refused {sorted(c['refused'])}"
         )
     if "validity" not in args.skip:
-        report["validity"] = v = validity(lm, vocab)
+        report["validity"] = v = validity(lm)
         print(
             f"validity: {v['answers']} answers, {v['ended_by_grammar']} ended by the grammar, {v['valid_of_ended']} of them valid "
             f"({100 * v['valid_of_ended'] / max(1, v['ended_by_grammar']):.1f}%), {v['truncated']} cut by max_new_tokens, "
@@ -264,10 +254,10 @@ def main() -> None:
         )
     prompts, jobs = make_prompts(lm, 8, 20, seed=0), make_jobs(64, 8, 16, 64, seed=1)
     if "cost" not in args.skip:
-        compiler = GrammarCompiler(lm.tokenizer, sorted(lm.eos_token_ids), vocab)
+        compiler = GrammarCompiler.for_model(lm)
         shares = {"0%": 0.0, "50%": 0.5, "100%": 1.0}
         variants = {k: (lambda s=s: workload_run(lm, prompts, jobs, compiler, s)) for k, s in shares.items()}
-        report["cost"] = cost = alternate(variants, args.rounds)
+        report["cost"] = cost = alternating_medians(variants, args.rounds)
         base = cost["0%"]["tokens_per_s"]
         print(
             "| rows under a JSON schema | tokens/s | vs none | mask fill p50 / p99 ms | waited after the pass p50 / p99 ms | hidden |"
@@ -284,7 +274,7 @@ def main() -> None:
             "n=4": lambda: samples_run(lm, prompts, quarter, True),
             "4 requests": lambda: samples_run(lm, prompts, quarter, False),
         }
-        report["n"] = n = alternate(variants, args.rounds)
+        report["n"] = n = alternating_medians(variants, args.rounds)
         ratio = n["n=4"]["tokens_per_s"] / n["4 requests"]["tokens_per_s"]
         print(
             f"n=4 over 16 prompts: {n['n=4']['tokens_per_s']:.1f} tok/s, {n['n=4']['rows_prefilled']:.0f} rows prefilled, "

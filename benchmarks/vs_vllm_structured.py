@@ -136,7 +136,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     setup = prepare(args, CpuWatch())
     lm = setup.lm32
-    compiler = GrammarCompiler(lm.tokenizer, sorted(lm.eos_token_ids), int(lm.model.get_output_embeddings().weight.shape[0]))
+    compiler = GrammarCompiler.for_model(lm)
     res = Results()
     vllm = VllmSide(setup, "float32", 32, res)
     people = {"json": PEOPLE}

@@ -172,9 +172,8 @@ class Service:
     def _grammar_compiler(self, lm: LoadedModel) -> GrammarCompiler | None:
         """Structured outputs for this model's tokenizer; None (with the reason kept) where llguidance
         cannot read it: the server still serves, constrained requests are refused with the reason."""
-        vocab = int(lm.model.get_output_embeddings().weight.shape[0])
         try:
-            return GrammarCompiler(lm.tokenizer, sorted(i for i in lm.eos_token_ids if i < vocab), vocab)
+            return GrammarCompiler.for_model(lm)
         except Exception as exc:
             self.grammars_error = f"structured outputs are unavailable for this model's tokenizer ({exc})"
             log.warning("%s", self.grammars_error)

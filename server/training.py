@@ -306,8 +306,7 @@ def check_contract(lm: LoadedModel, settings: dict[str, Any]) -> None:
         return
     from server.engine.grammar import GrammarCompiler  # llguidance: only when there is a contract
 
-    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-    compiler = GrammarCompiler(lm.tokenizer, sorted(lm.eos_token_ids), vocab, workers=1)
+    compiler = GrammarCompiler.for_model(lm, workers=1)
     try:
         compiler.compile(spec)
     finally:

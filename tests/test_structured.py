@@ -33,7 +33,7 @@ YES_NO = 'start: answer "."\nanswer: "yes" | "no"'
 
 @pytest.fixture(scope="module")
 def compiler(lm: LoadedModel) -> GrammarCompiler:
-    return GrammarCompiler(lm.tokenizer, sorted(lm.eos_token_ids), int(lm.model.get_output_embeddings().weight.shape[0]))
+    return GrammarCompiler.for_model(lm)
 
 
 @pytest.fixture(scope="module")

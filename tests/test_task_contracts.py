@@ -30,7 +30,7 @@ PERSON = {
 @pytest.fixture(scope="module")
 def compiler(lm: LoadedModel) -> GrammarCompiler:
     """The tiny model carries the default model's tokenizer: the same token strings the server compiles for."""
-    return GrammarCompiler(lm.tokenizer, sorted(lm.eos_token_ids), int(lm.model.get_output_embeddings().weight.shape[0]))
+    return GrammarCompiler.for_model(lm)
 
 
 def test_the_tasks_with_a_clear_answer_shape_have_the_contract_the_scripts_write():

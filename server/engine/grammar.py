@@ -19,6 +19,7 @@ from typing import Any
 import llguidance
 import llguidance.hf
 
+from server.models import LoadedModel
 from server.structured import GrammarError, OutputKind, OutputSpec
 
 __all__ = ["Compiled", "GrammarCompiler", "GrammarError", "OutputKind", "OutputSpec", "grammar_text"]
@@ -79,6 +80,14 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="softmux-grammar")
         self.compiles = 0  # constraints compiled (cache misses)
+
+    @classmethod
+    def for_model(cls, lm: LoadedModel, workers: int = 2) -> GrammarCompiler:
+        """The compiler for a loaded model's tokenizer and logits width (its output head's rows: call this
+        before an engine releases the model's weights). End-of-sequence ids a config names outside the
+        vocabulary are left out (llguidance refuses them)."""
+        vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+        return cls(lm.tokenizer, sorted(i for i in lm.eos_token_ids if i < vocab), vocab, workers=workers)
 
     def submit(self, spec: OutputSpec) -> concurrent.futures.Future[Compiled]:
         """The compile of `spec`, cached or started now (never blocks the caller)."""
