@@ -74,7 +74,7 @@ ENV SOFTMUX_CACHE_DIR=/home/softmux/.cache/softmux \
 RUN softmux prepare-model --cache-dir "${SOFTMUX_CACHE_DIR}"
 # 4. the CPU kernels, built for this build host's CPU; a host with other CPU flags builds its own at
 # first start (about a minute, kept in the cache folder).
-RUN python -c "from pathlib import Path; from server.engine import kernels; assert kernels.load(Path('${SOFTMUX_CACHE_DIR}'))"
+RUN softmux build-kernels --cache-dir "${SOFTMUX_CACHE_DIR}"
 
 EXPOSE 8000
 # /ready is 200 once the model is loaded and warmed up; the slim base has no curl.

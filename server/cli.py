@@ -44,6 +44,21 @@ def _prepare_model(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _build_kernels(ns: argparse.Namespace) -> int:
+    """Build (or find) the native CPU kernels for this machine; non-zero with the reason where they cannot be."""
+    import time
+
+    from server.engine import kernels  # lazy: importing torch takes seconds
+
+    began = time.monotonic()
+    built = kernels.load(ns.cache_dir)
+    if built is None:
+        print("softmux build-kernels: the kernels cannot be built here (the reason is logged above); the server will run torch ops")
+        return 1
+    print(f"softmux kernels ready ({time.monotonic() - began:.1f} s): {ns.cache_dir / 'kernels' / kernels.build_key()}")
+    return 0
+
+
 def _train(ns: argparse.Namespace) -> int:
     import torch  # lazy: importing torch and transformers takes seconds
 
@@ -222,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-model", help="convert the bundled default model into the cache")
     prep.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
     prep.set_defaults(func=_prepare_model)
+
+    kb = sub.add_parser("build-kernels", help="build the native CPU kernels for this machine now (else the first start builds them)")
+    kb.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
+    kb.set_defaults(func=_build_kernels)
 
     tr = sub.add_parser("train", help="prompt-tune a task on the served model and write it into the store")
     _add_train_arguments(tr)

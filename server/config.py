@@ -97,6 +97,13 @@ class Settings:
             "help": "CPU with the native kernels: keep each weight once, in the panel layout the kernels read (prefill runs on it too), and release the transformers model's own copy; --no-one-copy keeps both (about 2x the weights' memory)"
         },
     )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "CPU, with the native kernels: none | int8 (each decoder linear quantized at load, symmetric per output channel, into its only copy: about half a 16-bit model's weight memory and faster decode; the head and embeddings stay in the model's dtype; answers differ slightly from the unquantized model: docs/configuration.md#quantization)",
+            "choices": ("none", "int8"),
+        },
+    )
     native_kernels: bool = field(
         default=True,
         metadata={

@@ -145,6 +145,7 @@ class Service:
                     kernel_dir=self.settings.cache_dir,
                     cuda_graphs=self.settings.cuda_graphs,
                     one_copy=self.settings.one_copy and self._owns_model,  # a model handed in (tests) keeps its weights
+                    quantize=None if self.settings.quantize == "none" else self.settings.quantize,
                 ),
             )
             self.engine.warm_up()
@@ -514,7 +515,14 @@ class Generation:
                 break
             except TimeoutError:
                 if not self._engine.alive and self._queue.empty():
-                    event = ErrorEvent(f"the engine stopped: {self._engine.error or 'shut down'}", ErrorKind.UNAVAILABLE)
+                    # A loop that died fails what it held with this same event; its own may still be in
+                    # flight to this queue, and the answer must not depend on which arrives first.
+                    error = self._engine.error
+                    event = (
+                        ErrorEvent(f"engine failure: {error}", ErrorKind.GENERATION_FAILED)
+                        if error is not None
+                        else ErrorEvent("the engine stopped: shut down", ErrorKind.UNAVAILABLE)
+                    )
                     break
         if not isinstance(event, TokenEvent):
             self.done = True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -38,7 +37,7 @@ def lm(tiny_model_dir: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def ops() -> ModuleType:
+def ops() -> kernels.Kernels:
     """softmux's native kernels (built once per machine), or the test is skipped where no compiler is."""
     module = kernels.load(default_cache_dir())
     if module is None:

@@ -234,3 +234,65 @@ def test_one_copy_of_the_weights_gives_the_same_tokens_and_releases_the_models_o
     assert runs[0] == runs[1]
     untied = not FAMILIES[family].get("tie_word_embeddings", True)
     assert kept[0] == 1.0 and kept[1] < (0.6 if untied else 0.1)  # left: norms, biases, positions (gpt2), an untied table
+
+
+def dequantize_linears_in_place(model: torch.nn.Module) -> int:
+    """Replace each decoder layer's linear weight by its symmetric per-output-channel int8
+    dequantization (q * scale, computed here independently of the kernels): the model that a
+    quantized engine must reproduce. The head and the embedding table are left as they are."""
+    count = 0
+    for name, module in model.named_modules():
+        if ".layers." not in name and ".h." not in name or not hasattr(module, "weight") or module.weight.dim() != 2:
+            continue
+        if "norm" in name or "ln_" in name:
+            continue
+        with torch.no_grad():
+            w = module.weight
+            transposed = type(module).__name__ == "Conv1D"  # gpt2 stores [in, out]
+            wt = (w.t() if transposed else w).float()
+            scale = wt.abs().amax(1, keepdim=True) / 127
+            scale[scale == 0] = 1
+            deq = (wt / scale).round().clamp(-127, 127) * scale
+            w.copy_(deq.t() if transposed else deq)
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2.5", "llama3.1", "gpt2"])
+def test_int8_engine_matches_the_model_with_dequantized_weights(family, ops, tmp_path, default_model_dir):
+    """quantize="int8": every decoder linear quantized into int8 panels (its only copy, the module's
+    weight released); a mixed staggered batch gives, token for token, the greedy answers of the
+    transformers model whose linears hold the dequantized weights (float64, solo, no cache)."""
+    build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
+    lm = load_model(str(tmp_path / family), dtype="float32")
+    reference = load_model(str(tmp_path / family), dtype="float32")
+    layers = FAMILIES[family].get("num_hidden_layers", FAMILIES[family].get("n_layer"))
+    assert dequantize_linears_in_place(reference.model) == layers * (4 if family == "gpt2" else 7)
+    reference = LoadedModel(reference.model.double(), reference.tokenizer, torch.device("cpu"), torch.float64, family)
+    prompts = [make_prompt(f"{family}{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=Acceleration(quantize="int8"))
+    engine.start()
+    try:
+        rng = random.Random(3)
+        specs = [(prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 11) % 60)], 4 + k % 5) for k in range(8)]
+        tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
+        for t in tracked:
+            engine.submit(t.request)
+        for t, (p, ids, n) in zip(tracked, specs):
+            assert t.done.wait(60) and t.result.generated_tokens > 0
+            want = reference_greedy(reference, p.embeddings.double(), ids, n)
+            assert t.request.output_ids == want, f"{family}: {p.name} L={len(ids)}"
+    finally:
+        engine.stop()
+    decoder = engine.runner.decoder
+    lins = [lin for layer in decoder.layers for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down) if lin]
+    assert all(lin.panels is not None and lin.panels.dtype == torch.int8 and lin.weight is None for lin in lins)
+    assert decoder.lm_head.panels is not None and decoder.lm_head.panels.dtype == torch.float32  # the head is not quantized
+    assert (decoder.stack is not None) == (family != "gpt2")  # the native layer stack reads int8 panels too
+
+
+def test_quantize_without_the_native_kernels_is_refused_with_the_reason(tmp_path, default_model_dir):
+    build(tmp_path / "llama", default_model_dir, "llama", **FAMILIES["llama"])
+    lm = load_model(str(tmp_path / "llama"), dtype="float32")
+    with pytest.raises(UnsupportedModel, match="--quantize int8 needs the native CPU kernels"):
+        Engine(lm, SchedulerConfig(4, 1000, 10), None, accel=Acceleration(quantize="int8", native_kernels=False))

@@ -196,6 +196,43 @@ def test_panel_linear_packs_any_strides_and_refuses_bad_shapes(ops):
         ops.panel_linear(x, panels, 20, torch.randn(21))
 
 
+def quantize_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel, computed here independently of the kernel: (q [N, K], scale [N])."""
+    wf = w.float()
+    scale = wf.abs().amax(1) / 127
+    scale[scale == 0] = 1
+    return (wf / scale[:, None]).round().clamp(-127, 127), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 13, 40])
+def test_int8_panels_compute_the_product_with_the_dequantized_weight(ops, dtype, rows):
+    """pack_panels_int8 quantizes per output channel (an all-zero channel included, the weight left
+    untouched) and panel_linear over it gives x (q s)^T + b in x's dtype: the float32 chain of x q, times s."""
+    g = torch.Generator().manual_seed(rows)
+    w, b = (torch.randn(37, 45, generator=g) * 0.1).to(dtype), torch.randn(37, generator=g)
+    w[3] = 0
+    before = w.clone()
+    panels, scales = ops.pack_panels_int8(w)
+    assert torch.equal(w, before)
+    q, scale = quantize_reference(w)
+    assert panels.shape == (3, 45, 16) and panels.dtype == torch.int8 and torch.equal(scales, scale)
+    assert torch.equal(panels.transpose(1, 2).reshape(48, 45)[:37].float(), q)
+    assert not panels.transpose(1, 2).reshape(48, 45)[37:].any()  # the partial panel's padding
+    x = torch.randn(rows, 45, generator=g).to(dtype)
+    out = ops.panel_linear(x, panels, 37, b, scales)
+    assert out.shape == (rows, 37) and out.dtype == dtype
+    want = x.double().mm(q.double().t()).mul(scale.double()).add(b.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), want.to(dtype).double(), atol=tol, rtol=tol)
+    for i in (0, rows - 1):  # a row alone: the same bits
+        assert torch.equal(ops.panel_linear(x[i : i + 1].contiguous(), panels, 37, b, scales)[0], out[i])
+    with pytest.raises(RuntimeError, match="scales are given exactly for int8 panels"):
+        ops.panel_linear(x, panels, 37, b)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        ops.panel_linear(x, panels, 37, b, scales[:36].contiguous())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab", [1, 5, 8, 13, 1027])
 def test_greedy_is_torch_argmax_and_flags_rows_that_are_not_finite(ops, dtype, vocab):
@@ -223,7 +260,7 @@ def test_a_built_library_is_imported_as_it_is_despite_a_stale_torch_lock(ops, tm
     """A build killed halfway leaves torch's lock file behind; a start must not wait on it forever,
     and a library already built (here: this session's, copied) must load without building again."""
     key = kernels.build_key()
-    built = Path(ops.__file__)
+    built = ops.library
     target = tmp_path / "kernels" / key
     target.mkdir(parents=True)
     shutil.copy(built, target / built.name)
@@ -258,5 +295,6 @@ def test_a_build_clears_a_stale_torch_lock_and_replaces_a_library_that_does_not_
 
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setattr(cpp_extension, "load", fake_build)
-    assert kernels.load(tmp_path) is built
+    loaded = kernels.load(tmp_path)
+    assert loaded is not None and loaded._m is built  # the freshly built module, behind the typed wrapper
     assert seen == {"torch_lock": False, "library": False}

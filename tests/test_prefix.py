@@ -156,6 +156,7 @@ def prefixes_via_pool(engine: Engine, prompts: list[SoftPrompt]) -> list[torch.T
     cache = engine.prefix_cache
     entries = [cache.create((f"p{i}", "x"), p.num_virtual_tokens) for i, p in enumerate(prompts)]
     engine.runner.fill_prefixes(list(zip(entries, prompts)))
+    engine.scheduler.prefilled([], list(zip(entries, prompts)))  # the runner writes; the scheduler counts
     out = []
     for e in entries:
         slots = torch.tensor(e.seq.slots())

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from server.engine.engine import Engine
 from server.engine.pool import NULL_SLOT
@@ -96,10 +97,8 @@ def test_padding_rows_and_columns_write_nothing_but_the_null_slot(lm, prompts):
     static_logits = runner.decode(rows).clone()
     changed = ((runner.k != k0) | (runner.v != v0)).any(dim=(0, 1, 3)).nonzero().flatten().tolist()  # slots
     assert set(changed) - {NULL_SLOT} == new_slots
-    # the same step, eager, from the same state
-    for r in rows:
-        assert r.kv is not None
-        r.kv.own_len -= 1
+    # the same step, eager, from the same state (the runner writes slots; only the scheduler counts them)
+    assert {r.kv.new_slots(1)[0] for r in rows if r.kv is not None} == new_slots
     runner.k.copy_(k0)
     runner.v.copy_(v0)
     static, runner.static = runner.static, None
@@ -193,30 +192,51 @@ def test_the_static_step_compiles_whole_once_per_bucket(tiny_model_dir, prompts)
     torch._dynamo.reset()
 
 
-class ReplayingRecorder:
-    """Stands in for CUDA graphs on a CPU: recording runs the step once and keeps its output tensor;
-    a replay runs the step again from the fixed buffers and writes into that same tensor, as a graph
-    replay overwrites its captured output. What the engine reads after a replay is then what it would
-    read from a graph: wrong if the inputs did not reach the buffers, or if it read another tensor.
-    (That the step holds no host values a graph would freeze is the compile test's part.)"""
+class TracingRecorder:
+    """Stands in for CUDA graphs on a CPU, freezing what a capture freezes. Recording traces the step once
+    (make_fx, real tensors) into a graph of tensor ops; a replay runs that graph, not the Python step, and
+    writes into the output tensor kept at record time, as a graph replay overwrites its captured output.
+    The graph holds the tensors the step read (input buffers, weights, the key/value pool) by reference,
+    so a replay sees what was written into them since; but any value the step read on the host at record
+    time (`.item()`, `.tolist()`, a Python branch or a tensor built from host data) is baked in as it was
+    then, the padding of the recording runs. A step that reads anything but the persistent buffers'
+    storage, or inputs that do not reach those buffers, then gives wrong answers here as under a graph.
+    Not covered: the capture itself (streams, the memory pool, kernels that cannot be captured), which
+    only a GPU runs (`test_recorded_graphs_replay_...`, `benchmarks/gpu_run.sh`); a host sync inside the
+    step is refused by the compile test's fullgraph=True."""
 
     def __init__(self) -> None:
         self.recorded = 0
 
     def record(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], object], torch.Tensor]:
-        out = step()
+        graph = make_fx(step, tracing_mode="real")()
+        out = graph()
         self.recorded += 1
-        return (lambda: out.copy_(step())), out
+        return (lambda: out.copy_(graph())), out
+
+
+def test_the_stand_in_recorder_freezes_host_reads_like_a_capture():
+    """The recorder below can fail: a step reading its input through the buffer sees each new value;
+    one that read it on the host replays the value it had at record time."""
+    buffer = torch.tensor([1.0, 2.0])
+    replay_device, out_device = TracingRecorder().record(lambda: buffer * 2)
+    replay_host, out_host = TracingRecorder().record(lambda: torch.tensor(buffer.tolist()) * 2)
+    buffer.copy_(torch.tensor([5.0, 7.0]))  # new inputs, written in place as StaticDecode.decode does
+    replay_device()
+    replay_host()
+    assert out_device.tolist() == [10.0, 14.0] and out_host.tolist() == [2.0, 4.0]
 
 
 def test_recorded_steps_replay_from_the_fixed_buffers(lm, prompts):
-    """Every bucket recorded at start (largest first), every step then a replay; answers == solo reference."""
+    """Every bucket recorded at start (largest first), every step then a replay of the traced step;
+    answers == solo reference."""
     engine = make_engine(lm, accel=STATIC["plain"], max_batch_size=4, max_context=64)
     static = engine.runner.static
     assert static is not None and static.rows == [1, 2, 4] and static.widths == [64]
-    recorder = ReplayingRecorder()
+    recorder = TracingRecorder()
     static.recorder = recorder
-    static.record_all()
+    with torch.inference_mode():  # as the runner records
+        static.record_all()
     assert recorder.recorded == 3 and static.recorded == 3
     specs = specs_for(prompts, 9, seed=17)
     outputs = staggered_outputs(engine, specs, join_every=2)

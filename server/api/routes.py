@@ -270,6 +270,7 @@ async def info(request: Request) -> dict[str, Any]:
         "model": lm.name if lm is not None else s.model,
         "dtype": str(lm.dtype).removeprefix("torch.") if lm is not None else s.dtype,
         "device": str(lm.device) if lm is not None else s.device,
+        "quantize": s.quantize,  # "none" or how the decoder's linear weights are held
         "ready": service.ready.is_set(),
         "tasks": None if registry is None else len(registry),
         "limits": {

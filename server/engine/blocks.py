@@ -8,11 +8,12 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from server.engine.kernels import Kernels
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the native norm, rotary, SiLU and panel kernels take
 
@@ -60,6 +61,11 @@ class Linear:
     `one_copy`: where the panel kernel serves, it then serves every input size (prefill included, at
     about the GEMM's rate on an AVX2 CPU) and the plain weight is dropped (`weight` is None): the
     panels are the only copy. The caller releases the transformers module's own reference.
+
+    `quantize` ("int8"; needs the panel kernel): the weight is quantized once, symmetric per output
+    channel (scale = max |w| / 127), into int8 panels that are its only copy; the kernel widens them
+    in registers and multiplies each column's float32 chain by its scale, so x stays in the model's
+    dtype and a row's result still does not depend on the other rows.
     """
 
     PANEL_MAX_ROWS = 128
@@ -69,26 +75,35 @@ class Linear:
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         pack: bool,
-        ops: ModuleType | None = None,
+        ops: Kernels | None = None,
         rows_hint: int = 32,
         one_copy: bool = False,
+        quantize: str | None = None,
     ) -> None:
         self.weight: torch.Tensor | None = weight
         self.bias, self.ops = bias, ops
         self.dtype = weight.dtype
         self.out_features = weight.shape[0]
         self.panels: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None  # [out_features] float32, for int8 panels
         self.panel_bias = None if bias is None else bias.float()
         self.packed: torch.Tensor | None = None  # oneDNN's layout
         self.packed_bias = bias  # in the packed weight's dtype
         self.widen = False  # run a 16-bit model's oneDNN product in float32
         self.max_rows = self.PANEL_MAX_ROWS  # rows up to which the repacked weight serves
+        if quantize is not None and not (pack and weight.device.type == "cpu" and _panels_apply(ops, weight)):
+            raise UnsupportedModel(f"--quantize {quantize} needs the native CPU kernels (--native-kernels, --prepack-weights)")
         if not pack or weight.device.type != "cpu":
             return
         if _panels_apply(ops, weight):
             assert ops is not None
-            self.panels = ops.pack_panels(weight)
-            if one_copy:
+            if quantize == "int8":
+                self.panels, self.scales = ops.pack_panels_int8(weight)
+            elif quantize is not None:
+                raise UnsupportedModel(f"unknown quantization {quantize!r} (supported: int8)")
+            else:
+                self.panels = ops.pack_panels(weight)
+            if one_copy or quantize is not None:
                 drop_file_pages(weight)  # read once, now packed: its mapped file pages need not stay resident
                 self.weight, self.max_rows = None, 1 << 62
                 return
@@ -117,8 +132,8 @@ class Linear:
         if self.panels is not None:
             assert self.ops is not None
             if x.shape[0] <= self.max_rows:
-                if x.dtype == self.panels.dtype:  # 16-bit in and out: widened and rounded inside the kernel
-                    return self.ops.panel_linear(x.contiguous(), self.panels, self.out_features, self.panel_bias)
+                if x.dtype == self.panels.dtype or self.scales is not None:  # widened and rounded inside the kernel
+                    return self.ops.panel_linear(x.contiguous(), self.panels, self.out_features, self.panel_bias, self.scales)
                 y = self.ops.panel_linear(x.float().contiguous(), self.panels, self.out_features, self.panel_bias)
                 return y.to(x.dtype)  # a no-op for float32
             if self.packed is not None:  # native 16-bit GEMM
@@ -132,7 +147,7 @@ class Linear:
         return y.to(x.dtype)  # a no-op unless widened
 
 
-def _panels_apply(ops: ModuleType | None, weight: torch.Tensor) -> bool:
+def _panels_apply(ops: Kernels | None, weight: torch.Tensor) -> bool:
     """The native panel kernel serves this (CPU) weight: built here, vectorised for this CPU, a dtype it reads."""
     return ops is not None and weight.dtype in KERNEL_DTYPES and ops.panel_linear_vectorized()
 
@@ -152,7 +167,7 @@ class Norm:
 
     FUSED = {"LlamaRMSNorm": 0.0, "MistralRMSNorm": 0.0, "Qwen2RMSNorm": 0.0, "GemmaRMSNorm": 1.0}
 
-    def __init__(self, module: nn.Module, ops: ModuleType | None) -> None:
+    def __init__(self, module: nn.Module, ops: Kernels | None) -> None:
         self.module = module
         self.ops = ops
         offset = self.FUSED.get(type(module).__name__)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from server.engine.blocks import (
     release_weight,
     return_freed_memory,
 )
+from server.engine.kernels import DecoderStack, Kernels
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
@@ -46,7 +46,7 @@ class PoolAttention:
     """Attention by the native kernel over the key/value pool, one query token per row: an Attend,
     and also what the native DecoderStack takes whole (its index tensors are those of every layer)."""
 
-    ops: ModuleType
+    ops: Kernels
     k: torch.Tensor  # [L, H_kv, slots, D]
     v: torch.Tensor  # [L, H_kv, slots, D]
     write: torch.Tensor  # [N] int64, the slot of each new token
@@ -95,18 +95,23 @@ class Decoder:
         model: Any,
         max_context: int | None = None,
         pack: bool = False,
-        ops: ModuleType | None = None,
+        ops: Kernels | None = None,
         native_layers: bool = True,
         one_copy: bool = False,
+        quantize: str | None = None,
     ) -> None:
         """max_context: the longest sequence (prefix + input + output) the server admits; None: unchecked.
         pack: keep float32 weights also in oneDNN's layout (see Linear); ops: the native kernels
         (server/engine/kernels.py) or None for torch ops only; native_layers: with ops, run the layers
         in one native call where the model allows (`stack`). one_copy: where the panel kernel serves a
         weight, its panels become the only copy: the transformers model's own weights are released (it
-        can no longer run; the server's own model only: tests and training keep theirs)."""
+        can no longer run; the server's own model only: tests and training keep theirs). quantize
+        ("int8"): the decoder layers' linears are quantized (blocks.Linear) into their only copy, the
+        transformers modules' weights released as with one_copy; the head and the embedding table keep
+        the model's dtype (they are a small share of a large model and the most sensitive)."""
         self.ops = ops
         self._one_copy = one_copy
+        self._quantize = quantize
         self._linear_modules: list[tuple[nn.Module, Linear]] = []  # to release with one_copy
         config = model.config.get_text_config()
         self.family = config.model_type
@@ -132,13 +137,13 @@ class Decoder:
             _check_llama_like(config, max_context)
             self._init_llama_like(model, config, pack)
         # The native DecoderStack (an object of the compiled module) and the most tokens it takes.
-        self.stack: Any = None
+        self.stack: DecoderStack | None = None
         self.stack_rows = 0
         if native_layers:
             self.stack, self.stack_rows = self._native_stack()
         # A tied table read from the head's panels (row t: panel t // 16, column t % 16): one copy of it.
         self.embed_panels = one_copy and tied and self.lm_head.one_copy and type(self.embed) is nn.Embedding
-        if one_copy:
+        if one_copy or quantize is not None:
             self._release(head)
 
     def _release(self, head: Any) -> None:
@@ -155,7 +160,7 @@ class Decoder:
 
     def _linear(self, modules: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> Linear:
         """A Linear over `modules`' weight (several when fused); they are released with one_copy."""
-        lin = Linear(weight, bias, pack, self.ops, one_copy=self._one_copy)
+        lin = Linear(weight, bias, pack, self.ops, one_copy=self._one_copy, quantize=self._quantize)
         self._linear_modules += [(m, lin) for m in modules]
         return lin
 
@@ -215,29 +220,29 @@ class Decoder:
                 )
             )
 
-    def _native_stack(self) -> tuple[Any, int]:
+    def _native_stack(self) -> tuple[DecoderStack | None, int]:
         """The native DecoderStack (csrc/layers.cpp) where every op of every layer has its kernel:
         llama-like, rotary, fused RMSNorms, SiLU-gated MLP, panel-packed linears in one dtype; and the
         most tokens it takes (the linears' panel limit). (None, 0) otherwise: the Python loop serves."""
-        if self.ops is None or not hasattr(self.ops, "DecoderStack") or self.rotary is None:
+        if self.ops is None or self.rotary is None:
             return None, 0
         if not all(layer.silu and layer.gate is not None for layer in self.layers):
             return None, 0
         dtype = self.lm_head.dtype
         norms = [n for layer in self.layers for n in (layer.input_norm, layer.post_norm)]
         lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down) if lin is not None]
-        if not (
-            all(n.fused and n.weight is not None and n.weight.dtype == dtype for n in norms)
-            and all(lin.panels is not None and lin.panels.dtype == dtype for lin in lins)
-        ):
+        norm_weights = [n.weight for n in norms if n.fused and n.weight is not None and n.weight.dtype == dtype]
+        panels = [lin.panels for lin in lins if lin.panels is not None and lin.panels.dtype in (dtype, torch.int8)]
+        if len(norm_weights) != len(norms) or len(panels) != len(lins):
             return None, 0
-        stack = self.ops.DecoderStack(
-            [n.weight for n in norms],
+        stack = self.ops.decoder_stack(
+            norm_weights,
             [n.eps for n in norms],
             [n.offset for n in norms],
-            [lin.panels for lin in lins],
+            panels,
             [lin.panel_bias for lin in lins],
             [lin.out_features for lin in lins],
+            [lin.scales for lin in lins],
             [layer.scaling for layer in self.layers],
             self.num_heads,
             self.num_kv_heads,
@@ -271,6 +276,7 @@ class Decoder:
         if self.rotary is not None:
             cos, sin = self.rotary(h, positions[None])  # [1, N, D] each
             rope = cos[0], sin[0]  # [N, D]
+        residual: torch.Tensor | None
         if (
             self.stack is not None
             and rope is not None

@@ -359,7 +359,7 @@ class Engine:
                 self.prefix_cache.discard(entry.key)
             raise
         self.stats.prefix_passes += bool(prefixes)
-        self.scheduler.prefilled(plan.admitted)  # before rows that end now give their blocks back
+        self.scheduler.prefilled(plan.admitted, prefixes)  # before rows that end now give their blocks back
         rows, index = self._fork(plan.admitted)
         bitmask = self._resolve(masks)
         if len(rows) > len(plan.admitted):  # forked samples choose from their parent's logits
@@ -370,6 +370,7 @@ class Engine:
 
     def _decode(self, rows: list[Request]) -> None:
         logits, masks = self._forward("decode", rows, self.runner.decode)
+        self.scheduler.decoded(rows)
         self._postprocess(rows, logits, self._resolve(masks))
 
     def _fork(self, admitted: list[Request]) -> tuple[list[Request], list[int]]:

@@ -6,6 +6,11 @@ instruction-set flags (it is compiled for this CPU: -march=native). Where it can
 loaded (no compiler, another platform), `load()` returns None, says why in the log once, and the
 engine runs the same computation with torch ops. `--no-native-kernels` turns them off.
 
+The boundary is typed: `Kernels` wraps the compiled module with one method per kernel (the shapes in
+its docstrings, the checks in the C++), so every call site is checked by mypy and the compiled module
+never leaks as `Any`. `softmux build-kernels` builds them ahead of time (the Dockerfile and `make`
+call it); the first start builds them otherwise.
+
 Builds are safe against a build killed halfway (Ctrl-C during the first `make serve`, a worker shut
 down): one process builds at a time under an OS file lock (released when its holder dies, unlike
 torch's own lock file, which a killed build leaves behind and which made every later start wait
@@ -25,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Protocol
 
 import torch
 
@@ -34,7 +40,115 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / name for name in ("cpu_ops.cpp", "attention.cpp", "panel_linear.cpp", "layers.cpp")]
 HEADERS = [CSRC / "vec8.h", CSRC / "ops.h"]  # part of the build key, not compiled on their own
 _lock = threading.Lock()
-_loaded: dict[str, ModuleType | None] = {}
+_loaded: dict[str, Kernels | None] = {}
+
+
+class DecoderStack(Protocol):
+    """Every layer of a llama-like decoder for one pass (csrc/layers.cpp)."""
+
+    def forward(
+        self,
+        h: torch.Tensor,  # [N, C] the residual stream, updated in place
+        cos: torch.Tensor,  # [N, D] in h's dtype
+        sin: torch.Tensor,  # [N, D]
+        kpool: torch.Tensor,  # [L, H_kv, slots, D]
+        vpool: torch.Tensor,  # [L, H_kv, slots, D]
+        write: torch.Tensor,  # [N] int64
+        slots: torch.Tensor,  # [N, T] int64
+        lengths: torch.Tensor,  # [N] int64
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (h, the last layer's MLP output, not yet added)
+        ...
+
+
+class Kernels:
+    """The compiled kernels behind typed methods, one per kernel (csrc/ops.h has the C++ side)."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self._m = module
+
+    @property
+    def library(self) -> Path:
+        """The compiled library file."""
+        return Path(str(self._m.__file__))
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,  # [N, H, D]
+        k_new: torch.Tensor,  # [N, H_kv, D]
+        v_new: torch.Tensor,  # [N, H_kv, D]
+        kpool: torch.Tensor,  # [H_kv, slots, D], written at `write`
+        vpool: torch.Tensor,  # [H_kv, slots, D]
+        write: torch.Tensor,  # [N] int64
+        slots: torch.Tensor,  # [N, T] int64
+        lengths: torch.Tensor,  # [N] int64
+        scale: float,
+    ) -> torch.Tensor:  # [N, H * D]
+        out: torch.Tensor = self._m.decode_attention(q, k_new, v_new, kpool, vpool, write, slots, lengths, scale)
+        return out
+
+    def rms_norm(
+        self, h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, offset: float
+    ) -> torch.Tensor:
+        """h [N, C] (+= residual in place, when given) -> the norm of h, [N, C]."""
+        out: torch.Tensor = self._m.rms_norm(h, residual, weight, eps, offset)
+        return out
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """x [N, heads, D] rotated in place by cos/sin [N, D]."""
+        self._m.rotary(x, cos, sin)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up, [N, I]."""
+        out: torch.Tensor = self._m.silu_mul(gate, up)
+        return out
+
+    def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] -> (argmax [B] int64, finite [B] bool)."""
+        tokens, finite = self._m.greedy(logits)
+        return tokens, finite
+
+    def panel_linear_vectorized(self) -> bool:
+        return bool(self._m.panel_linear_vectorized())
+
+    def pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [N, K] -> panels [ceil(N / 16), K, 16], same dtype."""
+        out: torch.Tensor = self._m.pack_panels(weight)
+        return out
+
+    def pack_panels_int8(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight [N, K] -> (int8 panels [ceil(N / 16), K, 16], per-channel scales [N] float32)."""
+        panels, scales = self._m.pack_panels_int8(weight)
+        return panels, scales
+
+    def panel_linear(
+        self,
+        x: torch.Tensor,  # [M, K] contiguous
+        panels: torch.Tensor,  # from pack_panels or pack_panels_int8
+        n: int,
+        bias: torch.Tensor | None,  # [n] float32
+        scales: torch.Tensor | None = None,  # [n] float32, exactly for int8 panels
+    ) -> torch.Tensor:  # [M, n] in x's dtype
+        out: torch.Tensor = self._m.panel_linear(x, panels, n, bias, scales)
+        return out
+
+    def decoder_stack(
+        self,
+        norm_weights: list[torch.Tensor],  # per layer: input norm, post norm
+        norm_eps: list[float],
+        norm_offsets: list[float],
+        panels: list[torch.Tensor],  # per layer: qkv, o, up, gate, down
+        biases: list[torch.Tensor | None],
+        out_features: list[int],
+        scales: list[torch.Tensor | None],
+        scalings: list[float],  # per layer
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+    ) -> DecoderStack:
+        stack: DecoderStack = self._m.DecoderStack(
+            norm_weights, norm_eps, norm_offsets, panels, biases, out_features, scales, scalings, heads, kv_heads, head_dim
+        )
+        return stack
 
 
 def cpuinfo(field: str) -> str:
@@ -61,19 +175,19 @@ def build_key() -> str:
     return digest.hexdigest()
 
 
-def load(cache_dir: Path) -> ModuleType | None:
+def load(cache_dir: Path) -> Kernels | None:
     """The compiled kernels, or None (reason logged) where they cannot be built here."""
     key = build_key()
     with _lock:
         if key in _loaded:
             return _loaded[key]
-        module: ModuleType | None = None
+        module: Kernels | None = None
         if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
             log.warning("native kernels: not built for %s; using torch ops", platform.machine())
         else:
             build_dir = Path(cache_dir) / "kernels" / key
             try:
-                module = _import_or_build(build_dir, f"softmux_cpu_ops_{key}")
+                module = Kernels(_import_or_build(build_dir, f"softmux_cpu_ops_{key}"))
                 log.info("native kernels loaded from %s", build_dir)
             except Exception as exc:  # no compiler, headers or linker: the torch path serves the same results
                 log.warning(

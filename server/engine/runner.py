@@ -44,6 +44,8 @@ class Acceleration:
     # CPU with the native kernels: each weight kept once, in the panel layout, the transformers model's
     # own copy released (it can no longer run). For a server's own model only (Service sets it).
     one_copy: bool = False
+    # "int8": the decoder layers' linears quantized at load (blocks.Linear); None: the model's dtype.
+    quantize: str | None = None
 
 
 @dataclass
@@ -119,6 +121,7 @@ class Runner:
             ops=self.ops,
             native_layers=accel.native_layers,
             one_copy=accel.one_copy and accel.prepack_weights,
+            quantize=accel.quantize,
         )
         self.vocab_size = self.decoder.vocab_size
         self.bytes_per_token = kv_bytes_per_token(lm, self.decoder)
@@ -151,7 +154,7 @@ class Runner:
         model's parameters and of the decoder's own layouts (panels, oneDNN copies), each counted once."""
         tensors: list[torch.Tensor] = list(self.lm.model.parameters())
         for lin in self.decoder.linears():
-            tensors += [t for t in (lin.weight, lin.panels, lin.packed) if t is not None]
+            tensors += [t for t in (lin.weight, lin.panels, lin.scales, lin.packed) if t is not None]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
         return sum(storages.values())
 
@@ -190,7 +193,6 @@ class Runner:
         slots = device_tensor(seq.new_slots(p), torch.int64, self.device)
         self.k.index_copy_(2, slots, kv[:, 0].to(self.dtype))  # kv[:, 0]: [L, H_kv, P, D]
         self.v.index_copy_(2, slots, kv[:, 1].to(self.dtype))
-        seq.own_len += p
 
     @torch.inference_mode()
     def prefill(self, requests: list[Request], new_prefixes: Sequence[tuple[PrefixEntry, SoftPrompt]] = ()) -> torch.Tensor:
@@ -217,8 +219,6 @@ class Runner:
             positions = [r.virtual_tokens + s.own_len for r, s in zip(requests, seqs)]
             logits = self.static.decode([r.output_ids[-1] for r in requests], positions, tables)
             if logits is not None:
-                for s in seqs:
-                    s.own_len += 1
                 return logits
         tokens = device_tensor([r.output_ids[-1] for r in requests], torch.int64, self.device)
         embeds = self.decoder.embed_tokens(tokens)  # [B, hidden]
@@ -237,10 +237,7 @@ class Runner:
         embeds = torch.cat([c.embeds for c in chunks]).to(self.dtype)  # [N, hidden]
         ends = device_tensor(lengths, torch.int64, self.device).cumsum(0) - 1  # [B] last token of each row
         rows = ends[:0] if logit_from is None else ends[logit_from:]
-        out = self.decoder.forward(embeds, positions, self._attention(layout), rows)
-        for c, n in zip(chunks, lengths):
-            c.seq.own_len += n
-        return out
+        return self.decoder.forward(embeds, positions, self._attention(layout), rows)
 
     def _static_step(self, inputs: StaticInputs) -> torch.Tensor:
         """The decode forward over a bucket's fixed buffers -> logits [R, V]. Reads no host values,

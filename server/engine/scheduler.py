@@ -20,6 +20,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from server.engine.block_cache import BlockCache
@@ -249,13 +250,23 @@ class Scheduler:
             return True
         return self.prefixes.free_blocks(blocks, key)
 
-    def prefilled(self, requests: list[Request]) -> None:
-        """Offer the rows' full blocks of input tokens to the token block cache."""
-        if self.blocks is None:
-            return
+    def prefilled(self, requests: list[Request], prefixes: Sequence[tuple[PrefixEntry, SoftPrompt]] = ()) -> None:
+        """After a prefill pass: the new prefixes and every row's tokens are now in their slots (the
+        runner writes, the scheduler counts); the rows' full blocks of input tokens are offered to the
+        token block cache."""
+        for entry, _ in prefixes:
+            entry.seq.own_len = entry.length
         for r in requests:
-            if r.kv is not None:
+            assert r.kv is not None
+            r.kv.own_len = len(r.input_ids) + len(r.output_ids)
+            if self.blocks is not None:
                 self.blocks.insert(r.prompt.cache_key, r.input_ids, r.kv.own_blocks)
+
+    def decoded(self, requests: list[Request]) -> None:
+        """After a decode pass: each row's newest token is now in its slot."""
+        for r in requests:
+            assert r.kv is not None
+            r.kv.own_len += 1
 
     def fork(self, parent: Request, child: Request) -> list[tuple[int, int]] | None:
         """`child` (another sample of `parent`'s prompt) joins the batch holding what `parent` just

@@ -17,9 +17,10 @@ once), so the step's one host sync stays the engine's read of the sampled tokens
 
 On a CPU the same static step runs eagerly (`Acceleration.static_decode=True`): there the native
 kernels already take any shape, so it is there to be tested. tests/test_static_decode.py checks it
-token for token against the eager step, replays it through a stand-in recorder (what the engine reads
-after a replay), and traces it whole with torch.compile, no graph break and no recompile across steps:
-the conditions a CUDA graph capture needs. Only `CudaGraphRecorder` itself needs a GPU.
+token for token against the eager step, replays it through a traced graph of the step (host values read
+at record time stay frozen, as in a capture; what the engine reads after a replay), and traces it whole
+with torch.compile, no graph break and no recompile across steps: the conditions a CUDA graph capture
+needs. The capture itself (`CudaGraphRecorder`: streams, the memory pool) needs a GPU.
 """
 
 from __future__ import annotations

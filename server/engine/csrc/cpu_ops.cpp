@@ -252,7 +252,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &softmux::silu_mul, "silu(gate) * up");
   m.def("greedy", &softmux::greedy, "each row's argmax and whether the row is finite");
   m.def("pack_panels", &softmux::pack_panels, "a weight in panels of 16 output columns, for panel_linear");
-  m.def("panel_linear", &softmux::panel_linear, "x W^T + b over panel-packed weights, float32 accumulation");
+  m.def("pack_panels_int8", &softmux::pack_panels_int8, "a weight quantized to int8 per output channel, in panels");
+  m.def("panel_linear", &softmux::panel_linear, "x W^T + b over panel-packed weights, float32 accumulation",
+        pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("n"), pybind11::arg("bias"),
+        pybind11::arg("scales") = pybind11::none());
   m.def("panel_linear_vectorized", &softmux::panel_linear_vectorized, "whether panel_linear is vectorised here");
   softmux::bind_decoder_stack(m);
 }

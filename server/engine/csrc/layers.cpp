@@ -17,10 +17,11 @@ namespace softmux {
 namespace {
 
 struct Linear {
-  torch::Tensor panels;                // [ceil(n / 16), K, 16], from pack_panels
+  torch::Tensor panels;                // [ceil(n / 16), K, 16], from pack_panels or pack_panels_int8
   c10::optional<torch::Tensor> bias;   // [n] float32
   int64_t n;
-  torch::Tensor operator()(const torch::Tensor& x) const { return panel_linear(x, panels, n, bias); }
+  c10::optional<torch::Tensor> scales;  // [n] float32, for int8 panels
+  torch::Tensor operator()(const torch::Tensor& x) const { return panel_linear(x, panels, n, bias, scales); }
 };
 
 struct Norm {
@@ -40,17 +41,19 @@ struct Layer {
 
 class DecoderStack {
  public:
-  // Per layer, in order: 2 norms (input, post), 5 linears (qkv, o, up, gate, down).
+  // Per layer, in order: 2 norms (input, post), 5 linears (qkv, o, up, gate, down; scales for int8 panels).
   DecoderStack(const std::vector<torch::Tensor>& norm_weights, const std::vector<double>& norm_eps,
                const std::vector<double>& norm_offsets, const std::vector<torch::Tensor>& panels,
                const std::vector<c10::optional<torch::Tensor>>& biases, const std::vector<int64_t>& out_features,
-               const std::vector<double>& scalings, int64_t heads, int64_t kv_heads, int64_t head_dim)
+               const std::vector<c10::optional<torch::Tensor>>& scales, const std::vector<double>& scalings, int64_t heads,
+               int64_t kv_heads, int64_t head_dim)
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim) {
     const size_t L = scalings.size();
     TORCH_CHECK(norm_weights.size() == 2 * L && norm_eps.size() == 2 * L && norm_offsets.size() == 2 * L,
                 "two norms per layer");
-    TORCH_CHECK(panels.size() == 5 * L && biases.size() == 5 * L && out_features.size() == 5 * L, "five linears per layer");
-    auto linear = [&](size_t j) { return Linear{panels[j], biases[j], out_features[j]}; };
+    TORCH_CHECK(panels.size() == 5 * L && biases.size() == 5 * L && out_features.size() == 5 * L && scales.size() == 5 * L,
+                "five linears per layer");
+    auto linear = [&](size_t j) { return Linear{panels[j], biases[j], out_features[j], scales[j]}; };
     auto norm = [&](size_t j) { return Norm{norm_weights[j], norm_eps[j], norm_offsets[j]}; };
     for (size_t i = 0; i < L; ++i) {
       layers_.push_back(Layer{norm(2 * i), norm(2 * i + 1), linear(5 * i), linear(5 * i + 1), linear(5 * i + 2),
@@ -96,7 +99,8 @@ void bind_decoder_stack(pybind11::module& m) {
   pybind11::class_<DecoderStack>(m, "DecoderStack", "every layer of a llama-like decoder for one pass, over these kernels")
       .def(pybind11::init<const std::vector<torch::Tensor>&, const std::vector<double>&, const std::vector<double>&,
                           const std::vector<torch::Tensor>&, const std::vector<c10::optional<torch::Tensor>>&,
-                          const std::vector<int64_t>&, const std::vector<double>&, int64_t, int64_t, int64_t>())
+                          const std::vector<int64_t>&, const std::vector<c10::optional<torch::Tensor>>&,
+                          const std::vector<double>&, int64_t, int64_t, int64_t>())
       .def("forward", &DecoderStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 

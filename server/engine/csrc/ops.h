@@ -20,7 +20,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ne
 // panel_linear.cpp
 bool panel_linear_vectorized();
 torch::Tensor pack_panels(const torch::Tensor& weight);
-torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n, const c10::optional<torch::Tensor>& bias);
+std::tuple<torch::Tensor, torch::Tensor> pack_panels_int8(const torch::Tensor& weight);
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n, const c10::optional<torch::Tensor>& bias,
+                           const c10::optional<torch::Tensor>& scales = c10::nullopt);
 // layers.cpp
 void bind_decoder_stack(pybind11::module& m);
 

@@ -36,10 +36,26 @@ namespace {
 
 constexpr int64_t kCols = 16;  // output columns per panel (two 8-wide vectors)
 constexpr int64_t kRows = 6;   // rows of x per register tile
+// Chains of FMAs per output (see tile) and rows per tile, by weight type: int8's two chains take twice
+// the accumulators, so its tiles hold 3 rows (12 accumulators of the 16 registers).
+template <typename w_t>
+constexpr int kChains = std::is_same<w_t, int8_t>::value ? 2 : 1;
+template <typename w_t>
+constexpr int64_t kTileRows = std::is_same<w_t, int8_t>::value ? 3 : kRows;
 
 inline float widen(float v) { return v; }
 inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
 inline float widen(at::Half v) { return static_cast<float>(v); }
+inline float widen(int8_t v) { return static_cast<float>(v); }
+
+// One row's finished chains -> y (a 16-bit y rounds to nearest even, as torch's cast does).
+template <typename y_t>
+inline void store(const float* sums, const float* bias, const float* scale, y_t* y, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const float s = scale != nullptr ? sums[c] * scale[c] : sums[c];
+    y[c] = static_cast<y_t>(bias != nullptr ? s + bias[c] : s);
+  }
+}
 
 #ifdef SOFTMUX_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -49,68 +65,92 @@ inline __m256 load8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// int8 (quantized) weights: 8 bytes sign-extended to 32 bits and converted (exact).
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 
 // MR rows of x (row r's k-th value at a[k * ak + r * ar]) against one panel ([K, kCols]) -> y rows
-// (stride ldy), `cols` valid.
+// (stride ldy), `cols` valid. scale (int8 panels: one float per output column, else null) multiplies
+// each column's finished sum: per-channel weights factor out of it exactly.
+// Each output is kChains<w_t> chains of FMAs (chain j takes k = j, j + S, ...; then chain 0 + chain 1):
+// one chain for float and 16-bit weights (the order their answers have always had), two for int8,
+// whose one-row steps are otherwise bound by the FMA latency of a single chain rather than by memory.
 // While it computes, a tile prefetches lines pf, pf + pf_step, ... of the next panel into L2 (one
 // line per k): the row tiles of a panel share its next panel's lines, so that memory latency hides
 // behind arithmetic instead of stalling the first tile of every panel.
 template <typename w_t, typename y_t, int MR>
-void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, y_t* y, int64_t ldy,
-          int64_t cols, const w_t* next, int64_t pf, int64_t pf_step) {
-  // Every loop over r is unrolled so that the accumulators live in registers (not on the stack).
-  __m256 acc[MR][2];
+void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, const float* scale, y_t* y,
+          int64_t ldy, int64_t cols, const w_t* next, int64_t pf, int64_t pf_step) {
+  constexpr int S = kChains<w_t>;
+  // Every loop over r and s is unrolled so that the accumulators live in registers (not on the stack).
+  __m256 acc[S][MR][2];
+#pragma GCC unroll 2
+  for (int s = 0; s < S; ++s)
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < MR; ++r) acc[s][r][0] = acc[s][r][1] = _mm256_setzero_ps();
   constexpr int64_t kLineK = 64 / (kCols * sizeof(w_t)) > 0 ? 64 / (kCols * sizeof(w_t)) : 1;  // k values per line
-  for (int64_t k = 0; k < K; ++k) {
-    if (k == pf) {
-      _mm_prefetch(reinterpret_cast<const char*>(next + pf * kLineK * kCols), _MM_HINT_T1);
-      pf += pf_step;
-    }
-    const __m256 b0 = load8(panel + k * kCols), b1 = load8(panel + k * kCols + 8);
+  for (int64_t k0 = 0; k0 < K; k0 += S) {
+#pragma GCC unroll 2
+    for (int s = 0; s < S; ++s) {
+      const int64_t k = k0 + s;
+      if (S > 1 && k >= K) break;
+      if (k == pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + pf * kLineK * kCols), _MM_HINT_T1);
+        pf += pf_step;
+      }
+      const __m256 b0 = load8(panel + k * kCols), b1 = load8(panel + k * kCols + 8);
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + k * ak + r * ar);
-      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 av = _mm256_broadcast_ss(a + k * ak + r * ar);
+        acc[s][r][0] = _mm256_fmadd_ps(av, b0, acc[s][r][0]);
+        acc[s][r][1] = _mm256_fmadd_ps(av, b1, acc[s][r][1]);
+      }
     }
   }
   alignas(32) float out[MR][kCols];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
-    _mm256_store_ps(out[r], acc[r][0]);
-    _mm256_store_ps(out[r] + 8, acc[r][1]);
+#pragma GCC unroll 2
+    for (int s = 1; s < S; ++s) {
+      acc[0][r][0] = _mm256_add_ps(acc[0][r][0], acc[s][r][0]);
+      acc[0][r][1] = _mm256_add_ps(acc[0][r][1], acc[s][r][1]);
+    }
+    _mm256_store_ps(out[r], acc[0][r][0]);
+    _mm256_store_ps(out[r] + 8, acc[0][r][1]);
   }
-  for (int r = 0; r < MR; ++r) {
-    y_t* dst = y + r * ldy;  // a 16-bit y rounds to nearest even, as torch's cast does
-    for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<y_t>(bias != nullptr ? out[r][c] + bias[c] : out[r][c]);
-  }
+  for (int r = 0; r < MR; ++r) store(out[r], bias, scale, y + r * ldy, cols);
 }
 
 template <typename w_t, typename y_t>
-void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, y_t* y,
-               int64_t ldy, int64_t cols, const w_t* next, int64_t pf, int64_t pf_step) {
+void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias,
+               const float* scale, y_t* y, int64_t ldy, int64_t cols, const w_t* next, int64_t pf, int64_t pf_step) {
   switch (mr) {
-    case 1: return tile<w_t, y_t, 1>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
-    case 2: return tile<w_t, y_t, 2>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
-    case 3: return tile<w_t, y_t, 3>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
-    case 4: return tile<w_t, y_t, 4>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
-    case 5: return tile<w_t, y_t, 5>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
-    default: return tile<w_t, y_t, 6>(a, ak, ar, panel, K, bias, y, ldy, cols, next, pf, pf_step);
+    case 1: return tile<w_t, y_t, 1>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    case 2: return tile<w_t, y_t, 2>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    case 3: return tile<w_t, y_t, 3>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    case 4: return tile<w_t, y_t, 4>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    case 5: return tile<w_t, y_t, 5>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    default: return tile<w_t, y_t, 6>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
   }
 }
 #else
-// The same chain of float32 multiply-adds per output, one at a time.
+// The same chains of float32 multiply-adds per output, one output at a time.
 template <typename w_t, typename y_t>
-void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, y_t* y,
-               int64_t ldy, int64_t cols, const w_t*, int64_t, int64_t) {
-  for (int64_t r = 0; r < mr; ++r)
+void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias,
+               const float* scale, y_t* y, int64_t ldy, int64_t cols, const w_t*, int64_t, int64_t) {
+  constexpr int S = kChains<w_t>;
+  float sums[kCols];
+  for (int64_t r = 0; r < mr; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s = std::fma(a[k * ak + r * ar], widen(panel[k * kCols + c]), s);
-      y[r * ldy + c] = static_cast<y_t>(bias != nullptr ? s + bias[c] : s);
+      float part[S] = {};
+      for (int64_t k = 0; k < K; ++k) part[k % S] = std::fma(a[k * ak + r * ar], widen(panel[k * kCols + c]), part[k % S]);
+      float total = part[0];
+      for (int j = 1; j < S; ++j) total += part[j];
+      sums[c] = total;
     }
+    store(sums, bias, scale, y + r * ldy, cols);
+  }
 }
 #endif
 
@@ -122,11 +162,12 @@ void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* pa
 // output is the same chain either way. One tile of float32 rows reads x where it lies; otherwise each
 // tile's rows are first copied (as float32) k-major ([K, rows]), so that a tile's k-th values are adjacent.
 template <typename w_t, typename x_t>
-void run(const x_t* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const float* bias, x_t* y) {
-  const int64_t panels = (N + kCols - 1) / kCols, chunks = (M + kRows - 1) / kRows;
-  constexpr bool balance = std::is_same<w_t, float>::value;
+void run(const x_t* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const float* bias, const float* scale, x_t* y) {
+  constexpr int64_t tr = kTileRows<w_t>;
+  const int64_t panels = (N + kCols - 1) / kCols, chunks = (M + tr - 1) / tr;
+  constexpr bool balance = std::is_same<w_t, float>::value || std::is_same<w_t, int8_t>::value;
   auto first_row = [&](int64_t c) {  // of tile c; first_row(chunks) == M
-    return balance ? c * (M / chunks) + std::min(c, M % chunks) : std::min(c * kRows, M);
+    return balance ? c * (M / chunks) + std::min(c, M % chunks) : std::min(c * tr, M);
   };
   std::vector<float> tiles;
   const bool direct = chunks == 1 && std::is_same<x_t, float>::value;  // read x where it lies
@@ -149,8 +190,8 @@ void run(const x_t* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const flo
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t m0 = first_row(c), rows = first_row(c + 1) - m0;
         const float* a = direct ? reinterpret_cast<const float*>(x) : tiles.data() + m0 * K;
-        tile_rows(rows, a, direct ? 1 : rows, direct ? K : 1, panel, K, bias != nullptr ? bias + n0 : nullptr, y + m0 * N + n0,
-                  N, cols, panel + K * kCols, c, chunks);
+        tile_rows(rows, a, direct ? 1 : rows, direct ? K : 1, panel, K, bias != nullptr ? bias + n0 : nullptr,
+                  scale != nullptr ? scale + n0 : nullptr, y + m0 * N + n0, N, cols, panel + K * kCols, c, chunks);
       }
     }
   });
@@ -180,12 +221,40 @@ torch::Tensor pack_panels(const torch::Tensor& weight) {
   return padded.view({panels, kCols, K}).transpose(1, 2).contiguous();
 }
 
-// x [M, K] contiguous, float32 or the panels' 16-bit dtype; panels from pack_panels, n = the weight's
-// N, bias [n] float32 or None -> [M, n] in x's dtype (16-bit: the float32 result rounded, as `.to()` does).
-torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n, const c10::optional<torch::Tensor>& bias) {
+// weight [N, K] (any strides), float32/bfloat16/float16 -> (panels [ceil(N / 16), K, 16] int8, scales [N]
+// float32): symmetric per output channel, scale = max |w| / 127 over the channel (1 where it is all zero),
+// each value rounded to nearest (ties to even) in float32. Columns past N are zero.
+std::tuple<torch::Tensor, torch::Tensor> pack_panels_int8(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2, "weight must be a 2-D CPU tensor");
+  // Row blocks of 256 channels: the float32 working copy stays small (an 8B model's widest weight
+  // widened at once would be ~1 GB of transient memory).
+  const int64_t N = weight.size(0), K = weight.size(1), panels = (N + kCols - 1) / kCols;
+  auto q = torch::zeros({panels * kCols, K}, weight.options().dtype(torch::kInt8));
+  auto scales = torch::empty({N}, weight.options().dtype(torch::kFloat32));
+  for (int64_t n0 = 0; n0 < N; n0 += 256) {
+    const int64_t rows = std::min<int64_t>(256, N - n0);
+    auto w = weight.narrow(0, n0, rows).to(torch::kFloat32);
+    auto s = std::get<0>(w.abs().max(1)).div_(127.f);
+    s.masked_fill_(s.eq(0), 1.f);
+    scales.narrow(0, n0, rows).copy_(s);
+    q.narrow(0, n0, rows).copy_(w.div(s.unsqueeze(1)).round_().clamp_(-127, 127));  // w may be the weight itself: not in place
+  }
+  return {q.view({panels, kCols, K}).transpose(1, 2).contiguous(), scales};
+}
+
+// x [M, K] contiguous, float32 or the model's 16-bit dtype; panels from pack_panels (then x is float32
+// or the panels' dtype) or pack_panels_int8 (then scales, its [n] float32 scales, is given); n = the
+// weight's N, bias [n] float32 or None -> [M, n] in x's dtype (16-bit: the float32 result rounded, as
+// `.to()` does).
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n, const c10::optional<torch::Tensor>& bias,
+                           const c10::optional<torch::Tensor>& scales) {
   TORCH_CHECK(x.device().is_cpu() && panels.device().is_cpu(), "panel_linear: CPU tensors only");
-  TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == panels.scalar_type()) && x.dim() == 2 && x.is_contiguous(),
-              "x must be contiguous [M, K], float32 or the panels' dtype");
+  const auto xt = x.scalar_type(), wt = panels.scalar_type();
+  const bool quantized = wt == torch::kInt8;
+  TORCH_CHECK(quantized == scales.has_value(), "scales are given exactly for int8 panels");
+  TORCH_CHECK((xt == torch::kFloat32 || xt == wt || (quantized && (xt == torch::kBFloat16 || xt == torch::kHalf))) &&
+                  x.dim() == 2 && x.is_contiguous(),
+              "x must be contiguous [M, K], float32 or the model's dtype");
   TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kCols && panels.is_contiguous() && panels.size(1) == x.size(1) &&
                   n > (panels.size(0) - 1) * kCols && n <= panels.size(0) * kCols,
               "panels must come from pack_panels of an [n, K] weight with K = x.size(1)");
@@ -196,24 +265,29 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
                 "bias must be contiguous float32 [n]");
     bd = bias->data_ptr<float>();
   }
+  const float* sd = nullptr;
+  if (quantized) {
+    TORCH_CHECK(scales->scalar_type() == torch::kFloat32 && scales->dim() == 1 && scales->size(0) == n && scales->is_contiguous(),
+                "scales must be contiguous float32 [n]");
+    sd = scales->data_ptr<float>();
+  }
   auto y = torch::empty({M, n}, x.options());
   if (M == 0) return y;
-  const bool wide = x.scalar_type() == torch::kFloat32;
-  switch (panels.scalar_type()) {
-    case torch::kFloat32: run(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), n, bd, y.data_ptr<float>()); break;
-    case torch::kBFloat16: {
-      const auto* wp = panels.data_ptr<at::BFloat16>();
-      if (wide) run(x.data_ptr<float>(), M, K, wp, n, bd, y.data_ptr<float>());
-      else run(x.data_ptr<at::BFloat16>(), M, K, wp, n, bd, y.data_ptr<at::BFloat16>());
-      break;
+  // Every (weight, x) pair the checks admit; y is in x's dtype.
+  auto over = [&](const auto* wp) {
+    switch (xt) {
+      case torch::kFloat32: run(x.data_ptr<float>(), M, K, wp, n, bd, sd, y.data_ptr<float>()); break;
+      case torch::kBFloat16: run(x.data_ptr<at::BFloat16>(), M, K, wp, n, bd, sd, y.data_ptr<at::BFloat16>()); break;
+      case torch::kHalf: run(x.data_ptr<at::Half>(), M, K, wp, n, bd, sd, y.data_ptr<at::Half>()); break;
+      default: TORCH_CHECK(false, "x dtype must be float32, bfloat16 or float16");
     }
-    case torch::kHalf: {
-      const auto* wp = panels.data_ptr<at::Half>();
-      if (wide) run(x.data_ptr<float>(), M, K, wp, n, bd, y.data_ptr<float>());
-      else run(x.data_ptr<at::Half>(), M, K, wp, n, bd, y.data_ptr<at::Half>());
-      break;
-    }
-    default: TORCH_CHECK(false, "panels dtype must be float32, bfloat16 or float16");
+  };
+  switch (wt) {
+    case torch::kFloat32: over(panels.data_ptr<float>()); break;
+    case torch::kBFloat16: over(panels.data_ptr<at::BFloat16>()); break;
+    case torch::kHalf: over(panels.data_ptr<at::Half>()); break;
+    case torch::kInt8: over(panels.data_ptr<int8_t>()); break;
+    default: TORCH_CHECK(false, "panels dtype must be float32, bfloat16, float16 or int8");
   }
   return y;
 }
