@@ -205,7 +205,10 @@ async def test_a_dead_engine_loop_makes_health_and_ready_503_and_nothing_hangs(l
 
         engine.step = dying_step
         r = await asyncio.wait_for(client.post("/generate", json=gen("alpha", "x", max_new_tokens=4)), 10)
-        assert r.status_code in (424, 503) and "engine" in r.json()["error"], r.text
+        # Accepted, then failed in the engine: the dying loop fails every queued and running request with
+        # GENERATION_FAILED (424); 503 (UNAVAILABLE) is for requests that arrive once the engine is dead.
+        assert r.status_code == 424 and r.json()["error_type"] == "generation", r.text
+        assert r.json()["error"] == "engine failure: simulated fatal error in the engine loop", r.text
         assert wait_until(lambda: not engine.alive, timeout=5)
         for path in ("/health", "/ready"):
             h = await client.get(path)

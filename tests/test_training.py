@@ -17,7 +17,16 @@ from server.config import Settings
 from server.models import LoadedModel, load_model
 from server.prompts.store import read_adapter
 from server.prompts.types import PromptGeometry
-from server.training import CHATML_TEMPLATE, TrainConfig, as_soft_prompt, encode, generate_batch, train
+from server.training import (
+    CHATML_TEMPLATE,
+    TrainConfig,
+    as_soft_prompt,
+    encode,
+    generate_batch,
+    initial_prompt,
+    split_data,
+    train,
+)
 from tests.support import reference_greedy
 
 COLOURS = ["red", "green", "blue", "black", "white", "pink", "grey", "brown"]
@@ -37,7 +46,7 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
-def test_training_lowers_loss_and_writes_a_valid_adapter(lm, data, tmp_path):
+def test_training_lowers_loss_raises_the_score_and_writes_a_valid_adapter(lm, data, tmp_path):
     store = tmp_path / "store"
     cfg = TrainConfig(
         task="toy",
@@ -49,12 +58,22 @@ def test_training_lowers_loss_and_writes_a_valid_adapter(lm, data, tmp_path):
         lr=0.3,
         batch_size=8,
         holdout=16,
+        max_new_tokens=1,  # scored on the answer's token: the random model cannot learn to emit <|im_end|> after it
         progress=False,
     )
     result = train(cfg, lm, log=lambda _: None)
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)  # the tiny random model's logits are peaked: ~15 -> ~7
-    assert 0.0 <= result.before <= 1.0 and 0.0 <= result.after <= 1.0 and result.n_eval == 16
+    # Held-out (unseen colour pairs) answers: none right from the random prompt, all right once trained.
+    assert (result.before, result.after, result.n_eval) == (0.0, 1.0, 16), result.samples
+    # ... and each score is the one its prompt earns when served: recomputed from the held-out rows, the
+    # initial prompt and the adapter as written, counting the answers by hand.
+    _, held = split_data(cfg)
+    inputs = [encode(lm, cfg.template, e)[0] for e in held]
+    written = read_adapter(store / "toy", PromptGeometry.of(lm, 8, device="cpu"))
+    for embeddings, score in [(initial_prompt(lm, cfg)[0], result.before), (written.embeddings, result.after)]:
+        answers = generate_batch(lm, as_soft_prompt(lm, embeddings), inputs, max_new_tokens=1)
+        assert sum(a.strip() == "yes" for a in answers) / len(held) == score, answers
     assert sorted(os.listdir(store)) == ["toy"]  # no temp folder left
     assert sorted(os.listdir(store / "toy")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((store / "toy" / "adapter_config.json").read_text())
@@ -62,20 +81,38 @@ def test_training_lowers_loss_and_writes_a_valid_adapter(lm, data, tmp_path):
     assert config["task_type"] == "CAUSAL_LM"
     card = (store / "toy" / "README.md").read_text()
     assert "toy.jsonl" in card and "trained prompt:" in card and "<|im_start|>user" in card
-    prompt = read_adapter(store / "toy", PromptGeometry.of(lm, 8, device="cpu"))
-    assert prompt.num_virtual_tokens == 4
+    assert written.num_virtual_tokens == 4
 
 
-def test_peft_loads_the_adapter(lm, data, tmp_path):
+def test_peft_reads_the_adapter_as_softmux_serves_it(lm, data, tiny_model_dir, tmp_path):
+    """PEFT, on its own copy of the model, gets the prompt softmux serves and greedily answers what softmux answers."""
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     cfg = TrainConfig(
         task="toy", data=data, store=tmp_path, num_virtual_tokens=3, init="random", steps=2, holdout=4, progress=False
     )
     train(cfg, lm, log=lambda _: None)
-    peft_model = PeftModel.from_pretrained(lm.model, str(tmp_path / "toy"))
-    saved = load_file(tmp_path / "toy" / "adapter_model.safetensors")["prompt_embeddings"]
-    assert torch.equal(peft_model.get_prompt_embedding_to_save("default"), saved)
+    served = read_adapter(tmp_path / "toy", PromptGeometry.of(lm, 8, device="cpu"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "toy")).eval()
+    assert torch.equal(peft_model.get_prompt_embedding_to_save("default").to(served.embeddings.dtype), served.embeddings)
+    inputs = [encode(lm, CHATML_TEMPLATE, {"input": c, "output": ""})[0] for c in COLOURS[:4]]
+    ours = generate_batch(lm, served, inputs, max_new_tokens=6)
+    for ids, text in zip(inputs, ours):
+        with torch.inference_mode():
+            out = peft_model.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=6,
+                do_sample=False,
+                use_cache=False,  # PEFT 0.21's cached prompt-tuning generation drifts from its own uncached one
+                eos_token_id=sorted(lm.eos_token_ids),
+                pad_token_id=lm.tokenizer.pad_token_id,
+            )
+        theirs = out[0, len(ids) :].tolist()
+        assert theirs, "PEFT generated nothing"
+        assert text == lm.tokenizer.decode(theirs, skip_special_tokens=True), (text, theirs)
 
 
 def test_evaluation_matches_the_solo_reference(lm):
