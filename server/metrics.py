@@ -51,6 +51,8 @@ class LiveState:
     preemptions: int | None = None  # counters from here on
     prefix_hit_tokens: int | None = None
     prefix_hit_requests: int | None = None
+    soft_prompt_hits: int | None = None
+    soft_prompt_misses: int | None = None
     per_task: dict[str, dict[str, float | int]] | None = None  # the scheduler's task_stats()
 
 
@@ -86,6 +88,16 @@ class _LiveCollector(Collector):
                 state.prefix_hit_tokens,
             ),
             ("softmux_prefix_cache_hit_requests", "requests that reused cached input-token blocks", state.prefix_hit_requests),
+            (
+                "softmux_soft_prompt_cache_hits",
+                "admissions whose task's soft-prompt keys and values were already in the pool",
+                state.soft_prompt_hits,
+            ),
+            (
+                "softmux_soft_prompt_cache_misses",
+                "admissions that computed (or copied in) their task's soft-prompt keys and values",
+                state.soft_prompt_misses,
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=value or 0)
         yield from _task_metrics(state.per_task or {})

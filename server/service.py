@@ -88,11 +88,11 @@ class Service:
     def _live_state(self) -> LiveState:
         engine, registry = self.engine, self.registry
         return LiveState(
-            waiting=None if engine is None else engine.scheduler.num_waiting,
-            running=None if engine is None else len(engine.scheduler.running),
+            waiting=None if engine is None else engine.load()[0],
+            running=None if engine is None else engine.load()[1],
             prompt_load_failures=None if registry is None else len(registry.failures()),
             tasks=None if registry is None else len(registry),
-            per_task=None if engine is None else engine.scheduler.task_stats(),
+            per_task=None if engine is None else engine.task_stats(),
             **({} if engine is None else engine.live_counters()),
         )
 
@@ -197,7 +197,7 @@ class Service:
         engine = self.engine
         if engine is None:
             return True
-        waiting, running = engine.scheduler.num_waiting, len(engine.scheduler.running)
+        waiting, running = engine.load()
         log.info("draining: %d waiting and %d running request(s), grace %.1fs", waiting, running, grace)
         finished = engine.drain(grace)
         log.info("drained: %s", "every accepted request finished" if finished else "grace ran out; the rest failed")
@@ -291,14 +291,14 @@ class Service:
         spec, field = _contract(prompt, *output)
         if spec is not None and params.ignore_eos:
             raise InvalidRequest(f"ignore_eos cannot be combined with a structured output ({field})", "ignore_eos")
-        unknown = [t for t, _ in params.logit_bias if t >= engine.runner.vocab_size]
+        unknown = [t for t, _ in params.logit_bias if t >= engine.vocab_size]
         if unknown:
             raise InvalidRequest(
-                f"logit_bias names token ids outside the vocabulary (0..{engine.runner.vocab_size - 1}): {unknown[:5]}",
+                f"logit_bias names token ids outside the vocabulary (0..{engine.vocab_size - 1}): {unknown[:5]}",
                 "logit_bias",
             )
         try:  # a task at its quota is refused before its text is tokenised: a flood's refusals stay cheap
-            engine.scheduler.check_room(task, prompt.settings)
+            engine.check_room(task, prompt.settings)
         except QueueFull as exc:
             raise Overloaded(f"{exc}; retry later") from exc
         s = self.settings
@@ -327,7 +327,7 @@ class Service:
             )
         if max_pos is not None and total > max_pos:
             raise InvalidRequest(f"virtual + input + {limit_name} = {total} exceeds the model's context ({max_pos})", limit_name)
-        pool_tokens = engine.runner.pool.capacity * engine.runner.pool.block_size
+        pool_tokens = engine.pool_tokens
         if total > pool_tokens:
             raise InvalidRequest(
                 f"virtual + input + {limit_name} = {total} exceeds the key/value pool ({pool_tokens} tokens, --kv-cache-bytes)",
@@ -540,4 +540,4 @@ class Generation:
         if not self.done:
             self.done = True
             self.request.cancel()
-            self._engine.scheduler.notify()
+            self._engine.notify()

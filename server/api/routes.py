@@ -294,7 +294,7 @@ def memory(engine: Engine) -> dict[str, int | None]:
     and limit bytes, and the resident set now and at its peak."""
     pool = engine.pool_stats()
     return {
-        "weights_bytes": engine.runner.weight_bytes(),
+        "weights_bytes": engine.weight_bytes(),
         "kv_pool_bytes_committed": pool["bytes_committed"],
         "kv_pool_bytes_limit": pool["bytes_limit"],
         **resident_bytes(),

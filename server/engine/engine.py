@@ -15,11 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -42,9 +41,11 @@ from server.engine.request import (
 from server.engine.runner import Acceleration, Runner
 from server.engine.sampler import SamplingBatch, prepare, sample_with_top
 from server.engine.scheduler import Plan, Scheduler, SchedulerConfig
+from server.engine.stats import EngineObserver, EngineStats, MaskStats
 from server.engine.threads import ThreadGovernor
 from server.errors import ErrorKind
 from server.models import LoadedModel
+from server.prompts.settings import TaskSettings
 from server.prompts.types import PromptKind, SoftPrompt
 
 log = logging.getLogger("softmux.engine")
@@ -70,68 +71,6 @@ def _alternatives(values: list[list[float]], ids: list[list[float]], row: int, k
 # engine thread's every op (measured: a large share of a 2-core decode step). So the server loads the
 # model and warms up in a thread that then exits (Service.start), and scripts that computed on their
 # own thread run the loop there (Engine.run_until_idle).
-
-
-@dataclass
-class EngineStats:
-    """Counters that show what batching did (read by /stats and by tests)."""
-
-    prefill_passes: int = 0
-    prefix_passes: int = 0  # prefill passes that also computed soft prompts' key/value prefixes
-    decode_passes: int = 0
-    rows_prefilled: int = 0
-    rows_decoded: int = 0
-    mixed_task_passes: int = 0  # forward passes whose rows belong to more than one task
-    tasks_summed: int = 0  # distinct tasks per pass, summed over passes (mean = tasks_summed / passes)
-    max_tasks_in_pass: int = 0
-    max_rows_in_pass: int = 0
-    joined_running_batch: int = 0  # rows admitted while other rows were mid-generation
-    requests_finished: int = 0
-    requests_failed: int = 0
-
-    def record_pass(self, phase: str, requests: list[Request]) -> int:
-        """Count one forward pass; returns how many distinct tasks it held."""
-        tasks = len({r.task for r in requests})
-        if phase == "prefill":
-            self.prefill_passes += 1
-            self.rows_prefilled += len(requests)
-        else:
-            self.decode_passes += 1
-            self.rows_decoded += len(requests)
-        self.mixed_task_passes += tasks > 1
-        self.tasks_summed += tasks
-        self.max_tasks_in_pass = max(self.max_tasks_in_pass, tasks)
-        self.max_rows_in_pass = max(self.max_rows_in_pass, len(requests))
-        return tasks
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-@dataclass
-class MaskStats:
-    """What structured outputs cost: passes with a constrained row, the mask fill's own time, and the
-    part of it the engine waited for after the forward pass (the rest was hidden behind the pass)."""
-
-    passes: int = 0
-    fill_seconds: float = 0.0
-    waited_seconds: float = 0.0
-    grammar_errors: int = 0  # rows failed because their matcher refused a token or broke a limit
-
-    def __post_init__(self) -> None:
-        self.recent: deque[tuple[float, float]] = deque(maxlen=4096)  # (fill, waited) per pass, for percentiles
-
-    def record(self, fill: float, waited: float) -> None:
-        self.passes += 1
-        self.fill_seconds += fill
-        self.waited_seconds += waited
-        self.recent.append((fill, waited))
-
-
-class EngineObserver(Protocol):
-    """Hooks for metrics; called on the engine thread, so they must be cheap and never raise."""
-
-    def on_pass(self, phase: str, rows: int, tasks: int, seconds: float) -> None: ...
 
 
 class Engine:
@@ -200,6 +139,34 @@ class Engine:
         if not self.alive:
             raise RuntimeError("the engine is not running")
         self.scheduler.add(request)
+
+    def check_room(self, task: str, settings: TaskSettings) -> None:
+        """Thread-safe. Raises QueueFull when the task could not queue one more request now."""
+        self.scheduler.check_room(task, settings)
+
+    def notify(self) -> None:
+        """Thread-safe: wake the loop (a request was cancelled)."""
+        self.scheduler.notify()
+
+    # ---- what the service reads (any thread) ------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    @property
+    def pool_tokens(self) -> int:
+        """The most tokens (prefix, input and output) the key/value pool holds."""
+        return self.runner.pool.capacity * self.runner.pool.block_size
+
+    def load(self) -> tuple[int, int]:
+        """(waiting, running) requests now."""
+        return self.scheduler.num_waiting, len(self.scheduler.running)
+
+    def task_stats(self) -> dict[str, dict[str, float | int]]:
+        return self.scheduler.task_stats()
+
+    def weight_bytes(self) -> int:
+        return self.runner.weight_bytes()
 
     def warm_up(self) -> None:
         """Two requests through prefix, prefill and decode passes before the loop starts, so the
@@ -315,6 +282,8 @@ class Engine:
             "preemptions": pool.stats.preemptions,
             "prefix_hit_tokens": 0 if blocks is None else blocks.stats.hit_tokens,
             "prefix_hit_requests": 0 if blocks is None else blocks.stats.hit_requests,
+            "soft_prompt_hits": self.prefix_cache.stats.hits,
+            "soft_prompt_misses": self.prefix_cache.stats.misses,
         }
 
     # ---- one iteration ---------------------------------------------------------------------
