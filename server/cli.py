@@ -53,7 +53,9 @@ def _build_kernels(ns: argparse.Namespace) -> int:
     began = time.monotonic()
     built = kernels.load(ns.cache_dir)
     if built is None:
-        print("softmux build-kernels: the kernels cannot be built here (the reason is logged above); the server will run torch ops")
+        print(
+            "softmux build-kernels: the kernels cannot be built here (the reason is logged above); the server will run torch ops"
+        )
         return 1
     print(f"softmux kernels ready ({time.monotonic() - began:.1f} s): {ns.cache_dir / 'kernels' / kernels.build_key()}")
     return 0
@@ -238,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
     prep.set_defaults(func=_prepare_model)
 
-    kb = sub.add_parser("build-kernels", help="build the native CPU kernels for this machine now (else the first start builds them)")
+    kb = sub.add_parser(
+        "build-kernels", help="build the native CPU kernels for this machine now (else the first start builds them)"
+    )
     kb.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
     kb.set_defaults(func=_build_kernels)
 
