@@ -15,9 +15,16 @@ from server.config import add_arguments, default_cache_dir, from_namespace
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    from server import preflight
     from server.api.app import run_server  # lazy: keeps other subcommands free of the web stack
 
-    run_server(from_namespace(ns))
+    settings = from_namespace(ns)
+    found = preflight.problems(settings)
+    for problem in found:
+        print(f"softmux serve: {problem}", file=sys.stderr)
+    if found:
+        return 2
+    run_server(settings)
     return 0
 
 
