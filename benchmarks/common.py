@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: model loading, the CPU's name, results files, the softmux-vs-peer table."""
+"""Shared by the benchmark scripts: model loading, the CPU's name, results files,
+the softmux-vs-peer table."""
 
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ def load_for_bench(args: argparse.Namespace) -> LoadedModel:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, name=f"{args.model} (random weights)")
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=device, dtype=dtype, name=f"{args.model} (random weights)"
+    )
 
 
 def linear_weights(lm: LoadedModel) -> list[torch.Tensor]:
@@ -54,7 +57,9 @@ def cpu_model() -> str:
     try:
         info = dict(
             line.split(":", 1)
-            for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+            for line in subprocess.run(
+                ["lscpu"], capture_output=True, text=True, check=True
+            ).stdout.splitlines()
             if ":" in line
         )
         info = {k.strip(): v.strip() for k, v in info.items()}
@@ -86,7 +91,10 @@ def median(values: list[float]) -> float:
 def print_ratio_table(rows: list[dict], targets: dict[tuple[str, str], float] | None = None) -> None:
     """The softmux-vs-vLLM table (Markdown). A row: dtype, mode, unit ("tok/s": higher is better, "s": lower),
     softmux and vllm (None when vLLM was not measured). Sets each row's `ratio` (softmux's speed / vLLM's)."""
-    print("| dtype | mode | softmux | vLLM | softmux speed / vLLM |" + (" issue 10 target |" if targets is not None else ""))
+    print(
+        "| dtype | mode | softmux | vLLM | softmux speed / vLLM |"
+        + (" issue 10 target |" if targets is not None else "")
+    )
     print("|---|---|---:|---:|---:|" + ("---:|" if targets is not None else ""))
     for row in rows:
         s, v = row["softmux"], row["vllm"]

@@ -61,7 +61,10 @@ def make_prompts(lm: LoadedModel, k: int, p: int, seed: int) -> list[SoftPrompt]
 def make_jobs(n: int, k: int, lo: int, hi: int, seed: int) -> list[Job]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
-    return [Job(task=i % k, input_ids=torch.randint(100, 40_000, (n_,), generator=g).tolist()) for i, n_ in enumerate(lengths)]
+    return [
+        Job(task=i % k, input_ids=torch.randint(100, 40_000, (n_,), generator=g).tolist())
+        for i, n_ in enumerate(lengths)
+    ]
 
 
 def sync(lm: LoadedModel) -> None:
@@ -80,10 +83,17 @@ class PassTimer:
             self.decode.setdefault(rows, []).append(seconds)
 
 
-def bench_request(prompt: SoftPrompt, input_ids: list[int], new_tokens: int, sink: Callable[[Any], None]) -> Request:
+def bench_request(
+    prompt: SoftPrompt, input_ids: list[int], new_tokens: int, sink: Callable[[Any], None]
+) -> Request:
     """A greedy request of exactly `new_tokens` (the benchmark engines ignore eos: equal work everywhere)."""
     return Request(
-        task=prompt.name, prompt=prompt, input_ids=input_ids, params=SamplingParams(max_new_tokens=new_tokens), seed=0, sink=sink
+        task=prompt.name,
+        prompt=prompt,
+        input_ids=input_ids,
+        params=SamplingParams(max_new_tokens=new_tokens),
+        seed=0,
+        sink=sink,
     )
 
 
@@ -153,7 +163,9 @@ def run_per_task_generate(
             prompt = prompts[task].embeddings
             seqs = [torch.cat([prompt, embed(torch.tensor(j.input_ids, device=lm.device))]) for j in chunk]
             t = max(len(s) for s in seqs)
-            x = torch.zeros(len(seqs), t, prompt.shape[1], dtype=lm.dtype, device=lm.device)  # [B, T, H], left-padded
+            x = torch.zeros(
+                len(seqs), t, prompt.shape[1], dtype=lm.dtype, device=lm.device
+            )  # [B, T, H], left-padded
             mask = torch.zeros(len(seqs), t, dtype=torch.int64, device=lm.device)
             for r, s in enumerate(seqs):
                 x[r, t - len(s) :] = s
@@ -196,7 +208,9 @@ def workload_gflop(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], 
     for each generated token. Attention and everything else are left out (the bound is generous)."""
     head = lm.model.get_output_embeddings().weight.numel()
     body = sum(w.numel() for w in linear_weights(lm)) - head
-    prefill = sum(len(j.input_ids) for j in jobs) + sum(prompts[t].num_virtual_tokens for t in {j.task for j in jobs})
+    prefill = sum(len(j.input_ids) for j in jobs) + sum(
+        prompts[t].num_virtual_tokens for t in {j.task for j in jobs}
+    )
     decode = len(jobs) * (new_tokens - 1)
     return 2 * (body * (prefill + decode) + head * len(jobs) * new_tokens) / 1e9
 
@@ -223,7 +237,9 @@ def best_gemm_rate(lm: LoadedModel, rows: int = 512, repeats: int = 3) -> float:
     return best
 
 
-def alternating_medians(variants: dict[str, Callable[[], dict[str, float]]], repeats: int) -> dict[str, dict[str, float]]:
+def alternating_medians(
+    variants: dict[str, Callable[[], dict[str, float]]], repeats: int
+) -> dict[str, dict[str, float]]:
     """Each variant once per round, `repeats` rounds, then per-figure medians: a slow spell of the machine
     falls on every variant alike (run back to back, 5 mixed runs then 5 one-task runs once gave a mixing
     cost of 0.893; alternating, in the run that followed, 0.984)."""
@@ -263,7 +279,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     add_workload_arguments(ap, input_min=16, input_max=48)
-    ap.add_argument("--single-requests", type=int, default=16, help="requests timed one at a time (a subset: it is slow)")
+    ap.add_argument(
+        "--single-requests", type=int, default=16, help="requests timed one at a time (a subset: it is slow)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -272,8 +290,9 @@ def main() -> None:
     n, c = args.new_tokens, args.concurrency
     print(f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, {where(lm)}")
     print(
-        f"{args.requests} requests over {args.tasks} tasks, concurrency {c}, P={args.virtual}, "
-        f"inputs {args.input_min}-{args.input_max} tokens, {n} new tokens, medians of {args.repeats} runs, variants alternating",
+        f"{args.requests} requests over {args.tasks} tasks, concurrency {c}, P={args.virtual}, inputs "
+        f"{args.input_min}-{args.input_max} tokens, {n} new tokens, medians of {args.repeats} runs, "
+        "variants alternating",
         flush=True,
     )
 
@@ -303,22 +322,27 @@ def main() -> None:
         tps = results[name]["tokens_per_s"]
         print(f"| {label} | {tps:.1f} | {mixed / tps:.2f}x |")
     print()
-    print(f"mixing cost: {args.tasks} tasks / 1 task throughput = {mixed / results['one_task']['tokens_per_s']:.3f}")
     print(
-        f"mixed run: {results['mixed']['rows_per_pass']:.1f} rows and {results['mixed']['tasks_per_pass']:.2f} tasks per forward pass"
+        f"mixing cost: {args.tasks} tasks / 1 task throughput = "
+        f"{mixed / results['one_task']['tokens_per_s']:.3f}"
     )
     print(
-        f"decode step at batch {full}: engine {engine_step * 1e3:.1f} ms, bare model forward {bare_step * 1e3:.1f} ms "
-        f"(engine / bare = {engine_step / bare_step:.3f}; context ~{context})"
+        f"mixed run: {results['mixed']['rows_per_pass']:.1f} rows and "
+        f"{results['mixed']['tasks_per_pass']:.2f} tasks per forward pass"
+    )
+    print(
+        f"decode step at batch {full}: engine {engine_step * 1e3:.1f} ms, bare model forward "
+        f"{bare_step * 1e3:.1f} ms (engine / bare = {engine_step / bare_step:.3f}; context ~{context})"
     )
     # What the machine allows any implementation: the workload's multiplies at the best GEMM rate.
     gflop, rate = workload_gflop(lm, prompts, jobs, n), best_gemm_rate(lm)
     bound = len(jobs) * n / (gflop / rate)
     one = results["one_at_a_time"]["tokens_per_s"]
     print(
-        f"arithmetic bound: the workload's matrix multiplies alone are {gflop:.0f} GFLOP, {gflop / rate:.2f} s at the best "
-        f"F.linear rate measured here ({rate:.0f} GFLOP/s, 512 rows): no implementation exceeds {bound:.0f} tokens/s on "
-        f"this machine, {bound / one:.2f}x one at a time; mixed batching reaches {mixed / bound:.0%} of it"
+        f"arithmetic bound: the workload's matrix multiplies alone are {gflop:.0f} GFLOP, {gflop / rate:.2f} "
+        f"s at the best F.linear rate measured here ({rate:.0f} GFLOP/s, 512 rows): no implementation "
+        f"exceeds {bound:.0f} tokens/s on this machine, {bound / one:.2f}x one at a time; mixed batching "
+        f"reaches {mixed / bound:.0%} of it"
     )
     if args.json:
         args.json.write_text(
@@ -327,7 +351,12 @@ def main() -> None:
                     "args": {k: str(v) for k, v in vars(args).items()},
                     "results": results,
                     "decode_step": {"rows": full, "engine_s": engine_step, "bare_s": bare_step},
-                    "bound": {"gflop": gflop, "gemm_gflop_per_s": rate, "tokens_per_s": bound, "over_one_at_a_time": bound / one},
+                    "bound": {
+                        "gflop": gflop,
+                        "gemm_gflop_per_s": rate,
+                        "tokens_per_s": bound,
+                        "over_one_at_a_time": bound / one,
+                    },
                 },
                 indent=2,
             )

@@ -13,7 +13,8 @@ grammar was complete.
 The same is done on UNSEEN below: 8 inputs per task written for this benchmark (no such set existed
 in the project), in shapes the data generator never produces, reported separately.
 
-    python -m benchmarks.contracts [--limit N] [--threads 1] [--batch 32] [--out benchmarks/results/contracts_cpu.json]
+    python -m benchmarks.contracts [--limit N] [--threads 1] [--batch 32] \\
+        [--out benchmarks/results/contracts_cpu.json]
 """
 
 from __future__ import annotations
@@ -73,13 +74,25 @@ UNSEEN: dict[str, list[Example]] = {
         {"input": "Meet me on March 3rd 2024 at the station.", "output": "2024-03-03"},
     ],
     "extract-json": [
-        {"input": "Greetings from Zurich, where Felix Hartmann now lives.", "output": _person("Felix Hartmann", "Zurich")},
+        {
+            "input": "Greetings from Zurich, where Felix Hartmann now lives.",
+            "output": _person("Felix Hartmann", "Zurich"),
+        },
         {"input": "Signed, Chiara Bianchi (Milan)", "output": _person("Chiara Bianchi", "Milan")},
         {"input": "Li Wei has just relocated to Singapore.", "output": _person("Li Wei", "Singapore")},
-        {"input": "The package for Olga Ivanova should go to Riga.", "output": _person("Olga Ivanova", "Riga")},
+        {
+            "input": "The package for Olga Ivanova should go to Riga.",
+            "output": _person("Olga Ivanova", "Riga"),
+        },
         {"input": "Meet Tomas Herrera, a baker from Seville.", "output": _person("Tomas Herrera", "Seville")},
-        {"input": "Amelia Clarke, who teaches in Edinburgh, wrote to us.", "output": _person("Amelia Clarke", "Edinburgh")},
-        {"input": "After years abroad, Rahul Mehta settled in Bangalore.", "output": _person("Rahul Mehta", "Bangalore")},
+        {
+            "input": "Amelia Clarke, who teaches in Edinburgh, wrote to us.",
+            "output": _person("Amelia Clarke", "Edinburgh"),
+        },
+        {
+            "input": "After years abroad, Rahul Mehta settled in Bangalore.",
+            "output": _person("Rahul Mehta", "Bangalore"),
+        },
         {"input": "New York is home to Daniel Cohen.", "output": _person("Daniel Cohen", "New York")},
     ],
 }
@@ -101,7 +114,8 @@ class Run:
 
 
 def validator(spec: OutputSpec) -> Callable[[str], bool]:
-    """The independent check of an answer against a contract (not llguidance's): jsonschema, re.fullmatch, membership."""
+    """The independent check of an answer against a contract (not llguidance's): jsonschema, re.fullmatch,
+    membership."""
     if spec.kind is OutputKind.CHOICE:
         choices = set(json.loads(spec.text))
         return lambda text: text in choices
@@ -123,9 +137,15 @@ def validator(spec: OutputSpec) -> Callable[[str], bool]:
 
 
 def run(
-    lm: LoadedModel, prompt: SoftPrompt, inputs: list[list[int]], max_new_tokens: int, compiled: Compiled | None, batch: int
+    lm: LoadedModel,
+    prompt: SoftPrompt,
+    inputs: list[list[int]],
+    max_new_tokens: int,
+    compiled: Compiled | None,
+    batch: int,
 ) -> Run:
-    """Greedy answers through a fresh engine on this thread (training.generate_batch's way, with matchers and failures kept)."""
+    """Greedy answers through a fresh engine on this thread (training.generate_batch's way,
+    with matchers and failures kept)."""
     total = sum(len(i) for i in inputs) + len(inputs) * (prompt.num_virtual_tokens + max_new_tokens)
     engine = Engine(lm, SchedulerConfig(batch, max(total, 1), len(inputs) + 1))
     try:
@@ -135,7 +155,11 @@ def run(
 
 
 def answer_all(
-    engine: Engine, prompt: SoftPrompt, inputs: list[list[int]], max_new_tokens: int, compiled: Compiled | None
+    engine: Engine,
+    prompt: SoftPrompt,
+    inputs: list[list[int]],
+    max_new_tokens: int,
+    compiled: Compiled | None,
 ) -> Run:
     """Greedy answers to every input through `engine` (idle, not started), run on this thread."""
     answers: dict[int, Answer] = {}
@@ -152,7 +176,9 @@ def answer_all(
     params = SamplingParams(max_new_tokens=max_new_tokens)
     started = time.perf_counter()
     for i, ids in enumerate(inputs):
-        request = Request(task=prompt.name, prompt=prompt, input_ids=list(ids), params=params, seed=0, sink=sink_for(i))
+        request = Request(
+            task=prompt.name, prompt=prompt, input_ids=list(ids), params=params, seed=0, sink=sink_for(i)
+        )
         request.matcher = None if compiled is None else compiled.matcher()
         engine.scheduler.add(request)
     with torch.inference_mode():
@@ -164,7 +190,9 @@ def answer_all(
     return Run([answers[i] for i in range(len(inputs))], seconds, max_new_tokens)
 
 
-def summarise(examples: list[Example], result: Run, valid: Callable[[str], bool], constrained: bool) -> dict[str, Any]:
+def summarise(
+    examples: list[Example], result: Run, valid: Callable[[str], bool], constrained: bool
+) -> dict[str, Any]:
     answers = result.answers
     n = max(1, len(answers))
     exact = sum(a.text.strip() == e["output"].strip() for a, e in zip(answers, examples))
@@ -183,7 +211,12 @@ def summarise(examples: list[Example], result: Run, valid: Callable[[str], bool]
 
 
 def compare(
-    lm: LoadedModel, prompt: SoftPrompt, spec: OutputSpec, compiled: Compiled, examples: list[Example], batch: int
+    lm: LoadedModel,
+    prompt: SoftPrompt,
+    spec: OutputSpec,
+    compiled: Compiled,
+    examples: list[Example],
+    batch: int,
 ) -> dict[str, Any]:
     """One example set through the task free-form, then under its contract."""
     inputs = [encode(lm, CHATML_TEMPLATE, e)[0] for e in examples]
@@ -221,9 +254,9 @@ def shipped_contracts(lm: LoadedModel, store: Path) -> list[tuple[SoftPrompt, Ou
 def row(label: str, split: str, r: dict[str, Any]) -> str:
     f, c = r["free"], r["constrained"]
     return (
-        f"{label:22} {split:8} {r['n']:4} | {f['exact']:6.1%} {c['exact']:6.1%} | {f['valid']:6.1%} {c['valid']:6.1%} | "
-        f"{f['mean_tokens']:5.1f} {c['mean_tokens']:5.1f} | {f['seconds']:6.1f} {c['seconds']:6.1f} | "
-        f"{f['cut_short']:3}/{c['cut_short']:<3} {c['failed']:3}"
+        f"{label:22} {split:8} {r['n']:4} | {f['exact']:6.1%} {c['exact']:6.1%} | {f['valid']:6.1%} "
+        f"{c['valid']:6.1%} | {f['mean_tokens']:5.1f} {c['mean_tokens']:5.1f} | {f['seconds']:6.1f} "
+        f"{c['seconds']:6.1f} | {f['cut_short']:3}/{c['cut_short']:<3} {c['failed']:3}"
     )
 
 
@@ -231,7 +264,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, default=ROOT / "prompts_store")
     ap.add_argument("--data", type=Path, default=ROOT / "data")
-    ap.add_argument("--limit", type=int, default=None, help="held-out examples per task at most (default: all)")
+    ap.add_argument(
+        "--limit", type=int, default=None, help="held-out examples per task at most (default: all)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32, help="rows in the running batch")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -274,10 +309,13 @@ def main() -> None:
 
     print()
     print(f"CPU: {header['cpu']}, torch threads {args.threads}, float32, greedy, batch {args.batch}")
-    print(f"{'task':22} {'set':8} {'n':>4} | {'exact match':>13} | {'valid':>13} | {'tokens':>11} | {'wall s':>13} | cut  failed")
     print(
-        f"{'':22} {'':8} {'':4} | {'free':>6} {'contr':>6} | {'free':>6} {'contr':>6} | {'free':>5} {'contr':>5} | "
-        f"{'free':>6} {'contr':>6} | f/c"
+        f"{'task':22} {'set':8} {'n':>4} | {'exact match':>13} | {'valid':>13} | {'tokens':>11} | "
+        f"{'wall s':>13} | cut  failed"
+    )
+    print(
+        f"{'':22} {'':8} {'':4} | {'free':>6} {'contr':>6} | {'free':>6} {'contr':>6} | {'free':>5} "
+        f"{'contr':>5} | {'free':>6} {'contr':>6} | f/c"
     )
     for line in lines:
         print(line)

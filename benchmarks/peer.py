@@ -96,7 +96,9 @@ class Peer:
         if line is None:
             self.proc.wait()
             tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-            raise PeerUnavailable(f"vLLM worker exited with {self.proc.returncode}; log {self.log} ends:\n{tail}")
+            raise PeerUnavailable(
+                f"vLLM worker exited with {self.proc.returncode}; log {self.log} ends:\n{tail}"
+            )
         return json.loads(line)
 
     def ask(self, cmd: dict, timeout: float = 900) -> dict:

@@ -7,7 +7,8 @@ the rows to `LLM(model=folder, enable_prompt_embeds=True, ...)` as `prompt_embed
 Protocol: one JSON object per line. The first line written is {"ready": ...} (or {"error": ...});
 then for each command read on stdin one answer. Commands:
   {"cmd": "run"}                  all requests at once (vLLM's scheduler keeps max_num_seqs running)
-                                  (+ "structured": {"json": schema}, "max_tokens", "exact": under a constraint)
+                                  (+ "structured": {"json": schema}, "max_tokens", "exact": under a
+                                  constraint)
   {"cmd": "single", "index": i}   one request alone, its latency
   {"cmd": "steps", "rows": n}     the first n requests stepped by hand, the time of every engine step
   {"cmd": "quit"}
@@ -49,7 +50,9 @@ def run_params(cmd: dict, params):
     structured = StructuredOutputsParams(**cmd["structured"])
     n = cmd.get("max_tokens", params.max_tokens)
     if cmd.get("exact", True):
-        return SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, structured_outputs=structured)
+        return SamplingParams(
+            max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, structured_outputs=structured
+        )
     return SamplingParams(max_tokens=n, temperature=0.0, structured_outputs=structured)
 
 
@@ -82,7 +85,9 @@ def main() -> None:
             seed=0,
             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
-        params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True, temperature=0.0)
+        params = SamplingParams(
+            max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True, temperature=0.0
+        )
         # warm-up (kernels, allocator), as the softmux side gets
         llm.generate(
             [{"prompt_embeds": e} for e in embeds[: min(8, len(embeds))]],
@@ -119,7 +124,9 @@ def main() -> None:
         reset()
         if cmd["cmd"] == "run":
             t = time.perf_counter()
-            outs = llm.generate([{"prompt_embeds": e} for e in embeds], run_params(cmd, params), use_tqdm=False)
+            outs = llm.generate(
+                [{"prompt_embeds": e} for e in embeds], run_params(cmd, params), use_tqdm=False
+            )
             seconds = time.perf_counter() - t
             tokens = [list(o.outputs[0].token_ids) for o in outs]
             n = sum(len(x) for x in tokens)

@@ -8,7 +8,8 @@
 Default model, P virtual tokens, a shared token prefix then a distinct suffix per request; the table
 gives medians. Usage:
 
-    python -m benchmarks.prefix_prefill [--threads 2] [--virtual 20] [--shared 100] [--suffix 12] [--repeats 15]
+    python -m benchmarks.prefix_prefill [--threads 2] [--virtual 20] [--shared 100] [--suffix 12] \\
+        [--repeats 15]
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ from server.prompts.types import PromptKind, SoftPrompt
 def ttft(engine: Engine, prompt: SoftPrompt, ids: list[int]) -> float:
     """Seconds from admission to the first token's logits (the prefix pass, if any, plus the prefill)."""
     req = Request(
-        task=prompt.name, prompt=prompt, input_ids=ids, params=SamplingParams(max_new_tokens=1), seed=0, sink=lambda event: None
+        task=prompt.name,
+        prompt=prompt,
+        input_ids=ids,
+        params=SamplingParams(max_new_tokens=1),
+        seed=0,
+        sink=lambda event: None,
     )
     engine.scheduler.add(req)
     started = time.perf_counter()
@@ -82,8 +88,9 @@ def main() -> None:
                 times[k].append(v)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(
-        f"# time to first token, {lm.name} ({lm.dtype}), {cpu_model() or platform.processor()}, {args.threads} threads, "
-        f"P={args.virtual}, shared {args.shared} + suffix {args.suffix} tokens, median of {args.repeats}"
+        f"# time to first token, {lm.name} ({lm.dtype}), {cpu_model() or platform.processor()}, "
+        f"{args.threads} threads, P={args.virtual}, shared {args.shared} + suffix {args.suffix} tokens, "
+        f"median of {args.repeats}"
     )
     print("| state | prefilled tokens | TTFT ms | speed-up vs cold |")
     print("|---|---|---|---|")
@@ -94,7 +101,10 @@ def main() -> None:
     }
     for k in ("cold", "task", "shared"):
         print(f"| {k} | {tokens[k]} | {med[k]:.1f} | {med['cold'] / med[k]:.2f}x |")
-    print(f"shared-prefix hit vs task prefix only: {med['task'] / med['shared']:.2f}x faster time to first token")
+    print(
+        "shared-prefix hit vs task prefix only: "
+        f"{med['task'] / med['shared']:.2f}x faster time to first token"
+    )
 
 
 def replace_key(prompt: SoftPrompt) -> SoftPrompt:

@@ -9,7 +9,8 @@ model's own weights). Reported per task and dtype: exact match of each, the shar
 identical, and the engine's wall time for the whole set (batch of 32 rows). Speed and memory at large
 shapes (where the weights' bytes dominate) are in benchmarks/model_sizes.py --quantize.
 
-    python -m benchmarks.quantization [--limit 60] [--dtypes float32 bfloat16] [--out benchmarks/results/quantization_cpu.json]
+    python -m benchmarks.quantization [--limit 60] [--dtypes float32 bfloat16] \\
+        [--out benchmarks/results/quantization_cpu.json]
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def answer_tasks(
 ) -> dict[str, Run]:
     """Every task's held-out answers through one engine over a fresh load of the default model."""
     lm = load_model("default", dtype=dtype)
-    engine = Engine(lm, SchedulerConfig(batch, 1 << 20, 1 << 12), accel=Acceleration(one_copy=True, quantize=quantize))
+    engine = Engine(
+        lm, SchedulerConfig(batch, 1 << 20, 1 << 12), accel=Acceleration(one_copy=True, quantize=quantize)
+    )
     geometry = PromptGeometry.of(lm, 512)
     out = {}
     try:
@@ -63,7 +66,9 @@ def answer_tasks(
 
 
 def exact(run: Run, examples: list[Example]) -> float:
-    return sum(a.text.strip() == e["output"].strip() for a, e in zip(run.answers, examples)) / max(1, len(examples))
+    return sum(a.text.strip() == e["output"].strip() for a, e in zip(run.answers, examples)) / max(
+        1, len(examples)
+    )
 
 
 def main() -> None:
@@ -78,7 +83,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tasks = [(name, held[: args.limit]) for name, held in tasks_with_data(args.store, args.data)]
-    print(f"# --quantize int8 vs the model's dtype, default model, greedy; CPU: {cpu_model()}, {args.threads} threads")
+    print(
+        f"# --quantize int8 vs the model's dtype, default model, greedy; CPU: {cpu_model()}, "
+        f"{args.threads} threads"
+    )
     print("| task | dtype | n | exact (dtype) | exact (int8) | identical answers | wall s (dtype / int8) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     rows: list[dict[str, Any]] = []
@@ -100,12 +108,14 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"| {name} | {dtype} | {row['n']} | {row['exact']:.1%} | {row['exact_int8']:.1%} | {same:.1%} | "
-                f"{b.seconds:.1f} / {q.seconds:.1f} |",
+                f"| {name} | {dtype} | {row['n']} | {row['exact']:.1%} | {row['exact_int8']:.1%} | "
+                f"{same:.1%} | {b.seconds:.1f} / {q.seconds:.1f} |",
                 flush=True,
             )
     if args.out is not None:
-        args.out.write_text(json.dumps({"cpu": cpu_model(), "threads": args.threads, "rows": rows}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps({"cpu": cpu_model(), "threads": args.threads, "rows": rows}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

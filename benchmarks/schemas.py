@@ -1,14 +1,16 @@
-"""Structured-output constraints of the shapes clients send (JSON schemas, regexes, choice lists), each with one
-valid answer, for the grammar benchmarks and tests.
+"""Structured-output constraints of the shapes clients send (JSON schemas, regexes, choice lists), each with
+one valid answer, for the grammar benchmarks and tests.
 
-Every schema keeps to what JSON-schema grammar libraries commonly support (draft 2020-12: nested objects, arrays
-of objects, enums, optional and nullable fields, integer and number ranges, maxLength, the formats date, date-time,
-email and uuid, anyOf/oneOf, $defs/$ref, additionalProperties: false) and is small enough that a 135M model
-finishes an answer in <= 96 tokens when its free strings are short: free strings carry maxLength and arrays
-maxItems <= 3. Patterns are anchored (^...$): JSON Schema's `pattern` is a search, the grammar libraries match it
-whole. EXAMPLES' key order is the schemas' property order, which the libraries' JSON grammars impose.
+Every schema keeps to what JSON-schema grammar libraries commonly support (draft 2020-12: nested objects,
+arrays of objects, enums, optional and nullable fields, integer and number ranges, maxLength, the formats
+date, date-time, email and uuid, anyOf/oneOf, $defs/$ref, additionalProperties: false) and is small enough
+that a 135M model finishes an answer in <= 96 tokens when its free strings are short: free strings carry
+maxLength and arrays maxItems <= 3. Patterns are anchored (^...$): JSON Schema's `pattern` is a search, the
+grammar libraries match it whole. EXAMPLES' key order is the schemas' property order, which the libraries'
+JSON grammars impose.
 
-    python -m benchmarks.schemas    # checks every schema (jsonschema) and every example against its constraint
+    python -m benchmarks.schemas    # checks every schema (jsonschema) and every example against its
+                                    # constraint
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ Schema = dict[str, Any]
 
 
 def _obj(properties: dict[str, Any], required: list[str] | None = None, **extra: Any) -> Schema:
-    """A closed object (additionalProperties: false), every property required unless `required` says otherwise."""
+    """A closed object (additionalProperties: false),
+    every property required unless `required` says otherwise."""
     return {
         "type": "object",
         "properties": properties,
@@ -49,7 +52,13 @@ UUID: Schema = {"type": "string", "format": "uuid"}
 HHMM: Schema = {"type": "string", "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]$"}
 
 SCHEMAS: list[tuple[str, Schema]] = [
-    ("person", _obj({"name": _str(40), "age": _int(0, 130), "email": EMAIL, "is_member": {"type": "boolean"}}, ["name", "age"])),
+    (
+        "person",
+        _obj(
+            {"name": _str(40), "age": _int(0, 130), "email": EMAIL, "is_member": {"type": "boolean"}},
+            ["name", "age"],
+        ),
+    ),
     (
         "address",
         _obj(
@@ -135,7 +144,13 @@ SCHEMAS: list[tuple[str, Schema]] = [
             **_obj(
                 {
                     "name": {"enum": ["get_weather", "search_web", "send_email"]},
-                    "arguments": {"anyOf": [{"$ref": "#/$defs/weather"}, {"$ref": "#/$defs/search"}, {"$ref": "#/$defs/email"}]},
+                    "arguments": {
+                        "anyOf": [
+                            {"$ref": "#/$defs/weather"},
+                            {"$ref": "#/$defs/search"},
+                            {"$ref": "#/$defs/email"},
+                        ]
+                    },
                 }
             ),
         },
@@ -202,17 +217,26 @@ SCHEMAS: list[tuple[str, Schema]] = [
         "payment",
         {
             "$defs": {
-                "card": _obj({"method": {"const": "card"}, "last4": {"type": "string", "pattern": "^[0-9]{4}$"}}),
+                "card": _obj(
+                    {"method": {"const": "card"}, "last4": {"type": "string", "pattern": "^[0-9]{4}$"}}
+                ),
                 "bank": _obj({"method": {"const": "bank"}, "iban": _str(34)}),
             },
-            **_obj({"amount": _num(0, 1000000), "source": {"oneOf": [{"$ref": "#/$defs/card"}, {"$ref": "#/$defs/bank"}]}}),
+            **_obj(
+                {
+                    "amount": _num(0, 1000000),
+                    "source": {"oneOf": [{"$ref": "#/$defs/card"}, {"$ref": "#/$defs/bank"}]},
+                }
+            ),
         },
     ),
     (
         "user_profile",
         {
             "$defs": {
-                "address": _obj({"city": _str(24), "country": {"enum": ["US", "CA", "GB", "DE", "FR", "JP"]}}),
+                "address": _obj(
+                    {"city": _str(24), "country": {"enum": ["US", "CA", "GB", "DE", "FR", "JP"]}}
+                ),
             },
             **_obj(
                 {
@@ -244,7 +268,11 @@ SCHEMAS: list[tuple[str, Schema]] = [
             {
                 "name": _str(30),
                 "servings": _int(1, 12),
-                "ingredients": {"type": "array", "items": _obj({"item": _str(20), "amount": _str(12)}), "maxItems": 3},
+                "ingredients": {
+                    "type": "array",
+                    "items": _obj({"item": _str(20), "amount": _str(12)}),
+                    "maxItems": 3,
+                },
                 "vegetarian": {"type": "boolean"},
             }
         ),
@@ -286,16 +314,26 @@ SCHEMAS: list[tuple[str, Schema]] = [
     (
         "math_result",
         _obj(
-            {"expression": _str(30), "result": {"type": "number"}, "steps": {"type": "array", "items": _str(30), "maxItems": 3}}
+            {
+                "expression": _str(30),
+                "result": {"type": "number"},
+                "steps": {"type": "array", "items": _str(30), "maxItems": 3},
+            }
         ),
     ),
-    ("word_counts", {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}, "maxProperties": 3}),
+    (
+        "word_counts",
+        {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}, "maxProperties": 3},
+    ),
     (
         "category_tree",
         {
             "$defs": {
                 "node": _obj(
-                    {"name": _str(20), "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+                    {
+                        "name": _str(20),
+                        "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2},
+                    },
                     ["name"],
                 ),
             },
@@ -304,7 +342,14 @@ SCHEMAS: list[tuple[str, Schema]] = [
     ),
     (
         "rgb_color",
-        _obj({"r": _int(0, 255), "g": _int(0, 255), "b": _int(0, 255), "hex": {"type": "string", "pattern": "^#[0-9a-f]{6}$"}}),
+        _obj(
+            {
+                "r": _int(0, 255),
+                "g": _int(0, 255),
+                "b": _int(0, 255),
+                "hex": {"type": "string", "pattern": "^#[0-9a-f]{6}$"},
+            }
+        ),
     ),
     (
         "meeting_slots",
@@ -329,7 +374,8 @@ SCHEMAS: list[tuple[str, Schema]] = [
     ),
 ]
 
-# One valid answer per schema, keys in the schema's property order (what the JSON grammars allow), short fields.
+# One valid answer per schema, keys in the schema's property order (what the JSON grammars allow), short
+# fields.
 EXAMPLES: dict[str, Any] = {
     "person": {"name": "Ada Lovelace", "age": 36, "email": "ada@example.com", "is_member": True},
     "address": {"street": "221B Baker St", "city": "London", "postal_code": "NW1 6XE", "country": "GB"},
@@ -356,24 +402,48 @@ EXAMPLES: dict[str, Any] = {
         "category": "electronics",
     },
     "sentiment": {"label": "positive", "confidence": 0.92},
-    "log_record": {"timestamp": "2024-05-01T12:00:00Z", "level": "ERROR", "message": "disk full", "status_code": 507},
+    "log_record": {
+        "timestamp": "2024-05-01T12:00:00Z",
+        "level": "ERROR",
+        "message": "disk full",
+        "status_code": 507,
+    },
     "tool_call": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
     "geo_point": {"lat": 48.8566, "lon": 2.3522, "label": "Paris"},
     "contact_card": {"full_name": "Li Wei", "phone": "+1 555 0100", "email": None, "company": "Initech"},
     "weather_report": {"city": "Oslo", "temperature_c": -3.5, "condition": "snow", "humidity": 80},
     "multi_label": {"labels": ["billing", "bug"]},
-    "named_entities": {"entities": [{"text": "Marie Curie", "type": "PERSON"}, {"text": "Warsaw", "type": "LOC"}]},
+    "named_entities": {
+        "entities": [{"text": "Marie Curie", "type": "PERSON"}, {"text": "Warsaw", "type": "LOC"}]
+    },
     "order_status": {"order_id": "AB123456", "status": "shipped", "shipped_on": "2024-02-29"},
     "payment": {"amount": 49.99, "source": {"method": "card", "last4": "4242"}},
-    "user_profile": {"username": "jdoe_42", "email": "jdoe@mail.org", "home": {"city": "Austin", "country": "US"}, "work": None},
-    "movie_review": {"title": "Alien", "year": 1979, "rating": 5, "summary": "Tense and scary.", "spoilers": False},
+    "user_profile": {
+        "username": "jdoe_42",
+        "email": "jdoe@mail.org",
+        "home": {"city": "Austin", "country": "US"},
+        "work": None,
+    },
+    "movie_review": {
+        "title": "Alien",
+        "year": 1979,
+        "rating": 5,
+        "summary": "Tense and scary.",
+        "spoilers": False,
+    },
     "recipe": {
         "name": "Pancakes",
         "servings": 4,
         "ingredients": [{"item": "flour", "amount": "200 g"}, {"item": "milk", "amount": "300 ml"}],
         "vegetarian": True,
     },
-    "flight_booking": {"origin": "SFO", "destination": "JFK", "date": "2024-12-20", "passengers": 2, "cabin": "economy"},
+    "flight_booking": {
+        "origin": "SFO",
+        "destination": "JFK",
+        "date": "2024-12-20",
+        "passengers": 2,
+        "cabin": "economy",
+    },
     "support_ticket": {
         "ticket_id": "0b7e9c2a-4f1d-4c8e-9a3b-5d6e7f8a9b0c",
         "priority": "high",
@@ -434,7 +504,8 @@ def choice_regex(choices: list[str]) -> str:
 
 
 def check() -> list[str]:
-    """Every schema valid per its metaschema, every example valid (formats checked), names matched up: the problems."""
+    """Every schema valid per its metaschema, every example valid (formats checked), names matched up:
+    the problems."""
     from jsonschema import FormatChecker
     from jsonschema.validators import validator_for
 
@@ -451,7 +522,8 @@ def check() -> list[str]:
             continue
         if name in EXAMPLES:
             problems += [
-                f"{name}: example: {e.message}" for e in cls(schema, format_checker=FormatChecker()).iter_errors(EXAMPLES[name])
+                f"{name}: example: {e.message}"
+                for e in cls(schema, format_checker=FormatChecker()).iter_errors(EXAMPLES[name])
             ]
     for name, rx in REGEXES:
         if name not in REGEX_EXAMPLES or not re.fullmatch(rx, REGEX_EXAMPLES[name]):
@@ -464,5 +536,7 @@ def check() -> list[str]:
 
 if __name__ == "__main__":
     found = check()
-    print("\n".join(found) or f"ok: {len(SCHEMAS)} schemas, {len(REGEXES)} regexes, {len(CHOICES)} choice lists")
+    print(
+        "\n".join(found) or f"ok: {len(SCHEMAS)} schemas, {len(REGEXES)} regexes, {len(CHOICES)} choice lists"
+    )
     raise SystemExit(1 if found else 0)

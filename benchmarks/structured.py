@@ -95,7 +95,9 @@ def chat_text(lm: LoadedModel, instruction: str) -> list[int]:
 def valid(spec: OutputSpec, text: str) -> bool:
     try:
         if spec.kind is OutputKind.JSON_SCHEMA:
-            jsonschema.validate(json.loads(text), json.loads(spec.text), format_checker=jsonschema.FormatChecker())
+            jsonschema.validate(
+                json.loads(text), json.loads(spec.text), format_checker=jsonschema.FormatChecker()
+            )
             return True
         if spec.kind is OutputKind.REGEX:
             return re.fullmatch(spec.text, text) is not None
@@ -124,10 +126,15 @@ def validity(lm: LoadedModel, max_new: int = 128) -> dict[str, Any]:
         ids = chat_text(lm, f"Give one example of a {name.replace('_', ' ')}. Reply with the answer only.")
         for k, params in enumerate(
             [SamplingParams(max_new_tokens=max_new)]
-            + [SamplingParams(max_new_tokens=max_new, do_sample=True, temperature=1.0, seed=s) for s in range(3)]
+            + [
+                SamplingParams(max_new_tokens=max_new, do_sample=True, temperature=1.0, seed=s)
+                for s in range(3)
+            ]
         ):
             events: list[FinishEvent] = []
-            req = Request(task="plain", prompt=prompt, input_ids=ids, params=params, seed=k, sink=events.append)
+            req = Request(
+                task="plain", prompt=prompt, input_ids=ids, params=params, seed=k, sink=events.append
+            )
             req.matcher = compiled.matcher()
             engine.scheduler.add(req)
             results.append((name, spec, events))  # type: ignore[arg-type]
@@ -152,10 +159,18 @@ def validity(lm: LoadedModel, max_new: int = 128) -> dict[str, Any]:
 
 
 def workload_run(
-    lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], compiler: GrammarCompiler, share: float, new_tokens: int = 32
+    lm: LoadedModel,
+    prompts: list[SoftPrompt],
+    jobs: list[Job],
+    compiler: GrammarCompiler,
+    share: float,
+    new_tokens: int = 32,
 ) -> dict[str, float]:
     engine = Engine(
-        lm, SchedulerConfig(32, 1 << 30, len(jobs) + 1), PrefixCache(1 << 30), max_context=longest(prompts, jobs, new_tokens)
+        lm,
+        SchedulerConfig(32, 1 << 30, len(jobs) + 1),
+        PrefixCache(1 << 30),
+        max_context=longest(prompts, jobs, new_tokens),
     )
     engine.eos_ids = set()  # every request generates exactly new_tokens (the schema cannot end in 32 tokens)
     compiled = compiler.compile(OutputSpec.of(OutputKind.JSON_SCHEMA, PEOPLE))
@@ -193,7 +208,10 @@ def samples_run(
     lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], forked: bool, new_tokens: int = 32
 ) -> dict[str, float]:
     engine = Engine(
-        lm, SchedulerConfig(32, 1 << 30, 10_000), PrefixCache(1 << 30), max_context=longest(prompts, jobs, new_tokens)
+        lm,
+        SchedulerConfig(32, 1 << 30, 10_000),
+        PrefixCache(1 << 30),
+        max_context=longest(prompts, jobs, new_tokens),
     )
     engine.eos_ids = set()
     params = SamplingParams(max_new_tokens=new_tokens, do_sample=True, temperature=1.0)
@@ -242,15 +260,17 @@ def main() -> None:
     if "compile" not in args.skip:
         report["compile"] = c = compile_times(lm)
         print(
-            f"compile, {c['constraints']} constraints: cold p50 {c['cold_ms']['p50']:.2f} ms, p99 {c['cold_ms']['p99']:.2f} ms, "
-            f"max {c['cold_ms']['max']:.2f} ms; cached p50 {c['cached_ms']['p50'] * 1000:.1f} us; refused {sorted(c['refused'])}"
+            f"compile, {c['constraints']} constraints: cold p50 {c['cold_ms']['p50']:.2f} ms, p99 "
+            f"{c['cold_ms']['p99']:.2f} ms, max {c['cold_ms']['max']:.2f} ms; cached p50 "
+            f"{c['cached_ms']['p50'] * 1000:.1f} us; refused {sorted(c['refused'])}"
         )
     if "validity" not in args.skip:
         report["validity"] = v = validity(lm)
         print(
-            f"validity: {v['answers']} answers, {v['ended_by_grammar']} ended by the grammar, {v['valid_of_ended']} of them valid "
-            f"({100 * v['valid_of_ended'] / max(1, v['ended_by_grammar']):.1f}%), {v['truncated']} cut by max_new_tokens, "
-            f"{v['failed']} failed; invalid: {v['invalid']}"
+            f"validity: {v['answers']} answers, {v['ended_by_grammar']} ended by the grammar, "
+            f"{v['valid_of_ended']} of them valid "
+            f"({100 * v['valid_of_ended'] / max(1, v['ended_by_grammar']):.1f}%), {v['truncated']} cut by "
+            f"max_new_tokens, {v['failed']} failed; invalid: {v['invalid']}"
         )
     prompts, jobs = make_prompts(lm, 8, 20, seed=0), make_jobs(64, 8, 16, 64, seed=1)
     if "cost" not in args.skip:
@@ -260,13 +280,15 @@ def main() -> None:
         report["cost"] = cost = alternating_medians(variants, args.rounds)
         base = cost["0%"]["tokens_per_s"]
         print(
-            "| rows under a JSON schema | tokens/s | vs none | mask fill p50 / p99 ms | waited after the pass p50 / p99 ms | hidden |"
+            "| rows under a JSON schema | tokens/s | vs none | mask fill p50 / p99 ms | waited after the "
+            "pass p50 / p99 ms | hidden |"
         )
         print("|---|---:|---:|---:|---:|---:|")
         for k, r in cost.items():
             print(
-                f"| {k} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.3f}x | {r['fill_ms_p50']:.2f} / {r['fill_ms_p99']:.2f} | "
-                f"{r['waited_ms_p50']:.3f} / {r['waited_ms_p99']:.3f} | {100 * r['hidden_share']:.0f}% |"
+                f"| {k} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.3f}x | {r['fill_ms_p50']:.2f} "
+                f"/ {r['fill_ms_p99']:.2f} | {r['waited_ms_p50']:.3f} / {r['waited_ms_p99']:.3f} | "
+                f"{100 * r['hidden_share']:.0f}% |"
             )
     if "n" not in args.skip:
         quarter = jobs[:16]
@@ -277,9 +299,10 @@ def main() -> None:
         report["n"] = n = alternating_medians(variants, args.rounds)
         ratio = n["n=4"]["tokens_per_s"] / n["4 requests"]["tokens_per_s"]
         print(
-            f"n=4 over 16 prompts: {n['n=4']['tokens_per_s']:.1f} tok/s, {n['n=4']['rows_prefilled']:.0f} rows prefilled, "
-            f"{n['n=4']['forked']:.0f} forked, {n['n=4']['blocks_allocated']:.0f} blocks allocated; 64 separate requests: "
-            f"{n['4 requests']['tokens_per_s']:.1f} tok/s, {n['4 requests']['rows_prefilled']:.0f} rows prefilled, "
+            f"n=4 over 16 prompts: {n['n=4']['tokens_per_s']:.1f} tok/s, {n['n=4']['rows_prefilled']:.0f} "
+            f"rows prefilled, {n['n=4']['forked']:.0f} forked, {n['n=4']['blocks_allocated']:.0f} blocks "
+            f"allocated; 64 separate requests: {n['4 requests']['tokens_per_s']:.1f} tok/s, "
+            f"{n['4 requests']['rows_prefilled']:.0f} rows prefilled, "
             f"{n['4 requests']['blocks_allocated']:.0f} blocks; n=4 {ratio:.2f}x"
         )
     if args.out is not None:

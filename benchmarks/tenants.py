@@ -76,7 +76,9 @@ def store_with(settings: dict[str, dict[str, Any]]) -> Iterator[Path]:
 
 @contextmanager
 def server(store: Path, policy: str, threads: int) -> Iterator[str]:
-    proc, url = start_server(["--store", str(store), "--scheduling", policy, "--threads", str(threads), "--reload-interval", "0"])
+    proc, url = start_server(
+        ["--store", str(store), "--scheduling", policy, "--threads", str(threads), "--reload-interval", "0"]
+    )
     try:
         yield url
     finally:
@@ -85,7 +87,11 @@ def server(store: Path, policy: str, threads: int) -> Iterator[str]:
 
 
 def body(task: str, text: str, new_tokens: int, **parameters: Any) -> dict[str, Any]:
-    return {"task": task, "inputs": CHAT.format(text), "parameters": {"max_new_tokens": new_tokens, **parameters}}
+    return {
+        "task": task,
+        "inputs": CHAT.format(text),
+        "parameters": {"max_new_tokens": new_tokens, **parameters},
+    }
 
 
 async def stream_once(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +161,9 @@ class Flood:
 
     def start(self) -> None:
         self._pools = [client(32) for _ in range(0, self.concurrency, 32)]
-        self._workers = [asyncio.create_task(self._worker(k, self._pools[k // 32])) for k in range(self.concurrency)]
+        self._workers = [
+            asyncio.create_task(self._worker(k, self._pools[k // 32])) for k in range(self.concurrency)
+        ]
 
     async def stop(self) -> None:
         for w in self._workers:
@@ -180,7 +188,9 @@ async def noisy_neighbour(url: str, flood_concurrency: int, duration: float) -> 
         refused0 = flood.refused
         quiet: list[asyncio.Task[dict[str, Any]]] = []
         for k in range(int(duration)):
-            quiet.append(asyncio.create_task(stream_once(c, url, body("sentiment", TEXTS[k % len(TEXTS)], 16))))
+            quiet.append(
+                asyncio.create_task(stream_once(c, url, body("sentiment", TEXTS[k % len(TEXTS)], 16)))
+            )
             await asyncio.sleep(1.0)
         answers = await asyncio.gather(*quiet)
         seconds = time.perf_counter() - t0
@@ -202,7 +212,10 @@ async def noisy_neighbour(url: str, flood_concurrency: int, duration: float) -> 
 async def shares(url: str, window: float) -> dict[str, Any]:
     async with client(160) as c:
         # Alike requests (one input, 32 tokens each, eos ignored): shares of tokens are shares of service.
-        floods = [Flood(c, url, task, 64, 32, texts=[TEXTS[0]], ignore_eos=True) for task in ("topic", "extract-json")]
+        floods = [
+            Flood(c, url, task, 64, 32, texts=[TEXTS[0]], ignore_eos=True)
+            for task in ("topic", "extract-json")
+        ]
         for f in floods:
             f.start()
         await asyncio.sleep(8.0)
@@ -220,14 +233,18 @@ async def shares(url: str, window: float) -> dict[str, Any]:
     return {
         "share_topic": served["topic"] / total,
         "tokens_per_s": total / window,
-        "counters_at_return": {t: at_return[t]["counter"] for t in ("topic", "extract-json", "iso-date") if t in at_return},
+        "counters_at_return": {
+            t: at_return[t]["counter"] for t in ("topic", "extract-json", "iso-date") if t in at_return
+        },
     }
 
 
 # ---- priorities ------------------------------------------------------------------------------------
 async def priorities(url: str) -> dict[str, Any]:
     async with client(64) as c:
-        alone = await stream_once(c, url, body("topic", TEXTS[0], 96, ignore_eos=True))  # the flood's answer, solo
+        alone = await stream_once(
+            c, url, body("topic", TEXTS[0], 96, ignore_eos=True)
+        )  # the flood's answer, solo
         await stream_once(c, url, body("sentiment", TEXTS[1], 8, priority=-1))  # its prefix computed once
         urgent_alone = await stream_once(c, url, body("sentiment", TEXTS[1], 8, priority=-1))
         flood = Flood(c, url, "topic", 32, 96, texts=[TEXTS[0]], ignore_eos=True)
@@ -287,7 +304,9 @@ def _client(fn: Callable[..., Coroutine[Any, Any, dict[str, Any]]], *args: Any) 
 def in_client_process(fn: Callable[..., Coroutine[Any, Any, dict[str, Any]]], *args: Any) -> dict[str, Any]:
     """Run a measurement's clients in a fresh process at the clients' niceness."""
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=os.nice, initargs=(CLIENT_NICE[0],)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=context, initializer=os.nice, initargs=(CLIENT_NICE[0],)
+    ) as pool:
         return pool.submit(_client, fn, *args).result()
 
 
@@ -305,14 +324,22 @@ def median_of(runs: list[dict[str, Any]], *path: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=30.0, help="seconds of quiet requests (one a second) under the flood")
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=30.0,
+        help="seconds of quiet requests (one a second) under the flood",
+    )
     ap.add_argument("--window", type=float, default=60.0, help="seconds over which the shares are counted")
     ap.add_argument("--flood", type=int, default=320, help="the flood's concurrency")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one round, short windows (a smoke run)")
     ap.add_argument("--only", choices=("noisy", "shares", "priorities", "mixed"), action="append")
     ap.add_argument(
-        "--client-nice", type=int, default=19, help="niceness of the clients' process (0: same priority as the server)"
+        "--client-nice",
+        type=int,
+        default=19,
+        help="niceness of the clients' process (0: same priority as the server)",
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -325,7 +352,10 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "args": vars(args) | {"json": str(args.json)},
     }
-    print(f"CPU: {report['cpu']}, {args.threads} threads, {args.rounds} round(s), clients at nice {args.client_nice}")
+    print(
+        f"CPU: {report['cpu']}, {args.threads} threads, {args.rounds} round(s), "
+        f"clients at nice {args.client_nice}"
+    )
 
     if "noisy" in only:
         runs: dict[str, list[dict[str, Any]]] = {"fifo": [], "fair": []}
@@ -333,18 +363,23 @@ def main() -> None:
             for r in range(args.rounds):
                 for policy in ("fifo", "fair"):
                     with server(store, policy, args.threads) as url:
-                        runs[policy].append(in_client_process(noisy_neighbour, url, args.flood, args.duration))
+                        runs[policy].append(
+                            in_client_process(noisy_neighbour, url, args.flood, args.duration)
+                        )
                     print(f"  noisy neighbour, round {r + 1}, {policy}: {json.dumps(runs[policy][-1])}")
         report["noisy_neighbour"] = runs
-        print("noisy neighbour (medians):   quiet TTFT p50 / p99 s   quiet refused   flood tok/s   flood 429/s")
+        print(
+            "noisy neighbour (medians):   quiet TTFT p50 / p99 s   quiet refused   flood tok/s   flood 429/s"
+        )
         for policy in ("fifo", "fair"):
             rs = [x for x in runs[policy] if x["quiet_ttft"]]
             p50 = median_of(rs, "quiet_ttft", "p50") if rs else float("nan")
             p99 = median_of(rs, "quiet_ttft", "p99") if rs else float("nan")
             print(
                 f"  {policy:5}  {p50:8.3f} / {p99:7.3f}   {median_of(runs[policy], 'quiet_refused'):5.0f} of "
-                f"{median_of(runs[policy], 'quiet_sent'):.0f}   {median_of(runs[policy], 'flood_tokens_per_s'):9.1f}"
-                f"   {median_of(runs[policy], 'flood_refused_per_s'):9.1f}"
+                f"{median_of(runs[policy], 'quiet_sent'):.0f}   "
+                f"{median_of(runs[policy], 'flood_tokens_per_s'):9.1f}   "
+                f"{median_of(runs[policy], 'flood_refused_per_s'):9.1f}"
             )
         ratio = median_of(runs["fair"], "flood_tokens_per_s") / median_of(runs["fifo"], "flood_tokens_per_s")
         print(f"  flood throughput fair / fifo: {ratio:.3f}")
@@ -360,7 +395,10 @@ def main() -> None:
                         runs_s.append(in_client_process(shares, url, args.window))
                     print(f"  shares {label}, round {r + 1}: {json.dumps(runs_s[-1])}")
             report["shares"][label] = runs_s
-            print(f"shares {label}: topic {100 * median_of(runs_s, 'share_topic'):.1f}% of generated tokens (median)")
+            print(
+                f"shares {label}: topic {100 * median_of(runs_s, 'share_topic'):.1f}% "
+                "of generated tokens (median)"
+            )
 
     if "priorities" in only:
         runs_p: dict[str, list[dict[str, Any]]] = {"fifo": [], "fair": []}
@@ -375,8 +413,8 @@ def main() -> None:
         for policy in ("fifo", "fair"):
             rs = runs_p[policy]
             print(
-                f"priorities {policy}: urgent TTFT {median_of(rs, 'urgent_ttft'):.3f} s (bound 2 steps + alone: "
-                f"{median_of(rs, 'bound'):.3f} s; step {median_of(rs, 'decode_step') * 1000:.0f} ms), "
+                f"priorities {policy}: urgent TTFT {median_of(rs, 'urgent_ttft'):.3f} s (bound 2 steps + "
+                f"alone: {median_of(rs, 'bound'):.3f} s; step {median_of(rs, 'decode_step') * 1000:.0f} ms), "
                 f"rows preempted {median_of(rs, 'flood_rows_preempted'):.0f}, answers equal solo: "
                 f"{', '.join(x['flood_answers_equal_solo'] for x in rs)}"
             )
@@ -387,8 +425,8 @@ def main() -> None:
         fifo, fair = statistics.median(mixed["fifo"]), statistics.median(mixed["fair"])
         paired = statistics.median(b / a for a, b in zip(mixed["fifo"], mixed["fair"]))
         print(
-            f"mixed batch (compare.py workload): fifo {fifo:.1f} tok/s, fair {fair:.1f} tok/s, ratio of medians "
-            f"{fair / fifo:.3f}, median of the rounds' ratios {paired:.3f}"
+            f"mixed batch (compare.py workload): fifo {fifo:.1f} tok/s, fair {fair:.1f} tok/s, ratio of "
+            f"medians {fair / fifo:.3f}, median of the rounds' ratios {paired:.3f}"
         )
 
     if args.json:

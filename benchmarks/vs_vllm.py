@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/vs_vllm.py` from anywhere
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # `python benchmarks/vs_vllm.py` from anywhere
 from benchmarks.common import ROOT, cpu_model, linear_weights, median, print_ratio_table, write_results
 from benchmarks.compare import Job, PassTimer, bare_decode_step, bench_request, make_jobs, make_prompts
 from benchmarks.machine import CpuWatch, machine_line
@@ -59,7 +61,12 @@ def build_softmux_engine(lm: LoadedModel, max_rows: int, observer: PassTimer | N
 
 
 def run_softmux(
-    lm: LoadedModel, prompts: list[SoftPrompt], jobs: list[Job], new_tokens: int, max_rows: int, timer: PassTimer | None = None
+    lm: LoadedModel,
+    prompts: list[SoftPrompt],
+    jobs: list[Job],
+    new_tokens: int,
+    max_rows: int,
+    timer: PassTimer | None = None,
 ) -> dict:
     """All requests submitted at once (as vLLM's `generate(list)`); the engine keeps `max_rows` running."""
     engine = build_softmux_engine(lm, max_rows, timer)
@@ -103,7 +110,10 @@ def matmul_floor(lm: LoadedModel, rows: int, repeats: int = 15) -> dict:
     weights = linear_weights(lm)
     flops = sum(2 * rows * w.shape[0] * w.shape[1] for w in weights)
     layouts = {"2d": (rows,), "3d": (rows, 1)}
-    xs = {k: {w.shape[1]: torch.randn(*lead, w.shape[1], dtype=lm.dtype) for w in weights} for k, lead in layouts.items()}
+    xs = {
+        k: {w.shape[1]: torch.randn(*lead, w.shape[1], dtype=lm.dtype) for w in weights}
+        for k, lead in layouts.items()
+    }
     times: dict[str, list[float]] = {k: [] for k in layouts}
     for i in range(repeats + 3):
         for k in layouts:
@@ -165,7 +175,9 @@ class Setup:
 @dataclass
 class Results:
     rows: list[dict] = field(default_factory=list)  # the table: one per (dtype, mode)
-    tokens: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)  # dtype -> "softmux_32"... -> answers
+    tokens: dict[str, dict[str, list[list[int]]]] = field(
+        default_factory=dict
+    )  # dtype -> "softmux_32"... -> answers
     steps: dict[str, dict] = field(default_factory=dict)  # dtype -> decode step seconds of each side
     singles: dict[str, dict] = field(default_factory=dict)  # dtype -> single-request seconds of each side
     floors: dict[str, dict] = field(default_factory=dict)  # dtype -> matmul_floor()
@@ -200,7 +212,11 @@ class VllmSide:
             print(f"vLLM cannot run here: {exc}", flush=True)
             return
         res.peer_info.setdefault(dtype, {})[limit] = self.peer.ready
-        print(f"[{dtype}, {limit} rows] vLLM {self.peer.ready['vllm']} ready in {self.peer.ready['startup_s']:.0f} s", flush=True)
+        print(
+            f"[{dtype}, {limit} rows] vLLM {self.peer.ready['vllm']} ready in "
+            f"{self.peer.ready['startup_s']:.0f} s",
+            flush=True,
+        )
 
     def ask(self, cmd: dict) -> dict | None:
         if self.peer is None:
@@ -221,7 +237,9 @@ class VllmSide:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default", help="'default' or a model folder (vLLM loads the same folder)")
+    ap.add_argument(
+        "--model", default="default", help="'default' or a model folder (vLLM loads the same folder)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--tasks", type=int, default=8)
@@ -231,7 +249,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--limits", type=int, nargs="+", default=[32, 64], help="row limits (64 = no limit for 64 requests)")
+    ap.add_argument(
+        "--limits", type=int, nargs="+", default=[32, 64], help="row limits (64 = no limit for 64 requests)"
+    )
     ap.add_argument("--single", type=int, default=0, help="index of the request timed alone")
     ap.add_argument("--peer-python", type=Path, default=ROOT / ".peer-venv" / "bin" / "python")
     ap.add_argument("--no-peer", action="store_true", help="softmux and the bare model only")
@@ -242,7 +262,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def prepare(args: argparse.Namespace, watch: CpuWatch) -> Setup:
-    """The float32 model, the tasks' prompts, the jobs, and their prompt embeddings saved for the vLLM worker."""
+    """The float32 model, the tasks' prompts, the jobs,
+    and their prompt embeddings saved for the vLLM worker."""
     load_before = os.getloadavg()
     settings = Settings()
     folder = resolve_model(args.model, settings.cache_dir)
@@ -251,7 +272,9 @@ def prepare(args: argparse.Namespace, watch: CpuWatch) -> Setup:
     jobs = make_jobs(args.requests, args.tasks, args.input_min, args.input_max, seed=1)
     embed = lm32.model.get_input_embeddings()
     with torch.inference_mode():
-        rows = [torch.cat([prompts32[j.task].embeddings, embed(torch.tensor(j.input_ids))]).clone() for j in jobs]
+        rows = [
+            torch.cat([prompts32[j.task].embeddings, embed(torch.tensor(j.input_ids))]).clone() for j in jobs
+        ]
     workload = Path(tempfile.mkdtemp(prefix="softmux-vs-vllm-")) / "workload.pt"
     torch.save({"embeds": rows}, workload)  # float32 [P+L, H] per request; the worker casts to its dtype
     header = {
@@ -265,7 +288,10 @@ def prepare(args: argparse.Namespace, watch: CpuWatch) -> Setup:
         "loadavg_before": load_before,
     }
     print(f"CPU: {header['cpu']}; {args.threads} threads; softmux torch {torch.__version__}")
-    print(f"workload: {header['workload']}; medians of {args.repeats}, softmux and vLLM runs alternating", flush=True)
+    print(
+        f"workload: {header['workload']}; medians of {args.repeats}, softmux and vLLM runs alternating",
+        flush=True,
+    )
     if args.peer_log.exists():
         args.peer_log.unlink()
     return Setup(args, folder, lm32, prompts32, jobs, rows, workload, header, watch)
@@ -277,7 +303,8 @@ def others(run: dict) -> str:
 
 @dataclass
 class Trial:
-    """One (dtype, row limit): the model in that dtype, the prompts cast to it, vLLM's worker, the step timer."""
+    """One (dtype, row limit): the model in that dtype, the prompts cast to it, vLLM's worker,
+    the step timer."""
 
     dtype: str
     limit: int
@@ -353,11 +380,22 @@ def measure_latency_and_step(setup: Setup, t: Trial, res: Results) -> None:
 
 
 def measure_dtype(setup: Setup, dtype: str, res: Results) -> None:
-    """Every row limit (a vLLM worker each), then the bare forward's step and the matmul floor at the smallest."""
+    """Every row limit (a vLLM worker each),
+    then the bare forward's step and the matmul floor at the smallest."""
     a, limits = setup.args, setup.limits
-    lm = setup.lm32 if dtype == "float32" else load_model(a.model, device="cpu", dtype=dtype, cache_dir=Settings().cache_dir)
+    lm = (
+        setup.lm32
+        if dtype == "float32"
+        else load_model(a.model, device="cpu", dtype=dtype, cache_dir=Settings().cache_dir)
+    )
     prompts = [
-        SoftPrompt(name=p.name, kind=p.kind, content_hash=p.content_hash, source=p.source, embeddings=p.embeddings.to(lm.dtype))
+        SoftPrompt(
+            name=p.name,
+            kind=p.kind,
+            content_hash=p.content_hash,
+            source=p.source,
+            embeddings=p.embeddings.to(lm.dtype),
+        )
         for p in setup.prompts32
     ]
     run_softmux(lm, prompts, setup.jobs[:16], 4, limits[0])  # warm-up (allocator, kernels)
@@ -389,7 +427,9 @@ def compare_answers(setup: Setup, res: Results) -> tuple[dict, dict]:
     """Greedy answers token by token: softmux vs vLLM at the smallest limit (where they differ in float32,
     which one equals the reference: the bare model alone, no cache), and softmux at both limits."""
     lo, hi, n = f"_{setup.limits[0]}", f"_{setup.limits[-1]}", setup.args.new_tokens
-    match = {dt: same_tokens(t["softmux" + lo], t["vllm" + lo]) for dt, t in res.tokens.items() if "vllm" + lo in t}
+    match = {
+        dt: same_tokens(t["softmux" + lo], t["vllm" + lo]) for dt, t in res.tokens.items() if "vllm" + lo in t
+    }
     for dt, m in match.items():
         t = res.tokens[dt]
         differ = [i for i, (x, y) in enumerate(zip(t["softmux" + lo], t["vllm" + lo])) if x != y]
@@ -415,9 +455,10 @@ def print_steps(res: Results) -> None:
         print(
             f"decode step at {st['rows']} rows, {dtype}: "
             + ", ".join(parts)
-            + f"; matmul floor {fl['seconds'] * 1e3:.1f} ms ({fl['matmuls']} matmuls, {fl['gflop']:.2f} GFLOP "
-            f"at {fl['gflop_per_s']:.0f} GFLOP/s; inputs [rows, in] {fl['seconds_2d'] * 1e3:.1f} ms, "
-            f"[rows, 1, in] {fl['seconds_3d'] * 1e3:.1f} ms): softmux / floor = {st['softmux_s'] / fl['seconds']:.2f}"
+            + f"; matmul floor {fl['seconds'] * 1e3:.1f} ms ({fl['matmuls']} matmuls, {fl['gflop']:.2f} "
+            f"GFLOP at {fl['gflop_per_s']:.0f} GFLOP/s; inputs [rows, in] {fl['seconds_2d'] * 1e3:.1f} ms, "
+            f"[rows, 1, in] {fl['seconds_3d'] * 1e3:.1f} ms): softmux / floor = "
+            f"{st['softmux_s'] / fl['seconds']:.2f}"
             + (f", vLLM / floor = {st['vllm_s'] / fl['seconds']:.2f}" if "vllm_s" in st else "")
             + (" (target <= 1.15)" if dtype == "float32" else "")
         )
@@ -426,8 +467,9 @@ def print_steps(res: Results) -> None:
             st["vllm_over_floor"] = st["vllm_s"] / fl["seconds"]
         if res.peer_note is not None:
             print(
-                f"  softmux vs the bare model, {dtype}: decode-only bound of the bare forward at {st['rows']} rows "
-                f"= {st['rows'] / st['bare_s']:.0f} tok/s; softmux engine step / bare step = {st['softmux_s'] / st['bare_s']:.2f}"
+                f"  softmux vs the bare model, {dtype}: decode-only bound of the bare forward at "
+                f"{st['rows']} rows = {st['rows'] / st['bare_s']:.0f} tok/s; softmux engine step / bare step "
+                f"= {st['softmux_s'] / st['bare_s']:.2f}"
             )
 
 
@@ -458,16 +500,19 @@ def report(setup: Setup, res: Results, match: dict, self_match: dict, machine: d
     print()
     for dt, m in match.items():
         print(
-            f"greedy answers, softmux vs vLLM, {dt}, {limits[0]} rows: {m['identical']}/{m['of']} token-identical "
-            f"(mean common prefix {m['mean_common_prefix']:.1f} of {a.new_tokens} tokens)"
+            f"greedy answers, softmux vs vLLM, {dt}, {limits[0]} rows: {m['identical']}/{m['of']} "
+            f"token-identical (mean common prefix {m['mean_common_prefix']:.1f} of {a.new_tokens} tokens)"
         )
         if "differing" in m:
             print(
-                f"  of the {len(m['differing'])} that differ, the reference (bare model alone, no cache, {dt}) equals "
-                f"softmux's answer in {m['softmux_equals_reference']} and vLLM's in {m['vllm_equals_reference']}"
+                f"  of the {len(m['differing'])} that differ, the reference (bare model alone, no cache, "
+                f"{dt}) equals softmux's answer in {m['softmux_equals_reference']} and vLLM's in "
+                f"{m['vllm_equals_reference']}"
             )
     for dt, m in self_match.items():
-        print(f"softmux {limits[0]} rows vs {limits[-1]} rows, {dt}: {m['identical']}/{m['of']} token-identical")
+        print(
+            f"softmux {limits[0]} rows vs {limits[-1]} rows, {dt}: {m['identical']}/{m['of']} token-identical"
+        )
     print(machine_line(machine, header["loadavg_before"]))
 
 

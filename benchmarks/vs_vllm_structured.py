@@ -7,10 +7,12 @@ to vLLM as `prompt_embeds`, inputs 8-24 tokens, 32 rows, float32, greedy), every
   finish in 32 tokens, exactly 32 new tokens each (softmux: eos ignored; vLLM: `structured_outputs`
   json with `ignore_eos`, `min_tokens`, compact JSON); the same runs unconstrained give each side's cost
   of the constraint; medians of `--repeats`, the four variants alternating;
-- validity: one person record (a name of at most 16 characters, an age, a boolean, an enum) that ends, up to 96 tokens; the answers each side's
-  grammar ended are validated with `jsonschema` (formats checked), those cut by the limit counted apart.
+- validity: one person record (a name of at most 16 characters, an age, a boolean, an enum) that ends, up to
+  96 tokens; the answers each side's grammar ended are validated with `jsonschema` (formats checked), those
+  cut by the limit counted apart.
 
-    .venv/bin/python -m benchmarks.vs_vllm_structured [--repeats 3] [--json benchmarks/results/vs_vllm_structured_cpu.json]
+    .venv/bin/python -m benchmarks.vs_vllm_structured [--repeats 3] \\
+        [--json benchmarks/results/vs_vllm_structured_cpu.json]
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ PERSON = {  # every field bounded, so that answers end well within 96 tokens on 
 }
 
 
-def softmux_run(setup: Setup, compiler: GrammarCompiler, schema: dict | None, new_tokens: int) -> dict[str, float]:
+def softmux_run(
+    setup: Setup, compiler: GrammarCompiler, schema: dict | None, new_tokens: int
+) -> dict[str, float]:
     """Every job at once, exactly `new_tokens` each, every row under `schema` (None: unconstrained)."""
     engine = build_softmux_engine(setup.lm32, 32)
     compiled = None if schema is None else compiler.compile(OutputSpec.of(OutputKind.JSON_SCHEMA, schema))
@@ -68,10 +72,15 @@ def softmux_run(setup: Setup, compiler: GrammarCompiler, schema: dict | None, ne
     began = time.perf_counter()
     engine.run_until_idle()
     seconds = time.perf_counter() - began
-    return {"tokens_per_s": len(setup.jobs) * new_tokens / seconds, "grammar_errors": engine.mask_stats.grammar_errors}
+    return {
+        "tokens_per_s": len(setup.jobs) * new_tokens / seconds,
+        "grammar_errors": engine.mask_stats.grammar_errors,
+    }
 
 
-def softmux_answers(setup: Setup, compiler: GrammarCompiler, schema: dict, max_tokens: int) -> tuple[list[str], list[str]]:
+def softmux_answers(
+    setup: Setup, compiler: GrammarCompiler, schema: dict, max_tokens: int
+) -> tuple[list[str], list[str]]:
     """Answers that end where the grammar (or eos) does: (texts, finish reasons as vLLM names them)."""
     engine = Engine(setup.lm32, SchedulerConfig(32, 1 << 30, 1 << 16), PrefixCache(1 << 30))
     compiled = compiler.compile(OutputSpec.of(OutputKind.JSON_SCHEMA, schema))
@@ -92,7 +101,9 @@ def softmux_answers(setup: Setup, compiler: GrammarCompiler, schema: dict, max_t
         ends.append(events)
     engine.run_until_idle()
     finals = [e[-1] for e in ends]
-    return [f.generated_text for f in finals], ["length" if f.finish_reason is FinishReason.LENGTH else "stop" for f in finals]
+    return [f.generated_text for f in finals], [
+        "length" if f.finish_reason is FinishReason.LENGTH else "stop" for f in finals
+    ]
 
 
 def validity(texts: list[str], reasons: list[str], schema: dict) -> dict[str, Any]:
@@ -162,7 +173,10 @@ def main() -> None:
         report["vllm"] = vllm.peer.ready["vllm"] if vllm.peer is not None else None
     vllm.close()
     report["validity"] = checks
-    print(f"\n# structured outputs, softmux vs vLLM CPU ({setup.header['cpu']}, {args.threads} threads, float32, 32 rows)")
+    print(
+        f"\n# structured outputs, softmux vs vLLM CPU ({setup.header['cpu']}, {args.threads} threads, "
+        "float32, 32 rows)"
+    )
     print("| side | unconstrained tok/s | every row under a JSON schema tok/s | constrained / free |")
     print("|---|---:|---:|---:|")
     for side in ("softmux", "vLLM"):
@@ -173,7 +187,8 @@ def main() -> None:
         print(f"softmux / vLLM under the schema: {med['softmux json'] / med['vLLM json']:.2f}x")
     for side, v in checks.items():
         print(
-            f"validity {side}: {v['valid']}/{v['ended']} valid of the answers the grammar ended, {v['truncated']} cut by 96 tokens; {v['invalid'][:3]}"
+            f"validity {side}: {v['valid']}/{v['ended']} valid of the answers the grammar ended, "
+            f"{v['truncated']} cut by 96 tokens; {v['invalid'][:3]}"
         )
     if res.peer_note:
         print(f"vLLM: {res.peer_note}")

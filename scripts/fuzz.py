@@ -61,7 +61,9 @@ def run_fuzz(
         tmp_path = Path(tmp)
         if model_dir is None:
             model_dir = tiny_test_model(
-                tmp_path / "tiny", tokenizer_from=ensure_default_model(Settings().cache_dir), initializer_range=0.3
+                tmp_path / "tiny",
+                tokenizer_from=ensure_default_model(Settings().cache_dir),
+                initializer_range=0.3,
             )
         lm = load_model(str(model_dir), dtype="float32")
         make_store(tmp_path / "store", lm.hidden_size)
@@ -119,9 +121,13 @@ def _count(pattern: str, text: str) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-examples", type=int, default=30, help="examples per operation and phase (default 30)")
+    p.add_argument(
+        "--max-examples", type=int, default=30, help="examples per operation and phase (default 30)"
+    )
     p.add_argument("--min-cases", type=int, default=1000, help="fail unless at least this many cases ran")
-    p.add_argument("--request-timeout", type=float, default=10.0, help="seconds per request before it counts as a hang")
+    p.add_argument(
+        "--request-timeout", type=float, default=10.0, help="seconds per request before it counts as a hang"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     ns = p.parse_args()
@@ -130,7 +136,8 @@ def main() -> int:
     ok = result.returncode == 0 and result.cases >= ns.min_cases
     print(
         f"fuzz: {result.cases} cases over {result.operations} operations in {result.seconds:.0f} s; "
-        f"schemathesis exit {result.returncode}; {'PASS' if ok else 'FAIL'} (need >= {ns.min_cases} cases, no 5xx, no hang)"
+        f"schemathesis exit {result.returncode}; {'PASS' if ok else 'FAIL'} (need >= {ns.min_cases} cases, "
+        "no 5xx, no hang)"
     )
     return 0 if ok else 1
 

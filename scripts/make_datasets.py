@@ -1,4 +1,5 @@
-"""Generate the training and held-out data of the shipped trained tasks, reproducibly (seeded, nothing downloaded).
+"""Generate the training and held-out data of the shipped trained tasks, reproducibly
+(seeded, nothing downloaded).
 
     python scripts/make_datasets.py [--out data]
 
@@ -9,7 +10,8 @@ training sets never contain, so a held-out score measures generalisation, not re
 Tasks:
 - `iso-date`: a date written in one of many surface formats -> `YYYY-MM-DD`.
 - `extract-json`: a sentence naming a person and a city -> `{"name": "...", "city": "..."}`.
-- `sentiment`: compositional review sentences (negation, intensifiers, "X but Y" contrast) -> `positive` | `negative`.
+- `sentiment`: compositional review sentences (negation, intensifiers, "X but Y" contrast) ->
+  `positive` | `negative`.
 """
 
 from __future__ import annotations
@@ -92,7 +94,20 @@ FIRST = {
         "Nina",
         "Paul",
     ],
-    "test": ["Elena", "Marco", "Aisha", "Thomas", "Julia", "Kenji", "Rosa", "Samuel", "Ingrid", "Pablo", "Leila", "Victor"],
+    "test": [
+        "Elena",
+        "Marco",
+        "Aisha",
+        "Thomas",
+        "Julia",
+        "Kenji",
+        "Rosa",
+        "Samuel",
+        "Ingrid",
+        "Pablo",
+        "Leila",
+        "Victor",
+    ],
 }
 LAST = {
     "train": [
@@ -117,7 +132,18 @@ LAST = {
         "Olsen",
         "Murphy",
     ],
-    "test": ["Costa", "Lindqvist", "Moreau", "Tanaka", "Keller", "Okafor", "Romero", "Jensen", "Ahmadi", "Walsh"],
+    "test": [
+        "Costa",
+        "Lindqvist",
+        "Moreau",
+        "Tanaka",
+        "Keller",
+        "Okafor",
+        "Romero",
+        "Jensen",
+        "Ahmadi",
+        "Walsh",
+    ],
 }
 CITIES = {
     "train": [
@@ -142,7 +168,18 @@ CITIES = {
         "Quito",
         "Perth",
     ],
-    "test": ["Helsinki", "Naples", "Austin", "Kyoto", "Porto", "Warsaw", "Montreal", "Accra", "Bogota", "Glasgow"],
+    "test": [
+        "Helsinki",
+        "Naples",
+        "Austin",
+        "Kyoto",
+        "Porto",
+        "Warsaw",
+        "Montreal",
+        "Accra",
+        "Bogota",
+        "Glasgow",
+    ],
 }
 PERSON_TEMPLATES_TRAIN = [
     "My name is {n} and I live in {c}.",
@@ -206,7 +243,9 @@ def _clause(rng: random.Random, split: str, positive: bool) -> str:
     word_positive = positive != negate
     adj = rng.choice(POSITIVE[split] if word_positive else NEGATIVE[split])
     if negate:
-        return rng.choice([f"{subject} was not {adj}", f"{subject} wasn't {adj} at all", f"{subject} was far from {adj}"])
+        return rng.choice(
+            [f"{subject} was not {adj}", f"{subject} wasn't {adj} at all", f"{subject} was far from {adj}"]
+        )
     return f"{subject} was {rng.choice(INTENSIFIERS)}{adj}"
 
 
@@ -239,21 +278,29 @@ TASKS: dict[str, Callable[[random.Random, str], Example]] = {
 # and enough tokens for any answer above (a complete answer ends its request before that).
 CONTRACTS: dict[str, dict[str, Any]] = {
     "iso-date": {
-        "output": {"regex": "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"},  # [0-9]: \d is any Unicode digit
+        "output": {
+            "regex": "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+        },  # [0-9]: \d is any Unicode digit
         "defaults": {"temperature": 0, "max_new_tokens": 12},
     },
     "extract-json": {
         "output": {
             "json": {
                 "type": "object",
-                "properties": {"name": {"type": "string", "minLength": 1}, "city": {"type": "string", "minLength": 1}},
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "city": {"type": "string", "minLength": 1},
+                },
                 "required": ["name", "city"],
                 "additionalProperties": False,
             }
         },
         "defaults": {"temperature": 0, "max_new_tokens": 48},
     },
-    "sentiment": {"output": {"choice": ["positive", "negative"]}, "defaults": {"temperature": 0, "max_new_tokens": 8}},
+    "sentiment": {
+        "output": {"choice": ["positive", "negative"]},
+        "defaults": {"temperature": 0, "max_new_tokens": 8},
+    },
 }
 
 
@@ -271,7 +318,9 @@ def generate(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

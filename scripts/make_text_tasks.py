@@ -66,7 +66,9 @@ def prefix_text(instruction: str, examples: list[tuple[str, str]]) -> str:
     return f"<|im_start|>system\n{instruction}<|im_end|>\n{shots}"
 
 
-def write_task(lm: LoadedModel, model_dir: Path, folder: Path, text: str, contract: dict[str, Any] | None = None) -> int:
+def write_task(
+    lm: LoadedModel, model_dir: Path, folder: Path, text: str, contract: dict[str, Any] | None = None
+) -> int:
     """Save one prompt-tuning adapter initialised from `text` (and `contract` as its task.json); return its
     virtual token count."""
     n = len(lm.tokenizer(text)["input_ids"])  # the tokenizer adds no BOS: exactly the text's tokens
@@ -112,7 +114,8 @@ def check(lm: LoadedModel, folder: Path, text: str, n: int) -> None:
 
 @torch.no_grad()
 def demo(lm: LoadedModel, folder: Path, inputs: list[str], max_new_tokens: int = 24) -> None:
-    """Greedy answers with the soft prompt prepended to the input embeddings (PEFT's own generate is broken)."""
+    """Greedy answers with the soft prompt prepended to the input embeddings (PEFT's own generate is
+    broken)."""
     soft = load_file(folder / "adapter_model.safetensors")["prompt_embeddings"].to(lm.dtype)  # [P, H]
     embed = lm.model.get_input_embeddings()
     for x in inputs:
@@ -128,7 +131,9 @@ def demo(lm: LoadedModel, folder: Path, inputs: list[str], max_new_tokens: int =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--store", type=Path, default=Path(__file__).resolve().parents[1] / "prompts_store")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--demo", action="store_true", help="print greedy answers for a few inputs per task")
@@ -138,7 +143,9 @@ def main() -> None:
     lm = load_model(str(model_dir), device="cpu", dtype="float32")
     args.store.mkdir(parents=True, exist_ok=True)
     for name, (instruction, examples, inputs) in TASKS.items():
-        n = write_task(lm, model_dir, args.store / name, prefix_text(instruction, examples), CONTRACTS.get(name))
+        n = write_task(
+            lm, model_dir, args.store / name, prefix_text(instruction, examples), CONTRACTS.get(name)
+        )
         print(f"{name}: {n} virtual tokens -> {args.store / name}")
         if args.demo:
             demo(lm, args.store / name, inputs)

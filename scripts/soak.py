@@ -69,11 +69,16 @@ def well_formed(path: str, body: dict, max_new: int) -> bool:
     )
 
 
-async def one(client: httpx.AsyncClient, i: int, tasks: list[str], max_new: int, tally: Tally, rng: random.Random) -> None:
+async def one(
+    client: httpx.AsyncClient, i: int, tasks: list[str], max_new: int, tally: Tally, rng: random.Random
+) -> None:
     task = tasks[i % len(tasks)]
     text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 24)))
     if i % 5 == 4:
-        path, payload = "/v1/completions", {"model": task, "prompt": text, "max_tokens": max_new, "temperature": 0}
+        path, payload = (
+            "/v1/completions",
+            {"model": task, "prompt": text, "max_tokens": max_new, "temperature": 0},
+        )
     else:
         params = {"max_new_tokens": max_new}
         if i % 2:
@@ -90,7 +95,9 @@ async def one(client: httpx.AsyncClient, i: int, tasks: list[str], max_new: int,
         tally.statuses[r.status_code] += 1
         if r.status_code in (429, 503):
             tally.retries += 1
-            await asyncio.sleep(max(float(r.headers.get("retry-after", "0") or 0) * 0.1, delay) * (0.5 + rng.random()))
+            await asyncio.sleep(
+                max(float(r.headers.get("retry-after", "0") or 0) * 0.1, delay) * (0.5 + rng.random())
+            )
             delay = min(delay * 2, 2.0)
             continue
         try:
@@ -111,7 +118,9 @@ async def pool_committed(client: httpx.AsyncClient) -> int:
     return int((await client.get("/stats")).json()["kv_pool"]["bytes_committed"])
 
 
-async def soak(url: str, pid: int, n: int, concurrency: int, warmup: int, max_new: int, timeout: float) -> tuple[Tally, dict]:
+async def soak(
+    url: str, pid: int, n: int, concurrency: int, warmup: int, max_new: int, timeout: float
+) -> tuple[Tally, dict]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         tasks = [t["name"] for t in (await client.get("/tasks")).json()["tasks"]]
@@ -156,12 +165,16 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--warmup", type=int, default=500, help="requests after which memory counts as settled")
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=600.0, help="client seconds per request before it counts as lost")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="client seconds per request before it counts as lost"
+    )
     p.add_argument("--rss-tolerance", type=float, default=0.10)
     p.add_argument("--url", help="soak a running server instead of starting one (needs --pid)")
     p.add_argument("--pid", type=int, help="the running server's process id, for its memory")
     p.add_argument("--verbose", action="store_true", help="show the started server's log")
-    p.add_argument("serve_args", nargs="*", help="extra `softmux serve` flags after --, e.g. -- --max-queue 32")
+    p.add_argument(
+        "serve_args", nargs="*", help="extra `softmux serve` flags after --, e.g. -- --max-queue 32"
+    )
     args = p.parse_args()
     proc = None
     if args.url:
@@ -174,7 +187,15 @@ def main() -> int:
         pid = proc.pid
     try:
         tally, f = asyncio.run(
-            soak(url, pid, args.requests, args.concurrency, min(args.warmup, args.requests), args.max_new_tokens, args.timeout)
+            soak(
+                url,
+                pid,
+                args.requests,
+                args.concurrency,
+                min(args.warmup, args.requests),
+                args.max_new_tokens,
+                args.timeout,
+            )
         )
     finally:
         if proc is not None:
@@ -192,17 +213,28 @@ def main() -> int:
     lost = args.requests - tally.ok - len(tally.bad)
     stats = f["stats"]
     passes = stats["prefill_passes"] + stats["decode_passes"]
-    print(f"""
-soak: {args.requests} requests, concurrency {args.concurrency}, {f["tasks"]} tasks, max_new_tokens {args.max_new_tokens}
-  time            {f["seconds"]:.1f} s ({args.requests / f["seconds"]:.1f} req/s)
-  answers         {tally.ok} well-formed 200, {len(tally.bad)} bad, {lost} lost
-  statuses        {dict(tally.statuses)} ({tally.retries} retries on 429/503)
-  5xx (not 503)   {fivexx}
-  latency         p50 {lat[len(lat) // 2]:.2f} s, p99 {lat[int(len(lat) * 0.99) - 1]:.2f} s, max {lat[-1]:.2f} s
-  rss             start {f["rss_start"] / mib:.0f} MiB, after warm-up ({args.warmup}) {warm / mib:.0f} MiB, end {f["rss_end"] / mib:.0f} MiB
-  kv pool         committed {pool_warm / mib:.0f} MiB after warm-up, {f["pool_end"] / mib:.0f} MiB at the end (limit {pool_limit / mib:.0f} MiB; {f["stats"]["kv_pool"]["cached_token_blocks"]} cached input-token blocks)
-  rss drift       {drift:+.1%} after warm-up, the pool's growth ({pool_growth / mib:+.0f} MiB) left out (tolerance {args.rss_tolerance:.0%})
-  engine          {passes} passes, {stats["rows_decoded"] / max(stats["decode_passes"], 1):.1f} rows/decode pass, {stats["tasks_summed"] / max(passes, 1):.2f} tasks/pass, {stats["mixed_task_passes"]} mixed-task passes""")
+    print(
+        "\n"
+        f"soak: {args.requests} requests, concurrency {args.concurrency}, {f['tasks']} tasks, "
+        f"max_new_tokens {args.max_new_tokens}\n"
+        f"  time            {f['seconds']:.1f} s ({args.requests / f['seconds']:.1f} req/s)\n"
+        f"  answers         {tally.ok} well-formed 200, {len(tally.bad)} bad, {lost} lost\n"
+        f"  statuses        {dict(tally.statuses)} ({tally.retries} retries on 429/503)\n"
+        f"  5xx (not 503)   {fivexx}\n"
+        f"  latency         p50 {lat[len(lat) // 2]:.2f} s, p99 {lat[int(len(lat) * 0.99) - 1]:.2f} s, "
+        f"max {lat[-1]:.2f} s\n"
+        f"  rss             start {f['rss_start'] / mib:.0f} MiB, after warm-up ({args.warmup}) "
+        f"{warm / mib:.0f} MiB, end {f['rss_end'] / mib:.0f} MiB\n"
+        f"  kv pool         committed {pool_warm / mib:.0f} MiB after warm-up, "
+        f"{f['pool_end'] / mib:.0f} MiB at the end (limit {pool_limit / mib:.0f} MiB; "
+        f"{f['stats']['kv_pool']['cached_token_blocks']} cached input-token blocks)\n"
+        f"  rss drift       {drift:+.1%} after warm-up, the pool's growth ({pool_growth / mib:+.0f} MiB) "
+        f"left out (tolerance {args.rss_tolerance:.0%})\n"
+        f"  engine          {passes} passes, "
+        f"{stats['rows_decoded'] / max(stats['decode_passes'], 1):.1f} rows/decode pass, "
+        f"{stats['tasks_summed'] / max(passes, 1):.2f} tasks/pass, "
+        f"{stats['mixed_task_passes']} mixed-task passes"
+    )
     for line in tally.bad[:10]:
         print("  bad:", line)
     ok = tally.ok == args.requests and not tally.bad and fivexx == 0 and abs(drift) <= args.rss_tolerance

@@ -49,7 +49,8 @@ TASKS: dict[str, tuple[str, dict]] = {
         {"steps": 60, "batch_size": 8, "lr": 0.05},
     ),
     "sentiment": (
-        "Is the overall sentiment of the review positive or negative? Reply with one word: positive or negative.",
+        "Is the overall sentiment of the review positive or negative? Reply with one word: "
+        "positive or negative.",
         {"steps": 60, "batch_size": 8, "lr": 0.05},
     ),
 }
@@ -77,7 +78,9 @@ def make_data(data: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--phase", choices=["all", "train", "baseline"], default="all")
     parser.add_argument("--store", type=Path, default=ROOT / "prompts_store")
@@ -140,7 +143,8 @@ def main() -> None:
 
 def table(scores: dict) -> str:
     lines = [
-        "| task | (a) instruction, 0-shot | (a) instruction, 3-shot | (b) text-init soft prompt | (c) trained soft prompt | training |",
+        "| task | (a) instruction, 0-shot | (a) instruction, 3-shot | (b) text-init soft prompt | (c) "
+        "trained soft prompt | training |",
         "|---|---|---|---|---|---|",
     ]
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731

@@ -67,12 +67,21 @@ def percentiles(values: list[float]) -> dict[str, float]:
     def at(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-    return {"p50": statistics.median(ordered), "p90": at(0.90), "p99": at(0.99), "mean": statistics.fmean(ordered)}
+    return {
+        "p50": statistics.median(ordered),
+        "p90": at(0.90),
+        "p99": at(0.99),
+        "mean": statistics.fmean(ordered),
+    }
 
 
-def synthetic_requests(tasks: list[str], n: int, input_words: int, max_new_tokens: int, seed: int) -> list[BenchRequest]:
+def synthetic_requests(
+    tasks: list[str], n: int, input_words: int, max_new_tokens: int, seed: int
+) -> list[BenchRequest]:
     rng = random.Random(seed)
-    words = "time person year way day thing man world life hand part child eye woman place work week case point".split()
+    words = (
+        "time person year way day thing man world life hand part child eye woman place work week case point"
+    ).split()
     return [
         BenchRequest(
             task=tasks[i % len(tasks)],
@@ -94,7 +103,11 @@ def load_requests(path: Path, default_new: int) -> list[BenchRequest]:
 
 
 async def one_request(client: httpx.AsyncClient, req: BenchRequest) -> Outcome:
-    body = {"task": req.task, "inputs": req.inputs, "parameters": {"max_new_tokens": req.max_new_tokens, "details": True}}
+    body = {
+        "task": req.task,
+        "inputs": req.inputs,
+        "parameters": {"max_new_tokens": req.max_new_tokens, "details": True},
+    }
     start = time.perf_counter()
     out = Outcome(status=0)
     try:
@@ -152,7 +165,9 @@ async def run_load(url: str, requests: list[BenchRequest], concurrency: int, pro
     return summarise(concurrency, outcomes, seconds, before, after)
 
 
-def summarise(concurrency: int, outcomes: list[Outcome], seconds: float, before: dict[str, Any], after: dict[str, Any]) -> Report:
+def summarise(
+    concurrency: int, outcomes: list[Outcome], seconds: float, before: dict[str, Any], after: dict[str, Any]
+) -> Report:
     ok = [o for o in outcomes if o.status == 200 and o.error is None]
     errors: dict[str, int] = {}
     for o in outcomes:
@@ -184,9 +199,10 @@ def print_report(r: Report) -> None:
     rows = f"{r.rows_per_pass:.1f}" if r.rows_per_pass is not None else "-"
     tasks = f"{r.tasks_per_pass:.2f}" if r.tasks_per_pass is not None else "-"
     print(
-        f"| {r.concurrency} | {r.requests} | {r.requests_per_s:.2f} | {r.tokens_per_s:.1f} | {ms(r.ttft, 'p50')} / "
-        f"{ms(r.ttft, 'p90')} / {ms(r.ttft, 'p99')} | {ms(r.latency, 'p50')} / {ms(r.latency, 'p90')} / "
-        f"{ms(r.latency, 'p99')} | {rows} | {tasks} | {json.dumps(r.errors) if r.errors else '-'} |"
+        f"| {r.concurrency} | {r.requests} | {r.requests_per_s:.2f} | {r.tokens_per_s:.1f} | "
+        f"{ms(r.ttft, 'p50')} / {ms(r.ttft, 'p90')} / {ms(r.ttft, 'p99')} | {ms(r.latency, 'p50')} / "
+        f"{ms(r.latency, 'p90')} / {ms(r.latency, 'p99')} | {rows} | {tasks} | "
+        f"{json.dumps(r.errors) if r.errors else '-'} |"
     )
 
 
@@ -202,7 +218,13 @@ def plot(reports: list[Report], path: Path) -> None:
     a.set(xlabel="concurrency", ylabel="generated tokens/s", title="throughput", xscale="log")
     for key in ("p50", "p90"):
         b.plot(c, [r.latency.get(key, float("nan")) for r in reports], marker="o", label=f"latency {key}")
-        b.plot(c, [r.ttft.get(key, float("nan")) for r in reports], marker="x", linestyle="--", label=f"TTFT {key}")
+        b.plot(
+            c,
+            [r.ttft.get(key, float("nan")) for r in reports],
+            marker="x",
+            linestyle="--",
+            label=f"TTFT {key}",
+        )
     b.set(xlabel="concurrency", ylabel="seconds", title="latency", xscale="log")
     b.legend()
     fig.tight_layout()
@@ -249,7 +271,9 @@ def start_server(
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-    except BaseException:  # Ctrl-C while waiting: the server, in a session of its own, must not outlive the caller
+    except (
+        BaseException
+    ):  # Ctrl-C while waiting: the server, in a session of its own, must not outlive the caller
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
         raise
@@ -283,18 +307,27 @@ def check_plotting(path: Path | None) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server to load (default: %(default)s)")
-    p.add_argument("--start-server", action="store_true", help="start `softmux serve` on a free port for the run")
+    p.add_argument(
+        "--start-server", action="store_true", help="start `softmux serve` on a free port for the run"
+    )
     p.add_argument(
         "--server-args",
         default="",
-        help="extra flags for the started server, e.g. '--max-batch-size 64' (a --port or --host there is where it listens)",
+        help=(
+            "extra flags for the started server, e.g. '--max-batch-size 64' "
+            "(a --port or --host there is where it listens)"
+        ),
     )
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--tasks", type=int, default=0, help="spread over the first K tasks of /tasks (0: all)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[32], help="one level, or several for a sweep")
+    p.add_argument(
+        "--concurrency", type=int, nargs="+", default=[32], help="one level, or several for a sweep"
+    )
     p.add_argument("--input-words", type=int, default=24, help="words per synthetic input")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--requests-file", type=Path, help="JSON lines {task, inputs, max_new_tokens?} instead of synthetic")
+    p.add_argument(
+        "--requests-file", type=Path, help="JSON lines {task, inputs, max_new_tokens?} instead of synthetic"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the reports here")
     p.add_argument("--plot", type=Path, help="write a PNG of throughput and latency against concurrency")
@@ -319,7 +352,8 @@ def main(ns: argparse.Namespace) -> int:
             requests = synthetic_requests(names, ns.requests, ns.input_words, ns.max_new_tokens, ns.seed)
         print(f"{len(requests)} requests over {len({r.task for r in requests})} tasks against {url}")
         print(
-            "| concurrency | requests | req/s | gen tok/s | TTFT ms p50/p90/p99 | latency ms p50/p90/p99 | rows/pass | tasks/pass | errors |"
+            "| concurrency | requests | req/s | gen tok/s | TTFT ms p50/p90/p99 | latency ms p50/p90/p99 | "
+            "rows/pass | tasks/pass | errors |"
         )
         print("|---:|---:|---:|---:|---|---|---:|---:|---|")
         reports = []

@@ -52,7 +52,8 @@ def _prepare_model(ns: argparse.Namespace) -> int:
 
 
 def _build_kernels(ns: argparse.Namespace) -> int:
-    """Build (or find) the native CPU kernels for this machine; non-zero with the reason where they cannot be."""
+    """Build (or find) the native CPU kernels for this machine;
+    non-zero with the reason where they cannot be."""
     import time
 
     from server.engine import kernels  # lazy: importing torch takes seconds
@@ -61,10 +62,14 @@ def _build_kernels(ns: argparse.Namespace) -> int:
     built = kernels.load(ns.cache_dir)
     if built is None:
         print(
-            "softmux build-kernels: the kernels cannot be built here (the reason is logged above); the server will run torch ops"
+            "softmux build-kernels: the kernels cannot be built here (the reason is logged above); "
+            "the server will run torch ops"
         )
         return 1
-    print(f"softmux kernels ready ({time.monotonic() - began:.1f} s): {ns.cache_dir / 'kernels' / kernels.build_key()}")
+    print(
+        f"softmux kernels ready ({time.monotonic() - began:.1f} s): "
+        f"{ns.cache_dir / 'kernels' / kernels.build_key()}"
+    )
     return 0
 
 
@@ -102,43 +107,68 @@ def _train(ns: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"softmux train: {e}") from None
     lm = load_model(
-        ns.model, device=ns.device, dtype="float32" if ns.device in ("auto", "cpu") else "auto", cache_dir=ns.cache_dir
+        ns.model,
+        device=ns.device,
+        dtype="float32" if ns.device in ("auto", "cpu") else "auto",
+        cache_dir=ns.cache_dir,
     )
     result = train(cfg, lm, model_label=model_label_for(ns.model))
-    print(f"wrote {result.folder} in {result.seconds:.0f} s: held-out exact match {result.before:.1%} -> {result.after:.1%}")
+    print(
+        f"wrote {result.folder} in {result.seconds:.0f} s: "
+        f"held-out exact match {result.before:.1%} -> {result.after:.1%}"
+    )
     return 0
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task name: the store folder it is written to")
     p.add_argument("--data", type=Path, required=True, help='JSON lines {"input": ..., "output": ...}')
-    p.add_argument("--eval-data", type=Path, default=None, help="held-out JSON lines (default: split --holdout off --data)")
     p.add_argument(
-        "--holdout", type=float, default=0.2, help="held-out fraction (or count if >= 1) of --data; default: %(default)s"
+        "--eval-data",
+        type=Path,
+        default=None,
+        help="held-out JSON lines (default: split --holdout off --data)",
     )
-    p.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many held-out examples")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.2,
+        help="held-out fraction (or count if >= 1) of --data; default: %(default)s",
+    )
+    p.add_argument(
+        "--max-eval", type=int, default=None, help="evaluate on at most this many held-out examples"
+    )
     p.add_argument("--store", type=Path, default=Path("prompts_store"), help="default: %(default)s")
     p.add_argument("--model", default="default", help="the model the server uses; default: %(default)s")
     p.add_argument("--device", default="cpu", help="default: %(default)s")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
     p.add_argument("--num-virtual-tokens", type=int, default=20, help="default: %(default)s")
-    p.add_argument("--init", choices=["text", "sample_vocab", "random"], default="text", help="default: %(default)s")
+    p.add_argument(
+        "--init", choices=["text", "sample_vocab", "random"], default="text", help="default: %(default)s"
+    )
     p.add_argument("--init-text", default=None, help="instruction text for --init text")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 200 unless --epochs)")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--lr", type=float, default=0.03, help="AdamW learning rate; default: %(default)s")
     p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default); default: %(default)s")
-    contract = p.add_argument_group("contract", "written as task.json beside the adapter; the server holds every request to it")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads (0: torch's default); default: %(default)s"
+    )
+    contract = p.add_argument_group(
+        "contract", "written as task.json beside the adapter; the server holds every request to it"
+    )
     given = contract.add_mutually_exclusive_group()
     given.add_argument(
         "--output",
         type=parse_output,
         default=None,
         metavar="JSON",
-        help="the answers' shape, a structured_outputs object (one of json, json_object, regex, choice, grammar), "
-        'e.g. \'{"choice": ["positive", "negative"]}\'',
+        help=(
+            "the answers' shape, a structured_outputs object "
+            "(one of json, json_object, regex, choice, grammar), "
+            'e.g. \'{"choice": ["positive", "negative"]}\''
+        ),
     )
     given.add_argument(
         "--output-choices-from-data",
@@ -151,8 +181,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         action=DefaultsAction,
         default=None,
         metavar="KEY=VALUE",
-        help="a sampling default for requests that leave it unset, repeatable: max_new_tokens, temperature, top_k, "
-        "top_p, repetition_penalty, frequency_penalty, presence_penalty, stop (repeat it or give a JSON list)",
+        help=(
+            "a sampling default for requests that leave it unset, repeatable: max_new_tokens, temperature, "
+            "top_k, top_p, repetition_penalty, frequency_penalty, presence_penalty, stop "
+            "(repeat it or give a JSON list)"
+        ),
     )
 
 
@@ -163,15 +196,21 @@ def parse_output(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f'not valid JSON ({e}); e.g. \'{{"choice": ["yes", "no"]}}\'') from None
+        raise argparse.ArgumentTypeError(
+            f'not valid JSON ({e}); e.g. \'{{"choice": ["yes", "no"]}}\''
+        ) from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("a JSON object with one of json, json_object, regex, choice, grammar")
+        raise argparse.ArgumentTypeError(
+            "a JSON object with one of json, json_object, regex, choice, grammar"
+        )
     try:
         spec = OutputSpec.from_fields(value)
     except GrammarError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     if spec is None:
-        raise argparse.ArgumentTypeError("it states no constraint: give one of json, json_object, regex, choice, grammar")
+        raise argparse.ArgumentTypeError(
+            "it states no constraint: give one of json, json_object, regex, choice, grammar"
+        )
     return value
 
 
@@ -186,7 +225,9 @@ def parse_default(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     if key not in TaskDefaults.model_fields:
-        raise argparse.ArgumentTypeError(f"unknown default {key!r}; allowed: {', '.join(TaskDefaults.model_fields)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown default {key!r}; allowed: {', '.join(TaskDefaults.model_fields)}"
+        )
     value: Any = _stop_strings(raw) if key == "stop" else raw
     try:
         parsed = TaskDefaults.model_validate({key: value})
@@ -212,7 +253,11 @@ class DefaultsAction(argparse.Action):
     checked whole, so a bad value is a usage error before any training."""
 
     def __call__(
-        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
     ) -> None:
         from pydantic import ValidationError
 
@@ -240,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     serve.set_defaults(func=_serve)
 
-    serve_ray = sub.add_parser("serve-ray", help="run the same server as Ray Serve deployments: N engine replicas over one store")
+    serve_ray = sub.add_parser(
+        "serve-ray", help="run the same server as Ray Serve deployments: N engine replicas over one store"
+    )
     _add_serve_ray_arguments(serve_ray)
 
     prep = sub.add_parser("prepare-model", help="convert the bundled default model into the cache")
@@ -248,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_prepare_model)
 
     kb = sub.add_parser(
-        "build-kernels", help="build the native CPU kernels for this machine now (else the first start builds them)"
+        "build-kernels",
+        help="build the native CPU kernels for this machine now (else the first start builds them)",
     )
     kb.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
     kb.set_defaults(func=_build_kernels)

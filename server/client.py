@@ -25,7 +25,13 @@ from typing import Any
 import httpx
 
 RETRY_STATUSES = frozenset({429, 503})
-_STATUS_OF_TYPE = {"validation": 422, "not_found": 404, "generation": 424, "overloaded": 429, "unhealthy": 503}
+_STATUS_OF_TYPE = {
+    "validation": 422,
+    "not_found": 404,
+    "generation": 424,
+    "overloaded": 429,
+    "unhealthy": 503,
+}
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -115,7 +121,12 @@ def _error(response: httpx.Response) -> SoftmuxError:
         body = response.json()
         error = body.get("error")
         if isinstance(error, dict):  # OpenAI's shape
-            return SoftmuxError(response.status_code, str(error.get("code") or error.get("type")), str(error.get("message")), rid)
+            return SoftmuxError(
+                response.status_code,
+                str(error.get("code") or error.get("type")),
+                str(error.get("message")),
+                rid,
+            )
         return SoftmuxError(response.status_code, str(body.get("error_type", "http")), str(error), rid)
     except (ValueError, AttributeError):
         return SoftmuxError(response.status_code, "http", response.text[:500] or response.reason_phrase, rid)
@@ -214,17 +225,25 @@ class Client:
                 continue
             raise _error(response)
 
-    def generate(self, task: str, inputs: str, *, request_id: str | None = None, **parameters: Any) -> Generation:
+    def generate(
+        self, task: str, inputs: str, *, request_id: str | None = None, **parameters: Any
+    ) -> Generation:
         """`parameters`: /generate's (max_new_tokens, temperature, top_k, top_p, repetition_penalty,
         frequency_penalty, stop, seed, do_sample, ignore_eos, priority, top_n_tokens, grammar={"type": "json"
         | "regex", "value": ...})."""
         headers = {"x-request-id": request_id} if request_id else None
-        return _generation(self._send("POST", "/generate", json=_payload(task, inputs, parameters), headers=headers).json())
+        return _generation(
+            self._send("POST", "/generate", json=_payload(task, inputs, parameters), headers=headers).json()
+        )
 
-    def generate_stream(self, task: str, inputs: str, *, request_id: str | None = None, **parameters: Any) -> Iterator[Token]:
+    def generate_stream(
+        self, task: str, inputs: str, *, request_id: str | None = None, **parameters: Any
+    ) -> Iterator[Token]:
         """Yield tokens as they come; leaving the loop early closes the stream (and cancels the request)."""
         headers = {"x-request-id": request_id} if request_id else None
-        response = self._send("POST", "/generate_stream", stream=True, json=_payload(task, inputs, parameters), headers=headers)
+        response = self._send(
+            "POST", "/generate_stream", stream=True, json=_payload(task, inputs, parameters), headers=headers
+        )
         rid = response.headers.get("x-request-id")
         try:
             for line in response.iter_lines():
@@ -260,7 +279,9 @@ class AsyncClient:
     ) -> None:
         self.retry = RetryPolicy(retries, backoff, max_backoff)
         self._sleep = sleep
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers, transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout, headers=headers, transport=transport
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -287,9 +308,13 @@ class AsyncClient:
                 continue
             raise _error(response)
 
-    async def generate(self, task: str, inputs: str, *, request_id: str | None = None, **parameters: Any) -> Generation:
+    async def generate(
+        self, task: str, inputs: str, *, request_id: str | None = None, **parameters: Any
+    ) -> Generation:
         headers = {"x-request-id": request_id} if request_id else None
-        response = await self._send("POST", "/generate", json=_payload(task, inputs, parameters), headers=headers)
+        response = await self._send(
+            "POST", "/generate", json=_payload(task, inputs, parameters), headers=headers
+        )
         return _generation(response.json())
 
     async def generate_stream(

@@ -36,7 +36,12 @@ class UnknownTask(DomainError):
     kind = ErrorKind.UNKNOWN_TASK
 
     def __init__(
-        self, task: str, known: Sequence[str] | None = None, *, reason: str | None = None, message: str | None = None
+        self,
+        task: str,
+        known: Sequence[str] | None = None,
+        *,
+        reason: str | None = None,
+        message: str | None = None,
     ) -> None:
         self.task = task
         self.known = None if known is None else list(known)
@@ -57,7 +62,8 @@ class UnknownTask(DomainError):
 
 
 class InvalidRequest(DomainError):
-    """A request (or upload) that breaks a rule; `field` names the offending field as the caller's API calls it."""
+    """A request (or upload) that breaks a rule;
+    `field` names the offending field as the caller's API calls it."""
 
     kind = ErrorKind.INVALID_REQUEST
 

@@ -65,7 +65,11 @@ class _LiveCollector(Collector):
         for name, doc, value in (
             ("softmux_queue_size", "requests waiting for admission", state.waiting),
             ("softmux_batch_current_size", "rows in the running batch", state.running),
-            ("softmux_prompt_load_failures", "store folders that failed to load at the last scan", state.prompt_load_failures),
+            (
+                "softmux_prompt_load_failures",
+                "store folders that failed to load at the last scan",
+                state.prompt_load_failures,
+            ),
             ("softmux_tasks", "servable tasks", state.tasks),
         ):
             yield GaugeMetricFamily(name, doc, value=0 if value is None else value)
@@ -74,20 +78,30 @@ class _LiveCollector(Collector):
             "key/value pool blocks in use (rows, prefixes, cached blocks)",
             value=state.kv_blocks_used or 0,
         )
-        yield GaugeMetricFamily("softmux_kv_cache_blocks_total", "key/value pool blocks", value=state.kv_blocks_total or 0)
+        yield GaugeMetricFamily(
+            "softmux_kv_cache_blocks_total", "key/value pool blocks", value=state.kv_blocks_total or 0
+        )
         yield GaugeMetricFamily(
             "softmux_kv_cache_blocks_touched",
             "key/value pool blocks ever used: the pool's committed memory (the rest is never faulted in)",
             value=state.kv_blocks_touched or 0,
         )
         for name, doc, value in (
-            ("softmux_preemptions", "rows preempted when the key/value pool ran out (recomputed later)", state.preemptions),
+            (
+                "softmux_preemptions",
+                "rows preempted when the key/value pool ran out (recomputed later)",
+                state.preemptions,
+            ),
             (
                 "softmux_prefix_cache_hit_tokens",
                 "input tokens whose keys and values came from the per-task token cache",
                 state.prefix_hit_tokens,
             ),
-            ("softmux_prefix_cache_hit_requests", "requests that reused cached input-token blocks", state.prefix_hit_requests),
+            (
+                "softmux_prefix_cache_hit_requests",
+                "requests that reused cached input-token blocks",
+                state.prefix_hit_requests,
+            ),
             (
                 "softmux_soft_prompt_cache_hits",
                 "admissions whose task's soft-prompt keys and values were already in the pool",
@@ -117,7 +131,12 @@ _TASK_METRICS = (
     ("softmux_task_input_tokens", "counter", "input tokens of the task's admitted requests", "input_tokens"),
     ("softmux_task_generated_tokens", "counter", "tokens generated for the task", "output_tokens"),
     ("softmux_task_admitted", "counter", "requests of the task admitted into the batch", "admitted"),
-    ("softmux_task_queue_refused", "counter", "requests of the task refused because its quota or the queue was full", "refused"),
+    (
+        "softmux_task_queue_refused",
+        "counter",
+        "requests of the task refused because its quota or the queue was full",
+        "refused",
+    ),
     (
         "softmux_task_preemptions",
         "counter",
@@ -145,7 +164,11 @@ class Metrics:
         labels = ("task", "outcome")
         self.requests = Counter("softmux_request_count", "requests by task and outcome", labels, registry=r)
         self.duration = Histogram(
-            "softmux_request_duration_seconds", "arrival to finish", labels, buckets=_DURATION_BUCKETS, registry=r
+            "softmux_request_duration_seconds",
+            "arrival to finish",
+            labels,
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.queue = Histogram(
             "softmux_request_queue_duration_seconds",
@@ -176,16 +199,32 @@ class Metrics:
             registry=r,
         )
         self.generated = Histogram(
-            "softmux_request_generated_tokens", "generated tokens", labels, buckets=_LENGTH_BUCKETS, registry=r
+            "softmux_request_generated_tokens",
+            "generated tokens",
+            labels,
+            buckets=_LENGTH_BUCKETS,
+            registry=r,
         )
         self.forward_duration = Histogram(
-            "softmux_batch_forward_duration_seconds", "one forward pass", ("phase",), buckets=_DURATION_BUCKETS, registry=r
+            "softmux_batch_forward_duration_seconds",
+            "one forward pass",
+            ("phase",),
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.forward_size = Histogram(
-            "softmux_batch_forward_size", "rows in one forward pass", ("phase",), buckets=_ROW_BUCKETS, registry=r
+            "softmux_batch_forward_size",
+            "rows in one forward pass",
+            ("phase",),
+            buckets=_ROW_BUCKETS,
+            registry=r,
         )
         self.tasks_per_forward = Histogram(
-            "softmux_batch_tasks_per_forward", "distinct tasks in one forward pass", ("phase",), buckets=_TASK_BUCKETS, registry=r
+            "softmux_batch_tasks_per_forward",
+            "distinct tasks in one forward pass",
+            ("phase",),
+            buckets=_TASK_BUCKETS,
+            registry=r,
         )
         r.register(_LiveCollector(read_state))
 
@@ -216,7 +255,8 @@ class Metrics:
         self.input_length.labels(task, OUTCOME_ERROR).observe(input_tokens)
 
     def rejected(self, task: str, kind: ErrorKind) -> None:
-        """A request refused before it reached the engine (validation, unknown task, queue full, not ready)."""
+        """A request refused before it reached the engine (validation, unknown task, queue full,
+        not ready)."""
         self.requests.labels(task, REFUSED_OUTCOMES[kind]).inc()
 
     def render(self) -> tuple[bytes, str]:

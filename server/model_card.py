@@ -21,12 +21,14 @@ if TYPE_CHECKING:  # server.training imports this module; the config is only a t
 
 
 def file_sha(path: Path | None) -> str:
-    """The first 16 hex digits of a data file's sha256 (`-` without a file): the card names data without local paths."""
+    """The first 16 hex digits of a data file's sha256 (`-` without a file):
+    the card names data without local paths."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else "-"
 
 
 def loss_ends(losses: list[float]) -> tuple[float, float]:
-    """Mean loss over the first and over the last 5% of steps (at least one step each): smoother than two single steps."""
+    """Mean loss over the first and over the last 5% of steps (at least one step each):
+    smoother than two single steps."""
     n = max(1, len(losses) // 20)
     first, last = losses[:n], losses[-n:]
     return sum(first) / max(1, len(first)), sum(last) / max(1, len(last))
@@ -57,11 +59,13 @@ def render_card(
     lines = [
         f"# {cfg.task}",
         "",
-        f"Prompt-tuning soft prompt ({cfg.num_virtual_tokens} virtual tokens) for `{model_label}`, trained with `softmux train`.",
+        f"Prompt-tuning soft prompt ({cfg.num_virtual_tokens} virtual tokens) for `{model_label}`, "
+        "trained with `softmux train`.",
         "",
         "## Input template",
         "",
-        "Send `/generate` the input wrapped exactly like this (one ChatML user turn plus the assistant header);",
+        "Send `/generate` the input wrapped exactly like this "
+        "(one ChatML user turn plus the assistant header);",
         "the answer ends at `<|im_end|>`:",
         "",
         "```",
@@ -89,8 +93,8 @@ def render_card(
         f"- initial prompt ({cfg.init} init): {before:.1%}",
         f"- trained prompt: {after:.1%}",
         f"- loss: {first:.4f} (first 5% of steps) -> {last:.4f} (last 5%)",
-        f"- training time: {train_seconds:.0f} s for {steps} steps, {seconds:.0f} s in all with data loading and both "
-        f"evaluations (torch threads: {torch.get_num_threads()})",
+        f"- training time: {train_seconds:.0f} s for {steps} steps, {seconds:.0f} s in all with data loading "
+        f"and both evaluations (torch threads: {torch.get_num_threads()})",
         "",
         "Sample held-out predictions:",
         "",

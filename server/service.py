@@ -59,7 +59,9 @@ class Prepared:
     seed: int
     deadline: float | None = None  # time.monotonic() after which the engine ends it with TIMEOUT
     priority: int = 0  # lower is served first; the task's default unless the request asked
-    grammar: Compiled | None = None  # the structured output every answer must match (each row gets its own matcher)
+    grammar: Compiled | None = (
+        None  # the structured output every answer must match (each row gets its own matcher)
+    )
     n: int = 1  # samples of this prompt (OpenAI's n): one prefill, forked into n rows
 
 
@@ -72,7 +74,9 @@ class Service:
     def __init__(self, settings: Settings, loader: Callable[[], LoadedModel] | None = None) -> None:
         self.settings = settings
         self._owns_model = loader is None
-        self._loader = loader or (lambda: load_model(settings.model, settings.device, settings.dtype, settings.cache_dir))
+        self._loader = loader or (
+            lambda: load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
+        )
         self.lm: LoadedModel | None = None
         self.registry: Registry | None = None
         self.watcher: StoreWatcher | None = None
@@ -113,7 +117,9 @@ class Service:
             if self.settings.threads > 0:
                 torch.set_num_threads(self.settings.threads)
             self.lm = self._loader()
-            self.settings = self.settings.with_model_limits(context_window(self.lm))  # ValueError: refused, with why
+            self.settings = self.settings.with_model_limits(
+                context_window(self.lm)
+            )  # ValueError: refused, with why
             geometry = PromptGeometry.of(self.lm, self.settings.max_virtual_tokens)
             self.grammars = self._grammar_compiler(self.lm)
             self.registry = Registry(
@@ -122,15 +128,23 @@ class Service:
                 max_resident=self.settings.max_resident_prompts,
                 check_settings=self._check_contract,
             )
-            clean_leftovers(Path(self.settings.store), older_than_s=60.0)  # hidden temp folders of crashed uploads
+            clean_leftovers(
+                Path(self.settings.store), older_than_s=60.0
+            )  # hidden temp folders of crashed uploads
             self.registry.load_all()
             s = self.settings
             limits = SchedulerConfig(
                 s.max_batch_size, s.max_batch_tokens, s.max_queue, s.max_queue_per_task, Policy(s.scheduling)
             )
-            prefix_cache = PrefixCache(self.settings.prefix_cache_bytes) if self.settings.prefix_cache else None
+            prefix_cache = (
+                PrefixCache(self.settings.prefix_cache_bytes) if self.settings.prefix_cache else None
+            )
             kv_bytes = self.settings.kv_cache_bytes  # 0: the runner sizes it from what the weights leave
-            max_context = self.settings.max_virtual_tokens + self.settings.max_input_tokens + self.settings.max_new_tokens
+            max_context = (
+                self.settings.max_virtual_tokens
+                + self.settings.max_input_tokens
+                + self.settings.max_new_tokens
+            )
             self.engine = Engine(
                 self.lm,
                 limits,
@@ -144,7 +158,8 @@ class Service:
                     native_layers=self.settings.native_layers,
                     kernel_dir=self.settings.cache_dir,
                     cuda_graphs=self.settings.cuda_graphs,
-                    one_copy=self.settings.one_copy and self._owns_model,  # a model handed in (tests) keeps its weights
+                    one_copy=self.settings.one_copy
+                    and self._owns_model,  # a model handed in (tests) keeps its weights
                     quantize=None if self.settings.quantize == "none" else self.settings.quantize,
                 ),
             )
@@ -200,7 +215,9 @@ class Service:
         waiting, running = engine.load()
         log.info("draining: %d waiting and %d running request(s), grace %.1fs", waiting, running, grace)
         finished = engine.drain(grace)
-        log.info("drained: %s", "every accepted request finished" if finished else "grace ran out; the rest failed")
+        log.info(
+            "drained: %s", "every accepted request finished" if finished else "grace ran out; the rest failed"
+        )
         return finished
 
     def stop(self) -> None:
@@ -214,7 +231,9 @@ class Service:
     def healthy(self) -> bool:
         if self.draining:  # the engine stops at the end of a drain; the process is exiting, not broken
             return self.load_error is None and (self.engine is None or self.engine.error is None)
-        return self.load_error is None and (not self.ready.is_set() or (self.engine is not None and self.engine.alive))
+        return self.load_error is None and (
+            not self.ready.is_set() or (self.engine is not None and self.engine.alive)
+        )
 
     def require_ready(self) -> tuple[Engine, Registry, LoadedModel]:
         if self.load_error is not None:
@@ -260,7 +279,15 @@ class Service:
         arrival = time.monotonic()
         try:
             prepared = await self._prepare(
-                task, text, params, add_special_tokens, fit_new_tokens, names, (priority, priority_name), output, explicit
+                task,
+                text,
+                params,
+                add_special_tokens,
+                fit_new_tokens,
+                names,
+                (priority, priority_name),
+                output,
+                explicit,
             )
         except DomainError as exc:
             known = self.registry is not None and task in self.registry
@@ -290,11 +317,14 @@ class Service:
         params = _with_defaults(params, prompt.settings, explicit)
         spec, field = _contract(prompt, *output)
         if spec is not None and params.ignore_eos:
-            raise InvalidRequest(f"ignore_eos cannot be combined with a structured output ({field})", "ignore_eos")
+            raise InvalidRequest(
+                f"ignore_eos cannot be combined with a structured output ({field})", "ignore_eos"
+            )
         unknown = [t for t, _ in params.logit_bias if t >= engine.vocab_size]
         if unknown:
             raise InvalidRequest(
-                f"logit_bias names token ids outside the vocabulary (0..{engine.vocab_size - 1}): {unknown[:5]}",
+                f"logit_bias names token ids outside the vocabulary (0..{engine.vocab_size - 1}): "
+                f"{unknown[:5]}",
                 "logit_bias",
             )
         try:  # a task at its quota is refused before its text is tokenised: a flood's refusals stay cheap
@@ -304,12 +334,16 @@ class Service:
         s = self.settings
         inputs_name, limit_name = names
         if params.max_new_tokens > s.max_new_tokens and not fit_new_tokens:
-            raise InvalidRequest(f"{limit_name} must be <= {s.max_new_tokens} (got {params.max_new_tokens})", limit_name)
+            raise InvalidRequest(
+                f"{limit_name} must be <= {s.max_new_tokens} (got {params.max_new_tokens})", limit_name
+            )
         ids: list[int] = await anyio.to_thread.run_sync(
             lambda: lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         )
         if len(ids) > s.max_input_tokens:
-            raise InvalidRequest(f"{inputs_name} is {len(ids)} tokens; at most {s.max_input_tokens} are allowed", inputs_name)
+            raise InvalidRequest(
+                f"{inputs_name} is {len(ids)} tokens; at most {s.max_input_tokens} are allowed", inputs_name
+            )
         if not ids:
             raise InvalidRequest(f"{inputs_name} must not be empty", inputs_name)
         max_pos = getattr(lm.model.config, "max_position_embeddings", None)
@@ -326,26 +360,35 @@ class Service:
                 limit_name,
             )
         if max_pos is not None and total > max_pos:
-            raise InvalidRequest(f"virtual + input + {limit_name} = {total} exceeds the model's context ({max_pos})", limit_name)
+            raise InvalidRequest(
+                f"virtual + input + {limit_name} = {total} exceeds the model's context ({max_pos})",
+                limit_name,
+            )
         pool_tokens = engine.pool_tokens
         if total > pool_tokens:
             raise InvalidRequest(
-                f"virtual + input + {limit_name} = {total} exceeds the key/value pool ({pool_tokens} tokens, --kv-cache-bytes)",
+                f"virtual + input + {limit_name} = {total} exceeds the key/value pool ({pool_tokens} tokens, "
+                "--kv-cache-bytes)",
                 limit_name,
             )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         grammar = None if spec is None else await self._compile(spec, field)
-        return Prepared(task=task, input_ids=ids, params=params, seed=seed, priority=priority, grammar=grammar)
+        return Prepared(
+            task=task, input_ids=ids, params=params, seed=seed, priority=priority, grammar=grammar
+        )
 
     async def _compile(self, spec: OutputSpec, field: str) -> Compiled:
-        """Compiled off the event loop (cached; a compile that runs long keeps its thread, not the request)."""
+        """Compiled off the event loop (cached; a compile that runs long keeps its thread,
+        not the request)."""
         if self.grammars is None:
             raise InvalidRequest(f"{field}: {self.grammars_error}", field)
         future = asyncio.wrap_future(self.grammars.submit(spec))
         try:
             return await asyncio.wait_for(asyncio.shield(future), COMPILE_TIMEOUT)
         except TimeoutError:
-            raise InvalidRequest(f"{field}: took over {COMPILE_TIMEOUT:g} s to compile; simplify it", field) from None
+            raise InvalidRequest(
+                f"{field}: took over {COMPILE_TIMEOUT:g} s to compile; simplify it", field
+            ) from None
         except GrammarError as e:
             raise InvalidRequest(f"{field}: {e}", field) from None
 
@@ -451,7 +494,9 @@ async def _result(generation: Generation) -> FinishEvent:
     raise GenerationFailed("the request ended without a result")
 
 
-def _with_defaults(params: SamplingParams, settings: TaskSettings, explicit: frozenset[str] | None) -> SamplingParams:
+def _with_defaults(
+    params: SamplingParams, settings: TaskSettings, explicit: frozenset[str] | None
+) -> SamplingParams:
     """The task's default parameters for those the request left unset."""
     if explicit is None:
         return params
@@ -467,7 +512,8 @@ def _contract(prompt: SoftPrompt, asked: OutputSpec | None, field: str) -> tuple
         return asked, field
     if asked is not None and asked != bound:
         raise InvalidRequest(
-            f"task {prompt.name!r} fixes its output ({bound.kind.value}, in its task.json); {field} asks another: leave it out",
+            f"task {prompt.name!r} fixes its output ({bound.kind.value}, in its task.json); "
+            f"{field} asks another: leave it out",
             field,
         )
     return bound, f"task {prompt.name!r} output"
@@ -487,7 +533,9 @@ def _priority(prompt: SoftPrompt, asked: int | None, field: str) -> int:
     low, high = prompt.settings.allowed_priorities()
     if not low <= asked <= high:
         raise InvalidRequest(
-            f"{field} must be between {low} and {high} for task {prompt.name!r} (lower is served first; got {asked})", field
+            f"{field} must be between {low} and {high} for task {prompt.name!r} (lower is served first; "
+            f"got {asked})",
+            field,
         )
     return asked
 
@@ -526,7 +574,9 @@ class Generation:
                     break
         if not isinstance(event, TokenEvent):
             self.done = True
-            how = event.finish_reason.value if isinstance(event, FinishEvent) else f"error ({event.kind.value})"
+            how = (
+                event.finish_reason.value if isinstance(event, FinishEvent) else f"error ({event.kind.value})"
+            )
             log.info(
                 "request %d (task %r) ended: %s, %d token(s)",
                 self.request.id,

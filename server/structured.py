@@ -94,7 +94,11 @@ class OutputSpec:
             raise GrammarError(f"unknown key(s) {unknown}; allowed: {', '.join(sorted(known))}")
         if fields.get("json_object") not in (None, True, False):
             raise GrammarError("json_object is true or false")
-        given = [k for k, v in fields.items() if v is not None and not (k == OutputKind.JSON_OBJECT.value and v is False)]
+        given = [
+            k
+            for k, v in fields.items()
+            if v is not None and not (k == OutputKind.JSON_OBJECT.value and v is False)
+        ]
         if len(given) > 1:
             raise GrammarError(f"give one constraint, not {len(given)} ({', '.join(given)})")
         if not given:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from server.engine.engine import Engine
 from server.engine.request import Event, FinishEvent, Request, SamplingParams
+from server.engine.runner import Acceleration
 from server.engine.scheduler import SchedulerConfig
 from server.model_card import render_card
 from server.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, LoadedModel
@@ -66,12 +67,17 @@ class TrainConfig:
     warmup: float = 0.05  # fraction of steps with a linear learning-rate warm-up; then linear decay to 0
     progress: bool = True
     # The task's contract, written as task.json beside the adapter (none of them: no task.json).
-    output: dict[str, Any] | None = None  # structured_outputs shape: json, json_object, regex, choice or grammar
+    output: dict[str, Any] | None = (
+        None  # structured_outputs shape: json, json_object, regex, choice or grammar
+    )
     output_choices_from_data: bool = False  # output: a choice among the distinct outputs of `data`
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults (TaskDefaults' fields)
 
     def resolved_init_text(self) -> str:
-        return self.init_text or f"You are a precise assistant for the task '{self.task}'. Answer with the result only."
+        return (
+            self.init_text
+            or f"You are a precise assistant for the task '{self.task}'. Answer with the result only."
+        )
 
 
 @dataclass
@@ -97,7 +103,11 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
         if not line.strip():
             continue
         row = json.loads(line)
-        if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("output"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("input"), str)
+            or not isinstance(row.get("output"), str)
+        ):
             raise ValueError(f"{path}:{i}: each line must be an object with string 'input' and 'output'")
         rows.append({"input": row["input"], "output": row["output"]})
     if not rows:
@@ -139,9 +149,11 @@ def initial_prompt(lm: LoadedModel, cfg: TrainConfig) -> tuple[torch.Tensor, Any
     """PEFT's own initialisation; returns (embeddings [P, H] float32, the PEFT config to save with)."""
     from peft import PromptTuningConfig, PromptTuningInit
 
-    init = {"text": PromptTuningInit.TEXT, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM}[
-        cfg.init
-    ]
+    init = {
+        "text": PromptTuningInit.TEXT,
+        "sample_vocab": PromptTuningInit.SAMPLE_VOCAB,
+        "random": PromptTuningInit.RANDOM,
+    }[cfg.init]
     source = getattr(lm.model.config, "_name_or_path", None) or lm.name
     peft_cfg = PromptTuningConfig(
         task_type="CAUSAL_LM",
@@ -164,7 +176,9 @@ def initial_prompt(lm: LoadedModel, cfg: TrainConfig) -> tuple[torch.Tensor, Any
     return encoder.embedding.weight.detach().float().clone(), peft_cfg  # [P, H]
 
 
-def batch_loss(lm: LoadedModel, soft: torch.Tensor, batch: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
+def batch_loss(
+    lm: LoadedModel, soft: torch.Tensor, batch: Sequence[tuple[list[int], list[int]]]
+) -> torch.Tensor:
     """Mean cross-entropy over the output tokens of `batch`, the soft prompt [P, H] in front of each row."""
     model, dev = lm.model, lm.device
     P = soft.shape[0]
@@ -187,7 +201,9 @@ def batch_loss(lm: LoadedModel, soft: torch.Tensor, batch: Sequence[tuple[list[i
     hidden = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state  # [B, P+T, H]
     b_idx = torch.tensor([p[0] for p in pred_pos], device=dev)
     t_idx = torch.tensor([p[1] for p in pred_pos], device=dev)
-    logits = model.get_output_embeddings()(hidden[b_idx, t_idx])  # [N, V]: the lm head on output positions only
+    logits = model.get_output_embeddings()(
+        hidden[b_idx, t_idx]
+    )  # [N, V]: the lm head on output positions only
     return F.cross_entropy(logits.float(), torch.tensor(targets, device=dev))
 
 
@@ -198,15 +214,24 @@ def batch_loss(lm: LoadedModel, soft: torch.Tensor, batch: Sequence[tuple[list[i
 def as_soft_prompt(lm: LoadedModel, embeddings: torch.Tensor, name: str = "eval") -> SoftPrompt:
     emb = embeddings.detach().to(device=lm.device, dtype=lm.dtype).contiguous()  # [P, H]
     digest = hashlib.sha256(emb.float().cpu().numpy().tobytes()).hexdigest()
-    return SoftPrompt(name=name, kind=PromptKind.PROMPT_TUNING, embeddings=emb, content_hash=digest, source=Path(name))
+    return SoftPrompt(
+        name=name, kind=PromptKind.PROMPT_TUNING, embeddings=emb, content_hash=digest, source=Path(name)
+    )
 
 
 def generate_batch(
-    lm: LoadedModel, prompt: SoftPrompt, inputs: Sequence[list[int]], max_new_tokens: int, batch_size: int = 32
+    lm: LoadedModel,
+    prompt: SoftPrompt,
+    inputs: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 32,
 ) -> list[str]:
     """Greedy answers for many inputs, through the engine exactly as served (driven on this thread)."""
     total = sum(len(i) for i in inputs) + len(inputs) * (prompt.num_virtual_tokens + max_new_tokens)
-    engine = Engine(lm, SchedulerConfig(batch_size, max(total, 1), len(inputs) + 1))
+    # Eager steps: each evaluation builds its own engine, and its few hundred steps would not repay
+    # recording every bucket's CUDA graph again (graphs are recorded once per serving engine).
+    accel = Acceleration(cuda_graphs=False)
+    engine = Engine(lm, SchedulerConfig(batch_size, max(total, 1), len(inputs) + 1), accel=accel)
     results: dict[int, FinishEvent] = {}
 
     def sink_for(i: int) -> Callable[[Event], None]:
@@ -221,7 +246,9 @@ def generate_batch(
     params = SamplingParams(max_new_tokens=max_new_tokens)
     for i, ids in enumerate(inputs):
         engine.scheduler.add(
-            Request(task=prompt.name, prompt=prompt, input_ids=list(ids), params=params, seed=0, sink=sink_for(i))
+            Request(
+                task=prompt.name, prompt=prompt, input_ids=list(ids), params=params, seed=0, sink=sink_for(i)
+            )
         )
     with torch.inference_mode():
         while len(results) < len(inputs):
@@ -314,7 +341,8 @@ def check_contract(lm: LoadedModel, settings: dict[str, Any]) -> None:
 
 
 def write_task_settings(folder: Path, settings: dict[str, Any]) -> Path:
-    """Write task.json into `folder` (the hidden folder save_adapter installs whole: atomic with the adapter)."""
+    """Write task.json into `folder` (the hidden folder save_adapter installs whole:
+    atomic with the adapter)."""
     path = Path(folder) / SETTINGS_FILE
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     return path
@@ -335,7 +363,8 @@ def check_config(cfg: TrainConfig) -> None:
 
 @dataclass
 class TrainData:
-    """The split data, tokenised once: `train` reads it, the loop indexes `encoded`, both evaluations use `held`."""
+    """The split data, tokenised once: `train` reads it, the loop indexes `encoded`,
+    both evaluations use `held`."""
 
     train_rows: list[dict[str, str]]
     held: list[dict[str, str]]
@@ -344,7 +373,8 @@ class TrainData:
 
 
 def prepare_data(cfg: TrainConfig, lm: LoadedModel) -> TrainData:
-    """Split and tokenise the data once, so every optimiser step and both evaluations see the same examples."""
+    """Split and tokenise the data once, so every optimiser step and both evaluations see the same
+    examples."""
     train_rows, held = split_data(cfg)
     encoded = [encode(lm, cfg.template, r) for r in train_rows]
     max_new = cfg.max_new_tokens or default_max_new_tokens(lm, held)
@@ -358,13 +388,18 @@ def num_steps(cfg: TrainConfig, n_train: int) -> int:
 
 
 def warmup_then_decay(steps: int, warmup: float) -> Callable[[int], float]:
-    """The learning-rate factor per step: linear warm-up over `warmup` of the steps (at least one), then linear decay to 0."""
+    """The learning-rate factor per step: linear warm-up over `warmup` of the steps (at least one),
+    then linear decay to 0."""
     warm = max(1, int(steps * warmup))
     return lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
 
 
 def optimise(
-    cfg: TrainConfig, lm: LoadedModel, init: torch.Tensor, encoded: list[tuple[list[int], list[int]]], steps: int
+    cfg: TrainConfig,
+    lm: LoadedModel,
+    init: torch.Tensor,
+    encoded: list[tuple[list[int], list[int]]],
+    steps: int,
 ) -> tuple[torch.Tensor, list[float], float]:
     """Train the soft prompt alone (the model stays frozen, in eval mode, as served).
 
@@ -404,8 +439,11 @@ def optimise(
     return soft.detach().float().cpu(), losses, train_seconds
 
 
-def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None, log: Callable[[str], None] = print) -> TrainResult:
-    """Train `cfg.task`'s soft prompt on `lm`, score it on held-out data before and after, and install it in the store.
+def train(
+    cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None, log: Callable[[str], None] = print
+) -> TrainResult:
+    """Train `cfg.task`'s soft prompt on `lm`, score it on held-out data before and after, and install it
+    in the store.
 
     `model_label` is the base model as the adapter config and card name it (default `lm.name`).
     """
@@ -429,7 +467,20 @@ def train(cfg: TrainConfig, lm: LoadedModel, model_label: str | None = None, log
     samples = [{"input": e["input"], "expected": e["output"], "got": p} for e, p in zip(held[:5], preds[:5])]
     seconds = time.monotonic() - started
     label = model_label or lm.name
-    card = render_card(cfg, label, data.train_rows, held, steps, before, after, losses, train_seconds, seconds, samples, settings)
+    card = render_card(
+        cfg,
+        label,
+        data.train_rows,
+        held,
+        steps,
+        before,
+        after,
+        losses,
+        train_seconds,
+        seconds,
+        samples,
+        settings,
+    )
     folder = save_adapter(lm, cfg, peft_cfg, trained, card, label, settings)
     return TrainResult(
         folder=folder,
@@ -467,8 +518,12 @@ def save_adapter(
         for k, v in list(config.items()):
             if isinstance(v, (set, frozenset)):
                 config[k] = sorted(v)
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-        save_file({"prompt_embeddings": embeddings.float().contiguous()}, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(
+            json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
+        )
+        save_file(
+            {"prompt_embeddings": embeddings.float().contiguous()}, str(tmp / "adapter_model.safetensors")
+        )
         (tmp / "README.md").write_text(card)
         if settings is not None:
             write_task_settings(tmp, settings)

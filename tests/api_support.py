@@ -19,7 +19,16 @@ from safetensors.torch import save_file
 from server.config import Settings
 from tests.support import wait_until
 
-__all__ = ["TASKS", "free_port", "live_server", "make_store", "open_client", "settings_for", "wait_until", "write_task"]
+__all__ = [
+    "TASKS",
+    "free_port",
+    "live_server",
+    "make_store",
+    "open_client",
+    "settings_for",
+    "wait_until",
+    "write_task",
+]
 
 TASKS = {"alpha": 2, "beta": 5, "gamma": 11}
 
@@ -37,19 +46,25 @@ def write_task(store: Path, name: str, num_virtual: int, hidden: int, seed: int)
 
 def make_store(root: Path, hidden: int, *, broken: bool = True) -> dict[str, torch.Tensor]:
     """TASKS as valid folders, plus (when `broken`) one folder of the wrong width."""
-    embeddings = {name: write_task(root, name, p, hidden, seed=i) for i, (name, p) in enumerate(TASKS.items())}
+    embeddings = {
+        name: write_task(root, name, p, hidden, seed=i) for i, (name, p) in enumerate(TASKS.items())
+    }
     if broken:
         write_task(root, "wrong-width", 3, hidden + 1, seed=9)
     return embeddings
 
 
 def settings_for(store: Path, **changes) -> Settings:
-    return Settings(store=store, max_input_tokens=64, max_new_tokens=64, max_batch_tokens=4096).replace(**changes)
+    return Settings(store=store, max_input_tokens=64, max_new_tokens=64, max_batch_tokens=4096).replace(
+        **changes
+    )
 
 
 async def open_client(app) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
             yield client
 
 
@@ -62,7 +77,9 @@ def free_port() -> int:
 @contextmanager
 def live_server(app) -> Iterator[str]:
     """Serve `app` with uvicorn on 127.0.0.1:<free port> in a thread; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on", log_config=None)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on", log_config=None
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()

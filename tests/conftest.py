@@ -26,7 +26,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
     initializer_range 0.3 (not 0.02): with tiny weights attention is nearly uniform and positions
     barely matter, so a wrong position or mask would go unnoticed; peaked attention exposes them.
     """
-    return tiny_test_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_from=default_model_dir, initializer_range=0.3)
+    return tiny_test_model(
+        tmp_path_factory.mktemp("tiny-llama"), tokenizer_from=default_model_dir, initializer_range=0.3
+    )
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +44,8 @@ def ops() -> kernels.Kernels:
     module = kernels.load(default_cache_dir())
     if module is None:
         # Where a compiler exists the kernels must build: a silent fallback would hide a broken build.
-        assert shutil.which("c++") is None and shutil.which("g++") is None, "a C++ compiler is here but the kernels did not build"
+        assert shutil.which("c++") is None and shutil.which("g++") is None, (
+            "a C++ compiler is here but the kernels did not build"
+        )
         pytest.skip("no C++ compiler: the engine runs torch ops")
     return module

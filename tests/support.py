@@ -13,7 +13,15 @@ import torch
 
 from server.engine.engine import Engine
 from server.engine.prefix_cache import PrefixCache
-from server.engine.request import ErrorEvent, Event, FinishEvent, FinishReason, Request, SamplingParams, TokenEvent
+from server.engine.request import (
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    FinishReason,
+    Request,
+    SamplingParams,
+    TokenEvent,
+)
 from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel
 from server.prompts.types import PromptKind, SoftPrompt
@@ -22,7 +30,13 @@ from server.prompts.types import PromptKind, SoftPrompt
 def make_prompt(name: str, num_virtual: int, lm: LoadedModel, seed: int) -> SoftPrompt:
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(num_virtual, lm.hidden_size, generator=g) * 0.5  # [P, H]
-    return SoftPrompt(name=name, kind=PromptKind.PROMPT_TUNING, embeddings=emb.to(lm.dtype), content_hash=name, source=Path(name))
+    return SoftPrompt(
+        name=name,
+        kind=PromptKind.PROMPT_TUNING,
+        embeddings=emb.to(lm.dtype),
+        content_hash=name,
+        source=Path(name),
+    )
 
 
 @torch.inference_mode()
@@ -88,7 +102,9 @@ def make_request(
     return holder[0]
 
 
-def submit_and_check_solo(engine: Engine, lm: LoadedModel, specs: list[tuple[SoftPrompt, list[int], int]]) -> list[Tracked]:
+def submit_and_check_solo(
+    engine: Engine, lm: LoadedModel, specs: list[tuple[SoftPrompt, list[int], int]]
+) -> list[Tracked]:
     """Submit one greedy request per (prompt, input ids, max_new_tokens) to a started engine, all at once;
     check each runs to its length and gives exactly its solo reference tokens. Returns them tracked."""
     tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]

@@ -1,4 +1,5 @@
-"""Admin API (PUT/GET/DELETE /tasks/{name}), its bearer token, the generation API key, and atomic store writes."""
+"""Admin API (PUT/GET/DELETE /tasks/{name}), its bearer token, the generation API key,
+and atomic store writes."""
 
 from __future__ import annotations
 
@@ -23,11 +24,23 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def adapter_files(
-    hidden: int, num_virtual: int = 3, seed: int = 0, *, peft_type: str = "PROMPT_TUNING", tensor: torch.Tensor | None = None
+    hidden: int,
+    num_virtual: int = 3,
+    seed: int = 0,
+    *,
+    peft_type: str = "PROMPT_TUNING",
+    tensor: torch.Tensor | None = None,
 ) -> dict[str, bytes]:
-    emb = tensor if tensor is not None else torch.randn(num_virtual, hidden, generator=torch.Generator().manual_seed(seed)) * 0.5
+    emb = (
+        tensor
+        if tensor is not None
+        else torch.randn(num_virtual, hidden, generator=torch.Generator().manual_seed(seed)) * 0.5
+    )
     config = {"peft_type": peft_type, "task_type": "CAUSAL_LM", "num_virtual_tokens": int(emb.shape[0])}
-    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": save({"prompt_embeddings": emb})}
+    return {
+        "adapter_config.json": json.dumps(config).encode(),
+        "adapter_model.safetensors": save({"prompt_embeddings": emb}),
+    }
 
 
 def multipart(files: dict[str, bytes]) -> dict[str, tuple[str, io.BytesIO, str]]:
@@ -43,7 +56,9 @@ def snapshot(store: Path) -> dict[str, bytes]:
 
 async def open_client(app) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
             yield client
 
 
@@ -80,7 +95,8 @@ async def test_admin_routes_without_configured_token_are_403_saying_how(lm, tmp_
 
 
 @pytest.mark.parametrize(
-    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}]
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}],
 )
 async def test_admin_routes_need_the_right_bearer_token(client, lm, headers):
     files = adapter_files(lm.hidden_size)
@@ -95,7 +111,9 @@ async def test_put_get_generate_replace_delete(client, lm):
     gen = {"task": "fresh", "inputs": "hello there", "parameters": {"max_new_tokens": 6}}
     assert (await client.post("/generate", json=gen)).status_code == 404
     files = adapter_files(lm.hidden_size, 3, seed=1)
-    r = await client.put("/tasks/fresh", headers=AUTH, files=multipart({**files, "README.md": b"# fresh\ncard text"}))
+    r = await client.put(
+        "/tasks/fresh", headers=AUTH, files=multipart({**files, "README.md": b"# fresh\ncard text"})
+    )
     assert r.status_code == 201, r.text
     assert r.json()["status"] == "created"
 
@@ -109,7 +127,9 @@ async def test_put_get_generate_replace_delete(client, lm):
 
     emb1 = load(files["adapter_model.safetensors"])["prompt_embeddings"].double()
     r = await client.post("/generate", json=gen)
-    assert r.status_code == 200 and r.json()["generated_text"] == lm.tokenizer.decode(reference_greedy(lm, emb1, ids, 6))
+    assert r.status_code == 200 and r.json()["generated_text"] == lm.tokenizer.decode(
+        reference_greedy(lm, emb1, ids, 6)
+    )
 
     files2 = adapter_files(lm.hidden_size, 4, seed=2)
     r = await client.put("/tasks/fresh", headers=AUTH, files=multipart(files2))
@@ -139,7 +159,11 @@ def _nan(hidden: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("make", "status", "reason"),
     [
-        (lambda h: {**adapter_files(h), "adapter_model.safetensors": b"\x08\x00\x00\x00garbage!"}, 422, "safetensors"),
+        (
+            lambda h: {**adapter_files(h), "adapter_model.safetensors": b"\x08\x00\x00\x00garbage!"},
+            422,
+            "safetensors",
+        ),
         (lambda h: adapter_files(h, tensor=_nan(h)), 422, "NaN"),
         (lambda h: adapter_files(h + 1), 422, "hidden size"),
         (lambda h: adapter_files(h, peft_type="LORA"), 422, "unsupported peft_type"),
@@ -150,7 +174,9 @@ def _nan(hidden: int) -> torch.Tensor:
     ],
     ids=["corrupt", "nan", "wrong-hidden", "lora", "bad-json", "missing-weights", "pickle", "oversized"],
 )
-async def test_bad_uploads_are_4xx_with_reason_and_leave_the_store_unchanged(client, lm, make, status, reason):
+async def test_bad_uploads_are_4xx_with_reason_and_leave_the_store_unchanged(
+    client, lm, make, status, reason
+):
     files = adapter_files(lm.hidden_size, seed=5)
     assert (await client.put("/tasks/keep", headers=AUTH, files=multipart(files))).status_code == 201
     before = snapshot(client.store)
@@ -160,7 +186,9 @@ async def test_bad_uploads_are_4xx_with_reason_and_leave_the_store_unchanged(cli
         assert reason in r.json()["error"], r.json()
         assert snapshot(client.store) == before
     assert (
-        await client.post("/generate", json={"task": "keep", "inputs": "x", "parameters": {"max_new_tokens": 1}})
+        await client.post(
+            "/generate", json={"task": "keep", "inputs": "x", "parameters": {"max_new_tokens": 1}}
+        )
     ).status_code == 200
 
 
@@ -177,7 +205,11 @@ async def test_bad_uploads_are_4xx_with_reason_and_leave_the_store_unchanged(cli
     ],
 )
 async def test_bad_names_are_rejected(client, lm, path):
-    for method, kwargs in (("PUT", {"files": multipart(adapter_files(lm.hidden_size))}), ("GET", {}), ("DELETE", {})):
+    for method, kwargs in (
+        ("PUT", {"files": multipart(adapter_files(lm.hidden_size))}),
+        ("GET", {}),
+        ("DELETE", {}),
+    ):
         r = await client.request(method, httpx.URL("http://test" + path), headers=AUTH, **kwargs)
         assert 400 <= r.status_code < 500, (method, path, r.status_code)
         if r.status_code == 422:
@@ -228,7 +260,9 @@ async def test_api_key_guards_generation_routes_only(lm, tmp_path):
             r = await c.post("/generate", json=gen, headers=headers)
             assert r.status_code == 401 and r.json()["error_type"] == "unauthorized"
             assert (await c.get("/v1/models", headers=headers)).status_code == 401
-        assert (await c.post("/generate", json=gen, headers={"Authorization": "Bearer k3y"})).status_code == 200
+        assert (
+            await c.post("/generate", json=gen, headers={"Authorization": "Bearer k3y"})
+        ).status_code == 200
         assert (await c.get("/health")).status_code == 200
         assert (await c.get("/tasks")).status_code == 200
 
@@ -241,7 +275,9 @@ async def test_the_upload_is_described_in_the_openapi_schema_well_enough_to_use(
     assert body["required"] == ["adapter_config.json", "adapter_model.safetensors"]
     assert all(body["properties"][part]["format"] == "binary" for part in body["required"])
     files = adapter_files(lm.hidden_size)
-    r = await client.put("/tasks/from-schema", headers=AUTH, files=multipart({part: files[part] for part in body["required"]}))
+    r = await client.put(
+        "/tasks/from-schema", headers=AUTH, files=multipart({part: files[part] for part in body["required"]})
+    )
     assert r.status_code == 201 and r.json()["status"] == "created", r.text
     assert {"200", "201", "413", "422"} <= set(put["responses"])
 
@@ -255,7 +291,12 @@ async def test_an_uploaded_contract_is_compiled_and_binds_the_task(client, lm):
     r = await client.put("/tasks/contracted", files=multipart(bad), headers=AUTH)
     assert r.status_code == 422 and "task.json" in r.json()["error"] and "regex" in r.json()["error"], r.text
     assert snapshot(client.store) == before
-    good = {**files, "task.json": json.dumps({"output": {"choice": ["yes", "no"]}, "defaults": {"max_new_tokens": 3}}).encode()}
+    good = {
+        **files,
+        "task.json": json.dumps(
+            {"output": {"choice": ["yes", "no"]}, "defaults": {"max_new_tokens": 3}}
+        ).encode(),
+    }
     r = await client.put("/tasks/contracted", files=multipart(good), headers=AUTH)
     assert r.status_code == 201 and r.json()["settings"]["output"] == {"choice": ["yes", "no"]}, r.text
     r = await client.post("/generate", json={"task": "contracted", "inputs": "well?"})
@@ -291,7 +332,9 @@ async def test_task_settings_are_uploaded_validated_and_shown(client, lm):
     ask = {"task": "tenant", "inputs": "hello", "parameters": {"max_new_tokens": 2, "priority": 0}}
     r = await client.post("/generate", json=ask)
     assert r.status_code == 422 and "parameters.priority must be between 1 and 1000" in r.json()["error"]
-    r = await client.post("/v1/completions", json={"model": "tenant", "prompt": "hello", "max_tokens": 2, "priority": 0})
+    r = await client.post(
+        "/v1/completions", json={"model": "tenant", "prompt": "hello", "max_tokens": 2, "priority": 0}
+    )
     assert r.status_code == 422 and r.json()["error"]["param"] == "priority"
     ask["parameters"]["priority"] = 1
     assert (await client.post("/generate", json=ask)).status_code == 200

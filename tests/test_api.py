@@ -35,7 +35,9 @@ async def client(lm, store) -> AsyncIterator[httpx.AsyncClient]:
 
 async def test_generate_returns_reference_tokens(client, lm, store):
     text = "The quick brown fox"
-    r = await client.post("/generate", json={"task": "beta", "inputs": text, "parameters": {"max_new_tokens": 9}})
+    r = await client.post(
+        "/generate", json={"task": "beta", "inputs": text, "parameters": {"max_new_tokens": 9}}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     ids = lm.tokenizer(text)["input_ids"]
@@ -51,11 +53,19 @@ async def test_generate_returns_reference_tokens(client, lm, store):
 
 
 async def test_sampling_returns_seed_and_is_reproducible(client):
-    payload = {"task": "alpha", "inputs": "hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": 42}}
+    payload = {
+        "task": "alpha",
+        "inputs": "hello",
+        "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": 42},
+    }
     a = (await client.post("/generate", json=payload)).json()
     b = (await client.post("/generate", json=payload)).json()
     assert a == b and a["details"]["seed"] == 42
-    drawn = (await client.post("/generate", json={**payload, "parameters": {"max_new_tokens": 4, "do_sample": True}})).json()
+    drawn = (
+        await client.post(
+            "/generate", json={**payload, "parameters": {"max_new_tokens": 4, "do_sample": True}}
+        )
+    ).json()
     assert isinstance(drawn["details"]["seed"], int)
 
 
@@ -73,7 +83,9 @@ async def test_ignore_eos_generates_max_new_tokens_past_eos(lm, store):
         r = await client.post("/generate", json=body)
         assert r.status_code == 200, r.text
         assert r.json()["generated_text"] == lm.tokenizer.decode(expected, skip_special_tokens=True)
-        assert r.json()["details"]["finish_reason"] == "length" and r.json()["details"]["generated_tokens"] == 9
+        assert (
+            r.json()["details"]["finish_reason"] == "length" and r.json()["details"]["generated_tokens"] == 9
+        )
 
 
 async def test_tasks_lists_tasks_and_failures(client):
@@ -137,7 +149,9 @@ async def test_nan_is_rejected(client):
     assert r.status_code == 422 and "temperature" in r.json()["error"]
 
 
-@pytest.mark.parametrize("body", [b"{not json", b'{"inputs": "x"}', b'{"task": "alpha", "inputs": ""}', b"[]"])
+@pytest.mark.parametrize(
+    "body", [b"{not json", b'{"inputs": "x"}', b'{"task": "alpha", "inputs": ""}', b"[]"]
+)
 async def test_malformed_bodies_are_422(client, body):
     r = await client.post("/generate", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
@@ -152,7 +166,9 @@ async def test_input_too_long_is_422_with_the_numbers(client):
 async def test_request_larger_than_batch_budget_is_422(lm, store):
     app = create_app(settings_for(store[0], max_batch_tokens=20), loader=lambda: lm, wait=True)
     async for client in open_client(app):
-        r = await client.post("/generate", json={"task": "gamma", "inputs": "a b c", "parameters": {"max_new_tokens": 10}})
+        r = await client.post(
+            "/generate", json={"task": "gamma", "inputs": "a b c", "parameters": {"max_new_tokens": 10}}
+        )
         assert r.status_code == 422 and "max_batch_tokens" in r.json()["error"]
 
 
@@ -179,7 +195,9 @@ async def test_not_loaded_yet_is_503_then_serves(lm, store):
         release.set()
         service = app.state.service
         await asyncio.to_thread(service.ready.wait, 30)
-        r = await client.post("/generate", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 2}})
+        r = await client.post(
+            "/generate", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 2}}
+        )
         assert r.status_code == 200
 
 
@@ -198,7 +216,10 @@ async def test_failed_load_is_503_on_health(store):
 async def test_concurrent_requests_over_three_tasks_share_forward_passes(client, lm, store):
     texts = [f"request number {i} " + "filler " * (i % 5) for i in range(16)]
     names = list(TASKS)
-    payloads = [{"task": names[i % 3], "inputs": t, "parameters": {"max_new_tokens": 6 + i % 4}} for i, t in enumerate(texts)]
+    payloads = [
+        {"task": names[i % 3], "inputs": t, "parameters": {"max_new_tokens": 6 + i % 4}}
+        for i, t in enumerate(texts)
+    ]
     responses = await asyncio.gather(*(client.post("/generate", json=p) for p in payloads))
     assert [r.status_code for r in responses] == [200] * 16
     for p, r in zip(payloads, responses):
@@ -211,7 +232,11 @@ async def test_concurrent_requests_over_three_tasks_share_forward_passes(client,
 
 
 async def test_top_n_tokens_gives_tgis_token_details_in_answers_and_streams(client):
-    payload = {"task": "beta", "inputs": "The quick brown fox", "parameters": {"max_new_tokens": 5, "top_n_tokens": 2}}
+    payload = {
+        "task": "beta",
+        "inputs": "The quick brown fox",
+        "parameters": {"max_new_tokens": 5, "top_n_tokens": 2},
+    }
     r = await client.post("/generate", json=payload)
     assert r.status_code == 200, r.text
     details = r.json()["details"]

@@ -21,7 +21,9 @@ def lm(tiny_model_dir: Path) -> LoadedModel:
 @pytest.fixture
 async def client(lm, tmp_path):
     make_store(tmp_path / "store", lm.hidden_size)
-    app = create_app(settings_for(tmp_path / "store", reload_interval=0, max_body_bytes=4096), loader=lambda: lm, wait=True)
+    app = create_app(
+        settings_for(tmp_path / "store", reload_interval=0, max_body_bytes=4096), loader=lambda: lm, wait=True
+    )
     async for c in open_client(app):
         yield c
 
@@ -57,7 +59,10 @@ async def test_bodies_over_the_limit_are_413_in_each_routes_error_shape(client):
         (b'{"task": "alpha", "inputs": ', "JSON"),  # truncated JSON
         (b"not json at all", "JSON"),
         (b"[]", "body"),
-        (b'{"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 99999999999999999999999}}', "max_new_tokens"),
+        (
+            b'{"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 99999999999999999999999}}',
+            "max_new_tokens",
+        ),
         (b'{"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 100000}}', "max_new_tokens"),
         (b'{"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": -1}}', "max_new_tokens"),
         (b'{"task": "alpha", "inputs": "x", "parameters": {"temperature": NaN}}', "temperature"),
@@ -71,7 +76,10 @@ async def test_bodies_over_the_limit_are_413_in_each_routes_error_shape(client):
         (b'{"task": "alpha", "inputs": "x", "parameters": {"max_tokens": 3}}', "max_tokens"),
         (b'{"task": "alpha", "inputs": ""}', "inputs"),
         (b'{"task": "", "inputs": "x"}', "task"),
-        (b'{"task": "alpha", "inputs": "' + b"hello " * 300 + b'"}', "at most 64"),  # tokenises past max_input_tokens
+        (
+            b'{"task": "alpha", "inputs": "' + b"hello " * 300 + b'"}',
+            "at most 64",
+        ),  # tokenises past max_input_tokens
     ],
 )
 @pytest.mark.parametrize("path", ["/generate", "/generate_stream"])
@@ -101,12 +109,16 @@ async def test_bad_openai_bodies_are_4xx_with_a_reason(client, body, words):
 
 @pytest.mark.parametrize("path", ["/generate", "/v1/completions"])
 async def test_invalid_utf8_is_400_with_a_reason(client, path):
-    r = await client.post(path, content=b'{"task": "alpha", "model": "alpha", "inputs": "\xff\xfe"}', headers=JSON)
+    r = await client.post(
+        path, content=b'{"task": "alpha", "model": "alpha", "inputs": "\xff\xfe"}', headers=JSON
+    )
     assert r.status_code == 400 and "parsing the body" in r.text, r.text
 
 
 async def test_cors_is_off_by_default(client):
-    r = await client.options("/generate", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    r = await client.options(
+        "/generate", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
     assert r.status_code in (404, 405)
     for path in ("/health", "/info"):
         r = await client.get(path, headers={"Origin": "https://evil.example"})

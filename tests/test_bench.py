@@ -76,7 +76,10 @@ def test_bench_counts_errors_by_status(url_and_app, tmp_path):
 def test_requests_file(tmp_path):
     path = tmp_path / "reqs.jsonl"
     path.write_text('{"task": "a", "inputs": "x"}\n\n{"task": "b", "inputs": "y", "max_new_tokens": 7}\n')
-    assert bench.load_requests(path, 32) == [bench.BenchRequest("a", "x", 32), bench.BenchRequest("b", "y", 7)]
+    assert bench.load_requests(path, 32) == [
+        bench.BenchRequest("a", "x", 32),
+        bench.BenchRequest("b", "y", 7),
+    ]
 
 
 def test_percentiles():
@@ -87,7 +90,9 @@ def test_percentiles():
 
 def test_flag_values_are_read_as_the_server_reads_them():
     assert bench.flag_value(["--max-batch-size", "8", "--port", "1234"], "--port") == "1234"
-    assert bench.flag_value(["--port=99", "--port", "100"], "--port") == "100"  # the last wins, as argparse does
+    assert (
+        bench.flag_value(["--port=99", "--port", "100"], "--port") == "100"
+    )  # the last wins, as argparse does
     assert bench.flag_value(["--store", "x"], "--port") is None
 
 

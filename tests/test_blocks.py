@@ -13,7 +13,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from server.engine.blocks import Linear, Norm, is_silu
 
 
-@pytest.mark.parametrize("module", [LlamaRMSNorm(64, eps=1e-5), GemmaRMSNorm(64, eps=1e-6)], ids=["llama", "gemma"])
+@pytest.mark.parametrize(
+    "module", [LlamaRMSNorm(64, eps=1e-5), GemmaRMSNorm(64, eps=1e-6)], ids=["llama", "gemma"]
+)
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_norm_matches_the_models_own_module(ops, module, with_residual):
     with torch.no_grad():

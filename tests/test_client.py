@@ -47,7 +47,10 @@ def test_sync_errors_carry_status_and_type(base_url):
     with Client(base_url) as c:
         with pytest.raises(SoftmuxError) as info:
             c.generate("nope", "x")
-        assert (info.value.status, info.value.error_type) == (404, "not_found") and "'nope'" in info.value.message
+        assert (info.value.status, info.value.error_type) == (
+            404,
+            "not_found",
+        ) and "'nope'" in info.value.message
         assert info.value.request_id
         with pytest.raises(SoftmuxError) as info:
             list(c.generate_stream("alpha", "x", top_p=5))
@@ -75,7 +78,9 @@ async def test_async_client_over_asgi(lm, store):
         async with AsyncClient("http://test", transport=httpx.ASGITransport(app=app)) as c:
             result = await c.generate("gamma", "hello", max_new_tokens=5, do_sample=True, seed=3)
             assert result.details.seed == 3 and result.details.generated_tokens == 5
-            tokens = [t async for t in c.generate_stream("gamma", "hello", max_new_tokens=5, do_sample=True, seed=3)]
+            tokens = [
+                t async for t in c.generate_stream("gamma", "hello", max_new_tokens=5, do_sample=True, seed=3)
+            ]
             assert tokens[-1].generated_text == result.generated_text
             assert (await c.tasks()).names == sorted(TASKS)
             with pytest.raises(SoftmuxError) as info:
@@ -86,7 +91,13 @@ async def test_async_client_over_asgi(lm, store):
 # ---- retries against a scripted server ------------------------------------------------------------
 OK = {
     "generated_text": "hi",
-    "details": {"finish_reason": "length", "generated_tokens": 1, "input_tokens": 1, "virtual_tokens": 2, "seed": None},
+    "details": {
+        "finish_reason": "length",
+        "generated_tokens": 1,
+        "input_tokens": 1,
+        "virtual_tokens": 2,
+        "seed": None,
+    },
 }
 
 
@@ -117,7 +128,9 @@ def test_retries_on_429_and_503_honouring_retry_after():
 def test_backoff_is_exponential_and_capped_without_retry_after():
     transport, seen = scripted([busy(503, None)] * 6)
     sleeps: list[float] = []
-    with Client("http://x", transport=transport, retries=5, backoff=1.0, max_backoff=4.0, sleep=sleeps.append) as c:
+    with Client(
+        "http://x", transport=transport, retries=5, backoff=1.0, max_backoff=4.0, sleep=sleeps.append
+    ) as c:
         with pytest.raises(SoftmuxError) as info:
             c.generate("alpha", "x")
     assert info.value.status == 503 and info.value.error_type == "unhealthy"

@@ -41,8 +41,10 @@ def metric_names(expr: str) -> set[str]:
 
 def test_metric_names_parse_promql():
     expr = (
-        'histogram_quantile(0.95, sum by (le, task) (rate(a_seconds_bucket{outcome=~"x|y", task!="z"}[$__rate_interval])))'
-        " / on(task) group_left(weight) b_total offset 5m > bool 1e3 and c unless sum without (phase) (d:rule)"
+        "histogram_quantile(0.95, sum by (le, task) "
+        '(rate(a_seconds_bucket{outcome=~"x|y", task!="z"}[$__rate_interval])))'
+        " / on(task) group_left(weight) b_total offset 5m > bool 1e3"
+        " and c unless sum without (phase) (d:rule)"
     )
     assert metric_names(expr) == {"a_seconds_bucket", "b_total", "c", "d:rule"}
     assert metric_names("rate(requests_total[1m]) * $scale") == {"requests_total"}
@@ -73,7 +75,11 @@ def exported_series(text: str) -> dict[str, tuple[str, str]]:
     """Each series name /metrics can carry -> (its family, the family's type): a counter's `_total`, a
     histogram's `_bucket`, `_sum` and `_count`, so that `softmux_request_count_total` resolves to the
     counter, not to a histogram named `softmux_request`."""
-    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("", "_sum", "_count")}
+    suffixes = {
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("", "_sum", "_count"),
+    }
     out = {}
     for family in text_string_to_metric_families(text):
         for suffix in suffixes.get(family.type, ("",)):
@@ -111,7 +117,9 @@ def test_every_metric_the_dashboard_reads_is_exported(metrics_text):
     for name in used:  # buckets only under histogram_quantile, aggregated keeping `le`
         if name.endswith("_bucket") and series[name][1] == "histogram":
             bucket_exprs = [e for e in exprs if name in metric_names(e)]
-            assert all("histogram_quantile" in e and re.search(r"by \([^)]*\ble\b", e) for e in bucket_exprs), name
+            assert all(
+                "histogram_quantile" in e and re.search(r"by \([^)]*\ble\b", e) for e in bucket_exprs
+            ), name
     # the dashboard covers what issue 25 asked for
     families = {series[n][0] for n in used}
     for family in (
@@ -169,7 +177,11 @@ def test_compose_provisions_grafana_from_the_files_that_exist():
     for folder in sorted(p for p in PROVISIONING.iterdir() if p.is_dir()):
         assert on_host(f"/etc/grafana/provisioning/{folder.name}") == folder.resolve(), folder.name
     # the dashboard provider reads a mounted folder that holds the dashboard; it is also the home page
-    providers = [p for f in (PROVISIONING / "dashboards").glob("*.y*ml") for p in yaml.safe_load(f.read_text())["providers"]]
+    providers = [
+        p
+        for f in (PROVISIONING / "dashboards").glob("*.y*ml")
+        for p in yaml.safe_load(f.read_text())["providers"]
+    ]
     assert any(on_host(p["options"]["path"]) == DASHBOARD.parent.resolve() for p in providers)
     assert on_host(env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]) == DASHBOARD.resolve()
     # the datasource points at compose's Prometheus

@@ -21,7 +21,13 @@ from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel, load_model
 from tests.support import make_prompt, make_request, reference_greedy
 
-LLAMA_LIKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=512)
+LLAMA_LIKE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=512,
+)
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": dict(LLAMA_LIKE, num_key_value_heads=2, attention_bias=True),
     "qwen2": dict(LLAMA_LIKE, num_key_value_heads=2, use_sliding_window=False),
@@ -85,7 +91,10 @@ def test_family_mixed_staggered_batch_matches_solo_reference(family, tmp_path, d
     lm = build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
     prompts = [make_prompt(f"{family}{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
     rng = random.Random(1)
-    specs = [(prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 7) % 19)], 5 + k % 6) for k in range(9)]
+    specs = [
+        (prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 7) % 19)], 5 + k % 6)
+        for k in range(9)
+    ]
     engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30))
     engine.start()
     try:
@@ -97,7 +106,9 @@ def test_family_mixed_staggered_batch_matches_solo_reference(family, tmp_path, d
             engine.submit(t.request)
         for t, (p, ids, n) in zip(tracked, specs):
             assert t.result.generated_tokens > 0
-            assert t.request.output_ids == reference_greedy(lm, p.embeddings, ids, n), f"{family}: {p.name} L={len(ids)}"
+            assert t.request.output_ids == reference_greedy(lm, p.embeddings, ids, n), (
+                f"{family}: {p.name} L={len(ids)}"
+            )
         assert engine.stats.mixed_task_passes > 0
     finally:
         engine.stop()
@@ -132,16 +143,22 @@ def test_dynamic_rope_scaling_is_refused_with_the_reason(tmp_path, default_model
 
 
 def test_sliding_window_shorter_than_the_context_is_refused(tmp_path, default_model_dir):
-    lm = build(tmp_path / "mistral", default_model_dir, "mistral", **dict(FAMILIES["mistral"], sliding_window=64))
+    lm = build(
+        tmp_path / "mistral", default_model_dir, "mistral", **dict(FAMILIES["mistral"], sliding_window=64)
+    )
     with pytest.raises(UnsupportedModel, match="sliding-window attention \\(64 tokens\\)"):
         Engine(lm, SchedulerConfig(4, 1000, 10), max_context=1000)
-    Engine(lm, SchedulerConfig(4, 1000, 10), max_context=64)  # every admitted sequence fits the window: served
+    Engine(
+        lm, SchedulerConfig(4, 1000, 10), max_context=64
+    )  # every admitted sequence fits the window: served
 
 
 def two_row_passes(decoder: Decoder, ops: Any, dtype: torch.dtype) -> list[torch.Tensor]:
     """A prefill pass (rows of 5 and 3 tokens, every token a query row of the native kernel) and a
     decode pass (one token each) over a fresh pool -> [prefill logits, decode logits, keys, values]."""
-    k = torch.zeros(decoder.num_layers, decoder.num_kv_heads, 64, decoder.head_dim, dtype=dtype)  # slots 0-15 reserved
+    k = torch.zeros(
+        decoder.num_layers, decoder.num_kv_heads, 64, decoder.head_dim, dtype=dtype
+    )  # slots 0-15 reserved
     v = torch.zeros_like(k)
     row_slots = [list(range(16, 26)), list(range(40, 50))]
     g = torch.Generator().manual_seed(0)
@@ -170,7 +187,9 @@ def two_row_passes(decoder: Decoder, ops: Any, dtype: torch.dtype) -> list[torch
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "llama3.1", "qwen2.5"])
-def test_native_layer_stack_equals_the_python_loop_bit_for_bit(family, dtype, ops, tmp_path, default_model_dir):
+def test_native_layer_stack_equals_the_python_loop_bit_for_bit(
+    family, dtype, ops, tmp_path, default_model_dir
+):
     """Decoder.stack (csrc/layers.cpp) runs the same kernels as the Python loop in the same order:
     the same logits and the same keys and values written, bit for bit (q/k/v bias: llama; GQA: all)."""
     build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
@@ -183,8 +202,11 @@ def test_native_layer_stack_equals_the_python_loop_bit_for_bit(family, dtype, op
 
 
 @pytest.mark.parametrize("family", ["gemma", "gpt2"])
-def test_native_layer_stack_is_not_used_where_a_kernel_does_not_apply(family, ops, tmp_path, default_model_dir):
-    """gemma's MLP is not SiLU-gated, gpt2 has no rotary and LayerNorm: their layers stay in the Python loop."""
+def test_native_layer_stack_is_not_used_where_a_kernel_does_not_apply(
+    family, ops, tmp_path, default_model_dir
+):
+    """gemma's MLP is not SiLU-gated, gpt2 has no rotary and LayerNorm:
+    their layers stay in the Python loop."""
     build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
     lm = load_model(str(tmp_path / family), dtype="float32")
     assert Decoder(lm.model, pack=True, ops=ops).stack is None
@@ -210,13 +232,17 @@ def test_one_copy_of_the_weights_gives_the_same_tokens_and_releases_the_models_o
         lm = load_model(str(tmp_path / family), dtype=dtype)
         before = weight_bytes(lm.model)
         prompts = [make_prompt(f"{family}{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
-        engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=Acceleration(one_copy=one_copy))
+        engine = Engine(
+            lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=Acceleration(one_copy=one_copy)
+        )
         engine.start()
         try:
             rng = random.Random(2)
             tracked = [
                 make_request(
-                    prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 11) % 150)], SamplingParams(max_new_tokens=6)
+                    prompts[k % 3],
+                    [rng.randrange(40_000) for _ in range(1 + (k * 11) % 150)],
+                    SamplingParams(max_new_tokens=6),
                 )
                 for k in range(8)
             ]
@@ -228,12 +254,20 @@ def test_one_copy_of_the_weights_gives_the_same_tokens_and_releases_the_models_o
         kept.append(weight_bytes(lm.model) / before)
         decoder = engine.runner.decoder
         if one_copy:
-            assert all(lin.weight is None for layer in decoder.layers for lin in (layer.qkv, layer.o, layer.up, layer.down))
+            assert all(
+                lin.weight is None
+                for layer in decoder.layers
+                for lin in (layer.qkv, layer.o, layer.up, layer.down)
+            )
             tied = FAMILIES[family].get("tie_word_embeddings", True)
-            assert decoder.embed_panels == tied and decoder.lm_head.weight is None  # tied: the table lives in the head's panels
+            assert (
+                decoder.embed_panels == tied and decoder.lm_head.weight is None
+            )  # tied: the table lives in the head's panels
     assert runs[0] == runs[1]
     untied = not FAMILIES[family].get("tie_word_embeddings", True)
-    assert kept[0] == 1.0 and kept[1] < (0.6 if untied else 0.1)  # left: norms, biases, positions (gpt2), an untied table
+    assert kept[0] == 1.0 and kept[1] < (
+        0.6 if untied else 0.1
+    )  # left: norms, biases, positions (gpt2), an untied table
 
 
 def dequantize_linears_in_place(model: torch.nn.Module) -> int:
@@ -242,7 +276,12 @@ def dequantize_linears_in_place(model: torch.nn.Module) -> int:
     quantized engine must reproduce. The head and the embedding table are left as they are."""
     count = 0
     for name, module in model.named_modules():
-        if ".layers." not in name and ".h." not in name or not hasattr(module, "weight") or module.weight.dim() != 2:
+        if (
+            ".layers." not in name
+            and ".h." not in name
+            or not hasattr(module, "weight")
+            or module.weight.dim() != 2
+        ):
             continue
         if "norm" in name or "ln_" in name:
             continue
@@ -268,13 +307,20 @@ def test_int8_engine_matches_the_model_with_dequantized_weights(family, ops, tmp
     reference = load_model(str(tmp_path / family), dtype="float32")
     layers = FAMILIES[family].get("num_hidden_layers", FAMILIES[family].get("n_layer"))
     assert dequantize_linears_in_place(reference.model) == layers * (4 if family == "gpt2" else 7)
-    reference = LoadedModel(reference.model.double(), reference.tokenizer, torch.device("cpu"), torch.float64, family)
+    reference = LoadedModel(
+        reference.model.double(), reference.tokenizer, torch.device("cpu"), torch.float64, family
+    )
     prompts = [make_prompt(f"{family}{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
-    engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=Acceleration(quantize="int8"))
+    engine = Engine(
+        lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=Acceleration(quantize="int8")
+    )
     engine.start()
     try:
         rng = random.Random(3)
-        specs = [(prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 11) % 60)], 4 + k % 5) for k in range(8)]
+        specs = [
+            (prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 11) % 60)], 4 + k % 5)
+            for k in range(8)
+        ]
         tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
         for t in tracked:
             engine.submit(t.request)
@@ -285,9 +331,18 @@ def test_int8_engine_matches_the_model_with_dequantized_weights(family, ops, tmp
     finally:
         engine.stop()
     decoder = engine.runner.decoder
-    lins = [lin for layer in decoder.layers for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down) if lin]
-    assert all(lin.panels is not None and lin.panels.dtype == torch.int8 and lin.weight is None for lin in lins)
-    assert decoder.lm_head.panels is not None and decoder.lm_head.panels.dtype == torch.float32  # the head is not quantized
+    lins = [
+        lin
+        for layer in decoder.layers
+        for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down)
+        if lin
+    ]
+    assert all(
+        lin.panels is not None and lin.panels.dtype == torch.int8 and lin.weight is None for lin in lins
+    )
+    assert (
+        decoder.lm_head.panels is not None and decoder.lm_head.panels.dtype == torch.float32
+    )  # the head is not quantized
     assert (decoder.stack is not None) == (family != "gpt2")  # the native layer stack reads int8 panels too
 
 
@@ -295,4 +350,6 @@ def test_quantize_without_the_native_kernels_is_refused_with_the_reason(tmp_path
     build(tmp_path / "llama", default_model_dir, "llama", **FAMILIES["llama"])
     lm = load_model(str(tmp_path / "llama"), dtype="float32")
     with pytest.raises(UnsupportedModel, match="--quantize int8 needs the native CPU kernels"):
-        Engine(lm, SchedulerConfig(4, 1000, 10), None, accel=Acceleration(quantize="int8", native_kernels=False))
+        Engine(
+            lm, SchedulerConfig(4, 1000, 10), None, accel=Acceleration(quantize="int8", native_kernels=False)
+        )

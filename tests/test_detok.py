@@ -57,7 +57,22 @@ def test_multibyte_characters_are_held_until_complete(tok) -> None:
 
 def test_random_mixed_texts_round_trip(tok) -> None:
     rng = random.Random(1234)
-    pool = list("abcXYZ019 ,.!?\n") + ["é", "ñ", "ü", "ß", "日", "本", "語", "中", "😀", "🎉", "👍🏽", "Ω", "ж", "  "]
+    pool = list("abcXYZ019 ,.!?\n") + [
+        "é",
+        "ñ",
+        "ü",
+        "ß",
+        "日",
+        "本",
+        "語",
+        "中",
+        "😀",
+        "🎉",
+        "👍🏽",
+        "Ω",
+        "ж",
+        "  ",
+    ]
     for _ in range(30):
         s = "".join(rng.choice(pool) for _ in range(rng.randint(1, 40)))
         ids = tok.encode(s, add_special_tokens=False)
@@ -170,7 +185,9 @@ def test_earliest_of_several_stop_strings_wins(tok) -> None:
     s = "Hello world, how are you?"
     ids = tok.encode(s, add_special_tokens=False)
     assert tok.decode(ids[1:2]) == " world"  # both stops below arrive in this one token
-    text = IncrementalText(tok, stop=("ld", "wo", "you"))  # "wo" is not first in the tuple but earliest in the text
+    text = IncrementalText(
+        tok, stop=("ld", "wo", "you")
+    )  # "wo" is not first in the tuple but earliest in the text
     deltas = feed(text, ids)
     assert text.stopped
     assert text.text == "Hello "

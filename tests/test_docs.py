@@ -55,7 +55,15 @@ def blocks() -> list[Block]:
                 end = lines.index("```", i + 1)
                 before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
                 reason = SKIP.match(before.strip())
-                out.append(Block(path, i + 1, fence.group(1), "\n".join(lines[i + 1 : end]), reason.group(1) if reason else None))
+                out.append(
+                    Block(
+                        path,
+                        i + 1,
+                        fence.group(1),
+                        "\n".join(lines[i + 1 : end]),
+                        reason.group(1) if reason else None,
+                    )
+                )
                 i = end
             i += 1
     return out
@@ -68,7 +76,10 @@ RUN = [b for b in ALL if b.skip is None]
 def test_every_example_runs_or_says_why_not():
     skipped = [b for b in ALL if b.skip is not None]
     assert all(len(b.skip or "") > 10 for b in skipped)
-    print(f"{len(RUN)} of {len(ALL)} examples run; not run: " + "; ".join(f"{b.where} ({b.skip})" for b in skipped))
+    print(
+        f"{len(RUN)} of {len(ALL)} examples run; not run: "
+        + "; ".join(f"{b.where} ({b.skip})" for b in skipped)
+    )
     assert len(RUN) >= 8
 
 
@@ -95,9 +106,17 @@ def localised(code: str, url: str) -> str:
 @pytest.mark.parametrize("block", [b for b in RUN if b.lang == "sh"], ids=lambda b: b.where)
 def test_shell_example(block: Block, server: tuple[str, Path]):
     url, work = server
-    script = 'set -e -o pipefail\ncurl() { command curl --fail-with-body -sS "$@"; }\n' + localised(block.code, url)
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "SOFTMUX_ADMIN_TOKEN": ADMIN_TOKEN, "HOME": str(work)}
-    out = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    script = 'set -e -o pipefail\ncurl() { command curl --fail-with-body -sS "$@"; }\n' + localised(
+        block.code, url
+    )
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "SOFTMUX_ADMIN_TOKEN": ADMIN_TOKEN,
+        "HOME": str(work),
+    }
+    out = subprocess.run(
+        ["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, f"{block.where}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
 
 
@@ -107,7 +126,9 @@ def test_python_examples(server: tuple[str, Path]):
         code = "\n\n".join(localised(b.code, url) for b in RUN if b.lang == "python" and b.file == path)
         if not code:
             continue
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
         assert out.returncode == 0, f"{path.relative_to(ROOT)}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
 
 
@@ -117,5 +138,7 @@ def test_the_first_request_answers_what_the_readme_shows(server: tuple[str, Path
     readme = (ROOT / "README.md").read_text()
     shown = json.loads(re.search(r"```json\n(.*?)\n```", readme, re.S).group(1))  # type: ignore[union-attr]
     first = next(b for b in RUN if b.file.name == "README.md" and "curl" in b.code)
-    out = subprocess.run(["bash", "-c", localised(first.code, url)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        ["bash", "-c", localised(first.code, url)], capture_output=True, text=True, timeout=120
+    )
     assert json.loads(out.stdout) == shown

@@ -58,7 +58,9 @@ def test_mixed_batch_matches_solo_reference_with_late_joins(lm, prompts):
         for t, (prompt, ids, n) in zip(tracked, specs):
             result = t.result
             expected = reference_greedy(lm, prompt.embeddings, ids, n)
-            assert t.request.output_ids == expected, f"{prompt.name} L={len(ids)} differs from the solo reference"
+            assert t.request.output_ids == expected, (
+                f"{prompt.name} L={len(ids)} differs from the solo reference"
+            )
             assert result.generated_tokens == n and result.finish_reason is FinishReason.LENGTH
             assert result.input_tokens == len(ids) and result.virtual_tokens == prompt.num_virtual_tokens
             assert result.generated_text == lm.tokenizer.decode(expected, skip_special_tokens=True)
@@ -97,10 +99,16 @@ def test_late_request_starts_within_two_steps(lm, prompts):
         assert late.result.generated_tokens == 3 and long.result.generated_tokens == 40
         first_late = order.index("late")
         assert order[:first_late].count("long") <= 5 + 2
-        assert late.done.is_set() and order.index("late") < len(order) - 1, "the late request waited for the batch to drain"
+        assert late.done.is_set() and order.index("late") < len(order) - 1, (
+            "the late request waited for the batch to drain"
+        )
         assert engine.stats.joined_running_batch == 1
-        assert long.request.output_ids == reference_greedy(lm, prompts[1].embeddings, long.request.input_ids, 40)
-        assert late.request.output_ids == reference_greedy(lm, prompts[2].embeddings, late.request.input_ids, 3)
+        assert long.request.output_ids == reference_greedy(
+            lm, prompts[1].embeddings, long.request.input_ids, 40
+        )
+        assert late.request.output_ids == reference_greedy(
+            lm, prompts[2].embeddings, late.request.input_ids, 3
+        )
     finally:
         engine.stop()
 
@@ -191,7 +199,9 @@ def test_ignore_eos_runs_past_eos_while_a_normal_row_in_the_same_batch_stops(lm,
     try:
         assert normal.result.finish_reason is FinishReason.EOS
         assert normal.request.output_ids == expected[: first_eos + 1]
-        full = lm.tokenizer.decode(expected, skip_special_tokens=True)  # the eos here is an ordinary token: its text stays
+        full = lm.tokenizer.decode(
+            expected, skip_special_tokens=True
+        )  # the eos here is an ordinary token: its text stays
         for t in (ignoring, streamed):
             assert t.result.finish_reason is FinishReason.LENGTH
             assert t.request.output_ids == expected and t.result.generated_tokens == 10
@@ -238,7 +248,9 @@ def test_cancelled_row_leaves_and_others_are_unaffected(lm, prompts):
         engine.submit(other.request)
         assert victim.result.finish_reason is FinishReason.CANCELLED
         assert len(victim.request.output_ids) <= 4  # dropped at the next step
-        assert other.request.output_ids == reference_greedy(lm, prompts[1].embeddings, other.request.input_ids, 30)
+        assert other.request.output_ids == reference_greedy(
+            lm, prompts[1].embeddings, other.request.input_ids, 30
+        )
     finally:
         engine.stop()
 
@@ -254,7 +266,9 @@ def test_poisoned_prompt_fails_only_its_own_request(lm, prompts):
         engine.submit(good.request)
         engine.submit(poisoned.request)
         assert "non-finite" in poisoned.error.message
-        assert good.request.output_ids == reference_greedy(lm, prompts[2].embeddings, good.request.input_ids, 8)
+        assert good.request.output_ids == reference_greedy(
+            lm, prompts[2].embeddings, good.request.input_ids, 8
+        )
         assert engine.alive
         again = make_request(prompts[0], random_ids(rng, 3), SamplingParams(max_new_tokens=4))
         engine.submit(again.request)
@@ -296,7 +310,10 @@ def test_half_precision_answers_do_not_depend_on_the_batch(tiny_model_dir, dtype
     lm16 = load_model(str(tiny_model_dir), dtype=dtype)
     prompts16 = [make_prompt(f"h{i}", p, lm16, seed=i) for i, p in enumerate([1, 4, 9, 20])]
     rng = random.Random(12)
-    specs = [(prompts16[k % 4], random_ids(rng, 1 + (k * 5) % 17), SamplingParams(max_new_tokens=6 + k % 5)) for k in range(10)]
+    specs = [
+        (prompts16[k % 4], random_ids(rng, 1 + (k * 5) % 17), SamplingParams(max_new_tokens=6 + k % 5))
+        for k in range(10)
+    ]
 
     def run(batch: list) -> list[list[int]]:
         return staggered_outputs(make_engine(lm16, accel=accel), batch, join_every=3)
@@ -332,14 +349,19 @@ def test_real_model_bfloat16_answers_do_not_depend_on_the_batch(default_model_di
         SoftPrompt(
             name=f"b{i}",
             kind=PromptKind.PROMPT_TUNING,
-            embeddings=table[torch.randint(100, 40_000, (p,), generator=g)].clone(),  # vocabulary rows: a realistic scale
+            embeddings=table[
+                torch.randint(100, 40_000, (p,), generator=g)
+            ].clone(),  # vocabulary rows: a realistic scale
             content_hash=f"b{i}",
             source=Path(f"b{i}"),
         )
         for i, p in enumerate([20, 8, 20, 1])
     ]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    specs = [(prompts16[k % 4], torch.randint(100, 40_000, (4 + (k * 7) % 20,), generator=g).tolist(), params) for k in range(12)]
+    specs = [
+        (prompts16[k % 4], torch.randint(100, 40_000, (4 + (k * 7) % 20,), generator=g).tolist(), params)
+        for k in range(12)
+    ]
 
     def run(batch: list) -> list[list[int]]:
         return staggered_outputs(make_engine(lm16), batch, join_every=4)
@@ -380,7 +402,9 @@ def test_deadline_ends_a_running_row_and_a_waiting_one(lm, prompts):
     rng = random.Random(9)
     engine = start_engine(lm, max_batch_size=1)
     try:
-        running = make_request(prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=500), stream=True)
+        running = make_request(
+            prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=500), stream=True
+        )
         waiting = make_request(prompts[1], random_ids(rng, 4), SamplingParams(max_new_tokens=5))
         after = make_request(prompts[2], random_ids(rng, 4), SamplingParams(max_new_tokens=3))
 
@@ -388,7 +412,9 @@ def test_deadline_ends_a_running_row_and_a_waiting_one(lm, prompts):
             _orig(event)
             produced = len(running.request.output_ids)
             if produced == 2:
-                waiting.request.deadline = time.monotonic()  # still queued behind `running` (one row at a time)
+                waiting.request.deadline = (
+                    time.monotonic()
+                )  # still queued behind `running` (one row at a time)
             if produced == 3:
                 running.request.deadline = time.monotonic()
 
@@ -397,9 +423,13 @@ def test_deadline_ends_a_running_row_and_a_waiting_one(lm, prompts):
             engine.submit(t.request)
         assert running.result.finish_reason is FinishReason.TIMEOUT
         assert 3 <= running.result.generated_tokens <= 4  # dropped before the next step
-        assert running.result.generated_text == lm.tokenizer.decode(running.request.output_ids, skip_special_tokens=True)
+        assert running.result.generated_text == lm.tokenizer.decode(
+            running.request.output_ids, skip_special_tokens=True
+        )
         assert waiting.result.finish_reason is FinishReason.TIMEOUT and waiting.result.generated_tokens == 0
-        assert after.request.output_ids == reference_greedy(lm, prompts[2].embeddings, after.request.input_ids, 3)
+        assert after.request.output_ids == reference_greedy(
+            lm, prompts[2].embeddings, after.request.input_ids, 3
+        )
         assert engine.scheduler.held_tokens == 0
     finally:
         engine.stop()
@@ -410,7 +440,9 @@ def test_drain_refuses_new_requests_while_accepted_ones_still_run(lm, prompts):
     rng = random.Random(10)
     engine = start_engine(lm, max_batch_size=2)
     started, gate = threading.Event(), threading.Event()
-    accepted = [make_request(prompts[k], random_ids(rng, 3), SamplingParams(max_new_tokens=6)) for k in range(4)]
+    accepted = [
+        make_request(prompts[k], random_ids(rng, 3), SamplingParams(max_new_tokens=6)) for k in range(4)
+    ]
 
     def hold(event, _orig=accepted[0].sink):  # the engine thread waits here until the refusal is checked
         _orig(event)
@@ -455,7 +487,9 @@ def test_preemption_in_a_tiny_pool_keeps_every_answer_exact(lm, prompts):
     specs = [(prompts[k % 4], random_ids(rng, 2 + k % 5), 30 + 3 * (k % 7)) for k in range(8)]
     block_bytes = Engine(lm, SchedulerConfig(1, 1, 1)).runner.block_bytes
     # 13 usable blocks of 16 tokens: the four prefixes take 5, each row grows to 3 blocks.
-    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=14 * block_bytes)
+    engine = Engine(
+        lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=14 * block_bytes
+    )
     engine.start()
     try:
         tracked = submit_and_check_solo(engine, lm, specs)
@@ -482,7 +516,9 @@ def test_memory_per_row_is_its_own_tokens_only(lm, prompts):
     assert stats["blocks_used"] == stats["prefix_blocks"] + 6
     while not engine.scheduler.idle:
         engine.step()
-    assert [t.request.output_ids for t in tracked] == [reference_greedy(lm, prompt.embeddings, [5] * 3, 8)] * 6
+    assert [t.request.output_ids for t in tracked] == [
+        reference_greedy(lm, prompt.embeddings, [5] * 3, 8)
+    ] * 6
 
 
 def test_requests_sharing_a_token_prefix_reuse_its_blocks_and_stay_exact(lm, prompts):
@@ -517,7 +553,9 @@ def test_requests_sharing_a_token_prefix_reuse_its_blocks_and_stay_exact(lm, pro
 
 
 @torch.inference_mode()
-def step_logits(lm: LoadedModel, prompt: torch.Tensor, input_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+def step_logits(
+    lm: LoadedModel, prompt: torch.Tensor, input_ids: list[int], output_ids: list[int]
+) -> torch.Tensor:
     """[n, V]: the solo reference's logits before each of the n generated tokens (one forward pass)."""
     embed = lm.model.get_input_embeddings()
     x = torch.cat([prompt, embed(torch.tensor(input_ids + output_ids[:-1]))])[None]  # [1, P+L+n-1, H]
@@ -560,10 +598,17 @@ def test_sampled_tokens_stay_inside_each_rows_top_k_and_nucleus_in_a_mixed_batch
         tracked = []
         for k, (prompt, temperature, top_k, top_p) in enumerate(rows):
             params = SamplingParams(
-                max_new_tokens=24, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, seed=500 + k
+                max_new_tokens=24,
+                do_sample=True,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=500 + k,
             )
             tracked.append(make_request(prompt, random_ids(rng, 3 + k), params))
-        tracked.append(make_request(prompts[2], random_ids(rng, 5), SamplingParams(max_new_tokens=24)))  # greedy
+        tracked.append(
+            make_request(prompts[2], random_ids(rng, 5), SamplingParams(max_new_tokens=24))
+        )  # greedy
         for t in tracked:
             engine.submit(t.request)
         for t in tracked:
@@ -580,7 +625,9 @@ def test_sampled_tokens_stay_inside_each_rows_top_k_and_nucleus_in_a_mixed_batch
         else:
             assert outside_filters(logits, out, temperature, 3, 1.0), "the control never left its top 3"
     greedy = tracked[-1]
-    assert greedy.request.output_ids == reference_greedy(lm, prompts[2].embeddings, greedy.request.input_ids, 24)
+    assert greedy.request.output_ids == reference_greedy(
+        lm, prompts[2].embeddings, greedy.request.input_ids, 24
+    )
 
 
 @pytest.mark.parametrize("policy", [Policy.FAIR, Policy.FIFO])
@@ -590,7 +637,9 @@ def test_a_starved_task_gets_a_row_at_the_next_step_and_every_answer_stays_exact
     wave), and every answer, the preempted row's included, is its solo reference."""
     rng = random.Random(11)
     engine = Engine(lm, SchedulerConfig(4, 100_000, 100, policy=policy), PrefixCache(1 << 30))
-    flood = [make_request(prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=24)) for _ in range(6)]
+    flood = [
+        make_request(prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=24)) for _ in range(6)
+    ]
     for t in flood:
         engine.scheduler.add(t.request)
     engine.step()
@@ -610,7 +659,9 @@ def test_a_starved_task_gets_a_row_at_the_next_step_and_every_answer_stays_exact
 
 
 @torch.inference_mode()
-def reference_penalised(lm: LoadedModel, prompt: torch.Tensor, ids: list[int], n: int, params: SamplingParams) -> list[int]:
+def reference_penalised(
+    lm: LoadedModel, prompt: torch.Tensor, ids: list[int], n: int, params: SamplingParams
+) -> list[int]:
     """The solo reference with OpenAI's rules applied by hand to the base model's logits: logit_bias
     added, then logit[j] -= count[j] * frequency + (count[j] > 0) * presence over the generated tokens."""
     embed = lm.model.get_input_embeddings()
@@ -635,7 +686,12 @@ def test_penalties_and_logit_bias_match_openais_formula_alone_and_in_a_mixed_bat
     variants = [
         SamplingParams(max_new_tokens=10, frequency_penalty=-1.5),
         SamplingParams(max_new_tokens=10, presence_penalty=-6.0),  # past the API's +-2 (the engine takes any)
-        SamplingParams(max_new_tokens=10, frequency_penalty=1.0, presence_penalty=-2.0, logit_bias=((17, 30.0), (5, -100.0))),
+        SamplingParams(
+            max_new_tokens=10,
+            frequency_penalty=1.0,
+            presence_penalty=-2.0,
+            logit_bias=((17, 30.0), (5, -100.0)),
+        ),
         SamplingParams(max_new_tokens=10),
     ]
     specs = [(prompts[k % 4], random_ids(rng, 3 + k), variants[k % 4]) for k in range(8)]
@@ -663,7 +719,11 @@ def test_logprobs_come_from_the_distribution_each_row_was_chosen_from_alone_or_m
     rng = random.Random(9)
     specs = [
         (prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=5, logprobs=True, top_logprobs=4)),
-        (prompts[1], random_ids(rng, 6), SamplingParams(max_new_tokens=5, logprobs=True, top_logprobs=2, logit_bias=((9, 2.5),))),
+        (
+            prompts[1],
+            random_ids(rng, 6),
+            SamplingParams(max_new_tokens=5, logprobs=True, top_logprobs=2, logit_bias=((9, 2.5),)),
+        ),
         (
             prompts[2],
             random_ids(rng, 3),
@@ -692,7 +752,9 @@ def test_logprobs_come_from_the_distribution_each_row_was_chosen_from_alone_or_m
                 for token, bias in params.logit_bias:
                     logits[token] += bias
                 logp = torch.log_softmax(logits / (params.temperature if params.sampling else 1.0), dim=-1)
-                assert entry.token_id == out[i] and entry.logprob == pytest.approx(logp[out[i]].item(), abs=1e-5)
+                assert entry.token_id == out[i] and entry.logprob == pytest.approx(
+                    logp[out[i]].item(), abs=1e-5
+                )
                 top = logp.topk(params.top_logprobs)
                 assert [a for a, _ in entry.top] == top.indices.tolist()
                 assert [b for _, b in entry.top] == pytest.approx(top.values.tolist(), abs=1e-5)

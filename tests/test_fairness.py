@@ -45,7 +45,9 @@ def req(task: str, inputs: int = 3, max_new: int = 4, priority: int = 0, **setti
     )
 
 
-def sched(rows: int = 4, queue: int = 1000, per_task: int = 0, blocks: int = 10_000, policy: Policy = Policy.FAIR) -> Scheduler:
+def sched(
+    rows: int = 4, queue: int = 1000, per_task: int = 0, blocks: int = 10_000, policy: Policy = Policy.FAIR
+) -> Scheduler:
     pool = BlockPool(blocks + 1, BS)
     cache = PrefixCache(1 << 20)
     cache.bind(pool, block_bytes=1)

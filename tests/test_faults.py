@@ -78,7 +78,9 @@ def test_a_client_leaving_frees_its_row_and_others_are_unaffected(lm, store, str
     with live_server(app) as base:
         engine = app.state.service.engine
         with httpx.Client(base_url=base, timeout=30) as http:
-            reference = http.post("/generate", json=gen("beta", "the other request", max_new_tokens=12)).json()
+            reference = http.post(
+                "/generate", json=gen("beta", "the other request", max_new_tokens=12)
+            ).json()
         slow_down(engine, 0.05)  # 64 tokens: ~3 s
         long = gen("alpha", "a long story", max_new_tokens=64)
         other: dict = {}
@@ -110,7 +112,9 @@ def test_a_client_leaving_frees_its_row_and_others_are_unaffected(lm, store, str
         assert engine.scheduler.held_tokens == 0
         metrics = httpx.get(f"{base}/metrics").text
         assert outcome_count(metrics, "alpha", "cancelled") == 1
-        assert 0 < generated_tokens(metrics, "alpha", "cancelled") < 64  # freed before its 64 tokens were done
+        assert (
+            0 < generated_tokens(metrics, "alpha", "cancelled") < 64
+        )  # freed before its 64 tokens were done
 
 
 # ---- deadlines ----------------------------------------------------------------------------------
@@ -125,7 +129,9 @@ async def test_a_deadline_ends_the_request_with_finish_reason_timeout_and_the_te
         assert details["finish_reason"] == "timeout" and 0 < details["generated_tokens"] < 64
         assert not engine.scheduler.running and engine.scheduler.held_tokens == 0
 
-        async with client.stream("POST", "/generate_stream", json=gen("beta", "tick", max_new_tokens=64, timeout=0.3)) as s:
+        async with client.stream(
+            "POST", "/generate_stream", json=gen("beta", "tick", max_new_tokens=64, timeout=0.3)
+        ) as s:
             events = [json.loads(line[5:]) async for line in s.aiter_lines() if line.startswith("data:")]
         assert events[-1]["details"]["finish_reason"] == "timeout"
         assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events if e["token"])
@@ -137,7 +143,9 @@ async def test_a_queued_request_times_out_too_and_the_server_default_applies(lm,
         engine = app.state.service.engine
         slow_down(engine)
         # The server default (0.4 s) is also the ceiling: asking for 30 s still ends at 0.4 s.
-        first = asyncio.create_task(client.post("/generate", json=gen("alpha", "hog", max_new_tokens=64, timeout=30)))
+        first = asyncio.create_task(
+            client.post("/generate", json=gen("alpha", "hog", max_new_tokens=64, timeout=30))
+        )
         for _ in range(3000):  # until it holds the only row (a bound of 30 s, not a budget)
             if engine.scheduler.running:
                 break
@@ -148,7 +156,9 @@ async def test_a_queued_request_times_out_too_and_the_server_default_applies(lm,
         assert queued.json()["details"]["finish_reason"] == "timeout"
         assert queued.json()["details"]["generated_tokens"] == 0 and queued.json()["generated_text"] == ""
         r = await first
-        assert r.json()["details"]["finish_reason"] == "timeout" and r.json()["details"]["generated_tokens"] < 64
+        assert (
+            r.json()["details"]["finish_reason"] == "timeout" and r.json()["details"]["generated_tokens"] < 64
+        )
         # OpenAI routes have no timeout field: the server default applies; a cut-short answer is "length".
         c = await client.post("/v1/completions", json={"model": "gamma", "prompt": "x", "max_tokens": 64})
         assert c.status_code == 200 and c.json()["choices"][0]["finish_reason"] == "length"
@@ -160,7 +170,8 @@ async def test_a_queued_request_times_out_too_and_the_server_default_applies(lm,
 async def test_bad_timeouts_are_422(lm, store, timeout):
     app = make_app(lm, store)
     async for client in open_client(app):
-        body = f'{{"task": "alpha", "inputs": "x", "parameters": {{"timeout": {timeout}}}}}'  # NaN: not JSON, but Python's
+        # NaN: not JSON, but Python's
+        body = f'{{"task": "alpha", "inputs": "x", "parameters": {{"timeout": {timeout}}}}}'
         r = await client.post("/generate", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 422 and "parameters.timeout" in r.json()["error"], r.text
 
@@ -171,7 +182,9 @@ async def test_a_poisoned_prompt_fails_only_its_request_and_the_engine_keeps_ser
     async for client in open_client(app):
         service = app.state.service
         payloads = {t: gen(t, f"hello {t}", max_new_tokens=6) for t in TASKS}
-        reference = {t: (await client.post("/generate", json=p)).json() for t, p in payloads.items() if t != "gamma"}
+        reference = {
+            t: (await client.post("/generate", json=p)).json() for t, p in payloads.items() if t != "gamma"
+        }
         # NaN that slipped past validation, straight into the registry's tensor (not yet in the prefix cache).
         service.registry.get("gamma").embeddings[0, 0] = float("nan")
         answers = await asyncio.gather(*(client.post("/generate", json=p) for p in payloads.values()))
@@ -234,7 +247,10 @@ async def test_an_engine_error_flag_alone_makes_ready_and_health_503(lm, store):
 def upload(hidden: int) -> dict:
     emb = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1)) * 0.5
     config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3}
-    files = {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": save({"prompt_embeddings": emb})}
+    files = {
+        "adapter_config.json": json.dumps(config).encode(),
+        "adapter_model.safetensors": save({"prompt_embeddings": emb}),
+    }
     return {name: (name, io.BytesIO(data), "application/octet-stream") for name, data in files.items()}
 
 
@@ -243,7 +259,9 @@ def listing(store: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("fault", ["read-only", "full"])
-async def test_uploads_to_a_broken_store_fail_with_a_reason_and_serving_continues(lm, store, monkeypatch, fault):
+async def test_uploads_to_a_broken_store_fail_with_a_reason_and_serving_continues(
+    lm, store, monkeypatch, fault
+):
     """Tests run as root, so chmod would not stop the writes: the failing calls are simulated."""
     app = make_app(lm, store)
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -268,7 +286,10 @@ async def test_uploads_to_a_broken_store_fail_with_a_reason_and_serving_continue
             status, words = 507, "full"
         r = await client.put("/tasks/fresh", headers=auth, files=upload(lm.hidden_size))
         assert r.status_code == status, r.text
-        assert words in r.json()["error"] and r.json()["error_type"] in {"store_unavailable", "insufficient_storage"}
+        assert words in r.json()["error"] and r.json()["error_type"] in {
+            "store_unavailable",
+            "insufficient_storage",
+        }
         assert listing(store) == before  # no half-written task, no leftover temp folder
         ok = await client.post("/generate", json=gen("alpha", "still serving", max_new_tokens=3))
         assert ok.status_code == 200
@@ -322,7 +343,10 @@ def test_sigterm_drains_finishes_in_flight_requests_refuses_new_ones_and_exits_0
 
         assert wait_until(up, timeout=90, interval=0.2), "server did not become ready"
         # One row at a time, four sampled requests of 150 tokens: seconds of accepted work.
-        payloads = [gen(t, f"story {i}", max_new_tokens=150, do_sample=True, seed=i) for i, t in enumerate([*TASKS, "alpha"])]
+        payloads = [
+            gen(t, f"story {i}", max_new_tokens=150, do_sample=True, seed=i)
+            for i, t in enumerate([*TASKS, "alpha"])
+        ]
         results: dict[int, httpx.Response] = {}
 
         def call(i: int) -> None:
@@ -343,7 +367,9 @@ def test_sigterm_drains_finishes_in_flight_requests_refuses_new_ones_and_exits_0
                 assert wait_until(lambda: waiting(base) == len(threads), timeout=60, interval=0.05)
                 proc.send_signal(signal.SIGTERM)
                 assert wait_until(lambda: not up(), timeout=30, interval=0.05)  # draining: /ready is 503
-                refused = httpx.post(f"{base}/generate", json=gen("alpha", "too late", max_new_tokens=2), timeout=30)
+                refused = httpx.post(
+                    f"{base}/generate", json=gen("alpha", "too late", max_new_tokens=2), timeout=30
+                )
                 ready = httpx.get(f"{base}/ready", timeout=30)
                 for line in lines:
                     if line.startswith("data:"):

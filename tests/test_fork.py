@@ -22,7 +22,9 @@ def samples(prompt, ids: list[int], params: SamplingParams, n: int, seed: int = 
     return tracked
 
 
-@pytest.mark.parametrize("length", [5, 16, 21])  # a partial last block (copied), a full one (nothing to copy), past one block
+@pytest.mark.parametrize(
+    "length", [5, 16, 21]
+)  # a partial last block (copied), a full one (nothing to copy), past one block
 def test_forked_samples_match_each_sample_run_alone_and_cost_one_prefill(lm, prompts, length):
     params = SamplingParams(max_new_tokens=12, do_sample=True, temperature=1.3, ignore_eos=True)
     ids = [(7 * k + 3) % 30_000 for k in range(length)]
@@ -43,8 +45,13 @@ def test_forked_samples_match_each_sample_run_alone_and_cost_one_prefill(lm, pro
         assert engine.stats.rows_prefilled - before[0] == 2  # the neighbour and one row for the four samples
         assert engine.scheduler.forked - before[1] == 3
         assert other.request.output_ids == reference_greedy(lm, prompts[1].embeddings, [9, 8, 7], 20)
-        pool = engine.pool_stats()  # every block a sample held came back: only prefixes and cached blocks remain
-        assert engine.scheduler.held_tokens == 0 and pool["blocks_used"] == pool["prefix_blocks"] + pool["cached_token_blocks"]
+        pool = (
+            engine.pool_stats()
+        )  # every block a sample held came back: only prefixes and cached blocks remain
+        assert (
+            engine.scheduler.held_tokens == 0
+            and pool["blocks_used"] == pool["prefix_blocks"] + pool["cached_token_blocks"]
+        )
     finally:
         engine.stop()
 

@@ -27,7 +27,9 @@ from tests.support import make_request, reference_greedy, start_engine
 def write(folder: Path, hidden: int, num_virtual: int, seed: int) -> torch.Tensor:
     folder.mkdir(parents=True, exist_ok=True)
     emb = torch.randn(num_virtual, hidden, generator=torch.Generator().manual_seed(seed)) * 0.5  # [P, H]
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": num_virtual}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": num_virtual})
+    )
     save_file({"prompt_embeddings": emb}, str(folder / "adapter_model.safetensors"))
     return emb
 
@@ -108,10 +110,14 @@ def test_replaced_task_old_request_finishes_with_old_prompt(lm, tmp_path):
 async def test_folder_dropped_into_the_store_is_served_without_restart(lm, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
-    app = create_app(Settings(store=store, max_new_tokens=16, reload_interval=0.1), loader=lambda: lm, wait=True)
+    app = create_app(
+        Settings(store=store, max_new_tokens=16, reload_interval=0.1), loader=lambda: lm, wait=True
+    )
     gen = {"task": "late", "inputs": "hello", "parameters": {"max_new_tokens": 4}}
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
             assert (await client.post("/generate", json=gen)).status_code == 404
             emb = deploy(store, "late", lm.hidden_size, 3, seed=4)
 
@@ -125,6 +131,8 @@ async def test_folder_dropped_into_the_store_is_served_without_restart(lm, tmp_p
 
             r = await wait_for(200)
             ids = lm.tokenizer("hello")["input_ids"]
-            assert r.json()["generated_text"] == lm.tokenizer.decode(reference_greedy(lm, emb.double(), ids, 4))
+            assert r.json()["generated_text"] == lm.tokenizer.decode(
+                reference_greedy(lm, emb.double(), ids, 4)
+            )
             shutil.rmtree(store / "late")
             await wait_for(404)

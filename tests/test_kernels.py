@@ -69,9 +69,13 @@ def reference_attention(q, k, v, kpool, vpool, write, slots, lengths, scale):
 )
 # head sizes: 8-lane registers holding 8 or 32 lanes of a head (float32, bfloat16), the scalar loops (12)
 @pytest.mark.parametrize("dim", [16, 64, 12])
-def test_decode_attention_writes_the_new_keys_and_attends_each_row_to_its_own_slots(ops, dtype, heads, kv_heads, tol, dim):
+def test_decode_attention_writes_the_new_keys_and_attends_each_row_to_its_own_slots(
+    ops, dtype, heads, kv_heads, tol, dim
+):
     q, k, v, kpool, vpool, write, slots, lengths = pool_case(dtype, heads, kv_heads, dim)
-    expected, kpool_after, vpool_after = reference_attention(q, k, v, kpool, vpool, write, slots, lengths, 0.25)
+    expected, kpool_after, vpool_after = reference_attention(
+        q, k, v, kpool, vpool, write, slots, lengths, 0.25
+    )
     # q, k, v as the decoder passes them: strided views into one fused projection output
     qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
     hq, hk = q[0].numel(), k[0].numel()
@@ -79,7 +83,9 @@ def test_decode_attention_writes_the_new_keys_and_attends_each_row_to_its_own_sl
     out = ops.decode_attention(*views, kpool, vpool, write, slots, lengths, 0.25)
     assert out.dtype == dtype and out.shape == (len(lengths), q[0].numel())
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
-    assert torch.equal(kpool, kpool_after) and torch.equal(vpool, vpool_after)  # written in place, nothing else touched
+    assert torch.equal(kpool, kpool_after) and torch.equal(
+        vpool, vpool_after
+    )  # written in place, nothing else touched
 
 
 def test_decode_attention_refuses_out_of_range_slots(ops):
@@ -108,11 +114,15 @@ def test_rotary_and_silu_mul_in_16_bits_equal_the_torch_ops(ops, dtype):
         qk = torch.randn(n, heads, d).to(dtype)
         cos, sin = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
         qk[0, 0, :2] = torch.tensor([float("nan"), float("inf")])
-        qk[0, 1] = torch.tensor([0.0, -0.0]).repeat(d // 2)  # both halves zero: the sum's sign is the products'
+        qk[0, 1] = torch.tensor([0.0, -0.0]).repeat(
+            d // 2
+        )  # both halves zero: the sum's sign is the products'
         cos[0], sin[0] = -cos[0].abs(), sin[0].abs()
         expected = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]  # each op rounds to the dtype
         ops.rotary(qk, cos, sin)
-        assert torch.equal(qk.nan_to_num(), expected.nan_to_num()) and torch.equal(qk.isnan(), expected.isnan())
+        assert torch.equal(qk.nan_to_num(), expected.nan_to_num()) and torch.equal(
+            qk.isnan(), expected.isnan()
+        )
         numbers = ~expected.isnan()
         assert torch.equal(qk.signbit()[numbers], expected.signbit()[numbers])  # zeros keep torch's sign
     gate, up = (torch.randn(5, 300) * 4).to(dtype), torch.randn(5, 300).to(dtype)
@@ -139,7 +149,9 @@ def test_silu_mul_gives_a_value_the_same_bits_wherever_it_sits(ops, dtype):
         assert torch.equal(part.isnan(), whole[:, start:].isnan())
         assert torch.equal(part.nan_to_num(), whole[:, start:].nan_to_num())
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # exp may differ from torch's in the last bit
-    torch.testing.assert_close(whole, F.silu(gate) * up, atol=tol, rtol=tol, equal_nan=True)  # inf and nan as torch
+    torch.testing.assert_close(
+        whole, F.silu(gate) * up, atol=tol, rtol=tol, equal_nan=True
+    )  # inf and nan as torch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -147,12 +159,18 @@ def test_silu_mul_gives_a_value_the_same_bits_wherever_it_sits(ops, dtype):
 def test_panel_linear_matches_a_float32_product(ops, dtype, rows):
     # N = 37 leaves a partial last panel; rows cover one tile, a full tile and partial tiles.
     g = torch.Generator().manual_seed(rows)
-    w, b, x = (torch.randn(37, 45, generator=g) * 0.1).to(dtype), torch.randn(37, generator=g), torch.randn(rows, 45, generator=g)
+    w, b, x = (
+        (torch.randn(37, 45, generator=g) * 0.1).to(dtype),
+        torch.randn(37, generator=g),
+        torch.randn(rows, 45, generator=g),
+    )
     panels = ops.pack_panels(w)
     assert panels.shape == (3, 45, 16) and panels.dtype == dtype
     out = ops.panel_linear(x, panels, 37, b)
     assert out.shape == (rows, 37) and out.dtype == torch.float32
-    torch.testing.assert_close(out, x.double().mm(w.double().t()).add(b.double()).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, x.double().mm(w.double().t()).add(b.double()).float(), atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(ops.panel_linear(x, panels, 37, None) + b, out)
 
 
@@ -184,7 +202,9 @@ def test_panel_linear_rows_do_not_depend_on_the_other_rows_bit_for_bit(ops):
 def test_panel_linear_packs_any_strides_and_refuses_bad_shapes(ops):
     w = torch.randn(64, 20)  # a transposed view, as gpt2's Conv1D weights: [20, 64] with strides (1, 20)
     x = torch.randn(3, 64)
-    torch.testing.assert_close(ops.panel_linear(x, ops.pack_panels(w.t()), 20, None), x @ w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ops.panel_linear(x, ops.pack_panels(w.t()), 20, None), x @ w, atol=1e-5, rtol=1e-5
+    )
     panels = ops.pack_panels(w.t())
     with pytest.raises(RuntimeError, match="panels must come from pack_panels"):
         ops.panel_linear(torch.randn(3, 63), panels, 20, None)
@@ -208,7 +228,8 @@ def quantize_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("rows", [1, 5, 13, 40])
 def test_int8_panels_compute_the_product_with_the_dequantized_weight(ops, dtype, rows):
     """pack_panels_int8 quantizes per output channel (an all-zero channel included, the weight left
-    untouched) and panel_linear over it gives x (q s)^T + b in x's dtype: the float32 chain of x q, times s."""
+    untouched) and panel_linear over it gives x (q s)^T + b in x's dtype: the float32 chain of x q,
+    times s."""
     g = torch.Generator().manual_seed(rows)
     w, b = (torch.randn(37, 45, generator=g) * 0.1).to(dtype), torch.randn(37, generator=g)
     w[3] = 0
@@ -269,9 +290,15 @@ def test_a_built_library_is_imported_as_it_is_despite_a_stale_torch_lock(ops, tm
         "import sys; from pathlib import Path; import torch.utils.cpp_extension as ext\n"
         "ext.load = None  # any attempt to build fails\n"
         "from server.engine import kernels\n"
-        "m = kernels.load(Path(sys.argv[1])); assert m is not None and m.panel_linear_vectorized() in (True, False)\n"
+        "m = kernels.load(Path(sys.argv[1])); "
+        "assert m is not None and m.panel_linear_vectorized() in (True, False)\n"
     )
-    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120, cwd=Path(__file__).parent.parent)
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        check=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
 
 
 def test_a_build_clears_a_stale_torch_lock_and_replaces_a_library_that_does_not_load(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""The adapter's model card: it names the base model, the task, the template, the data and the scores it is given."""
+"""The adapter's model card: it names the base model, the task, the template,
+the data and the scores it is given."""
 
 from __future__ import annotations
 

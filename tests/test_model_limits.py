@@ -46,7 +46,19 @@ def tiny_folder(folder: Path, tokenizer_dir: Path, model_type: str, **params) ->
 
 
 def serve(folder: Path, store: Path, *flags: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--store", str(store), "--port", "0", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--model",
+        str(folder),
+        "--store",
+        str(store),
+        "--port",
+        "0",
+        *flags,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -57,7 +69,9 @@ def test_serve_exits_non_zero_with_the_reason_when_the_model_cannot_be_served(tm
         tmp_path / "opt", default_model_dir, "opt", hidden_size=64, num_hidden_layers=1, ffn_dim=128,
         num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=2048,
     )  # fmt: skip
-    gpt2 = tiny_folder(tmp_path / "gpt2", default_model_dir, "gpt2", n_embd=64, n_layer=1, n_head=4, n_positions=1024)
+    gpt2 = tiny_folder(
+        tmp_path / "gpt2", default_model_dir, "gpt2", n_embd=64, n_layer=1, n_head=4, n_positions=1024
+    )
     for folder, flags, reason in [
         (opt, (), "'opt' is not supported"),
         (gpt2, ("--max-input-tokens", "1000"), "exceeds the model's context window (1024 tokens)"),
@@ -70,7 +84,9 @@ def test_serve_exits_non_zero_with_the_reason_when_the_model_cannot_be_served(tm
         assert time.monotonic() - began < 240
 
 
-def test_a_gpt2_folder_serves_with_the_default_flags_its_limits_from_its_positions(tmp_path, default_model_dir):
+def test_a_gpt2_folder_serves_with_the_default_flags_its_limits_from_its_positions(
+    tmp_path, default_model_dir
+):
     """gpt2's learned positions end at 1024: with no limit flags the server derives limits that fit and
     becomes ready (it used to stay up unready, asking for lower flags)."""
     import os
@@ -82,7 +98,9 @@ def test_a_gpt2_folder_serves_with_the_default_flags_its_limits_from_its_positio
 
     store = tmp_path / "store"
     store.mkdir()
-    gpt2 = tiny_folder(tmp_path / "gpt2", default_model_dir, "gpt2", n_embd=64, n_layer=1, n_head=4, n_positions=1024)
+    gpt2 = tiny_folder(
+        tmp_path / "gpt2", default_model_dir, "gpt2", n_embd=64, n_layer=1, n_head=4, n_positions=1024
+    )
     proc, url = start_server(["--model", str(gpt2), "--store", str(store)], ready_timeout=240)
     try:
         limits = httpx.get(url + "/info", timeout=10).json()["limits"]

@@ -41,7 +41,9 @@ def oai(base_url) -> openai.OpenAI:
 
 
 def greedy_text(lm: LoadedModel, store, task: str, ids: list[int], n: int) -> str:
-    return lm.tokenizer.decode(reference_greedy(lm, store[1][task].double(), ids, n), skip_special_tokens=True)
+    return lm.tokenizer.decode(
+        reference_greedy(lm, store[1][task].double(), ids, n), skip_special_tokens=True
+    )
 
 
 def test_models_lists_the_tasks(oai):
@@ -58,7 +60,11 @@ def test_completion_greedy_matches_the_reference(oai, lm, store):
     assert out.object == "text_completion" and out.model == "beta"
     assert out.choices[0].text == greedy_text(lm, store, "beta", ids, 7)
     assert out.choices[0].finish_reason == "length"
-    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (len(ids), 7, len(ids) + 7)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        len(ids),
+        7,
+        len(ids) + 7,
+    )
 
 
 def test_completion_stream_equals_the_whole_answer(oai):
@@ -73,18 +79,31 @@ def test_completion_stream_equals_the_whole_answer(oai):
 
 
 def test_completion_stop_string_and_list(oai):
-    free = oai.completions.create(model="gamma", prompt="hello world", max_tokens=12, temperature=0).choices[0].text
+    free = (
+        oai.completions.create(model="gamma", prompt="hello world", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
     stop = free[4:7]
     assert stop.strip()
     for value in (stop, [stop, "zzzz"]):
-        out = oai.completions.create(model="gamma", prompt="hello world", max_tokens=12, temperature=0, stop=value)
+        out = oai.completions.create(
+            model="gamma", prompt="hello world", max_tokens=12, temperature=0, stop=value
+        )
         assert out.choices[0].text == free[: free.index(stop)] and out.choices[0].finish_reason == "stop"
 
 
 def test_seeded_sampling_is_reproducible(oai):
     """The same seed gives the same text; other seeds give other texts, and they are not the greedy
     one: a test that passes when the seed is ignored or sampling silently turns greedy is no test."""
-    kwargs = dict(model="gamma", prompt="hello", max_tokens=8, temperature=0.9, top_p=0.95, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model="gamma",
+        prompt="hello",
+        max_tokens=8,
+        temperature=0.9,
+        top_p=0.95,
+        extra_body={"ignore_eos": True},
+    )
     a = oai.completions.create(**kwargs, seed=123).choices[0].text
     assert oai.completions.create(**kwargs, seed=123).choices[0].text == a
     others = {oai.completions.create(**kwargs, seed=s).choices[0].text for s in (1, 2, 3)}
@@ -106,17 +125,26 @@ def test_chat_applies_the_template_after_the_soft_prompt(oai, lm, store):
 def test_chat_stream_and_content_parts(oai):
     messages = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}],
+        },
     ]
     whole = oai.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0)
-    chunks = list(oai.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0, stream=True))
+    chunks = list(
+        oai.chat.completions.create(
+            model="alpha", messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_chat_without_max_tokens_fits_the_limits(oai):
-    out = oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], temperature=0)
+    out = oai.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "hi"}], temperature=0
+    )
     assert 1 <= out.usage.completion_tokens <= 64
 
 
@@ -127,7 +155,9 @@ def test_ignore_eos_runs_past_eos_on_completions_and_chat(oai, app, lm, store):
         prompt, messages = "The quick brown fox", [{"role": "user", "content": "What is 2+2?"}]
         stops = oai.completions.create(model="beta", prompt=prompt, max_tokens=7, temperature=0)
         assert stops.choices[0].finish_reason == "stop" and stops.usage.completion_tokens == 1
-        out = oai.completions.create(model="beta", prompt=prompt, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+        out = oai.completions.create(
+            model="beta", prompt=prompt, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+        )
         ids = lm.tokenizer(prompt)["input_ids"]
         assert out.choices[0].text == greedy_text(lm, store, "beta", ids, 7)
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 7
@@ -143,7 +173,10 @@ def test_unknown_model_is_404_in_openai_shape(oai, base_url):
     with pytest.raises(openai.NotFoundError) as info:
         oai.completions.create(model="nope", prompt="x", max_tokens=2)
     assert info.value.status_code == 404
-    r = httpx.post(f"{base_url}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+    )
     assert r.status_code == 404
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -175,7 +208,9 @@ def test_n_choices_share_one_prompt_and_each_is_its_own_seeded_sample(oai, base_
     chat = oai.chat.completions.create(
         model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, n=2
     )
-    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content  # greedy
+    assert (
+        len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+    )  # greedy
     for n in (0, 17):
         r = httpx.post(f"{base_url}/v1/completions", json={"model": "alpha", "prompt": "x", "n": n})
         assert r.status_code == 422 and r.json()["error"]["param"] == "n"
@@ -192,17 +227,34 @@ def test_n_choices_share_one_prompt_and_each_is_its_own_seeded_sample(oai, base_
         ("/v1/completions", {"model": "alpha", "prompt": "x", "stop": ["a"] * 5}, "stop"),
         ("/v1/completions", {"model": "alpha", "prompt": "x", "logprobs": 6}, "logprobs"),
         ("/v1/completions", {"model": "alpha", "prompt": "x", "top_logprobs": 2}, None),
-        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, None),
         (
             "/v1/chat/completions",
-            {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "alpha",
+                "messages": [{"role": "user", "content": "x"}],
+                "logprobs": True,
+                "top_logprobs": 21,
+            },
             "top_logprobs",
         ),
         ("/v1/completions", {"model": "alpha", "prompt": " word" * 100}, "prompt"),
         ("/v1/completions", {"model": "alpha"}, "prompt"),
         ("/v1/chat/completions", {"model": "alpha", "messages": []}, "messages"),
-        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
-        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed"),
+        (
+            "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "tool", "content": "x"}]},
+            "messages.0.role",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "seed": -1},
+            "seed",
+        ),
         ("/v1/completions", {"model": "alpha", "prompt": "x", "ignore_eos": "maybe"}, "ignore_eos"),
         ("/v1/completions", {"model": "alpha", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
         ("/v1/completions", {"model": "alpha", "prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
@@ -228,13 +280,19 @@ def test_bad_requests_are_422_in_openai_shape(base_url, path, body, param):
 def test_logit_bias_and_penalties_reach_the_sampler(oai, lm):
     """A +100 bias makes one token the answer every step (OpenAI's documented effect); -100 bans it."""
     token = 1337
-    forced = oai.completions.create(model="alpha", prompt="x", max_tokens=4, temperature=0, logit_bias={str(token): 100})
+    forced = oai.completions.create(
+        model="alpha", prompt="x", max_tokens=4, temperature=0, logit_bias={str(token): 100}
+    )
     assert forced.choices[0].text == lm.tokenizer.decode([token] * 4)
     plain = oai.completions.create(model="alpha", prompt="x", max_tokens=4, temperature=0)
     first = lm.tokenizer(plain.choices[0].text, add_special_tokens=False)["input_ids"][0]
-    banned = oai.completions.create(model="alpha", prompt="x", max_tokens=4, temperature=0, logit_bias={str(first): -100})
+    banned = oai.completions.create(
+        model="alpha", prompt="x", max_tokens=4, temperature=0, logit_bias={str(first): -100}
+    )
     assert lm.tokenizer(banned.choices[0].text, add_special_tokens=False)["input_ids"][0] != first
-    r = oai.completions.create(model="alpha", prompt="x", max_tokens=8, temperature=0, frequency_penalty=-2, presence_penalty=-2)
+    r = oai.completions.create(
+        model="alpha", prompt="x", max_tokens=8, temperature=0, frequency_penalty=-2, presence_penalty=-2
+    )
     assert r.choices[0].text != plain.choices[0].text or len(plain.choices[0].text) == 0
 
 
@@ -254,9 +312,13 @@ def test_completion_logprobs_are_the_models_and_the_stream_carries_the_same(oai,
     for i in range(n):
         x = torch.cat([soft, embed(torch.tensor(ids + generated[:i]))])[None]
         logp = torch.log_softmax(lm.model(inputs_embeds=x).logits[0, -1].double(), dim=-1)
-        assert lp.token_logprobs[i] == pytest.approx(logp[generated[i]].item(), abs=1e-5)  # the sampler works in float32
+        assert lp.token_logprobs[i] == pytest.approx(
+            logp[generated[i]].item(), abs=1e-5
+        )  # the sampler works in float32
         top = logp.topk(3)
-        assert list(lp.top_logprobs[i].values()) == pytest.approx(top.values.tolist(), abs=1e-5)  # the sampler works in float32
+        assert list(lp.top_logprobs[i].values()) == pytest.approx(
+            top.values.tolist(), abs=1e-5
+        )  # the sampler works in float32
         assert lp.tokens[i] == lm.tokenizer.decode([generated[i]])
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
     body = {
@@ -280,7 +342,12 @@ def test_completion_logprobs_are_the_models_and_the_stream_carries_the_same(oai,
 
 def test_chat_logprobs_with_alternatives_and_bytes(oai):
     r = oai.chat.completions.create(
-        model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+        model="alpha",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
     )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
@@ -288,8 +355,12 @@ def test_chat_logprobs_with_alternatives_and_bytes(oai):
         assert bytes(entry.bytes) == entry.token.encode() and len(entry.top_logprobs) == 2
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy: the most likely
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
-    plain = oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
-    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+    plain = oai.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    assert (
+        plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+    )
 
 
 def test_null_max_tokens_takes_openais_default(base_url):
@@ -300,5 +371,7 @@ def test_null_max_tokens_takes_openais_default(base_url):
 
 
 def test_malformed_json_is_422(base_url):
-    r = httpx.post(f"{base_url}/v1/completions", content=b"{oops", headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{base_url}/v1/completions", content=b"{oops", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error"

@@ -56,11 +56,14 @@ def value(metrics: dict, name: str, **labels: str) -> float:
 async def test_metrics_count_requests_passes_and_failures(app_client):
     app, client = app_client
     payloads = [
-        {"task": name, "inputs": f"text {i}", "parameters": {"max_new_tokens": 4}} for i, name in enumerate(list(TASKS) * 2)
+        {"task": name, "inputs": f"text {i}", "parameters": {"max_new_tokens": 4}}
+        for i, name in enumerate(list(TASKS) * 2)
     ]
     rs = await asyncio.gather(*(client.post("/generate", json=p) for p in payloads))
     assert all(r.status_code == 200 for r in rs)
-    r = await client.post("/generate_stream", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 3}})
+    r = await client.post(
+        "/generate_stream", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 3}}
+    )
     assert r.status_code == 200
     assert (await client.post("/generate", json={"task": "nope", "inputs": "x"})).status_code == 404
     assert (await client.post("/generate", json={"task": "alpha", "inputs": " w" * 100})).status_code == 422
@@ -98,7 +101,9 @@ async def test_metrics_count_requests_passes_and_failures(app_client):
     assert pool["bytes_limit"] == (pool["blocks"] + 1) * pool["block_size"] * pool["bytes_per_token"]
     # a mixed pass went through: some prefill or decode held more than one task
     mixed = sum(
-        v for (n, labels), v in m.items() if n == "softmux_batch_tasks_per_forward_bucket" and dict(labels)["le"] == "1.0"
+        v
+        for (n, labels), v in m.items()
+        if n == "softmux_batch_tasks_per_forward_bucket" and dict(labels)["le"] == "1.0"
     )
     total = sum(v for (n, _), v in m.items() if n == "softmux_batch_tasks_per_forward_count")
     assert stats["mixed_task_passes"] > 0 and mixed < total
@@ -109,7 +114,9 @@ async def test_failed_requests_are_counted_as_errors(app_client):
     runner = app.state.service.engine.runner
     real = runner.decode
     runner.decode = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated fault"))
-    r = await client.post("/generate", json={"task": "gamma", "inputs": "x", "parameters": {"max_new_tokens": 5}})
+    r = await client.post(
+        "/generate", json={"task": "gamma", "inputs": "x", "parameters": {"max_new_tokens": 5}}
+    )
     runner.decode = real
     assert r.status_code == 424
     m = samples((await client.get("/metrics")).text)
@@ -129,7 +136,9 @@ async def test_queue_and_running_gauges_are_live(lm, store):
 
         engine.runner.decode = held_decode
         task = asyncio.create_task(
-            client.post("/generate", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 3}})
+            client.post(
+                "/generate", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 3}}
+            )
         )
         for _ in range(200):
             if engine.scheduler.running:
@@ -151,7 +160,9 @@ async def test_each_app_has_its_own_registry(lm, store):
         cb = await stack.enter_async_context(contextlib.aclosing(open_client(b)))
         client_b = await cb.__anext__()
         assert (
-            await client_a.post("/generate", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 2}})
+            await client_a.post(
+                "/generate", json={"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 2}}
+            )
         ).status_code == 200
         ma = samples((await client_a.get("/metrics")).text)
         mb = samples((await client_b.get("/metrics")).text)
@@ -170,7 +181,9 @@ async def test_ready_is_503_until_loaded_and_health_stays_up(lm, store):
     app = create_app(settings_for(store), loader=slow_loader)
     async for client in open_client(app):
         r = await client.get("/ready")
-        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error_type"] == "unhealthy"
+        assert (
+            r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error_type"] == "unhealthy"
+        )
         assert (await client.get("/health")).status_code == 200
         info = (await client.get("/info")).json()
         assert info["ready"] is False and info["model"] == "default"
@@ -231,13 +244,20 @@ async def test_request_id_in_and_out_and_in_the_logs(app_client):
         assert r.headers["x-request-id"] == "abc-123"
         generated = (await client.get("/health")).headers["x-request-id"]
         assert len(generated) == 32 and int(generated, 16) >= 0
-        bad = (await client.get("/health", headers={"X-Request-ID": "has spaces " * 20})).headers["x-request-id"]
+        bad = (await client.get("/health", headers={"X-Request-ID": "has spaces " * 20})).headers[
+            "x-request-id"
+        ]
         assert " " not in bad and len(bad) == 32
-        r404 = await client.post("/generate", json={"task": "nope", "inputs": "x"}, headers={"X-Request-ID": "e-1"})
+        r404 = await client.post(
+            "/generate", json={"task": "nope", "inputs": "x"}, headers={"X-Request-ID": "e-1"}
+        )
         assert r404.headers["x-request-id"] == "e-1"
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     mine = [line for line in lines if line["request_id"] == "abc-123"]
-    assert any(line["logger"] == "softmux.access" and line["path"] == "/generate" and line["status"] == 200 for line in mine)
+    assert any(
+        line["logger"] == "softmux.access" and line["path"] == "/generate" and line["status"] == 200
+        for line in mine
+    )
     assert any(line["logger"] == "softmux.service" and "ended" in line["message"] for line in mine)
     assert all({"time", "level", "logger", "message", "request_id"} <= set(line) for line in lines)
 
@@ -275,7 +295,8 @@ _FREE_TEXT = {"model": "/models/x", "device": "cpu", "dtype": "float32", "host":
 
 
 def _non_default(f: dataclasses.Field, default: object) -> tuple[str, object]:
-    """An env value for setting `f` (default `default`) that is valid and not its default, and its parsed value."""
+    """An env value for setting `f` (default `default`) that is valid and not its default,
+    and its parsed value."""
     choices = f.metadata.get("choices")
     if choices is not None:
         other = next(c for c in choices if c != default)
@@ -292,7 +313,9 @@ def _non_default(f: dataclasses.Field, default: object) -> tuple[str, object]:
     if isinstance(default, str):
         text = _FREE_TEXT.get(f.name, f"env-test-{f.name}")
         return text, text
-    raise AssertionError(f"no test value for setting {f.name} of type {type(default).__name__}: add a rule to _non_default")
+    raise AssertionError(
+        f"no test value for setting {f.name} of type {type(default).__name__}: add a rule to _non_default"
+    )
 
 
 def test_every_setting_reads_its_env_var(monkeypatch):
@@ -300,7 +323,9 @@ def test_every_setting_reads_its_env_var(monkeypatch):
     expected = {}
     for f in dataclasses.fields(Settings):
         raw, value = _non_default(f, getattr(defaults, f.name))
-        assert value != getattr(defaults, f.name), f.name  # else the check below could not tell the env var was read
+        assert value != getattr(defaults, f.name), (
+            f.name
+        )  # else the check below could not tell the env var was read
         monkeypatch.setenv("SOFTMUX_" + f.name.upper(), raw)
         expected[f.name] = value
     settings = from_namespace(build_parser().parse_args(["serve"]))
@@ -311,7 +336,8 @@ def test_every_setting_reads_its_env_var(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("name", "raw"), [("SOFTMUX_PORT", "eighty"), ("SOFTMUX_LOG_FORMAT", "xml"), ("SOFTMUX_PREFIX_CACHE", "maybe")]
+    ("name", "raw"),
+    [("SOFTMUX_PORT", "eighty"), ("SOFTMUX_LOG_FORMAT", "xml"), ("SOFTMUX_PREFIX_CACHE", "maybe")],
 )
 def test_bad_env_values_are_a_clear_usage_error(monkeypatch, capsys, name, raw):
     monkeypatch.setenv(name, raw)

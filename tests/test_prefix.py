@@ -43,7 +43,9 @@ def save_adapters(tiny_model_dir: Path, store: Path) -> None:
         "pt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7),
         "ptuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32),
         "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
-        "mpt": MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, num_tasks=NUM_SUBTASKS, num_ranks=2),
+        "mpt": MultitaskPromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=5, num_tasks=NUM_SUBTASKS, num_ranks=2
+        ),
     }
     for seed, (name, config) in enumerate(configs.items()):
         torch.manual_seed(100 + seed)
@@ -69,7 +71,9 @@ def make_registry(lm: LoadedModel, store: Path, max_virtual_tokens: int = 64) ->
 
 
 @torch.inference_mode()
-def peft_reference(tiny_model_dir: Path, folder: Path, input_ids: list[int], max_new: int, task_id: int | None) -> list[int]:
+def peft_reference(
+    tiny_model_dir: Path, folder: Path, input_ids: list[int], max_new: int, task_id: int | None
+) -> list[int]:
     """Greedy tokens from PEFT's forward() over the whole sequence at every step (no generate())."""
     model = PeftModel.from_pretrained(base_model(tiny_model_dir), folder).eval()
     ids = list(input_ids)
@@ -101,17 +105,26 @@ def test_store_reads_every_kind(lm, store):
 
 
 @pytest.mark.parametrize(
-    "use_cache,static", [(True, False), (False, False), (True, True)], ids=["prefix-cache", "no-prefix-cache", "static-decode"]
+    "use_cache,static",
+    [(True, False), (False, False), (True, True)],
+    ids=["prefix-cache", "no-prefix-cache", "static-decode"],
 )
 def test_all_kinds_mixed_in_one_batch_match_peft(lm, store, tiny_model_dir, use_cache, static):
     """static: decode steps at bucketed fixed shapes (server/engine/static_decode.py), as on CUDA."""
     registry = make_registry(lm, store)
     rng = random.Random(0)
     names = ["pt", "ptuning", "prefix", "mpt.0", "mpt.1", "mpt.2"]
-    specs = [(names[k % len(names)], [rng.randrange(40_000) for _ in range(1 + (k * 3) % 9)], 5 + k % 4) for k in range(12)]
-    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30) if use_cache else None, accel=Acceleration(static_decode=static))
+    specs = [
+        (names[k % len(names)], [rng.randrange(40_000) for _ in range(1 + (k * 3) % 9)], 5 + k % 4)
+        for k in range(12)
+    ]
+    engine = start_engine(
+        lm, prefix_cache=PrefixCache(1 << 30) if use_cache else None, accel=Acceleration(static_decode=static)
+    )
     try:
-        tracked = [make_request(registry.get(n), ids, SamplingParams(max_new_tokens=m)) for n, ids, m in specs]
+        tracked = [
+            make_request(registry.get(n), ids, SamplingParams(max_new_tokens=m)) for n, ids, m in specs
+        ]
         for t in tracked:
             engine.submit(t.request)
         for t, (name, ids, m) in zip(tracked, specs):
@@ -134,7 +147,10 @@ def test_cache_on_and_off_give_the_same_tokens_over_time(lm, store):
     """Requests arriving one after another (cache warm) equal the same requests with the cache off."""
     registry = make_registry(lm, store)
     rng = random.Random(1)
-    specs = [(["pt", "ptuning", "mpt.1"][k % 3], [rng.randrange(40_000) for _ in range(2 + k)], 6) for k in range(6)]
+    specs = [
+        (["pt", "ptuning", "mpt.1"][k % 3], [rng.randrange(40_000) for _ in range(2 + k)], 6)
+        for k in range(6)
+    ]
     outputs = []
     for cache in (PrefixCache(1 << 30), None):
         engine = start_engine(lm, prefix_cache=cache)
@@ -173,7 +189,9 @@ def test_prefix_equals_prepended_embeddings_numerically(lm, store):
     prompt = registry.get("pt")
     engine = make_engine(lm, prefix_cache=PrefixCache(1 << 30))
     out = lm.model(inputs_embeds=prompt.embeddings[None], use_cache=True)
-    expected = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers])
+    expected = torch.stack(
+        [torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers]
+    )
     (alone,) = prefixes_via_pool(engine, [prompt])
     torch.testing.assert_close(alone, expected, rtol=0, atol=1e-12)
     longer = replace(registry.get("mpt.0"), embeddings=registry.get("mpt.0").embeddings.repeat(3, 1))

@@ -25,7 +25,9 @@ def test_a_good_configuration_passes(tmp_path):
     (model / "config.json").write_text("{}")
     assert problems(settings(tmp_path)) == []
     assert problems(settings(tmp_path, model=str(model))) == []
-    assert problems(settings(tmp_path, model="HuggingFaceTB/SmolLM2-135M")) == []  # a hub id: the cache decides
+    assert (
+        problems(settings(tmp_path, model="HuggingFaceTB/SmolLM2-135M")) == []
+    )  # a hub id: the cache decides
 
 
 def test_a_missing_or_wrong_model_folder_says_what_it_takes(tmp_path):
@@ -38,7 +40,9 @@ def test_a_missing_or_wrong_model_folder_says_what_it_takes(tmp_path):
 
 def test_a_missing_store_says_how_to_make_one(tmp_path):
     (found,) = problems(settings(tmp_path, store=str(tmp_path / "tasks")))
-    assert f"--store {tmp_path / 'tasks'}: no such folder" in found and f"mkdir -p {tmp_path / 'tasks'}" in found
+    assert (
+        f"--store {tmp_path / 'tasks'}: no such folder" in found and f"mkdir -p {tmp_path / 'tasks'}" in found
+    )
     (tmp_path / "file").write_text("")
     (found,) = problems(settings(tmp_path, store=str(tmp_path / "file")))
     assert "not a folder" in found
@@ -57,7 +61,16 @@ def test_a_port_in_use_is_refused_and_a_free_one_passes(tmp_path):
 def test_softmux_serve_exits_with_every_problem_before_loading(tmp_path):
     """Exit 2 and one line per problem, in seconds (no model is loaded)."""
     run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path / "m"), "--store", str(tmp_path / "s")],
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--model",
+            str(tmp_path / "m"),
+            "--store",
+            str(tmp_path / "s"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

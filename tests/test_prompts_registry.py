@@ -34,7 +34,9 @@ def mixed_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("store")
     save_peft_adapter(store / "sentiment", PromptKind.PROMPT_TUNING)
     save_peft_adapter(store / "qa.v2", PromptKind.P_TUNING, seed=2)
-    write_adapter(store / "hand-made", good_config(num_virtual_tokens=3), {"prompt_embeddings": good_tensor(p=3)})
+    write_adapter(
+        store / "hand-made", good_config(num_virtual_tokens=3), {"prompt_embeddings": good_tensor(p=3)}
+    )
     # Bad folders, one reason each.
     write_adapter(store / "Bad_Name", good_config(), {"prompt_embeddings": good_tensor()})
     write_adapter(store / "lora", good_config(peft_type="LORA"), {"prompt_embeddings": good_tensor()})
@@ -76,7 +78,9 @@ def test_mixed_store_serves_good_and_lists_bad(mixed_store: Path, caplog: pytest
     assert "not valid JSON" in failures["broken"]
 
     # One warning line per skipped folder, naming the folder and the reason.
-    warnings = [r.getMessage() for r in caplog.records if r.name == "softmux.prompts" and r.levelno == logging.WARNING]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name == "softmux.prompts" and r.levelno == logging.WARNING
+    ]
     assert len(warnings) == len(failures)
     for folder, reason in failures.items():
         assert any(repr(folder) in w and reason in w for w in warnings), folder
@@ -85,7 +89,9 @@ def test_mixed_store_serves_good_and_lists_bad(mixed_store: Path, caplog: pytest
 def test_describe_is_the_tasks_json(mixed_store: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     shutil.copytree(mixed_store, store)
-    (store / "sentiment" / "task.json").write_text('{"weight": 3, "max_queue": 8, "priority": 2, "min_priority": -1}')
+    (store / "sentiment" / "task.json").write_text(
+        '{"weight": 3, "max_queue": 8, "priority": 2, "min_priority": -1}'
+    )
     registry = make_registry(store)
     registry.load_all()
     body = registry.describe()
@@ -125,7 +131,14 @@ def test_describe_is_the_tasks_json(mixed_store: Path, tmp_path: Path) -> None:
             "settings": {**defaults, "weight": 3.0, "max_queue": 8, "priority": 2, "min_priority": -1},
         },
     ]
-    assert [f["folder"] for f in body["failed"]] == ["Bad_Name", "broken", "empty", "lora", "no-weights", "wide"]
+    assert [f["folder"] for f in body["failed"]] == [
+        "Bad_Name",
+        "broken",
+        "empty",
+        "lora",
+        "no-weights",
+        "wide",
+    ]
     assert all(isinstance(f["reason"], str) and f["reason"] for f in body["failed"])
 
 

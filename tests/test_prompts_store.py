@@ -37,9 +37,13 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 def save_peft_adapter(folder: Path, kind: PromptKind, *, seed: int = 1) -> PeftModel:
     """Train nothing: a random PEFT prompt adapter on the tiny llama, saved with save_pretrained."""
     if kind is PromptKind.PROMPT_TUNING:
-        peft_config: Any = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL, prompt_tuning_init="RANDOM")
+        peft_config: Any = PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL, prompt_tuning_init="RANDOM"
+        )
     elif kind is PromptKind.P_TUNING:
-        peft_config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL, encoder_hidden_size=16)
+        peft_config = PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL, encoder_hidden_size=16
+        )
     else:
         raise AssertionError(kind)
     model = tiny_llama()
@@ -50,7 +54,9 @@ def save_peft_adapter(folder: Path, kind: PromptKind, *, seed: int = 1) -> PeftM
     return peft_model
 
 
-def write_adapter(folder: Path, config: dict[str, Any] | bytes | None, tensors: dict[str, torch.Tensor] | bytes | None) -> Path:
+def write_adapter(
+    folder: Path, config: dict[str, Any] | bytes | None, tensors: dict[str, torch.Tensor] | bytes | None
+) -> Path:
     """Hand-written adapter folder; None leaves a file out, bytes are written verbatim."""
     folder.mkdir(parents=True, exist_ok=True)
     if config is not None:
@@ -96,7 +102,9 @@ def peft_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
 # Real PEFT adapters
 
 
-def test_prompt_tuning_adapter_loads_peft_tensor_exactly(peft_store: dict[str, tuple[Path, PeftModel]]) -> None:
+def test_prompt_tuning_adapter_loads_peft_tensor_exactly(
+    peft_store: dict[str, tuple[Path, PeftModel]],
+) -> None:
     folder, _ = peft_store["pt"]
     saved = load_file(str(folder / "adapter_model.safetensors"))
     assert set(saved) == {"prompt_embeddings"}  # PEFT 0.21 saves exactly this key
@@ -138,7 +146,9 @@ def test_loaded_prompt_matches_peft_forward(peft_store: dict[str, tuple[Path, Pe
         peft_logits = reloaded(input_ids=ids).logits  # [1, P+L, V]
         embeds = torch.cat([prompt.embeddings[None], base.get_input_embeddings()(ids)], dim=1)  # [1, P+L, H]
         ours = base(inputs_embeds=embeds).logits  # [1, P+L, V]
-    torch.testing.assert_close(ours[:, -ids.shape[1] :], peft_logits[:, -ids.shape[1] :], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours[:, -ids.shape[1] :], peft_logits[:, -ids.shape[1] :], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_cast_to_model_dtype(peft_store: dict[str, tuple[Path, PeftModel]]) -> None:
@@ -237,15 +247,20 @@ def test_json_not_an_object(tmp_path: Path) -> None:
 
 def test_missing_peft_type(tmp_path: Path) -> None:
     folder = write_adapter(tmp_path / "t", good_config(peft_type=_DROP), {"prompt_embeddings": good_tensor()})
-    with pytest.raises(PromptError, match="no 'peft_type'; supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING"):
+    with pytest.raises(
+        PromptError, match="no 'peft_type'; supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING"
+    ):
         read(folder)
 
 
 @pytest.mark.parametrize("peft_type", ["LORA", "prompt_tuning", "ADAPTION_PROMPT"])
 def test_unsupported_peft_type(tmp_path: Path, peft_type: str) -> None:
-    folder = write_adapter(tmp_path / "t", good_config(peft_type=peft_type), {"prompt_embeddings": good_tensor()})
+    folder = write_adapter(
+        tmp_path / "t", good_config(peft_type=peft_type), {"prompt_embeddings": good_tensor()}
+    )
     with pytest.raises(
-        PromptError, match=rf"unsupported peft_type '{peft_type}'; supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING"
+        PromptError,
+        match=rf"unsupported peft_type '{peft_type}'; supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING",
     ):
         read(folder)
 
@@ -259,7 +274,8 @@ def test_peft_type_not_a_string(tmp_path: Path) -> None:
 def test_wrong_tensor_key(tmp_path: Path) -> None:
     folder = write_adapter(tmp_path / "t", good_config(), {"embedding.weight": good_tensor()})
     with pytest.raises(
-        PromptError, match=r"missing tensor\(s\) \['prompt_embeddings'\]; unexpected tensor\(s\) \['embedding.weight'\]"
+        PromptError,
+        match=r"missing tensor\(s\) \['prompt_embeddings'\]; unexpected tensor\(s\) \['embedding.weight'\]",
     ):
         read(folder)
 
@@ -273,7 +289,9 @@ def test_extra_tensor_key(tmp_path: Path) -> None:
 
 def test_three_d_tensor(tmp_path: Path) -> None:
     folder = write_adapter(tmp_path / "t", good_config(), {"prompt_embeddings": good_tensor()[None]})
-    with pytest.raises(PromptError, match=r"shape \[1, 5, 32\] \(3-D\); PROMPT_TUNING needs 2-D \[num_virtual_tokens, 32\]"):
+    with pytest.raises(
+        PromptError, match=r"shape \[1, 5, 32\] \(3-D\); PROMPT_TUNING needs 2-D \[num_virtual_tokens, 32\]"
+    ):
         read(folder)
 
 
@@ -298,14 +316,18 @@ def test_too_many_virtual_tokens(tmp_path: Path) -> None:
 
 
 def test_num_virtual_tokens_mismatch(tmp_path: Path) -> None:
-    folder = write_adapter(tmp_path / "t", good_config(num_virtual_tokens=4), {"prompt_embeddings": good_tensor()})
+    folder = write_adapter(
+        tmp_path / "t", good_config(num_virtual_tokens=4), {"prompt_embeddings": good_tensor()}
+    )
     with pytest.raises(PromptError, match="says num_virtual_tokens=4 but prompt_embeddings has 5 rows"):
         read(folder)
 
 
 @pytest.mark.parametrize("value", ["5", 0, -1, True, 2.5])
 def test_num_virtual_tokens_not_a_positive_int(tmp_path: Path, value: Any) -> None:
-    folder = write_adapter(tmp_path / "t", good_config(num_virtual_tokens=value), {"prompt_embeddings": good_tensor()})
+    folder = write_adapter(
+        tmp_path / "t", good_config(num_virtual_tokens=value), {"prompt_embeddings": good_tensor()}
+    )
     with pytest.raises(PromptError, match="'num_virtual_tokens' must be a positive integer"):
         read(folder)
 
@@ -320,7 +342,9 @@ def test_encoder_decoder_adapter(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
 def test_non_float_tensor(tmp_path: Path, dtype: torch.dtype) -> None:
-    folder = write_adapter(tmp_path / "t", good_config(), {"prompt_embeddings": torch.ones(NUM_VIRTUAL, HIDDEN, dtype=dtype)})
+    folder = write_adapter(
+        tmp_path / "t", good_config(), {"prompt_embeddings": torch.ones(NUM_VIRTUAL, HIDDEN, dtype=dtype)}
+    )
     with pytest.raises(PromptError, match=f"has dtype {str(dtype)[6:]}; a floating-point dtype is required"):
         read(folder)
 
@@ -341,7 +365,9 @@ def test_inf_after_cast_to_bfloat16(tmp_path: Path) -> None:
     tensor[0, 0] = 3.4e38
     folder = write_adapter(tmp_path / "t", good_config(), {"prompt_embeddings": tensor})
     assert torch.isfinite(read(folder, dtype=torch.float32).embeddings).all()
-    with pytest.raises(PromptError, match="1 value\\(s\\) that become inf when cast to the model dtype bfloat16"):
+    with pytest.raises(
+        PromptError, match="1 value\\(s\\) that become inf when cast to the model dtype bfloat16"
+    ):
         read(folder, dtype=torch.bfloat16)
 
 
@@ -349,7 +375,9 @@ def test_inf_after_cast_to_float16(tmp_path: Path) -> None:
     tensor = good_tensor()
     tensor[1, :3] = 1e5  # float16 max is 65504
     folder = write_adapter(tmp_path / "t", good_config(), {"prompt_embeddings": tensor})
-    with pytest.raises(PromptError, match="3 value\\(s\\) that become inf .*float16 .*largest magnitude 1e\\+05"):
+    with pytest.raises(
+        PromptError, match="3 value\\(s\\) that become inf .*float16 .*largest magnitude 1e\\+05"
+    ):
         read(folder, dtype=torch.float16)
 
 

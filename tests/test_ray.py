@@ -22,7 +22,15 @@ serve = pytest.importorskip("ray.serve")
 
 from server.api.app import create_app  # noqa: E402
 from server.deploy.ray_app import APP_NAME, build_app  # noqa: E402
-from tests.api_support import TASKS, free_port, make_store, open_client, settings_for, wait_until, write_task  # noqa: E402
+from tests.api_support import (  # noqa: E402
+    TASKS,
+    free_port,
+    make_store,
+    open_client,
+    settings_for,
+    wait_until,
+    write_task,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -90,23 +98,43 @@ def replica_stats(client: httpx.Client) -> dict[str, dict]:
     return {r["replica"]: r for r in client.get("/stats").json()["replicas"]}
 
 
-def generate(client: httpx.Client, task: str, max_new_tokens: int = 8, text: str = "hello there") -> httpx.Response:
-    return client.post("/generate", json={"task": task, "inputs": text, "parameters": {"max_new_tokens": max_new_tokens}})
+def generate(
+    client: httpx.Client, task: str, max_new_tokens: int = 8, text: str = "hello there"
+) -> httpx.Response:
+    return client.post(
+        "/generate", json={"task": task, "inputs": text, "parameters": {"max_new_tokens": max_new_tokens}}
+    )
 
 
 # ---- the same answers as softmux serve --------------------------------------------------------------
 CASES: list[tuple[str, str, dict | None]] = [
-    ("POST", "/generate", {"task": "beta", "inputs": "The quick brown fox", "parameters": {"max_new_tokens": 9}}),
     (
         "POST",
         "/generate",
-        {"task": "alpha", "inputs": "hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": 42}},
+        {"task": "beta", "inputs": "The quick brown fox", "parameters": {"max_new_tokens": 9}},
     ),
-    ("POST", "/generate", {"task": "gamma", "inputs": "stop here", "parameters": {"max_new_tokens": 12, "stop": ["e"]}}),
+    (
+        "POST",
+        "/generate",
+        {
+            "task": "alpha",
+            "inputs": "hello",
+            "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": 42},
+        },
+    ),
+    (
+        "POST",
+        "/generate",
+        {"task": "gamma", "inputs": "stop here", "parameters": {"max_new_tokens": 12, "stop": ["e"]}},
+    ),
     ("POST", "/generate", {"task": "nope", "inputs": "x"}),
     ("POST", "/generate", {"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 0}}),
     ("POST", "/generate", {"task": "alpha", "inputs": "x", "parameters": {"max_new_tokens": 10_000}}),
-    ("POST", "/generate_stream", {"task": "gamma", "inputs": "streaming please", "parameters": {"max_new_tokens": 6}}),
+    (
+        "POST",
+        "/generate_stream",
+        {"task": "gamma", "inputs": "streaming please", "parameters": {"max_new_tokens": 6}},
+    ),
     ("POST", "/v1/completions", {"model": "beta", "prompt": "Once upon", "max_tokens": 7, "temperature": 0}),
     (
         "POST",
@@ -123,7 +151,12 @@ CASES: list[tuple[str, str, dict | None]] = [
     (
         "POST",
         "/v1/chat/completions",
-        {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0},
+        {
+            "model": "alpha",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 6,
+            "temperature": 0,
+        },
     ),
     ("POST", "/v1/completions", {"model": "nope", "prompt": "x"}),
     ("GET", "/v1/models", None),
@@ -161,7 +194,9 @@ async def test_routes_answer_like_softmux_serve(cluster, settings):
             for method, path, body in CASES:
                 want = await local.request(method, path, json=body)
                 got = await remote.request(method, path, json=body)
-                assert got.status_code == want.status_code, f"{path} {body}: {got.text[:600]} vs {want.text[:300]}"
+                assert got.status_code == want.status_code, (
+                    f"{path} {body}: {got.text[:600]} vs {want.text[:300]}"
+                )
                 if path != "/info":
                     assert _normalise(got) == _normalise(want), (path, body)
                 else:
@@ -243,7 +278,11 @@ def test_same_task_concentrates_on_one_replica_and_tasks_still_mix(client):
 def _cancelled(client: httpx.Client, task: str) -> float:
     total = 0.0
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith("softmux_request_count_total{") and f'task="{task}"' in line and 'outcome="cancelled"' in line:
+        if (
+            line.startswith("softmux_request_count_total{")
+            and f'task="{task}"' in line
+            and 'outcome="cancelled"' in line
+        ):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -270,7 +309,9 @@ def _upload(
 ) -> httpx.Response:
     folder = tmp_path / "src"
     write_task(folder, name, num_virtual, 64, seed)
-    files = {f: (f, (folder / name / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")}
+    files = {
+        f: (f, (folder / name / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")
+    }
     if settings is not None:
         files["task.json"] = ("task.json", json.dumps(settings).encode())
     return client.put(f"/tasks/{name}", files=files, headers={"authorization": f"Bearer {ADMIN}"})
@@ -317,9 +358,15 @@ def test_a_task_refused_by_its_full_home_replica_is_served_by_the_other(cluster,
     with httpx.Client(base_url=url, timeout=120) as c:
         r = _upload(c, tmp_path, "capped", 4, seed=31, settings={"max_running": 1, "max_queue": 2})
         assert r.status_code == 201, r.text
-        assert wait_until(lambda: all("capped" in rep["tasks"] for rep in replica_stats(c).values()), timeout=5)
+        assert wait_until(
+            lambda: all("capped" in rep["tasks"] for rep in replica_stats(c).values()), timeout=5
+        )
         before = c.get("/stats").json()["ingress"].get("overloaded_retried", 0)
-    body = {"task": "capped", "inputs": "a long one", "parameters": {"max_new_tokens": 300, "ignore_eos": True}}
+    body = {
+        "task": "capped",
+        "inputs": "a long one",
+        "parameters": {"max_new_tokens": 300, "ignore_eos": True},
+    }
 
     def one(_: int) -> httpx.Response:
         with httpx.Client(base_url=url, timeout=120) as c:
@@ -409,7 +456,11 @@ def test_killed_replica_comes_back_and_load_loses_only_in_flight(client, cluster
     # An upload while the replacement is not up yet: the replacement loads the store as it is then.
     assert _upload(client, tmp_path, "omega", 3, seed=33).status_code == 201
     # The survivor kept serving; Ray brings up a replacement that loads every task from the store.
-    assert wait_until(lambda: len(replica_stats(client)) == 2 and victim not in replica_stats(client), timeout=120, interval=1.0)
+    assert wait_until(
+        lambda: len(replica_stats(client)) == 2 and victim not in replica_stats(client),
+        timeout=120,
+        interval=1.0,
+    )
     stats = replica_stats(client)
     assert all(rep["tasks"] == sorted([*TASKS, "omega"]) for rep in stats.values()), stats
     assert client.delete("/tasks/omega", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200

@@ -56,18 +56,24 @@ def test_serve_ray_serves_and_drains_on_sigterm(tmp_path, tiny_model_dir):
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
     base = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(
-            lambda: any("ready on" in line for line in lines) or proc.poll() is not None, timeout=240, interval=0.5
+            lambda: any("ready on" in line for line in lines) or proc.poll() is not None,
+            timeout=240,
+            interval=0.5,
         ), "".join(lines[-30:])
         assert proc.poll() is None, "".join(lines[-30:])
         assert httpx.get(f"{base}/ready", timeout=10).status_code == 200
         r = httpx.post(
-            f"{base}/generate", json={"task": "alpha", "inputs": "hi", "parameters": {"max_new_tokens": 4}}, timeout=30
+            f"{base}/generate",
+            json={"task": "alpha", "inputs": "hi", "parameters": {"max_new_tokens": 4}},
+            timeout=30,
         )
         assert r.status_code == 200 and r.headers["x-softmux-replica"]
 
@@ -85,7 +91,9 @@ def test_serve_ray_serves_and_drains_on_sigterm(tmp_path, tiny_model_dir):
         workers = [threading.Thread(target=long_request) for _ in range(3)]
         for w in workers:
             w.start()
-        assert wait_until(lambda: httpx.get(f"{base}/stats", timeout=10).json()["ingress"]["inflight"] >= 3, timeout=30)
+        assert wait_until(
+            lambda: httpx.get(f"{base}/stats", timeout=10).json()["ingress"]["inflight"] >= 3, timeout=30
+        )
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         refused = httpx.post(f"{base}/generate", json={"task": "alpha", "inputs": "hi"}, timeout=30)

@@ -75,7 +75,13 @@ def test_run_asgi_sends_a_json_answer_as_one_item_and_streams_chunks():
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
     items = _collect(
-        app, WireRequest("POST", "/echo", headers=[(b"content-type", b"application/json")], body=json.dumps({"a": 1}).encode())
+        app,
+        WireRequest(
+            "POST",
+            "/echo",
+            headers=[(b"content-type", b"application/json")],
+            body=json.dumps({"a": 1}).encode(),
+        ),
     )
     assert len(items) == 1 and isinstance(items[0], WireStart)
     start = items[0]

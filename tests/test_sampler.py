@@ -1,4 +1,5 @@
-"""Tests for server/engine/sampler.py: greedy rows, hashed per-row noise, warpers, penalty, batch invariance."""
+"""Tests for server/engine/sampler.py: greedy rows, hashed per-row noise, warpers, penalty,
+batch invariance."""
 
 from __future__ import annotations
 
@@ -86,7 +87,9 @@ def test_greedy_rows_return_argmax_and_log_softmax() -> None:
 def test_greedy_row_inside_sampling_batch_uses_plain_log_softmax() -> None:
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 40, generator=g) * 3
-    params = make_params(3, sampling=[True, False, True], temperature=[0.5, 0.5, 2.0], top_k=[0, 3, 5], seeds=[7, 8, 9])
+    params = make_params(
+        3, sampling=[True, False, True], temperature=[0.5, 0.5, 2.0], top_k=[0, 3, 5], seeds=[7, 8, 9]
+    )
     tokens, logprobs = sample(logits, params, torch.zeros(3, dtype=torch.int64), None)
     assert int(tokens[1]) == int(logits[1].argmax())
     torch.testing.assert_close(float(logprobs[1]), float(logits[1].log_softmax(-1).max()), rtol=0, atol=1e-6)
@@ -96,7 +99,9 @@ def test_greedy_row_inside_sampling_batch_uses_plain_log_softmax() -> None:
 
 
 def test_uniforms_are_strictly_inside_unit_interval_and_roughly_uniform() -> None:
-    seeds = torch.tensor([0, 1, -1, 2**31 - 1, 2**32, 2**62, -(2**63)], dtype=torch.int64).repeat_interleave(3)
+    seeds = torch.tensor([0, 1, -1, 2**31 - 1, 2**32, 2**62, -(2**63)], dtype=torch.int64).repeat_interleave(
+        3
+    )
     steps = torch.tensor([0, 1, 10_000] * 7, dtype=torch.int64)
     u = row_uniforms(seeds, steps, 5000)
     assert u.shape == (21, 5000)
@@ -255,7 +260,10 @@ def test_top_k_never_leaves_the_top_k() -> None:
     row = torch.randn(vocab, generator=g)
     logits = row.expand(n, -1).clone()
     tokens, logprobs = sample(
-        logits, make_params(n, temperature=3.0, top_k=k, seeds=list(range(n))), torch.zeros(n, dtype=torch.int64), None
+        logits,
+        make_params(n, temperature=3.0, top_k=k, seeds=list(range(n))),
+        torch.zeros(n, dtype=torch.int64),
+        None,
     )
     top = set(row.topk(k).indices.tolist())
     assert set(tokens.tolist()) == top  # only the top k, and every one of them reachable
@@ -276,7 +284,9 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
 
     def draw(top_p: float) -> torch.Tensor:
         logits = row.expand(n, -1).clone()
-        tokens, _ = sample(logits, make_params(n, top_p=top_p, seeds=list(range(n))), torch.zeros(n, dtype=torch.int64), None)
+        tokens, _ = sample(
+            logits, make_params(n, top_p=top_p, seeds=list(range(n))), torch.zeros(n, dtype=torch.int64), None
+        )
         return tokens
 
     # the token ids holding probabilities 0.5, 0.3, 0.15
@@ -342,7 +352,9 @@ def test_repetition_penalty_matches_transformers() -> None:
         seen[i, h] = True
     ours = apply_repetition_penalty(logits, seen, torch.tensor(penalties))
     for i in range(n):
-        ref = RepetitionPenaltyLogitsProcessor(penalty=penalties[i])(history[i][None], logits[i : i + 1].clone())
+        ref = RepetitionPenaltyLogitsProcessor(penalty=penalties[i])(
+            history[i][None], logits[i : i + 1].clone()
+        )
         torch.testing.assert_close(ours[i], ref[0], rtol=1e-6, atol=0)
     assert not torch.equal(ours[1], logits[1])  # the penalty did something
 
@@ -350,7 +362,9 @@ def test_repetition_penalty_matches_transformers() -> None:
     params = make_params(n, sampling=False, repetition_penalty=penalties)
     tokens, logprobs = sample(logits, params, torch.zeros(n, dtype=torch.int64), seen)
     for i in range(n):
-        ref = RepetitionPenaltyLogitsProcessor(penalty=penalties[i])(history[i][None], logits[i : i + 1].clone())[0]
+        ref = RepetitionPenaltyLogitsProcessor(penalty=penalties[i])(
+            history[i][None], logits[i : i + 1].clone()
+        )[0]
         assert int(tokens[i]) == int(ref.argmax())
         torch.testing.assert_close(float(logprobs[i]), float(ref.log_softmax(-1).max()), rtol=0, atol=1e-5)
 
@@ -358,9 +372,19 @@ def test_repetition_penalty_matches_transformers() -> None:
 def test_repetition_penalty_changes_the_greedy_choice() -> None:
     logits = torch.tensor([[3.0, 2.9, -1.0]])
     seen = torch.tensor([[True, False, False]])
-    tokens, _ = sample(logits, make_params(1, sampling=False, repetition_penalty=1.5), torch.zeros(1, dtype=torch.int64), seen)
+    tokens, _ = sample(
+        logits,
+        make_params(1, sampling=False, repetition_penalty=1.5),
+        torch.zeros(1, dtype=torch.int64),
+        seen,
+    )
     assert int(tokens[0]) == 1  # 3.0 / 1.5 = 2.0 < 2.9
-    tokens, _ = sample(logits, make_params(1, sampling=False, repetition_penalty=1.0), torch.zeros(1, dtype=torch.int64), seen)
+    tokens, _ = sample(
+        logits,
+        make_params(1, sampling=False, repetition_penalty=1.0),
+        torch.zeros(1, dtype=torch.int64),
+        seen,
+    )
     assert int(tokens[0]) == 0
 
 
@@ -380,15 +404,25 @@ def test_openai_penalties_follow_the_formula_token_by_token() -> None:
 
 
 def _request(output: list[int], params: SamplingParams, inputs: list[int] | None = None) -> Request:
-    prompt = SoftPrompt(name="t", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(1, 4), content_hash="", source=Path("."))
-    r = Request(task="t", prompt=prompt, input_ids=inputs or [3, 3, 3], params=params, seed=0, sink=lambda e: None)
+    prompt = SoftPrompt(
+        name="t",
+        kind=PromptKind.PROMPT_TUNING,
+        embeddings=torch.zeros(1, 4),
+        content_hash="",
+        source=Path("."),
+    )
+    r = Request(
+        task="t", prompt=prompt, input_ids=inputs or [3, 3, 3], params=params, seed=0, sink=lambda e: None
+    )
     r.output_ids = list(output)
     return r
 
 
 def test_prepare_counts_generated_tokens_only_and_places_each_rows_bias() -> None:
     rows = [
-        _request([1, 1, 2], SamplingParams(frequency_penalty=0.5), inputs=[1, 1, 1, 1]),  # input tokens do not count
+        _request(
+            [1, 1, 2], SamplingParams(frequency_penalty=0.5), inputs=[1, 1, 1, 1]
+        ),  # input tokens do not count
         _request([0], SamplingParams(logit_bias=((4, -100.0), (2, 7.5)))),
         _request([2], SamplingParams()),
     ]
@@ -409,13 +443,21 @@ def test_bias_then_penalties_change_the_greedy_choice_of_their_row_only() -> Non
         _request([0, 0], SamplingParams()),  # untouched: token 0
     ]
     batch = prepare(rows, 4, torch.device("cpu"))
-    tokens, _ = sample(logits.clone(), batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias)
+    tokens, _ = sample(
+        logits.clone(), batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias
+    )
     assert tokens.tolist() == [1, 3, 0]
     # The order: the bias applies before the repetition penalty (vLLM's): (1 + 7) / 2 = 4 < 5, where
     # penalising first would give 1 / 2 + 7 = 7.5 and pick token 2.
     row = [_request([], SamplingParams(repetition_penalty=2.0, logit_bias=((2, 7.0),)), inputs=[2])]
     batch = prepare(row, 4, torch.device("cpu"))
     tokens, _ = sample(
-        torch.tensor([[5.0, 4.0, 1.0, 0.0]]), batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias
+        torch.tensor([[5.0, 4.0, 1.0, 0.0]]),
+        batch.params,
+        batch.steps,
+        batch.seen,
+        batch.flags,
+        batch.counts,
+        batch.bias,
     )
     assert tokens.tolist() == [0]

@@ -22,7 +22,11 @@ BS = 4  # block size in these tests
 
 def soft_prompt(p: int, name: str | None = None) -> SoftPrompt:
     return SoftPrompt(
-        name=name or f"task{p}", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(p, 8), content_hash="", source=Path(".")
+        name=name or f"task{p}",
+        kind=PromptKind.PROMPT_TUNING,
+        embeddings=torch.zeros(p, 8),
+        content_hash="",
+        source=Path("."),
     )
 
 
@@ -38,12 +42,19 @@ def req(virtual: int = 2, inputs: int = 3, max_new: int = 5, task: str | None = 
 
 
 def sched(
-    rows: int = 100, tokens: int = 10_000, queue: int = 100, blocks: int = 1000, prefix_bytes: int = 1 << 20, **config: Any
+    rows: int = 100,
+    tokens: int = 10_000,
+    queue: int = 100,
+    blocks: int = 1000,
+    prefix_bytes: int = 1 << 20,
+    **config: Any,
 ) -> Scheduler:
     pool = BlockPool(blocks + 1, BS)  # + the reserved block
     cache = PrefixCache(prefix_bytes)
     cache.bind(pool, block_bytes=1)
-    return Scheduler(SchedulerConfig(max_batch_size=rows, max_batch_tokens=tokens, max_queue=queue, **config), pool, cache)
+    return Scheduler(
+        SchedulerConfig(max_batch_size=rows, max_batch_tokens=tokens, max_queue=queue, **config), pool, cache
+    )
 
 
 def test_fifo_admission_and_status() -> None:
@@ -355,7 +366,12 @@ def sched_with_blocks(blocks: int = 1000) -> Scheduler:
     pool = BlockPool(blocks + 1, BS)
     cache = PrefixCache(1 << 20)
     cache.bind(pool, block_bytes=1)
-    return Scheduler(SchedulerConfig(max_batch_size=100, max_batch_tokens=10_000, max_queue=100), pool, cache, BlockCache(pool))
+    return Scheduler(
+        SchedulerConfig(max_batch_size=100, max_batch_tokens=10_000, max_queue=100),
+        pool,
+        cache,
+        BlockCache(pool),
+    )
 
 
 def test_token_blocks_are_reused_by_the_same_task_version_only() -> None:
@@ -375,7 +391,11 @@ def test_token_blocks_are_reused_by_the_same_task_version_only() -> None:
     replaced = Request(
         task="t",
         prompt=SoftPrompt(
-            name="t", kind=PromptKind.PROMPT_TUNING, embeddings=torch.zeros(2, 8), content_hash="v2", source=Path(".")
+            name="t",
+            kind=PromptKind.PROMPT_TUNING,
+            embeddings=torch.zeros(2, 8),
+            content_hash="v2",
+            source=Path("."),
         ),
         input_ids=list(range(13)),
         params=SamplingParams(max_new_tokens=5),

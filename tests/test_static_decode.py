@@ -109,7 +109,9 @@ def test_padding_rows_and_columns_write_nothing_but_the_null_slot(lm, prompts):
 
 def test_rows_past_the_largest_width_bucket_run_the_eager_step(lm, prompts):
     """Key tables wider than the largest bucket (here 64 columns) fall back to the eager step."""
-    engine = Engine(lm, SchedulerConfig(4, 100_000, 100), PrefixCache(1 << 30), max_context=64, accel=STATIC["plain"])
+    engine = Engine(
+        lm, SchedulerConfig(4, 100_000, 100), PrefixCache(1 << 30), max_context=64, accel=STATIC["plain"]
+    )
     prompt = prompts[3]  # 20 virtual tokens
     ids = [5, 17, 2000, 31, 9]
     out = staggered_outputs(engine, [(prompt, ids, SamplingParams(max_new_tokens=50))], 1)[0]
@@ -121,10 +123,17 @@ def test_rows_past_the_largest_width_bucket_run_the_eager_step(lm, prompts):
 
 def test_preemption_with_the_static_step_keeps_every_answer_exact(lm, prompts):
     rng = random.Random(7)
-    specs = [(prompts[k % 4], [rng.randrange(40_000) for _ in range(2 + k % 5)], 30 + 3 * (k % 7)) for k in range(8)]
+    specs = [
+        (prompts[k % 4], [rng.randrange(40_000) for _ in range(2 + k % 5)], 30 + 3 * (k % 7))
+        for k in range(8)
+    ]
     block_bytes = Engine(lm, SchedulerConfig(1, 1, 1)).runner.block_bytes
     engine = Engine(
-        lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=14 * block_bytes, accel=STATIC["accelerated"]
+        lm,
+        SchedulerConfig(16, 100_000, 1000),
+        PrefixCache(1 << 30),
+        kv_cache_bytes=14 * block_bytes,
+        accel=STATIC["accelerated"],
     )
     engine.start()
     try:
@@ -142,9 +151,15 @@ def test_seeded_sampling_and_token_block_hits_with_the_static_step(lm, prompts, 
     shared = [rng.randrange(40_000) for _ in range(32)]
     specs = []
     for k in range(8):
-        ids = shared + [rng.randrange(40_000) for _ in range(1 + k)] if k % 2 else [rng.randrange(40_000) for _ in range(3 + k)]
+        ids = (
+            shared + [rng.randrange(40_000) for _ in range(1 + k)]
+            if k % 2
+            else [rng.randrange(40_000) for _ in range(3 + k)]
+        )
         greedy = SamplingParams(max_new_tokens=8)
-        sampled = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=[0, 20][k % 2], seed=500 + k)
+        sampled = SamplingParams(
+            max_new_tokens=8, do_sample=True, temperature=0.8, top_k=[0, 20][k % 2], seed=500 + k
+        )
         params = greedy if k % 3 == 0 else sampled
         specs.append((prompts[k % 2], ids, params))  # two tasks: the shared opening hits within each
     engine = make_engine(lm, accel=accel, prefix_cache=PrefixCache(1 << 30))

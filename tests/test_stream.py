@@ -72,7 +72,9 @@ async def test_stream_with_stop_string_ends_on_it(client):
     last = events[-1]
     assert last["details"]["finish_reason"] == "stop_sequence"
     assert last["generated_text"] == whole["generated_text"]
-    assert last["generated_text"] == free_text[: free_text.index(stop)]  # the stop string itself is not returned
+    assert (
+        last["generated_text"] == free_text[: free_text.index(stop)]
+    )  # the stop string itself is not returned
     assert all(e["generated_text"] is None for e in events[:-1])
     assert "".join(e["token"]["text"] for e in events) == last["generated_text"]
 
@@ -113,7 +115,11 @@ async def test_queue_full_is_429_before_the_stream(lm, store):
     app = create_app(settings_for(store, max_queue=0), loader=lambda: lm, wait=True)
     async for client in open_client(app):
         r = await client.post("/generate_stream", json={"task": "alpha", "inputs": "x"})
-        assert r.status_code == 429 and r.json()["error_type"] == "overloaded" and r.headers["retry-after"] == "1"
+        assert (
+            r.status_code == 429
+            and r.json()["error_type"] == "overloaded"
+            and r.headers["retry-after"] == "1"
+        )
 
 
 async def test_failure_mid_stream_is_an_error_event(lm, store):
@@ -129,12 +135,16 @@ async def test_failure_mid_stream_is_an_error_event(lm, store):
             return real_decode(*args, **kwargs)
 
         runner.decode = failing_decode
-        r, events = await stream(client, {"task": "alpha", "inputs": "hello there", "parameters": {"max_new_tokens": 20}})
+        r, events = await stream(
+            client, {"task": "alpha", "inputs": "hello there", "parameters": {"max_new_tokens": 20}}
+        )
         assert r.status_code == 200
         assert all("token" in e for e in events[:-1]) and len(events) >= 2
         assert events[-1]["error_type"] == "generation" and "simulated device fault" in events[-1]["error"]
         runner.decode = real_decode
-        ok = await client.post("/generate", json={"task": "alpha", "inputs": "again", "parameters": {"max_new_tokens": 3}})
+        ok = await client.post(
+            "/generate", json={"task": "alpha", "inputs": "again", "parameters": {"max_new_tokens": 3}}
+        )
         assert ok.status_code == 200  # the engine loop survived
 
 

@@ -22,7 +22,10 @@ from tests.support import make_prompt, make_request, start_engine
 
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
     "required": ["name", "age"],
     "additionalProperties": False,
 }
@@ -55,7 +58,9 @@ def test_specs_are_canonical_and_the_vllm_shape_takes_exactly_one():
         OutputSpec.of(OutputKind.CHOICE, [])
     with pytest.raises(GrammarError, match="not valid JSON"):
         OutputSpec.of(OutputKind.JSON_SCHEMA, "{nope")
-    assert OutputSpec.of(OutputKind.JSON_SCHEMA, True) == OutputSpec.of(OutputKind.JSON_SCHEMA, {})  # any JSON value
+    assert OutputSpec.of(OutputKind.JSON_SCHEMA, True) == OutputSpec.of(
+        OutputKind.JSON_SCHEMA, {}
+    )  # any JSON value
     with pytest.raises(GrammarError, match="no answer"):
         OutputSpec.of(OutputKind.JSON_SCHEMA, False)
 
@@ -70,7 +75,9 @@ def test_specs_are_canonical_and_the_vllm_shape_takes_exactly_one():
         (OutputKind.GRAMMAR, "start: undefined_rule", "undefined_rule"),
     ],
 )
-def test_a_constraint_that_cannot_be_enforced_is_refused_with_its_reason_and_cached(compiler, kind, value, reason):
+def test_a_constraint_that_cannot_be_enforced_is_refused_with_its_reason_and_cached(
+    compiler, kind, value, reason
+):
     spec = OutputSpec.of(kind, value)
     with pytest.raises(GrammarError, match=reason):
         compiler.compile(spec)
@@ -104,7 +111,9 @@ def test_the_worker_fills_the_same_masks_as_llguidance_and_leaves_free_rows_open
     allowed = allowed_tokens(bitmask, vocab)  # [3, V]
     assert fill > 0 and allowed[1].all()
     for i in (0, 2):
-        expected = torch.frombuffer(bytearray(rows[i].matcher.compute_logit_bias()), dtype=torch.uint8)[:vocab] > 0
+        expected = (
+            torch.frombuffer(bytearray(rows[i].matcher.compute_logit_bias()), dtype=torch.uint8)[:vocab] > 0
+        )
         assert torch.equal(allowed[i], expected)
         assert 0 < int(allowed[i].sum()) < vocab
     assert worker.start([rows[1]]) is None  # nothing constrained: no work, no mask
@@ -112,7 +121,9 @@ def test_the_worker_fills_the_same_masks_as_llguidance_and_leaves_free_rows_open
 
 
 @torch.inference_mode()
-def reference_constrained(lm: LoadedModel, prompt: torch.Tensor, ids: list[int], n: int, compiled: Compiled | None) -> list[int]:
+def reference_constrained(
+    lm: LoadedModel, prompt: torch.Tensor, ids: list[int], n: int, compiled: Compiled | None
+) -> list[int]:
     """The solo reference under a constraint: the base model alone, greedy over the tokens a fresh
     matcher allows (llguidance's byte mask, not the engine's bitmask path), stopping where the grammar
     is complete or at end-of-sequence."""
@@ -123,7 +134,12 @@ def reference_constrained(lm: LoadedModel, prompt: torch.Tensor, ids: list[int],
     for _ in range(n):
         logits = lm.model(inputs_embeds=x).logits[0, -1]
         if matcher is not None:
-            allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)[: logits.shape[0]] > 0
+            allowed = (
+                torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)[
+                    : logits.shape[0]
+                ]
+                > 0
+            )
             logits = logits.masked_fill(~allowed, float("-inf"))
         token = int(logits.argmax())
         out.append(token)
@@ -163,7 +179,9 @@ CASES = [
 ]
 
 
-def test_constrained_rows_match_the_masked_reference_alone_and_in_a_staggered_mixed_batch(lm, prompts, compiler):
+def test_constrained_rows_match_the_masked_reference_alone_and_in_a_staggered_mixed_batch(
+    lm, prompts, compiler
+):
     rng = random.Random(4)
     specs = [None if kind is None else OutputSpec.of(kind, value) for kind, value, _ in CASES]
     inputs = [[rng.randrange(40_000) for _ in range(2 + i)] for i in range(len(CASES))]
@@ -184,14 +202,20 @@ def test_constrained_rows_match_the_masked_reference_alone_and_in_a_staggered_mi
         together = []
         for i in range(len(CASES)):  # staggered: each joins a batch already decoding
             together.append(run(i))
-        assert [(t.result.finish_reason, t.request.output_ids) for t in together] == [(r.finish_reason, o) for o, r in alone]
+        assert [(t.result.finish_reason, t.request.output_ids) for t in together] == [
+            (r.finish_reason, o) for o, r in alone
+        ]
         for i, (out, result) in enumerate(alone):
             compiled = None if specs[i] is None else compiler.compile(specs[i])
-            assert out == reference_constrained(lm, prompts[i % 3].embeddings, inputs[i], CASES[i][2], compiled), CASES[i]
+            assert out == reference_constrained(
+                lm, prompts[i % 3].embeddings, inputs[i], CASES[i][2], compiled
+            ), CASES[i]
             if result.finish_reason is FinishReason.EOS:
                 check_valid(specs[i], result.generated_text)
         reasons = [r.finish_reason for _, r in alone]
-        assert reasons[0] is reasons[2] is reasons[4] is FinishReason.EOS  # complete: the grammar allowed nothing more
+        assert (
+            reasons[0] is reasons[2] is reasons[4] is FinishReason.EOS
+        )  # complete: the grammar allowed nothing more
         assert reasons[5] is FinishReason.LENGTH
         assert engine.mask_stats.passes > 0 and engine.mask_stats.grammar_errors == 0
     finally:
@@ -199,22 +223,35 @@ def test_constrained_rows_match_the_masked_reference_alone_and_in_a_staggered_mi
 
 
 def test_a_preempted_constrained_row_resumes_its_matcher_exactly(lm, prompts, compiler):
-    numbers = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 9, "maxItems": 9}
+    numbers = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 999},
+        "minItems": 9,
+        "maxItems": 9,
+    }
     spec = OutputSpec.of(OutputKind.JSON_SCHEMA, numbers)
     block_bytes = Engine(lm, SchedulerConfig(1, 1, 1)).runner.block_bytes
     # 9 usable blocks of 16 tokens: three prefixes take 3, and six rows grow to 3 blocks each.
-    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=10 * block_bytes)
+    engine = Engine(
+        lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=10 * block_bytes
+    )
     engine.start()
     rng = random.Random(11)
     try:
         tracked = []
         for k in range(6):
-            t = make_request(prompts[k % 3], [rng.randrange(40_000) for _ in range(3 + k)], SamplingParams(max_new_tokens=40))
+            t = make_request(
+                prompts[k % 3],
+                [rng.randrange(40_000) for _ in range(3 + k)],
+                SamplingParams(max_new_tokens=40),
+            )
             t.request.matcher = compiler.compile(spec).matcher()
             engine.submit(t.request)
             tracked.append(t)
         for t in tracked:
-            ref = reference_constrained(lm, t.request.prompt.embeddings, t.request.input_ids, 40, compiler.compile(spec))
+            ref = reference_constrained(
+                lm, t.request.prompt.embeddings, t.request.input_ids, 40, compiler.compile(spec)
+            )
             assert t.result and t.request.output_ids == ref
             if t.result.finish_reason is FinishReason.EOS:
                 check_valid(spec, t.result.generated_text)
@@ -223,14 +260,19 @@ def test_a_preempted_constrained_row_resumes_its_matcher_exactly(lm, prompts, co
         engine.stop()
 
 
-def test_seeded_sampling_under_a_constraint_is_the_same_alone_and_mixed_and_stays_valid(lm, prompts, compiler):
+def test_seeded_sampling_under_a_constraint_is_the_same_alone_and_mixed_and_stays_valid(
+    lm, prompts, compiler
+):
     spec = OutputSpec.of(OutputKind.REGEX, DATE)
     engine = start_engine(lm)
     try:
         params = SamplingParams(max_new_tokens=14, do_sample=True, temperature=1.5, seed=42)
 
         def run(extra: int):
-            others = [make_request(prompts[1], [7] * (k + 2), SamplingParams(max_new_tokens=9)) for k in range(extra)]
+            others = [
+                make_request(prompts[1], [7] * (k + 2), SamplingParams(max_new_tokens=9))
+                for k in range(extra)
+            ]
             t = make_request(prompts[0], [3, 4, 5], params)
             t.request.matcher = compiler.compile(spec).matcher()
             for r in [*others, t]:
@@ -248,7 +290,9 @@ def test_a_matcher_in_error_fails_its_row_with_the_reason_and_the_batch_goes_on(
     try:
         broken = make_request(prompts[0], [1, 2], SamplingParams(max_new_tokens=5))
         broken.request.matcher = compiler.compile(OutputSpec.of(OutputKind.CHOICE, LABELS)).matcher()
-        broken.request.matcher.consume_token(lm.tokenizer("zzz", add_special_tokens=False)["input_ids"][0])  # never allowed
+        broken.request.matcher.consume_token(
+            lm.tokenizer("zzz", add_special_tokens=False)["input_ids"][0]
+        )  # never allowed
         fine = make_request(prompts[1], [3, 4], SamplingParams(max_new_tokens=5))
         engine.submit(broken.request)
         engine.submit(fine.request)

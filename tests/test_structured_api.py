@@ -60,7 +60,11 @@ def test_openai_response_format_with_a_pydantic_schema_validates(oai):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
     for seed in range(3):
         out = oai.completions.create(
-            model="beta", prompt=f"Person {seed}:", max_tokens=40, seed=seed, extra_body={"response_format": fmt}
+            model="beta",
+            prompt=f"Person {seed}:",
+            max_tokens=40,
+            seed=seed,
+            extra_body={"response_format": fmt},
         )
         choice = out.choices[0]
         if choice.finish_reason == "stop":
@@ -78,7 +82,11 @@ def test_openai_response_format_with_a_pydantic_schema_validates(oai):
 
 def test_vllm_structured_outputs_regex_and_choice_and_their_streams(oai, base_url):
     out = oai.completions.create(
-        model="gamma", prompt="Date:", max_tokens=12, temperature=0, extra_body={"structured_outputs": {"regex": DATE}}
+        model="gamma",
+        prompt="Date:",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"structured_outputs": {"regex": DATE}},
     )
     assert out.choices[0].finish_reason == "stop" and re.fullmatch(DATE, out.choices[0].text), out
     stream = oai.completions.create(
@@ -102,7 +110,12 @@ def test_vllm_structured_outputs_regex_and_choice_and_their_streams(oai, base_ur
 def test_tgi_grammar_on_generate_and_generate_stream(base_url):
     import httpx
 
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
     body = {
         "task": "beta",
         "inputs": "Answer:",
@@ -121,8 +134,18 @@ def test_tgi_grammar_on_generate_and_generate_stream(base_url):
 @pytest.mark.parametrize(
     ("route", "body", "field", "reason"),
     [
-        ("/generate", {"parameters": {"grammar": {"type": "json", "value": {"type": "objec"}}}}, "parameters.grammar", "objec"),
-        ("/generate", {"parameters": {"grammar": {"type": "regex", "value": "(a"}}}, "parameters.grammar", "unclosed group"),
+        (
+            "/generate",
+            {"parameters": {"grammar": {"type": "json", "value": {"type": "objec"}}}},
+            "parameters.grammar",
+            "objec",
+        ),
+        (
+            "/generate",
+            {"parameters": {"grammar": {"type": "regex", "value": "(a"}}},
+            "parameters.grammar",
+            "unclosed group",
+        ),
         ("/generate", {"parameters": {"grammar": {"type": "xml", "value": "x"}}}, "grammar", "json"),
         (
             "/v1/completions",
@@ -130,21 +153,53 @@ def test_tgi_grammar_on_generate_and_generate_stream(base_url):
             "response_format",
             "schema",
         ),
-        ("/v1/completions", {"structured_outputs": {"regex": DATE, "choice": LABELS}}, "structured_outputs", "one constraint"),
-        ("/v1/completions", {"structured_outputs": {"grammar": "start: nowhere"}}, "structured_outputs", "nowhere"),
-        ("/v1/completions", {"structured_outputs": {"json": False}}, "structured_outputs", "accepts no answer"),
-        ("/v1/completions", {"structured_outputs": {"json_object": "yes"}}, "structured_outputs", "true or false"),
+        (
+            "/v1/completions",
+            {"structured_outputs": {"regex": DATE, "choice": LABELS}},
+            "structured_outputs",
+            "one constraint",
+        ),
+        (
+            "/v1/completions",
+            {"structured_outputs": {"grammar": "start: nowhere"}},
+            "structured_outputs",
+            "nowhere",
+        ),
+        (
+            "/v1/completions",
+            {"structured_outputs": {"json": False}},
+            "structured_outputs",
+            "accepts no answer",
+        ),
+        (
+            "/v1/completions",
+            {"structured_outputs": {"json_object": "yes"}},
+            "structured_outputs",
+            "true or false",
+        ),
         (
             "/v1/completions",
             {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": DATE}},
             "structured_outputs",
             "both constrain",
         ),
-        ("/v1/completions", {"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos", "ignore_eos"),
-        ("/v1/completions", {"model": "labels", "structured_outputs": {"regex": DATE}}, "structured_outputs", "fixes its output"),
+        (
+            "/v1/completions",
+            {"response_format": {"type": "json_object"}, "ignore_eos": True},
+            "ignore_eos",
+            "ignore_eos",
+        ),
+        (
+            "/v1/completions",
+            {"model": "labels", "structured_outputs": {"regex": DATE}},
+            "structured_outputs",
+            "fixes its output",
+        ),
     ],
 )
-def test_a_constraint_that_cannot_be_enforced_is_refused_naming_the_field(base_url, route, body, field, reason):
+def test_a_constraint_that_cannot_be_enforced_is_refused_naming_the_field(
+    base_url, route, body, field, reason
+):
     import httpx
 
     if route == "/generate":
@@ -161,14 +216,23 @@ def test_a_task_contract_binds_every_request_and_fills_its_defaults(oai, base_ur
     import httpx
 
     for prompt in ("great", "awful", "fine", "x"):
-        out = oai.completions.create(model="labels", prompt=prompt, temperature=1.0, seed=1)  # sampled, still a label
+        out = oai.completions.create(
+            model="labels", prompt=prompt, temperature=1.0, seed=1
+        )  # sampled, still a label
         assert out.choices[0].text in LABELS and out.choices[0].finish_reason == "stop"
-    same = oai.completions.create(model="labels", prompt="great", extra_body={"structured_outputs": {"choice": LABELS}})
+    same = oai.completions.create(
+        model="labels", prompt="great", extra_body={"structured_outputs": {"choice": LABELS}}
+    )
     assert same.choices[0].text in LABELS  # repeating the contract is allowed
     r = httpx.post(f"{base_url}/generate", json={"task": "labels", "inputs": "great"}, timeout=60)
-    assert r.json()["generated_text"] in LABELS and r.json()["details"]["seed"] is None  # temperature 0 by default: greedy
+    assert (
+        r.json()["generated_text"] in LABELS and r.json()["details"]["seed"] is None
+    )  # temperature 0 by default: greedy
     card = oai.models.retrieve("labels").model_dump()
-    assert card["contract"] == {"output": {"choice": LABELS}, "defaults": {"max_new_tokens": 6, "temperature": 0.0}}
+    assert card["contract"] == {
+        "output": {"choice": LABELS},
+        "defaults": {"max_new_tokens": 6, "temperature": 0.0},
+    }
     tasks = {t["name"]: t for t in httpx.get(f"{base_url}/tasks", timeout=10).json()["tasks"]}
     assert tasks["labels"]["settings"]["output"] == {"choice": LABELS}
 
@@ -206,10 +270,22 @@ def test_a_compile_past_the_limit_is_refused_and_the_running_batch_goes_on(app, 
     monkeypatch.setattr(service_module, "COMPILE_TIMEOUT", 0.5)
     try:
         began = time.monotonic()
-        body = {"model": "alpha", "prompt": "x", "max_tokens": 4, "structured_outputs": {"regex": "stall[0-9]+"}}
+        body = {
+            "model": "alpha",
+            "prompt": "x",
+            "max_tokens": 4,
+            "structured_outputs": {"regex": "stall[0-9]+"},
+        }
         r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=30)
-        assert r.status_code == 422 and "to compile" in r.text and r.json()["error"]["param"] == "structured_outputs"
+        assert (
+            r.status_code == 422
+            and "to compile" in r.text
+            and r.json()["error"]["param"] == "structured_outputs"
+        )
         assert time.monotonic() - began < 10
-        assert oai.completions.create(model="beta", prompt="still", max_tokens=3).choices[0].finish_reason == "length"
+        assert (
+            oai.completions.create(model="beta", prompt="still", max_tokens=3).choices[0].finish_reason
+            == "length"
+        )
     finally:
         release.set()

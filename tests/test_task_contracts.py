@@ -29,14 +29,18 @@ PERSON = {
 
 @pytest.fixture(scope="module")
 def compiler(lm: LoadedModel) -> GrammarCompiler:
-    """The tiny model carries the default model's tokenizer: the same token strings the server compiles for."""
+    """The tiny model carries the default model's tokenizer:
+    the same token strings the server compiles for."""
     return GrammarCompiler.for_model(lm)
 
 
 def test_the_tasks_with_a_clear_answer_shape_have_the_contract_the_scripts_write():
     assert WITH_CONTRACT == sorted(set(CONTRACTS) | {f"{t}-trained" for t in CONTRACTS})
     for folder in WITH_CONTRACT:  # what make_text_tasks.py / train_tasks.py would write again
-        assert json.loads((STORE / folder / SETTINGS_FILE).read_text()) == CONTRACTS[folder.removesuffix("-trained")]
+        assert (
+            json.loads((STORE / folder / SETTINGS_FILE).read_text())
+            == CONTRACTS[folder.removesuffix("-trained")]
+        )
 
 
 @pytest.mark.parametrize("folder", WITH_CONTRACT)
@@ -47,7 +51,11 @@ def test_a_shipped_contract_loads_compiles_and_accepts_its_data(folder, default_
     assert spec is not None and defaults.temperature == 0.0
     compiled = compiler.compile(spec)
     task = folder.removesuffix("-trained")
-    outputs = [json.loads(line)["output"] for split in ("train", "test") for line in (DATA / f"{task}.{split}.jsonl").open()]
+    outputs = [
+        json.loads(line)["output"]
+        for split in ("train", "test")
+        for line in (DATA / f"{task}.{split}.jsonl").open()
+    ]
     longest = 0
     for output in outputs:
         ids = lm.tokenizer(output, add_special_tokens=False)["input_ids"]
@@ -55,7 +63,9 @@ def test_a_shipped_contract_loads_compiles_and_accepts_its_data(folder, default_
         matcher = compiled.matcher()
         assert all(matcher.consume_token(t) for t in ids), (folder, output, matcher.get_error())
         assert matcher.is_accepting(), (folder, output)
-    assert defaults.max_new_tokens is not None and defaults.max_new_tokens >= longest  # a default request is never cut short
+    assert (
+        defaults.max_new_tokens is not None and defaults.max_new_tokens >= longest
+    )  # a default request is never cut short
 
 
 def test_a_schema_keeps_its_property_order_the_order_answers_are_written_in(compiler, lm):
@@ -69,7 +79,12 @@ def test_a_schema_keeps_its_property_order_the_order_answers_are_written_in(comp
     }
     assert OutputSpec.from_fields({"json": reordered}) == spec  # other keys are still canonical
     compiled = compiler.compile(spec)
-    for text, ok in (('{"name": "Ann Lee", "city": "Oslo"}', True), ('{"city": "Oslo", "name": "Ann Lee"}', False)):
+    for text, ok in (
+        ('{"name": "Ann Lee", "city": "Oslo"}', True),
+        ('{"city": "Oslo", "name": "Ann Lee"}', False),
+    ):
         matcher = compiled.matcher()
-        consumed = all(matcher.consume_token(t) for t in lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        consumed = all(
+            matcher.consume_token(t) for t in lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
         assert (consumed and matcher.is_accepting()) is ok, text

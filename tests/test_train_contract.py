@@ -35,7 +35,9 @@ LABELS = {"choice": ["positive", "negative"]}
 
 
 def write_jsonl(path: Path, outputs: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"input": f"text {i}", "output": o}) + "\n" for i, o in enumerate(outputs)))
+    path.write_text(
+        "".join(json.dumps({"input": f"text {i}", "output": o}) + "\n" for i, o in enumerate(outputs))
+    )
     return path
 
 
@@ -84,7 +86,18 @@ def test_the_contract_options_parse_into_the_config_fields(tmp_path):
         (["--default", "max_new_tokens=1.5"], "valid integer"),
         (["--default", "top_p=2"], "less than or equal to 1"),
         (
-            ["--default", "stop=a", "--default", "stop=b", "--default", "stop=c", "--default", "stop=d", "--default", "stop=e"],
+            [
+                "--default",
+                "stop=a",
+                "--default",
+                "stop=b",
+                "--default",
+                "stop=c",
+                "--default",
+                "stop=d",
+                "--default",
+                "stop=e",
+            ],
             "stop",
         ),
     ],
@@ -119,7 +132,9 @@ def test_the_parsers_return_the_fields_types():
 def test_task_settings_from_the_config(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ["negative", "positive", "negative", "neutral"])
     assert task_settings(TrainConfig(task="toy", data=data)) is None  # no contract: no task.json
-    assert task_settings(TrainConfig(task="toy", data=data, output_choices_from_data=True, defaults={"temperature": 0.0})) == {
+    assert task_settings(
+        TrainConfig(task="toy", data=data, output_choices_from_data=True, defaults={"temperature": 0.0})
+    ) == {
         "output": {"choice": ["negative", "neutral", "positive"]},
         "defaults": {"temperature": 0.0},
     }
@@ -142,7 +157,11 @@ def test_a_contract_that_does_not_compile_is_refused_before_training(lm, tmp_pat
     monkeypatch.setattr(server.training, "prepare_data", lambda *a: pytest.fail("training started"))
     data = write_jsonl(tmp_path / "d.jsonl", ["yes", "no"])
     with pytest.raises(GrammarError):
-        train(TrainConfig(task="toy", data=data, store=tmp_path / "store", output={"regex": "(a"}), lm, log=lambda _: None)
+        train(
+            TrainConfig(task="toy", data=data, store=tmp_path / "store", output={"regex": "(a"}),
+            lm,
+            log=lambda _: None,
+        )
     assert not (tmp_path / "store").exists()
 
 
@@ -158,7 +177,9 @@ def test_write_task_settings_gives_a_file_the_server_reads_back(tmp_path):
     assert parsed.defaults.given() == {"temperature": 0.0, "max_new_tokens": 8}
 
 
-@pytest.mark.parametrize("settings", [None, {"output": {"regex": "[0-9]{4}"}, "defaults": {"max_new_tokens": 6}}])
+@pytest.mark.parametrize(
+    "settings", [None, {"output": {"regex": "[0-9]{4}"}, "defaults": {"max_new_tokens": 6}}]
+)
 def test_save_adapter_installs_task_json_beside_the_adapter(lm: LoadedModel, tmp_path, settings):
     store = tmp_path / "store"
     cfg = TrainConfig(task="toy", data=tmp_path / "d.jsonl", store=store, num_virtual_tokens=3, init="random")
@@ -203,8 +224,11 @@ def test_the_card_shows_the_contract_only_when_there_is_one(tmp_path):
 
 
 def test_train_writes_the_contract_it_was_given(lm, tmp_path, monkeypatch):
-    """train()'s wiring, the optimiser and both evaluations stubbed out: task.json and the card carry the contract."""
-    monkeypatch.setattr(server.training, "optimise", lambda cfg, lm, init, encoded, steps: (init, [1.0] * steps, 0.0))
+    """train()'s wiring, the optimiser and both evaluations stubbed out:
+    task.json and the card carry the contract."""
+    monkeypatch.setattr(
+        server.training, "optimise", lambda cfg, lm, init, encoded, steps: (init, [1.0] * steps, 0.0)
+    )
     monkeypatch.setattr(server.training, "evaluate", lambda lm, emb, held, *a: (0.5, ["no"] * len(held)))
     data = write_jsonl(tmp_path / "d.jsonl", ["yes", "no"] * 4)
     cfg = TrainConfig(

@@ -58,7 +58,8 @@ def test_training_lowers_loss_raises_the_score_and_writes_a_valid_adapter(lm, da
         lr=0.3,
         batch_size=8,
         holdout=16,
-        max_new_tokens=1,  # scored on the answer's token: the random model cannot learn to emit <|im_end|> after it
+        # scored on the answer's token: the random model cannot learn to emit <|im_end|> after it
+        max_new_tokens=1,
         progress=False,
     )
     result = train(cfg, lm, log=lambda _: None)
@@ -71,11 +72,18 @@ def test_training_lowers_loss_raises_the_score_and_writes_a_valid_adapter(lm, da
     _, held = split_data(cfg)
     inputs = [encode(lm, cfg.template, e)[0] for e in held]
     written = read_adapter(store / "toy", PromptGeometry.of(lm, 8, device="cpu"))
-    for embeddings, score in [(initial_prompt(lm, cfg)[0], result.before), (written.embeddings, result.after)]:
+    for embeddings, score in [
+        (initial_prompt(lm, cfg)[0], result.before),
+        (written.embeddings, result.after),
+    ]:
         answers = generate_batch(lm, as_soft_prompt(lm, embeddings), inputs, max_new_tokens=1)
         assert sum(a.strip() == "yes" for a in answers) / len(held) == score, answers
     assert sorted(os.listdir(store)) == ["toy"]  # no temp folder left
-    assert sorted(os.listdir(store / "toy")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(store / "toy")) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = json.loads((store / "toy" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 4
     assert config["task_type"] == "CAUSAL_LM"
@@ -85,18 +93,28 @@ def test_training_lowers_loss_raises_the_score_and_writes_a_valid_adapter(lm, da
 
 
 def test_peft_reads_the_adapter_as_softmux_serves_it(lm, data, tiny_model_dir, tmp_path):
-    """PEFT, on its own copy of the model, gets the prompt softmux serves and greedily answers what softmux answers."""
+    """PEFT, on its own copy of the model, gets the prompt softmux serves and greedily answers what softmux
+    answers."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     cfg = TrainConfig(
-        task="toy", data=data, store=tmp_path, num_virtual_tokens=3, init="random", steps=2, holdout=4, progress=False
+        task="toy",
+        data=data,
+        store=tmp_path,
+        num_virtual_tokens=3,
+        init="random",
+        steps=2,
+        holdout=4,
+        progress=False,
     )
     train(cfg, lm, log=lambda _: None)
     served = read_adapter(tmp_path / "toy", PromptGeometry.of(lm, 8, device="cpu"))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "toy")).eval()
-    assert torch.equal(peft_model.get_prompt_embedding_to_save("default").to(served.embeddings.dtype), served.embeddings)
+    assert torch.equal(
+        peft_model.get_prompt_embedding_to_save("default").to(served.embeddings.dtype), served.embeddings
+    )
     inputs = [encode(lm, CHATML_TEMPLATE, {"input": c, "output": ""})[0] for c in COLOURS[:4]]
     ours = generate_batch(lm, served, inputs, max_new_tokens=6)
     for ids, text in zip(inputs, ours):
@@ -106,7 +124,8 @@ def test_peft_reads_the_adapter_as_softmux_serves_it(lm, data, tiny_model_dir, t
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=6,
                 do_sample=False,
-                use_cache=False,  # PEFT 0.21's cached prompt-tuning generation drifts from its own uncached one
+                # PEFT 0.21's cached prompt-tuning generation drifts from its own uncached one
+                use_cache=False,
                 eos_token_id=sorted(lm.eos_token_ids),
                 pad_token_id=lm.tokenizer.pad_token_id,
             )
@@ -156,9 +175,13 @@ async def test_cli_trains_with_text_init_and_the_server_serves_it(lm, data, tiny
         ]
     )
     assert rc == 0 and (store / "toy-cli" / "adapter_model.safetensors").is_file()
-    app = create_app(Settings(store=store, max_new_tokens=16, reload_interval=0), loader=lambda: lm, wait=True)
+    app = create_app(
+        Settings(store=store, max_new_tokens=16, reload_interval=0), loader=lambda: lm, wait=True
+    )
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
             r = await client.post(
                 "/generate",
                 json={

@@ -66,7 +66,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit + _MULTIPART_OVERHEAD:
-            raise TooLarge(f"upload is over {limit} bytes; at most {limit} bytes of adapter files are accepted")
+            raise TooLarge(
+                f"upload is over {limit} bytes; at most {limit} bytes of adapter files are accepted"
+            )
     return bytes(body)
 
 
@@ -90,7 +92,8 @@ async def _files(request: Request, body: bytes, limit: int) -> dict[str, bytes]:
             key = field if field in _PARTS else (value.filename or field)
             if key not in _PARTS:
                 raise InvalidRequest(
-                    f"unexpected file {key!r}; send {CONFIG_FILE} and {WEIGHTS_FILE} (and optionally {SETTINGS_FILE}, {CARD_FILE})"
+                    f"unexpected file {key!r}; send {CONFIG_FILE} and {WEIGHTS_FILE} "
+                    f"(and optionally {SETTINGS_FILE}, {CARD_FILE})"
                 )
             if key in files:
                 raise InvalidRequest(f"{key} sent twice")
@@ -99,7 +102,9 @@ async def _files(request: Request, body: bytes, limit: int) -> dict[str, bytes]:
         await form.close()
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
     if missing:
-        raise InvalidRequest(f"missing file(s) {missing}: an adapter upload needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise InvalidRequest(
+            f"missing file(s) {missing}: an adapter upload needs {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
     total = len(files[CONFIG_FILE]) + len(files[WEIGHTS_FILE])
     if total > limit:
         raise TooLarge(f"adapter files are {total} bytes; at most {limit} bytes are accepted")
@@ -141,7 +146,11 @@ def _describe(registry: Registry, name: str) -> dict[str, Any]:
         raise UnknownTask(name, reason=f"its folder failed validation: {failure}" if failure else None)
     card_path = info.folder / CARD_FILE
     try:
-        card = card_path.read_bytes()[:MAX_CARD_BYTES].decode("utf-8", errors="replace") if card_path.is_file() else None
+        card = (
+            card_path.read_bytes()[:MAX_CARD_BYTES].decode("utf-8", errors="replace")
+            if card_path.is_file()
+            else None
+        )
     except OSError:
         card = None
     return {
@@ -177,7 +186,8 @@ _UPLOAD_BODY: dict[str, Any] = {
                             "prompt tuning, prefix_task_cols and prefix_task_rows)"
                         ),
                         SETTINGS_FILE: _file_part(
-                            "optional task settings (JSON: weight, max_queue, max_running, priority, min_priority)"
+                            "optional task settings "
+                            "(JSON: weight, max_queue, max_running, priority, min_priority)"
                         ),
                         CARD_FILE: _file_part("optional task card (markdown), shown by GET /tasks/{name}"),
                     },
@@ -199,7 +209,8 @@ _UPLOAD_BODY: dict[str, Any] = {
     },
 )
 async def put_task(name: str, request: Request) -> JSONResponse:
-    """Upload (create or replace) a task: multipart files adapter_config.json and adapter_model.safetensors."""
+    """Upload (create or replace) a task: multipart files adapter_config.json and
+    adapter_model.safetensors."""
     _name(name)
     service = _service(request)
     _, registry, _ = service.require_ready()

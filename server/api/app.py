@@ -19,7 +19,9 @@ from server.models import LoadedModel
 from server.service import Service
 
 
-def create_app(settings: Settings, loader: Callable[[], LoadedModel] | None = None, *, wait: bool = False) -> FastAPI:
+def create_app(
+    settings: Settings, loader: Callable[[], LoadedModel] | None = None, *, wait: bool = False
+) -> FastAPI:
     """Build the app. The model loads in a background thread at startup (routes answer 503 until
     it is ready), unless `wait` is set, as tests do, to block startup until it is loaded."""
     service = Service(settings, loader)
@@ -69,7 +71,9 @@ def run_server(settings: Settings) -> None:
     )
     # SIGTERM/SIGINT: drain the engine (503 for new requests, accepted ones finish), then exit 0.
     server = DrainingServer(config, app.state.service, settings.shutdown_grace)
-    threading.Thread(target=_exit_if_unservable, args=(server,), name="softmux-startup-watch", daemon=True).start()
+    threading.Thread(
+        target=_exit_if_unservable, args=(server,), name="softmux-startup-watch", daemon=True
+    ).start()
     server.run()
     error = app.state.service.load_error
     if error is not None:

@@ -44,7 +44,8 @@ def token_matches(given: str | None, expected: str) -> bool:
 
 
 def require_admin(request: Request) -> None:
-    """FastAPI dependency for admin routes: 403 when no admin token is configured, 401 when it does not match."""
+    """FastAPI dependency for admin routes: 403 when no admin token is configured,
+    401 when it does not match."""
     settings: Settings = request.app.state.service.settings
     if not settings.admin_token:
         raise Forbidden(
@@ -63,7 +64,9 @@ class ApiKeyMiddleware:
         self.api_key = api_key
         self.prefixes = prefixes
 
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
+    ) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefixes):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             if not token_matches(bearer_token(headers.get("authorization")), self.api_key):

@@ -19,7 +19,10 @@ from server.errors import DomainError, ErrorKind, InvalidRequest, UnknownTask
 
 
 async def send_json(
-    send: Callable[[Any], Awaitable[None]], status: int, payload: dict[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()
+    send: Callable[[Any], Awaitable[None]],
+    status: int,
+    payload: dict[str, Any],
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> None:
     """A whole JSON reply over raw ASGI, for middleware that answers before the app runs."""
     body = json.dumps(payload).encode()
@@ -70,7 +73,9 @@ def openai_error(exc: DomainError) -> dict[str, Any]:
     """OpenAI's error body for a domain error: the task is the `model`, an invalid field the `param`."""
     shape = SHAPES[exc.kind]
     if isinstance(exc, UnknownTask):
-        return openai_body(exc.describe("model (task)"), shape.openai_type, param="model", code="model_not_found")
+        return openai_body(
+            exc.describe("model (task)"), shape.openai_type, param="model", code="model_not_found"
+        )
     param = exc.field if isinstance(exc, InvalidRequest) else None
     return openai_body(exc.message, shape.openai_type, param=param, code=shape.error_type)
 
@@ -89,7 +94,9 @@ OPENAI_PREFIX = "/v1/"
 _HTTP_OPENAI_TYPES = {"validation": "invalid_request_error", "not_found": "invalid_request_error"}
 
 
-def openai_body(message: str, openai_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def openai_body(
+    message: str, openai_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}
 
@@ -106,7 +113,9 @@ def error_response(
 ) -> JSONResponse:
     """An HTTP-layer error: TGI's shape on native routes, OpenAI's on /v1/ routes."""
     if request.url.path.startswith(OPENAI_PREFIX):
-        body = openai_body(message, _HTTP_OPENAI_TYPES.get(error_type, "server_error"), param, code or error_type)
+        body = openai_body(
+            message, _HTTP_OPENAI_TYPES.get(error_type, "server_error"), param, code or error_type
+        )
     else:
         body = {"error": message, "error_type": error_type}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -122,7 +131,11 @@ def install(app: FastAPI) -> None:
         """The one place where a domain error becomes an HTTP answer."""
         shape = SHAPES[exc.kind]
         headers = {"Retry-After": "1"} if shape.retry_after else None
-        body = openai_error(exc) if request.url.path.startswith(OPENAI_PREFIX) else tgi_error(exc.kind, exc.message)
+        body = (
+            openai_error(exc)
+            if request.url.path.startswith(OPENAI_PREFIX)
+            else tgi_error(exc.kind, exc.message)
+        )
         return JSONResponse(body, status_code=shape.status, headers=headers)
 
     @app.exception_handler(ApiError)
@@ -144,7 +157,11 @@ def install(app: FastAPI) -> None:
             return error_response(request, 507, f"the prompt store is full: {reason}", "insufficient_storage")
         if exc.errno in _READ_ONLY:
             return error_response(
-                request, 503, f"the prompt store is not writable: {reason}", "store_unavailable", headers={"Retry-After": "60"}
+                request,
+                503,
+                f"the prompt store is not writable: {reason}",
+                "store_unavailable",
+                headers={"Retry-After": "60"},
             )
         raise exc  # anything else stays an internal error (500, logged with its traceback)
 

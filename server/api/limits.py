@@ -46,7 +46,9 @@ class BodyLimitMiddleware:
         if declared is not None:
             size = int(declared) if declared.strip().isdigit() else -1
             if size > self.limit:
-                await self._refuse(scope, send, f"request body is {size} bytes; at most {self.limit} are accepted")
+                await self._refuse(
+                    scope, send, f"request body is {size} bytes; at most {self.limit} are accepted"
+                )
                 return
             await self.app(scope, receive, send)  # the server stops at Content-Length bytes
             return
@@ -60,7 +62,9 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > self.limit:
-                await self._refuse(scope, send, f"request body is over {self.limit} bytes; at most {self.limit} are accepted")
+                await self._refuse(
+                    scope, send, f"request body is over {self.limit} bytes; at most {self.limit} are accepted"
+                )
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

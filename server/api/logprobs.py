@@ -22,10 +22,14 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
 
 
 def _finite(value: float) -> float:
-    return value if math.isfinite(value) else -9999.0  # JSON has no -inf (OpenAI's own floor for banned tokens)
+    return (
+        value if math.isfinite(value) else -9999.0
+    )  # JSON has no -inf (OpenAI's own floor for banned tokens)
 
 
-def completion_logprobs(tokenizer: Tokenizer, tokens: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(
+    tokenizer: Tokenizer, tokens: Sequence[TokenLogprob], offset: int = 0
+) -> dict[str, Any]:
     """OpenAI completions' `logprobs`: tokens, token_logprobs, top_logprobs ({token: logprob}) and
     text_offset (each token's start in the generated text, from `offset`)."""
     texts = [token_text(tokenizer, t.token_id) for t in tokens]

@@ -19,7 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 HEADER = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")  # printable, no spaces: safe in headers and logs
 
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("softmux_request_id", default=None)
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "softmux_request_id", default=None
+)
 access_log = logging.getLogger("softmux.access")
 
 
@@ -38,7 +40,9 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == HEADER.encode()), None)
+        given = next(
+            (v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == HEADER.encode()), None
+        )
         rid = given if given is not None and _VALID_ID.match(given) else new_request_id()
         token = request_id_var.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
@@ -82,7 +86,12 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "request_id", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "taskName",
+}
 
 
 class JsonFormatter(logging.Formatter):

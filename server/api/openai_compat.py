@@ -25,7 +25,15 @@ from server.api.outputs import ResponseFormat, from_response_format, from_struct
 from server.api.routes import samples_stream, samples_unless_gone
 from server.api.schemas import MAX_SEED, MAX_STOP, finite_or_none
 from server.api.sse import sse
-from server.engine.request import ErrorEvent, Event, FinishEvent, FinishReason, SamplingParams, TokenEvent, TokenLogprob
+from server.engine.request import (
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    FinishReason,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
 from server.errors import InvalidRequest, UnknownTask, error_of
 from server.prompts.registry import Registry
 from server.prompts.settings import DEFAULT_SETTINGS
@@ -45,7 +53,8 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
 }
-# Request fields that are SamplingParams' own, by their SamplingParams name: unset ones take the task's defaults.
+# Request fields that are SamplingParams' own, by their SamplingParams name: unset ones take the task's
+# defaults.
 _DEFAULTABLE = {
     "max_tokens": "max_new_tokens",
     "max_completion_tokens": "max_new_tokens",
@@ -70,13 +79,18 @@ class _Common(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0: greedy; default 1 (sampling)")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = Field(
-        1, ge=1, le=MAX_N, description=f"choices (samples of the prompt: one prefill, its blocks shared), 1 to {MAX_N}"
+        1,
+        ge=1,
+        le=MAX_N,
+        description=f"choices (samples of the prompt: one prefill, its blocks shared), 1 to {MAX_N}",
     )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description=f"a stop string or up to {MAX_STOP}")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past end-of-sequence tokens")
+    ignore_eos: bool = Field(
+        False, description="vLLM's extension: keep generating past end-of-sequence tokens"
+    )
     user: str | None = None
     priority: int | None = Field(
         None,
@@ -86,21 +100,38 @@ class _Common(BaseModel):
     )
 
     frequency_penalty: float | None = Field(
-        None, ge=-2.0, le=2.0, description="logit -= its count among the generated tokens x this (OpenAI's formula)"
+        None,
+        ge=-2.0,
+        le=2.0,
+        description="logit -= its count among the generated tokens x this (OpenAI's formula)",
     )
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="logit -= this once a token was generated")
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="logit -= this once a token was generated"
+    )
     logit_bias: dict[str, float] | None = Field(
-        None, max_length=MAX_LOGIT_BIAS, description="{token id: -100..100} added to the token's logit before sampling"
+        None,
+        max_length=MAX_LOGIT_BIAS,
+        description="{token id: -100..100} added to the token's logit before sampling",
     )
     top_logprobs: int | None = Field(
-        None, ge=0, le=20, description="chat: alternatives per token (0-20) with logprobs=true; completions use logprobs"
+        None,
+        ge=0,
+        le=20,
+        description="chat: alternatives per token (0-20) with logprobs=true; completions use logprobs",
     )
     best_of: int | None = None
     response_format: ResponseFormat | None = Field(
-        None, description='{"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}'
+        None,
+        description=(
+            '{"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}'
+        ),
     )
     structured_outputs: dict[str, Any] | None = Field(
-        None, description="vLLM's extension: one of json (a schema), json_object, regex, choice (strings), grammar (Lark or GBNF)"
+        None,
+        description=(
+            "vLLM's extension: one of json (a schema), json_object, regex, choice (strings), grammar "
+            "(Lark or GBNF)"
+        ),
     )
 
     _finite = field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty")(finite_or_none)
@@ -131,7 +162,10 @@ class _Common(BaseModel):
             if name in type(self).model_fields:
                 value = getattr(self, name)
                 if value not in allowed:
-                    raise ValueError(f"{name}={value!r} is not supported by softmux (allowed: {', '.join(map(repr, allowed))})")
+                    raise ValueError(
+                        f"{name}={value!r} is not supported by softmux (allowed: "
+                        f"{', '.join(map(repr, allowed))})"
+                    )
         return self
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
@@ -177,18 +211,27 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(..., description="the text after the soft prompt (a string, or a list of one)")
-    max_tokens: int | None = Field(COMPLETIONS_MAX_TOKENS, ge=1, description="tokens to generate at most (OpenAI's default: 16)")
+    prompt: str | list[str] = Field(
+        ..., description="the text after the soft prompt (a string, or a list of one)"
+    )
+    max_tokens: int | None = Field(
+        COMPLETIONS_MAX_TOKENS, ge=1, description="tokens to generate at most (OpenAI's default: 16)"
+    )
     echo: bool | None = None
     suffix: str | None = None
     logprobs: int | None = Field(
-        None, ge=0, le=5, description="log-probabilities of each token and of its N most likely alternatives (0-5)"
+        None,
+        ge=0,
+        le=5,
+        description="log-probabilities of each token and of its N most likely alternatives (0-5)",
     )
 
     @model_validator(mode="after")
     def _no_top_logprobs(self) -> CompletionRequest:
         if self.top_logprobs is not None:
-            raise ValueError("top_logprobs belongs to chat completions; on /v1/completions ask logprobs=N (0-5)")
+            raise ValueError(
+                "top_logprobs belongs to chat completions; on /v1/completions ask logprobs=N (0-5)"
+            )
         return self
 
     @property
@@ -204,7 +247,9 @@ class CompletionRequest(_Common):
     def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
         texts = [v] if isinstance(v, str) else v
         if len(texts) != 1:
-            raise ValueError("give one prompt (a string, or a list of exactly one string); batch with concurrent requests")
+            raise ValueError(
+                "give one prompt (a string, or a list of exactly one string); batch with concurrent requests"
+            )
         if not texts[0]:
             raise ValueError("prompt must not be empty")
         return v
@@ -227,14 +272,18 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def as_template_message(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        content = (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        )
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens (newer clients)")
-    logprobs: bool | None = Field(None, description="log-probabilities of each token (with top_logprobs alternatives)")
+    logprobs: bool | None = Field(
+        None, description="log-probabilities of each token (with top_logprobs alternatives)"
+    )
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -302,7 +351,9 @@ async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Eve
             t.cancel()
 
 
-Chunk = Callable[..., dict[str, Any]]  # chunk(text, finish_reason, first, logprobs=None, index=0) -> one chunk
+Chunk = Callable[
+    ..., dict[str, Any]
+]  # chunk(text, finish_reason, first, logprobs=None, index=0) -> one chunk
 
 
 async def _openai_stream(
@@ -363,7 +414,9 @@ def _model_card(name: str, registry: Registry) -> dict[str, Any]:
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     service = _service(request)
-    limit = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens  # an explicit null: OpenAI's default
+    limit = (
+        COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    )  # an explicit null: OpenAI's default
     prepared = await service.prepare(
         body.model,
         body.text,
@@ -378,7 +431,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     tokenizer = service.require_ready()[2].tokenizer
 
-    def chunk(text: str, finish: str | None, _: bool, logprobs: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
+    def chunk(
+        text: str, finish: str | None, _: bool, logprobs: dict[str, Any] | None = None, index: int = 0
+    ) -> dict[str, Any]:
         return {
             "id": rid,
             "object": "text_completion",
@@ -391,17 +446,23 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         offsets = [0] * prepared.n
 
         def per_token(i: int, event: TokenEvent) -> dict[str, Any]:
-            out = completion_logprobs(tokenizer, [TokenLogprob(event.token_id, event.logprob, event.top)], offsets[i])
+            out = completion_logprobs(
+                tokenizer, [TokenLogprob(event.token_id, event.logprob, event.top)], offsets[i]
+            )
             offsets[i] += len(out["tokens"][0])
             return out
 
         per = per_token if body.wants_logprobs else None
-        return samples_stream(service, prepared, lambda gens: _openai_stream(gens, chunk, body.include_usage, per))
+        return samples_stream(
+            service, prepared, lambda gens: _openai_stream(gens, chunk, body.include_usage, per)
+        )
     results = await samples_unless_gone(service, prepared, request)
     choices = []
     for i, result in enumerate(results):
         logprobs = completion_logprobs(tokenizer, result.logprobs) if body.wants_logprobs else None
-        choices += chunk(result.generated_text, _finish_reason(result.finish_reason), False, logprobs, index=i)["choices"]
+        choices += chunk(
+            result.generated_text, _finish_reason(result.finish_reason), False, logprobs, index=i
+        )["choices"]
     out = chunk("", None, False)
     out["choices"], out["usage"] = choices, _usage(results)
     return out
@@ -442,7 +503,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     def chunk(
         text: str, finish: str | None, first: bool, logprobs: dict[str, Any] | None = None, index: int = 0
     ) -> dict[str, Any]:
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        delta: dict[str, Any] = (
+            {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        )
         return {
             "id": rid,
             "object": "chat.completion.chunk",
@@ -457,7 +520,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             return chat_logprobs(tokenizer, [TokenLogprob(event.token_id, event.logprob, event.top)])
 
         per = per_token if body.wants_logprobs else None
-        return samples_stream(service, prepared, lambda gens: _openai_stream(gens, chunk, body.include_usage, per))
+        return samples_stream(
+            service, prepared, lambda gens: _openai_stream(gens, chunk, body.include_usage, per)
+        )
     results = await samples_unless_gone(service, prepared, request)
     return {
         "id": rid,

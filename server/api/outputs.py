@@ -20,9 +20,13 @@ from server.structured import GrammarError, OutputKind, OutputSpec
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    name: str | None = Field(None, max_length=64, description="the schema's name (OpenAI asks for one; softmux does not need it)")
+    name: str | None = Field(
+        None, max_length=64, description="the schema's name (OpenAI asks for one; softmux does not need it)"
+    )
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema every answer validates against")
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="the JSON schema every answer validates against"
+    )
     strict: bool | None = Field(None, description="accepted; softmux enforces the schema whatever its value")
 
 
@@ -36,7 +40,9 @@ class ResponseFormat(BaseModel):
 class TgiGrammar(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["json", "regex", "json_object"] = Field(..., description="json: value is a JSON schema; regex: a pattern")
+    type: Literal["json", "regex", "json_object"] = Field(
+        ..., description="json: value is a JSON schema; regex: a pattern"
+    )
     value: Any = None
 
 

@@ -15,7 +15,15 @@ import server
 from server.api.errors import ApiError, tgi_error
 from server.api.logprobs import token_text
 from server.api.outputs import from_tgi_grammar
-from server.api.schemas import MAX_STOP, Details, ErrorBody, GenerateParameters, GenerateRequest, GenerateResponse, TokenDetail
+from server.api.schemas import (
+    MAX_STOP,
+    Details,
+    ErrorBody,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    TokenDetail,
+)
 from server.api.sse import EventStream, sse
 from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, SamplingParams, TokenEvent
@@ -90,7 +98,9 @@ def samples_stream(
     return EventStream(render(generations), on_close=cancel)
 
 
-def event_stream(service: Service, prepared: Prepared, render: Callable[[Generation], AsyncIterator[bytes]]) -> EventStream:
+def event_stream(
+    service: Service, prepared: Prepared, render: Callable[[Generation], AsyncIterator[bytes]]
+) -> EventStream:
     """Submit now, so that errors before the first byte (queue full, not ready) stay plain HTTP
     errors, and stream `render(generation)`; a client that leaves cancels the request."""
     generation = service.submit(prepared, stream=True)
@@ -114,9 +124,19 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
     )
 
 
-# GenerateParameters' fields that are SamplingParams' own: those a request leaves unset take its task's defaults.
+# GenerateParameters' fields that are SamplingParams' own: those a request leaves unset take its task's
+# defaults.
 _DEFAULTABLE = frozenset(
-    {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop"}
+    {
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "stop",
+    }
 )
 
 
@@ -134,7 +154,9 @@ async def prepare_native(service: Service, body: GenerateRequest) -> Prepared:
     )
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses=_ERRORS)
+@router.post(
+    "/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses=_ERRORS
+)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     service = service_of(request)
     prepared = await prepare_native(service, body)
@@ -146,17 +168,28 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         virtual_tokens=result.virtual_tokens,
         seed=result.seed,
     )
-    if body.parameters.top_n_tokens:  # TGI's token details, only when asked (the answer's shape otherwise unchanged)
+    if (
+        body.parameters.top_n_tokens
+    ):  # TGI's token details, only when asked (the answer's shape otherwise unchanged)
         tokenizer = service.require_ready()[2].tokenizer
         special = set(tokenizer.all_special_ids)
-        details.tokens = [TokenDetail(**_detail(tokenizer, special, t.token_id, t.logprob)) for t in result.logprobs]
-        details.top_tokens = [[TokenDetail(**_detail(tokenizer, special, i, lp)) for i, lp in t.top] for t in result.logprobs]
+        details.tokens = [
+            TokenDetail(**_detail(tokenizer, special, t.token_id, t.logprob)) for t in result.logprobs
+        ]
+        details.top_tokens = [
+            [TokenDetail(**_detail(tokenizer, special, i, lp)) for i, lp in t.top] for t in result.logprobs
+        ]
     return GenerateResponse(generated_text=result.generated_text, details=details)
 
 
 def _detail(tokenizer: Any, special: set[int], token_id: int, logprob: float) -> dict[str, Any]:
     """TGI's {id, text, logprob, special} for one token."""
-    return {"id": token_id, "text": token_text(tokenizer, token_id), "logprob": logprob, "special": token_id in special}
+    return {
+        "id": token_id,
+        "text": token_text(tokenizer, token_id),
+        "logprob": logprob,
+        "special": token_id in special,
+    }
 
 
 def _token(event: TokenEvent) -> dict[str, Any]:
@@ -202,13 +235,21 @@ async def tgi_stream(
                 last = event
             else:
                 extra = {} if top is None else {"top_tokens": top(event)}
-                yield sse({"index": index, "token": _token(event), **extra, "generated_text": None, "details": None})
+                yield sse(
+                    {"index": index, "token": _token(event), **extra, "generated_text": None, "details": None}
+                )
                 index += 1
         elif isinstance(event, FinishEvent):
             token = _token(last) if last is not None else None
             extra = {} if top is None or last is None else {"top_tokens": top(last)}
             yield sse(
-                {"index": index, "token": token, **extra, "generated_text": event.generated_text, "details": _details(event)}
+                {
+                    "index": index,
+                    "token": token,
+                    **extra,
+                    "generated_text": event.generated_text,
+                    "details": _details(event),
+                }
             )
         elif isinstance(event, ErrorEvent):
             yield sse(tgi_error(event.kind, event.message))
@@ -216,7 +257,10 @@ async def tgi_stream(
 
 @router.post(
     "/generate_stream",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events, TGI's shape"}, **_ERRORS},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "server-sent events, TGI's shape"},
+        **_ERRORS,
+    },
 )
 async def generate_stream(body: GenerateRequest, request: Request) -> EventStream:
     """Tokens as server-sent events as they are generated. Errors found before the first token
@@ -242,7 +286,9 @@ async def health(request: Request) -> JSONResponse:
     service = service_of(request)
     if not service.healthy:
         reason = service.load_error or (service.engine.error if service.engine else None)
-        return JSONResponse({"status": "unhealthy", **tgi_error(ErrorKind.UNAVAILABLE, str(reason))}, status_code=503)
+        return JSONResponse(
+            {"status": "unhealthy", **tgi_error(ErrorKind.UNAVAILABLE, str(reason))}, status_code=503
+        )
     return JSONResponse({"status": "ok", "ready": service.ready.is_set()})
 
 
@@ -255,7 +301,9 @@ async def ready(request: Request) -> JSONResponse:
         service.require_ready()
     except Unavailable as exc:
         return JSONResponse(
-            {"status": "unavailable", **tgi_error(exc.kind, exc.message)}, status_code=503, headers={"Retry-After": "1"}
+            {"status": "unavailable", **tgi_error(exc.kind, exc.message)},
+            status_code=503,
+            headers={"Retry-After": "1"},
         )
     return JSONResponse({"status": "ready"})
 
@@ -281,7 +329,9 @@ async def info(request: Request) -> dict[str, Any]:
             "max_virtual_tokens": s.max_virtual_tokens,
             "max_queue": s.max_queue,
             "max_stop_sequences": MAX_STOP,
-            "context_length": None if lm is None else getattr(lm.model.config, "max_position_embeddings", None),
+            "context_length": None
+            if lm is None
+            else getattr(lm.model.config, "max_position_embeddings", None),
         },
         "prefix_cache": s.prefix_cache,
         "load_seconds": service.load_seconds,

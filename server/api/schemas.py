@@ -38,11 +38,15 @@ class GenerateParameters(BaseModel):
 
     max_new_tokens: int = Field(20, ge=1, description="tokens to generate at most (the server caps it)")
     do_sample: bool = Field(False, description="sample instead of greedy decoding")
-    temperature: float | None = Field(None, ge=0.0, le=100.0, description="0 means greedy; setting it turns sampling on")
+    temperature: float | None = Field(
+        None, ge=0.0, le=100.0, description="0 means greedy; setting it turns sampling on"
+    )
     top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="keep the k most likely tokens (0: off)")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, description="1.0: off")
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP, description=f"up to {MAX_STOP} stop strings")
+    stop: list[str] = Field(
+        default_factory=list, max_length=MAX_STOP, description=f"up to {MAX_STOP} stop strings"
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed for sampling; same seed, same text")
     timeout: float | None = Field(
         None,
@@ -50,11 +54,15 @@ class GenerateParameters(BaseModel):
         le=MAX_TIMEOUT,
         description=(
             "seconds this request may take, queue included; when they pass it ends with finish_reason "
-            "'timeout' and the text so far (the server's --request-timeout, when set, is the default and the ceiling)"
+            "'timeout' and the text so far (the server's --request-timeout, when set, "
+            "is the default and the ceiling)"
         ),
     )
     ignore_eos: bool = Field(
-        False, description="keep generating past end-of-sequence tokens, up to max_new_tokens or a stop string (vLLM's name)"
+        False,
+        description=(
+            "keep generating past end-of-sequence tokens, up to max_new_tokens or a stop string (vLLM's name)"
+        ),
     )
     details: bool = Field(True, description="accepted for TGI compatibility; details are always returned")
     priority: int | None = Field(
@@ -74,17 +82,29 @@ class GenerateParameters(BaseModel):
         None,
         ge=0,
         le=5,
-        description="the N most likely tokens at each step (details.top_tokens, and details.tokens with each token's logprob)",
+        description=(
+            "the N most likely tokens at each step (details.top_tokens, "
+            "and details.tokens with each token's logprob)"
+        ),
     )
     frequency_penalty: float | None = Field(
-        None, ge=-2.0, le=2.0, description="logit -= its count among the generated tokens x this (OpenAI's formula; 0: off)"
+        None,
+        ge=-2.0,
+        le=2.0,
+        description="logit -= its count among the generated tokens x this (OpenAI's formula; 0: off)",
     )
     grammar: TgiGrammar | None = Field(
-        None, description='structured output: {"type": "json", "value": <JSON schema>} or {"type": "regex", "value": <pattern>}'
+        None,
+        description=(
+            'structured output: {"type": "json", "value": <JSON schema>} or '
+            '{"type": "regex", "value": <pattern>}'
+        ),
     )
     adapter_id: str | None = None
 
-    _finite = field_validator("temperature", "top_p", "repetition_penalty", "timeout", "frequency_penalty")(finite_or_none)
+    _finite = field_validator("temperature", "top_p", "repetition_penalty", "timeout", "frequency_penalty")(
+        finite_or_none
+    )
 
     @field_validator("stop")
     @classmethod
@@ -100,7 +120,9 @@ class GenerateParameters(BaseModel):
         for name, allowed in _TGI_NEUTRAL.items():
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not supported by softmux (allowed: {', '.join(map(repr, allowed))})")
+                raise ValueError(
+                    f"{name}={value!r} is not supported by softmux (allowed: {', '.join(map(repr, allowed))})"
+                )
         return self
 
 
@@ -125,8 +147,12 @@ class Details(BaseModel):
     input_tokens: int
     virtual_tokens: int
     seed: int | None
-    tokens: list[TokenDetail] | None = Field(None, description="with top_n_tokens: each generated token and its logprob")
-    top_tokens: list[list[TokenDetail]] | None = Field(None, description="with top_n_tokens: each step's N most likely tokens")
+    tokens: list[TokenDetail] | None = Field(
+        None, description="with top_n_tokens: each generated token and its logprob"
+    )
+    top_tokens: list[list[TokenDetail]] | None = Field(
+        None, description="with top_n_tokens: each step's N most likely tokens"
+    )
 
 
 class GenerateResponse(BaseModel):

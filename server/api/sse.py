@@ -28,9 +28,14 @@ class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(
-        self, events: AsyncIterator[bytes], on_close: Callable[[], None], background: BackgroundTask | None = None
+        self,
+        events: AsyncIterator[bytes],
+        on_close: Callable[[], None],
+        background: BackgroundTask | None = None,
     ) -> None:
-        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, background=background)
+        super().__init__(
+            events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, background=background
+        )
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -71,7 +71,9 @@ class Control:
     def roster(self) -> dict[str, dict[str, Any]]:
         return {rid: self._replicas[rid].info for rid in self.live()}
 
-    async def poll(self, replica_id: str, after: int, timeout: float = POLL_TIMEOUT_S) -> tuple[int, list[dict[str, Any]], bool]:
+    async def poll(
+        self, replica_id: str, after: int, timeout: float = POLL_TIMEOUT_S
+    ) -> tuple[int, list[dict[str, Any]], bool]:
         """Events newer than `after`: (version, events, gap). `gap`: some were dropped (or this
         actor restarted): rescan the store."""
         self._touch(replica_id)
@@ -108,7 +110,11 @@ class Control:
             if not pending or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.01)
-        return {"version": version, "applied": [r for r in self.live() if r not in pending], "pending": pending}
+        return {
+            "version": version,
+            "applied": [r for r in self.live() if r not in pending],
+            "pending": pending,
+        }
 
     # ---- fan-out questions ---------------------------------------------------------------------
     async def collect(self, what: str, timeout: float = 2.0) -> dict[str, Any]:
@@ -119,12 +125,16 @@ class Control:
         expected = set(self.live())
         async with self._changed:
             self.version += 1
-            self._events.append((self.version, {"kind": "collect", "what": what, "cid": cid, "version": self.version}))
+            self._events.append(
+                (self.version, {"kind": "collect", "what": what, "cid": cid, "version": self.version})
+            )
             self._changed.notify_all()
         try:
             async with self._report_arrived:
                 try:
-                    await asyncio.wait_for(self._report_arrived.wait_for(lambda: expected <= set(self._reports[cid])), timeout)
+                    await asyncio.wait_for(
+                        self._report_arrived.wait_for(lambda: expected <= set(self._reports[cid])), timeout
+                    )
                 except TimeoutError:
                     pass
             answers = self._reports[cid]

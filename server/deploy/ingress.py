@@ -1,10 +1,10 @@
 """The HTTP ingress deployment (`SoftmuxIngress`): the FastAPI app Ray's proxy hands every request to.
 
-`/stats` and `/metrics` fan out to every replica through the control actor; everything else is
-forwarded, with its task as `multiplexed_model_id`, to one engine replica (retried once on another
-if that one dies before answering or refuses it with 429), and a 2xx admin write is broadcast as a store change. It also
-holds the body limits and the SIGTERM drain. Its own module: it talks to replicas only through a
-deployment handle and the control actor, never by importing the replica's code.
+`/stats` and `/metrics` fan out to every replica through the control actor; everything else is forwarded, with
+its task as `multiplexed_model_id`, to one engine replica (retried once on another if that one dies before
+answering or refuses it with 429), and a 2xx admin write is broadcast as a store change. It also holds the
+body limits and the SIGTERM drain. Its own module: it talks to replicas only through a deployment handle and
+the control actor, never by importing the replica's code.
 """
 
 import asyncio
@@ -37,10 +37,16 @@ ingress_app = FastAPI(title="softmux (Ray Serve)", docs_url=None, redoc_url=None
 _METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
-def _error(path: str, status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    path: str, status: int, message: str, error_type: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     from server.api.errors import OPENAI_PREFIX, openai_body
 
-    body = openai_body(message, error_type) if path.startswith(OPENAI_PREFIX) else {"error": message, "error_type": error_type}
+    body = (
+        openai_body(message, error_type)
+        if path.startswith(OPENAI_PREFIX)
+        else {"error": message, "error_type": error_type}
+    )
     return JSONResponse(body, status_code=status, headers={REPLICA_HEADER: INGRESS_ID, **(headers or {})})
 
 
@@ -60,7 +66,9 @@ class SoftmuxIngress:
         self.control = get_control(app_name)
         self.draining = False
         self.inflight = 0
-        self.counts: Counter[str] = Counter()  # forwarded, retried, overloaded_retried, failed (replica died), streams_broken
+        self.counts: Counter[str] = (
+            Counter()
+        )  # forwarded, retried, overloaded_retried, failed (replica died), streams_broken
 
     # ---- fan-out routes -------------------------------------------------------------------------
     @ingress_app.get("/stats")
@@ -102,7 +110,9 @@ class SoftmuxIngress:
         ]
         ids = ",".join(got["answers"]) or INGRESS_ID
         return Response(
-            text + "\n".join(own) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8", headers={REPLICA_HEADER: ids}
+            text + "\n".join(own) + "\n",
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+            headers={REPLICA_HEADER: ids},
         )
 
     # ---- everything else: forwarded to one engine replica -----------------------------------------
@@ -111,7 +121,11 @@ class SoftmuxIngress:
         url_path = request.url.path
         if self.draining and url_path != "/health":
             return _error(
-                url_path, 503, "the server is shutting down and accepts no new requests", "unhealthy", {"Retry-After": "1"}
+                url_path,
+                503,
+                "the server is shutting down and accepts no new requests",
+                "unhealthy",
+                {"Retry-After": "1"},
             )
         body = await self._body(request)
         if isinstance(body, Response):
@@ -145,7 +159,9 @@ class SoftmuxIngress:
                 await self._publish(change)
             response: Response
             if start.more:  # a stream: relay the chunks as they come
-                response = StreamingResponse(self._rest(gen, start, url_path, release), status_code=start.status)
+                response = StreamingResponse(
+                    self._rest(gen, start, url_path, release), status_code=start.status
+                )
             else:  # the whole answer arrived in one piece
                 release()
                 response = Response(start.body, status_code=start.status)
@@ -175,7 +191,9 @@ class SoftmuxIngress:
         if limit <= 0:
             return await request.body()
         declared = request.headers.get("content-length", "")
-        too_big = _error(path, 413, f"request body is over {limit} bytes; at most {limit} are accepted", "too_large")
+        too_big = _error(
+            path, 413, f"request body is over {limit} bytes; at most {limit} are accepted", "too_large"
+        )
         if declared.isdigit() and int(declared) > limit:
             return too_big
         chunks, total = [], 0
@@ -229,7 +247,9 @@ class SoftmuxIngress:
             {"Retry-After": "1"},
         )
 
-    async def _rest(self, gen: Any, start: WireStart, path: str, release: Callable[[], None]) -> AsyncIterator[bytes]:
+    async def _rest(
+        self, gen: Any, start: WireStart, path: str, release: Callable[[], None]
+    ) -> AsyncIterator[bytes]:
         finished = False
         try:
             if start.body:
@@ -239,7 +259,9 @@ class SoftmuxIngress:
             finished = True
         except RayError as exc:
             self.counts["streams_broken"] += 1
-            log.warning("%s: engine replica %s failed mid-answer (%s)", path, start.replica, type(exc).__name__)
+            log.warning(
+                "%s: engine replica %s failed mid-answer (%s)", path, start.replica, type(exc).__name__
+            )
             ctype = dict(start.headers).get(b"content-type", b"")
             if ctype.startswith(b"text/event-stream"):
                 from server.api.errors import OPENAI_PREFIX, openai_body

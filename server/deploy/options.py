@@ -20,8 +20,12 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         help="engine replicas, or 'auto' for autoscaling between --min-replicas and --max-replicas "
         "(env SOFTMUX_REPLICAS; default: %(default)s)",
     )
-    parser.add_argument("--min-replicas", type=int, default=1, help="with --replicas auto; default: %(default)s")
-    parser.add_argument("--max-replicas", type=int, default=4, help="with --replicas auto; default: %(default)s")
+    parser.add_argument(
+        "--min-replicas", type=int, default=1, help="with --replicas auto; default: %(default)s"
+    )
+    parser.add_argument(
+        "--max-replicas", type=int, default=4, help="with --replicas auto; default: %(default)s"
+    )
     parser.add_argument(
         "--target-ongoing-requests",
         type=float,
@@ -38,7 +42,10 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tasks-per-replica",
         type=int,
         default=64,
-        help="tasks kept resident on one replica by its multiplex cache (least recently used leave); default: %(default)s",
+        help=(
+            "tasks kept resident on one replica by its multiplex cache (least recently used leave); "
+            "default: %(default)s"
+        ),
     )
     parser.add_argument(
         "--imbalanced-threshold",
@@ -52,7 +59,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("RAY_ADDRESS", ""),
         help="join this Ray cluster (env RAY_ADDRESS); empty: start a local Ray instance",
     )
-    parser.add_argument("--app-name", default=APP_NAME, help="Ray Serve application name; default: %(default)s")
+    parser.add_argument(
+        "--app-name", default=APP_NAME, help="Ray Serve application name; default: %(default)s"
+    )
 
 
 def args_to_argv(args: dict[str, Any]) -> list[str]:

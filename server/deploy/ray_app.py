@@ -86,7 +86,9 @@ def absolute(settings: Settings) -> Settings:
     model = settings.model
     if model != "default" and Path(model).exists():
         model = str(Path(model).resolve())
-    return settings.replace(store=Path(settings.store).resolve(), cache_dir=Path(settings.cache_dir).resolve(), model=model)
+    return settings.replace(
+        store=Path(settings.store).resolve(), cache_dir=Path(settings.cache_dir).resolve(), model=model
+    )
 
 
 def app_from_namespace(ns: argparse.Namespace) -> serve.Application:
@@ -131,7 +133,13 @@ def serve_ray(ns: argparse.Namespace) -> int:
     else:
         replicas = ns.max_replicas if ns.replicas == "auto" else int(ns.replicas)
         cpus = max(os.cpu_count() or 1, replicas * replica_threads(settings))
-        ray.init(num_cpus=cpus, include_dashboard=False, namespace="serve", _node_ip_address="127.0.0.1", configure_logging=False)
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=False,
+            namespace="serve",
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+        )
         started_ray = True
     stop = threading.Event()
     signals: list[int] = []

@@ -56,7 +56,9 @@ class SoftmuxEngine:
     service: Any  # its server.service.Service
     _stop: threading.Event
 
-    async def __init__(self, settings: Settings, max_tasks_per_replica: int = 64, app_name: str = APP_NAME) -> None:  # type: ignore[misc]  # Ray Serve awaits async constructors
+    async def __init__(  # type: ignore[misc]  # Ray Serve awaits async constructors
+        self, settings: Settings, max_tasks_per_replica: int = 64, app_name: str = APP_NAME
+    ) -> None:
         from server.api.app import create_app  # heavy (torch, transformers): only in replicas
 
         level = settings.log_level.upper()
@@ -86,15 +88,26 @@ class SoftmuxEngine:
         self._poller = threading.Thread(target=self._poll_loop, name="softmux-control-poll", daemon=True)
         self._poller.start()
         registry = self.service.registry
-        log.info("replica %s (pid %d) ready with %d task(s)", self.replica_id, self.pid, 0 if registry is None else len(registry))
+        log.info(
+            "replica %s (pid %d) ready with %d task(s)",
+            self.replica_id,
+            self.pid,
+            0 if registry is None else len(registry),
+        )
 
     def _identity(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, "pid": self.pid, "node_id": ray.get_runtime_context().get_node_id()}
+        return {
+            "replica": self.replica_id,
+            "pid": self.pid,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     async def _load_task(self, task: str) -> _Resident:
         registry = self.service.registry
         if registry is not None:
-            await asyncio.to_thread(registry.get, task)  # its tensors into memory (read from the store if dropped)
+            await asyncio.to_thread(
+                registry.get, task
+            )  # its tensors into memory (read from the store if dropped)
         return _Resident(task, self.routed)
 
     async def handle_http(self, request: WireRequest) -> AsyncIterator[WireStart | bytes]:
@@ -112,7 +125,8 @@ class SoftmuxEngine:
         """Ray's health check: a replica whose engine died is restarted."""
         if not self.service.healthy:
             raise RuntimeError(
-                f"replica {self.replica_id}: engine unhealthy ({self.service.engine and self.service.engine.error})"
+                f"replica {self.replica_id}: engine unhealthy "
+                f"({self.service.engine and self.service.engine.error})"
             )
 
     def __del__(self) -> None:
@@ -202,5 +216,7 @@ class SoftmuxEngine:
             "routed_tasks": sorted(self.routed),
             "requests": sum(self.requests.values()),
             "requests_by_task": dict(sorted(self.requests.items())),
-            "engine": json.loads(body) if status == 200 else {"status": status, "error": body.decode(errors="replace")},
+            "engine": json.loads(body)
+            if status == 200
+            else {"status": status, "error": body.decode(errors="replace")},
         }

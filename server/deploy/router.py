@@ -34,7 +34,8 @@ from server.deploy.wire import AVOID_PREFIX
 
 
 class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
-    def initialize_state(self, imbalanced_threshold: int = 8) -> None:  # type: ignore[override]  # Ray passes the router kwargs by name
+    # The override is ignored for mypy: Ray passes the router kwargs by name.
+    def initialize_state(self, imbalanced_threshold: int = 8) -> None:  # type: ignore[override]
         self._imbalanced_threshold = imbalanced_threshold
         self._homes: dict[str, set[ReplicaID]] = {}  # task -> replicas this router sent it to
 
@@ -77,7 +78,11 @@ class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         for homes in self._homes.values():
             homes &= live  # forget replicas that died or left
         lens = await self._queue_lens(candidate_replicas)
-        usable = [r for r in candidate_replicas if r.replica_id in lens and lens[r.replica_id] < r.max_ongoing_requests]
+        usable = [
+            r
+            for r in candidate_replicas
+            if r.replica_id in lens and lens[r.replica_id] < r.max_ongoing_requests
+        ]
         if not usable:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         lowest = min(lens[r.replica_id] for r in usable)

@@ -22,7 +22,10 @@ log = logging.getLogger("softmux.deploy")
 REPLICA_HEADER = "x-softmux-replica"
 AVOID_PREFIX = "avoid:"  # a request's session_id "avoid:<replica>": the router sends it to another replica
 Headers = list[tuple[bytes, bytes]]
-ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
 
 
 @dataclass(frozen=True)
@@ -124,18 +127,27 @@ async def run_asgi(app: ASGIApp, request: WireRequest, replica: str) -> AsyncIte
                 continue
             chunk, more = bytes(message.get("body", b"")), bool(message.get("more_body", False))
             if not sent and start is not None:
-                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != REPLICA_HEADER.encode()]
+                headers = [
+                    (k, v) for k, v in start.get("headers", []) if k.lower() != REPLICA_HEADER.encode()
+                ]
                 headers.append((REPLICA_HEADER.encode(), replica.encode()))
                 sent = True
-                yield WireStart(status=int(start["status"]), headers=headers, replica=replica, body=chunk, more=more)
+                yield WireStart(
+                    status=int(start["status"]), headers=headers, replica=replica, body=chunk, more=more
+                )
             elif chunk:
                 yield chunk
             if not more:
                 break
         if not sent:  # the app ended without answering (should not happen)
-            body = json.dumps({"error": "the replica ended the request without an answer", "error_type": "internal"}).encode()
+            body = json.dumps(
+                {"error": "the replica ended the request without an answer", "error_type": "internal"}
+            ).encode()
             yield WireStart(
-                500, [(b"content-type", b"application/json"), (REPLICA_HEADER.encode(), replica.encode())], replica, body
+                500,
+                [(b"content-type", b"application/json"), (REPLICA_HEADER.encode(), replica.encode())],
+                replica,
+                body,
             )
     finally:
         gone.set()

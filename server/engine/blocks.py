@@ -15,7 +15,11 @@ from torch import nn
 
 from server.engine.kernels import Kernels
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the native norm, rotary, SiLU and panel kernels take
+KERNEL_DTYPES = (
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+)  # what the native norm, rotary, SiLU and panel kernels take
 
 
 class UnsupportedModel(ValueError):
@@ -92,7 +96,9 @@ class Linear:
         self.widen = False  # run a 16-bit model's oneDNN product in float32
         self.max_rows = self.PANEL_MAX_ROWS  # rows up to which the repacked weight serves
         if quantize is not None and not (pack and weight.device.type == "cpu" and _panels_apply(ops, weight)):
-            raise UnsupportedModel(f"--quantize {quantize} needs the native CPU kernels (--native-kernels, --prepack-weights)")
+            raise UnsupportedModel(
+                f"--quantize {quantize} needs the native CPU kernels (--native-kernels, --prepack-weights)"
+            )
         if not pack or weight.device.type != "cpu":
             return
         if _panels_apply(ops, weight):
@@ -108,14 +114,19 @@ class Linear:
                 self.weight, self.max_rows = None, 1 << 62
                 return
             if weight.dtype != torch.float32 and torch.backends.mkldnn.is_available():
-                self.packed = _reorder(weight, rows_hint)  # native 16-bit GEMM for long inputs, where there is one
+                self.packed = _reorder(
+                    weight, rows_hint
+                )  # native 16-bit GEMM for long inputs, where there is one
                 if self.packed is None:
                     self.max_rows = 1 << 62
             return
         if not torch.backends.mkldnn.is_available():
             return
         self.packed = _reorder(weight, rows_hint)
-        if self.packed is None and weight.dtype in (torch.bfloat16, torch.float16):  # no native 16-bit GEMM here
+        if self.packed is None and weight.dtype in (
+            torch.bfloat16,
+            torch.float16,
+        ):  # no native 16-bit GEMM here
             self.packed, self.widen = _reorder(weight.float(), rows_hint), True
             self.packed_bias = None if bias is None else bias.float()
             self.max_rows = 1 << 62
@@ -132,9 +143,15 @@ class Linear:
         if self.panels is not None:
             assert self.ops is not None
             if x.shape[0] <= self.max_rows:
-                if x.dtype == self.panels.dtype or self.scales is not None:  # widened and rounded inside the kernel
-                    return self.ops.panel_linear(x.contiguous(), self.panels, self.out_features, self.panel_bias, self.scales)
-                y = self.ops.panel_linear(x.float().contiguous(), self.panels, self.out_features, self.panel_bias)
+                if (
+                    x.dtype == self.panels.dtype or self.scales is not None
+                ):  # widened and rounded inside the kernel
+                    return self.ops.panel_linear(
+                        x.contiguous(), self.panels, self.out_features, self.panel_bias, self.scales
+                    )
+                y = self.ops.panel_linear(
+                    x.float().contiguous(), self.panels, self.out_features, self.panel_bias
+                )
                 return y.to(x.dtype)  # a no-op for float32
             if self.packed is not None:  # native 16-bit GEMM
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
@@ -143,12 +160,15 @@ class Linear:
         assert self.weight is not None  # without panels the plain weight is always kept
         if self.packed is None or x.shape[0] > self.max_rows:
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.float() if self.widen else x, self.packed, self.packed_bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.float() if self.widen else x, self.packed, self.packed_bias, "none", [], ""
+        )
         return y.to(x.dtype)  # a no-op unless widened
 
 
 def _panels_apply(ops: Kernels | None, weight: torch.Tensor) -> bool:
-    """The native panel kernel serves this (CPU) weight: built here, vectorised for this CPU, a dtype it reads."""
+    """The native panel kernel serves this (CPU) weight: built here, vectorised for this CPU,
+    a dtype it reads."""
     return ops is not None and weight.dtype in KERNEL_DTYPES and ops.panel_linear_vectorized()
 
 
@@ -179,7 +199,12 @@ class Norm:
 
     def __call__(self, h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, hidden], residual [N, hidden] or None -> (h + residual, norm(h + residual))."""
-        if self.fused and h.dtype in KERNEL_DTYPES and self.weight is not None and self.weight.dtype == h.dtype:
+        if (
+            self.fused
+            and h.dtype in KERNEL_DTYPES
+            and self.weight is not None
+            and self.weight.dtype == h.dtype
+        ):
             assert self.ops is not None
             return h, self.ops.rms_norm(h, residual, self.weight, self.eps, self.offset)
         if residual is not None:
@@ -272,7 +297,9 @@ def release_weight(module: nn.Module) -> None:
     empty parameter of the same dtype, so the model still describes itself but cannot run."""
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor):
-        module.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
+        module.weight = nn.Parameter(
+            torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False
+        )
 
 
 def bias_of(m: nn.Module) -> torch.Tensor | None:

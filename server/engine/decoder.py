@@ -53,9 +53,13 @@ class PoolAttention:
     slots: torch.Tensor  # [N, T] int64, each query row's key slots (padding: NULL_SLOT)
     lengths: torch.Tensor  # [N] int64, the slots each query row sees
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
         """Writes the new keys and values into the pool, then attends each row to its slots in place."""
-        return self.ops.decode_attention(q, k, v, self.k[layer], self.v[layer], self.write, self.slots, self.lengths, scaling)
+        return self.ops.decode_attention(
+            q, k, v, self.k[layer], self.v[layer], self.write, self.slots, self.lengths, scaling
+        )
 
 
 def _check_llama_like(config: Any, max_context: int | None) -> None:
@@ -117,7 +121,8 @@ class Decoder:
         self.family = config.model_type
         if self.family not in SUPPORTED:
             raise UnsupportedModel(
-                f"model type {self.family!r} is not supported by the serving engine (supported: {', '.join(SUPPORTED)})"
+                f"model type {self.family!r} is not supported by the serving engine (supported: "
+                f"{', '.join(SUPPORTED)})"
             )
         self.embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
@@ -129,8 +134,8 @@ class Decoder:
         if self.family == "gpt2":
             if max_context is not None and max_context > config.n_positions:
                 raise UnsupportedModel(
-                    f"gpt2: learned positions end at {config.n_positions}, shorter than the longest sequence this server "
-                    f"admits ({max_context}); lower --max-input-tokens/--max-new-tokens"
+                    f"gpt2: learned positions end at {config.n_positions}, shorter than the longest sequence "
+                    f"this server admits ({max_context}); lower --max-input-tokens/--max-new-tokens"
                 )
             self._init_gpt2(model, config, pack)
         else:
@@ -158,7 +163,9 @@ class Decoder:
         self._linear_modules = []
         return_freed_memory()
 
-    def _linear(self, modules: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> Linear:
+    def _linear(
+        self, modules: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None, pack: bool
+    ) -> Linear:
         """A Linear over `modules`' weight (several when fused); they are released with one_copy."""
         lin = Linear(weight, bias, pack, self.ops, one_copy=self._one_copy, quantize=self._quantize)
         self._linear_modules += [(m, lin) for m in modules]
@@ -186,8 +193,12 @@ class Decoder:
                     qkv=self._linear([attn.q_proj, attn.k_proj, attn.v_proj], qkv_w, qkv_b, pack),
                     o=self._linear([attn.o_proj], attn.o_proj.weight.detach(), bias_of(attn.o_proj), pack),
                     up=self._linear([mlp.up_proj], mlp.up_proj.weight.detach(), bias_of(mlp.up_proj), pack),
-                    gate=self._linear([mlp.gate_proj], mlp.gate_proj.weight.detach(), bias_of(mlp.gate_proj), pack),
-                    down=self._linear([mlp.down_proj], mlp.down_proj.weight.detach(), bias_of(mlp.down_proj), pack),
+                    gate=self._linear(
+                        [mlp.gate_proj], mlp.gate_proj.weight.detach(), bias_of(mlp.gate_proj), pack
+                    ),
+                    down=self._linear(
+                        [mlp.down_proj], mlp.down_proj.weight.detach(), bias_of(mlp.down_proj), pack
+                    ),
                     act=mlp.act_fn,
                     scaling=float(attn.scaling),
                 )
@@ -210,11 +221,17 @@ class Decoder:
                 Layer(
                     input_norm=Norm(block.ln_1, self.ops),
                     post_norm=Norm(block.ln_2, self.ops),
-                    qkv=self._linear([attn.c_attn], attn.c_attn.weight.detach().t(), bias_of(attn.c_attn), pack),
-                    o=self._linear([attn.c_proj], attn.c_proj.weight.detach().t(), bias_of(attn.c_proj), pack),
+                    qkv=self._linear(
+                        [attn.c_attn], attn.c_attn.weight.detach().t(), bias_of(attn.c_attn), pack
+                    ),
+                    o=self._linear(
+                        [attn.c_proj], attn.c_proj.weight.detach().t(), bias_of(attn.c_proj), pack
+                    ),
                     up=self._linear([mlp.c_fc], mlp.c_fc.weight.detach().t(), bias_of(mlp.c_fc), pack),
                     gate=None,
-                    down=self._linear([mlp.c_proj], mlp.c_proj.weight.detach().t(), bias_of(mlp.c_proj), pack),
+                    down=self._linear(
+                        [mlp.c_proj], mlp.c_proj.weight.detach().t(), bias_of(mlp.c_proj), pack
+                    ),
                     act=mlp.act,
                     scaling=float(attn.scaling),
                 )
@@ -230,9 +247,18 @@ class Decoder:
             return None, 0
         dtype = self.lm_head.dtype
         norms = [n for layer in self.layers for n in (layer.input_norm, layer.post_norm)]
-        lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down) if lin is not None]
-        norm_weights = [n.weight for n in norms if n.fused and n.weight is not None and n.weight.dtype == dtype]
-        panels = [lin.panels for lin in lins if lin.panels is not None and lin.panels.dtype in (dtype, torch.int8)]
+        lins = [
+            lin
+            for layer in self.layers
+            for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down)
+            if lin is not None
+        ]
+        norm_weights = [
+            n.weight for n in norms if n.fused and n.weight is not None and n.weight.dtype == dtype
+        ]
+        panels = [
+            lin.panels for lin in lins if lin.panels is not None and lin.panels.dtype in (dtype, torch.int8)
+        ]
         if len(norm_weights) != len(norms) or len(panels) != len(lins):
             return None, 0
         stack = self.ops.decoder_stack(
@@ -252,7 +278,10 @@ class Decoder:
 
     def linears(self) -> list[Linear]:
         return [self.lm_head] + [
-            lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down) if lin
+            lin
+            for layer in self.layers
+            for lin in (layer.qkv, layer.o, layer.up, layer.gate, layer.down)
+            if lin
         ]
 
     @property
@@ -266,7 +295,9 @@ class Decoder:
             return self.lm_head.panels[ids // 16, :, ids % 16]  # [N, K] gathered from [P, K, 16]
         return self.embed(ids)
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attend: Attend, logit_rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, positions: torch.Tensor, attend: Attend, logit_rows: torch.Tensor
+    ) -> torch.Tensor:
         """embeds [N, hidden] (packed tokens of every row), positions [N] int64, logit_rows [R] int64
         (which tokens need next-token logits) -> logits [R, V]."""
         h = embeds.clone()  # the residual stream; the fused norm adds into it in place
@@ -284,7 +315,9 @@ class Decoder:
             and h.shape[0] <= self.stack_rows
             and h.dtype == rope[0].dtype == self.lm_head.dtype
         ):  # _layers whole in C++: the same kernels in the same order, no Python between them
-            h, residual = self.stack.forward(h, *rope, attend.k, attend.v, attend.write, attend.slots, attend.lengths)
+            h, residual = self.stack.forward(
+                h, *rope, attend.k, attend.v, attend.write, attend.slots, attend.lengths
+            )
         else:
             h, residual = self._layers(h, rope, attend)
         if residual is not None:

@@ -45,7 +45,9 @@ class IncrementalText:
         self.text += delta
         if self._stop:
             window_start = max(0, start - self._max_stop + 1)
-            cut = min((i for i in (self.text.find(s, window_start) for s in self._stop) if i >= 0), default=-1)
+            cut = min(
+                (i for i in (self.text.find(s, window_start) for s in self._stop) if i >= 0), default=-1
+            )
             if cut >= 0:
                 self.stopped = True
                 self.text = self.text[:cut]  # the stop string is not returned

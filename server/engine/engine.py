@@ -61,7 +61,11 @@ def _ignore(event: Event) -> None:
 def _alternatives(values: list[list[float]], ids: list[list[float]], row: int, k: int) -> Alternatives:
     """Row `row`'s first k alternatives from the host copy of the top tensors (k lists of B values each);
     tokens a filter removed (-inf) are left out."""
-    return tuple((int(ids[j][row]), values[j][row]) for j in range(min(k, len(values))) if values[j][row] != float("-inf"))
+    return tuple(
+        (int(ids[j][row]), values[j][row])
+        for j in range(min(k, len(values)))
+        if values[j][row] != float("-inf")
+    )
 
 
 # Torch's CPU build runs its threads on GNU OpenMP, which keeps each thread's OpenMP team alive
@@ -86,7 +90,9 @@ class Engine:
     ) -> None:
         self.observer = observer
         self.lm = lm
-        self.runner = Runner(lm, kv_cache_bytes, max_context=max_context, accel=accel, max_rows=limits.max_batch_size)
+        self.runner = Runner(
+            lm, kv_cache_bytes, max_context=max_context, accel=accel, max_rows=limits.max_batch_size
+        )
         # None: prefixes are still computed once and shared by the rows running at the same time,
         # but not kept once the last of them leaves.
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
@@ -99,7 +105,11 @@ class Engine:
         self.stats = EngineStats()
         self.masks = MaskWorker(self.runner.vocab_size)
         self.mask_stats = MaskStats()
-        self.threads = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads) if lm.device.type == "cpu" else None
+        self.threads = (
+            ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
+            if lm.device.type == "cpu"
+            else None
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # set if the loop died
@@ -181,7 +191,12 @@ class Engine:
         )
         for n in (1, 2):
             request = Request(
-                task=WARM_UP_TASK, prompt=prompt, input_ids=[0] * n, params=SamplingParams(max_new_tokens=2), seed=0, sink=_ignore
+                task=WARM_UP_TASK,
+                prompt=prompt,
+                input_ids=[0] * n,
+                params=SamplingParams(max_new_tokens=2),
+                seed=0,
+                sink=_ignore,
             )
             self.scheduler.add(request, bounded=False)  # also with --max-queue 0
         observer, self.observer = self.observer, None  # warm-up passes are not traffic
@@ -238,7 +253,11 @@ class Engine:
                     "structured_outputs": asdict(self.mask_stats),
                     "threads": None
                     if self.threads is None
-                    else {"full": self.threads.full, "current": self.threads.current, "drops": self.threads.drops},
+                    else {
+                        "full": self.threads.full,
+                        "current": self.threads.current,
+                        "drops": self.threads.drops,
+                    },
                 }
             except (RuntimeError, AttributeError):  # a dict changed size, or a row left, mid-read
                 time.sleep(0.001)
@@ -266,11 +285,16 @@ class Engine:
         }
 
     def static_decode_stats(self) -> dict[str, int] | None:
-        """The fixed-shape decode step's counters (None: off): graphs recorded, steps replayed or run eagerly."""
+        """The fixed-shape decode step's counters (None: off): graphs recorded,
+        steps replayed or run eagerly."""
         static = self.runner.static
         if static is None:
             return None
-        return {"graphs_recorded": static.recorded, "graph_replays": static.replays, "eager_steps": static.eager_steps}
+        return {
+            "graphs_recorded": static.recorded,
+            "graph_replays": static.replays,
+            "eager_steps": static.eager_steps,
+        }
 
     def live_counters(self) -> dict[str, int]:
         """Pool and cache counters for the metrics scrape (read from another thread: ints only)."""
@@ -295,12 +319,16 @@ class Engine:
             self._finish(req, req.ended_reason(now) or FinishReason.CANCELLED)
         for req in plan.rejected:
             self._fail(
-                req, "the request needs more key/value memory than the pool holds (--kv-cache-bytes)", ErrorKind.INVALID_REQUEST
+                req,
+                "the request needs more key/value memory than the pool holds (--kv-cache-bytes)",
+                ErrorKind.INVALID_REQUEST,
             )
         self._drop_ended(now)
         if plan.admitted:
             self._start(plan.admitted)
-            family = plan.admitted + [c for r in plan.admitted for c in r.forks]  # forks fail with a failed pass
+            family = plan.admitted + [
+                c for r in plan.admitted for c in r.forks
+            ]  # forks fail with a failed pass
             self._guarded(family, lambda: self._prefill(plan))
         if self.scheduler.running:
             self.scheduler.grow()
@@ -322,7 +350,9 @@ class Engine:
     def _prefill(self, plan: Plan) -> None:
         prefixes = plan.new_prefixes
         try:
-            logits, masks = self._forward("prefill", plan.admitted, lambda rows: self.runner.prefill(rows, prefixes))
+            logits, masks = self._forward(
+                "prefill", plan.admitted, lambda rows: self.runner.prefill(rows, prefixes)
+            )
         except Exception:
             for entry, _ in prefixes:  # half-written prefixes must never be served
                 self.prefix_cache.discard(entry.key)
@@ -403,7 +433,9 @@ class Engine:
 
     # ---- tokens out ----------------------------------------------------------------------
     @torch.inference_mode()
-    def _postprocess(self, rows: list[Request], logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> None:
+    def _postprocess(
+        self, rows: list[Request], logits: torch.Tensor, bitmask: torch.Tensor | None = None
+    ) -> None:
         """Choose each row's token, deliver it, and finish the rows that are done."""
         batch = prepare(rows, self.runner.vocab_size, logits.device, bitmask)
         tokens, finite, logprobs, top = self._choose(logits, batch)
@@ -421,7 +453,9 @@ class Engine:
             if not ok:
                 self._fail(req, "the model produced non-finite logits for this request")
                 continue
-            if req.matcher is not None and req.matcher.is_error():  # never fail open: the row ends with the reason
+            if (
+                req.matcher is not None and req.matcher.is_error()
+            ):  # never fail open: the row ends with the reason
                 self._fail_grammar(req)
                 continue
             served.append(req)
@@ -446,13 +480,25 @@ class Engine:
         # One reduction instead of an elementwise test: the sum is finite exactly when every logit
         # is, unless they overflow float32 together (garbage anyway).
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
-        logits.masked_fill_(~finite[:, None], 0.0)  # in place (the pass's own output): sampling needs finite rows
+        logits.masked_fill_(
+            ~finite[:, None], 0.0
+        )  # in place (the pass's own output): sampling needs finite rows
         tokens, logprobs, top = sample_with_top(
-            logits, batch.params, batch.steps, batch.seen, batch.flags, batch.counts, batch.bias, batch.top, batch.mask
+            logits,
+            batch.params,
+            batch.steps,
+            batch.seen,
+            batch.flags,
+            batch.counts,
+            batch.bias,
+            batch.top,
+            batch.mask,
         )
         return tokens, finite, logprobs, top
 
-    def _append_token(self, req: Request, tok: int, logprob: float, alternatives: Alternatives = ()) -> FinishReason | None:
+    def _append_token(
+        self, req: Request, tok: int, logprob: float, alternatives: Alternatives = ()
+    ) -> FinishReason | None:
         if not req.output_ids:
             req.first_token_at = time.monotonic()
         req.output_ids.append(tok)
@@ -460,7 +506,9 @@ class Engine:
             req.logprobs.append(TokenLogprob(tok, logprob, alternatives))
         text = req.text
         is_eos = tok in self.eos_ids
-        ends = is_eos and not req.params.ignore_eos  # an ignored eos is an ordinary token (its text: none when special)
+        ends = (
+            is_eos and not req.params.ignore_eos
+        )  # an ignored eos is an ordinary token (its text: none when special)
         complete = False  # the grammar is satisfied and allows nothing more: the answer is whole
         if req.matcher is not None and not ends:
             complete = req.matcher.consume_token(tok) and req.matcher.is_stopped()
@@ -477,7 +525,12 @@ class Engine:
             if reason is not None and text is not None:
                 delta += text.flush()  # text held back for a stop string that never came
             event = TokenEvent(
-                token_id=tok, text=delta, logprob=logprob, special=is_eos, final=reason is not None, top=alternatives
+                token_id=tok,
+                text=delta,
+                logprob=logprob,
+                special=is_eos,
+                final=reason is not None,
+                top=alternatives,
             )
             req.sink(event)
         return reason
@@ -493,8 +546,12 @@ class Engine:
         if req.text is not None:
             generated = req.text.text
         else:
-            ended_by_eos = reason is FinishReason.EOS and req.output_ids and req.output_ids[-1] in self.eos_ids
-            ids = req.output_ids[:-1] if ended_by_eos else req.output_ids  # a completed grammar's last token is text
+            ended_by_eos = (
+                reason is FinishReason.EOS and req.output_ids and req.output_ids[-1] in self.eos_ids
+            )
+            ids = (
+                req.output_ids[:-1] if ended_by_eos else req.output_ids
+            )  # a completed grammar's last token is text
             generated = str(self.tokenizer.decode(ids, skip_special_tokens=True))
         if req in self.scheduler.running:
             self.scheduler.finish(req)
@@ -521,7 +578,10 @@ class Engine:
     def _fail_grammar(self, req: Request) -> None:
         assert req.matcher is not None
         self.mask_stats.grammar_errors += 1
-        self._fail(req, f"the structured output could not be continued: {req.matcher.get_error() or 'no token allowed'}")
+        self._fail(
+            req,
+            f"the structured output could not be continued: {req.matcher.get_error() or 'no token allowed'}",
+        )
 
     def _fail(self, req: Request, message: str, kind: ErrorKind = ErrorKind.GENERATION_FAILED) -> None:
         if req in self.scheduler.running:

@@ -137,7 +137,11 @@ class TaskQueues:
     # ---- choosing ------------------------------------------------------------------------------
     def candidates(self) -> list[Request]:
         """Each task's head, best first; tasks at their cap of running rows are left out."""
-        heads = [q.waiting[0] for q in self._tasks.values() if q.waiting and (q.max_running is None or q.running < q.max_running)]
+        heads = [
+            q.waiting[0]
+            for q in self._tasks.values()
+            if q.waiting and (q.max_running is None or q.running < q.max_running)
+        ]
         return sorted(heads, key=self._order)
 
     def _order(self, head: Request) -> tuple[float, ...]:

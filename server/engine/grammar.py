@@ -1,9 +1,9 @@
 """Structured outputs: constraints (server/structured.py) compiled into a matcher per row.
 
-A constraint compiles with llguidance (docs/architecture.md says why that library) into a template matcher; each
-request gets a copy (~1 us) that follows its own tokens. Compiling runs on a small thread pool, never
-on the engine thread, bounded by the parser's limits and a timeout; results are cached by the
-constraint's text, failures included, so a bad schema sent again is refused at once.
+A constraint compiles with llguidance (docs/architecture.md says why that library) into a template matcher;
+each request gets a copy (~1 us) that follows its own tokens. Compiling runs on a small thread pool, never on
+the engine thread, bounded by the parser's limits and a timeout; results are cached by the constraint's text,
+failures included, so a bad schema sent again is refused at once.
 
 A constraint that does not compile, or uses what the library cannot enforce, is an error
 (`GrammarError`) before the request is queued: a row never runs unconstrained by accident.
@@ -42,9 +42,15 @@ def grammar_text(spec: OutputSpec) -> str:
     """llguidance's grammar for a constraint (GrammarError when its text cannot be read)."""
     try:
         if spec.kind is OutputKind.JSON_OBJECT:
-            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)  # type: ignore[arg-type]
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                {"type": "object"},
+                defaults=JSON_OPTIONS,  # type: ignore[arg-type]
+            )
         if spec.kind is OutputKind.JSON_SCHEMA:
-            return llguidance.LLMatcher.grammar_from_json_schema(spec.text, defaults=JSON_OPTIONS)  # type: ignore[arg-type]
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                spec.text,
+                defaults=JSON_OPTIONS,  # type: ignore[arg-type]
+            )
         if spec.kind is OutputKind.REGEX:
             return llguidance.LLMatcher.grammar_from_regex(spec.text)
         if spec.kind is OutputKind.CHOICE:
@@ -70,7 +76,9 @@ class Compiled:
 class GrammarCompiler:
     """Compiles constraints for one tokenizer, off the calling thread, with a cache (failures too)."""
 
-    def __init__(self, tokenizer: Any, eos_ids: list[int], vocab_size: int, cache_size: int = 512, workers: int = 2) -> None:
+    def __init__(
+        self, tokenizer: Any, eos_ids: list[int], vocab_size: int, cache_size: int = 512, workers: int = 2
+    ) -> None:
         # ~0.3 s for a 49k vocabulary: once, at start.
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_ids))
         self.vocab_size = vocab_size
@@ -107,7 +115,9 @@ class GrammarCompiler:
         try:
             return self.submit(spec).result(timeout)
         except concurrent.futures.TimeoutError:
-            raise GrammarError(f"the {spec.kind.value} took over {timeout:.0f} s to compile; simplify it") from None
+            raise GrammarError(
+                f"the {spec.kind.value} took over {timeout:.0f} s to compile; simplify it"
+            ) from None
 
     def _compile(self, spec: OutputSpec) -> Compiled:
         self.compiles += 1

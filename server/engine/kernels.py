@@ -1,4 +1,5 @@
-"""softmux's CPU kernels (server/engine/csrc/: cpu_ops.cpp, attention.cpp, panel_linear.cpp, layers.cpp, ops.h, vec8.h): built once per machine, loaded at start.
+"""softmux's CPU kernels (server/engine/csrc/: cpu_ops.cpp, attention.cpp, panel_linear.cpp, layers.cpp,
+ops.h, vec8.h): built once per machine, loaded at start.
 
 The build needs a C++ compiler (g++ or clang) and takes about a minute the first time; the library is
 cached under `<cache_dir>/kernels/<key>`, keyed by the source, torch's version and this CPU's
@@ -83,7 +84,9 @@ class Kernels:
         lengths: torch.Tensor,  # [N] int64
         scale: float,
     ) -> torch.Tensor:  # [N, H * D]
-        out: torch.Tensor = self._m.decode_attention(q, k_new, v_new, kpool, vpool, write, slots, lengths, scale)
+        out: torch.Tensor = self._m.decode_attention(
+            q, k_new, v_new, kpool, vpool, write, slots, lengths, scale
+        )
         return out
 
     def rms_norm(
@@ -146,7 +149,17 @@ class Kernels:
         head_dim: int,
     ) -> DecoderStack:
         stack: DecoderStack = self._m.DecoderStack(
-            norm_weights, norm_eps, norm_offsets, panels, biases, out_features, scales, scalings, heads, kv_heads, head_dim
+            norm_weights,
+            norm_eps,
+            norm_offsets,
+            panels,
+            biases,
+            out_features,
+            scales,
+            scalings,
+            heads,
+            kv_heads,
+            head_dim,
         )
         return stack
 

@@ -91,7 +91,9 @@ class PrefixCache:
     def attach(self, entry: PrefixEntry) -> SeqBlocks:
         """A row's sequence starting from `entry` (the row holds a reference to its blocks)."""
         self.pool.share(entry.seq.own_blocks)
-        return SeqBlocks(self.pool.block_size, prefix_slots=[entry.seq.own_slot(j) for j in range(entry.length)])
+        return SeqBlocks(
+            self.pool.block_size, prefix_slots=[entry.seq.own_slot(j) for j in range(entry.length)]
+        )
 
     def in_use(self, entry: PrefixEntry) -> bool:
         return any(self.pool.refs(b) > 1 for b in entry.seq.own_blocks)

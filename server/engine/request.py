@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 class FinishReason(str, enum.Enum):
     LENGTH = "length"
-    EOS = "eos_token"  # also: a structured output's grammar is complete (nothing but end-of-sequence may follow)
+    # EOS also: a structured output's grammar is complete (nothing but end-of-sequence may follow)
+    EOS = "eos_token"
     STOP = "stop_sequence"
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"  # the request's deadline passed; the text so far is returned
@@ -47,8 +48,12 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI: (token id, bias) added to its logit
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    ignore_eos: bool = False  # eos tokens do not end this request (it runs to max_new_tokens or a stop string)
-    logprobs: bool = False  # record each generated token's log-probability (and its alternatives) in the answer
+    ignore_eos: bool = (
+        False  # eos tokens do not end this request (it runs to max_new_tokens or a stop string)
+    )
+    logprobs: bool = (
+        False  # record each generated token's log-probability (and its alternatives) in the answer
+    )
     top_logprobs: int = 0  # alternatives per token, the most likely first (0: none)
 
     @property
@@ -131,7 +136,8 @@ class Request:
     prefix_blocks: list[int] = field(default_factory=list)
     text: IncrementalText | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
-    # Structured output: the grammar's state after output_ids (kept through preemption: its tokens are kept too).
+    # Structured output: the grammar's state after output_ids (kept through preemption: its tokens are
+    # kept too).
     matcher: LLMatcher | None = None
     # Other samples of the same prompt (OpenAI's n): forked from this row right after its prefill.
     forks: list[Request] = field(default_factory=list)

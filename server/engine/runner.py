@@ -33,11 +33,15 @@ class Acceleration:
     """Speed-ups, each with a flag to turn it off; results agree with the plain path to float
     rounding (tests/test_kernels.py, tests/test_static_decode.py, and the reference tests run both ways)."""
 
-    prepack_weights: bool = True  # CPU: weights also repacked for decode-sized inputs (blocks.Linear): ~1x weights more memory
+    prepack_weights: bool = (
+        True  # CPU: weights also repacked for decode-sized inputs (blocks.Linear): ~1x weights more memory
+    )
     native_kernels: bool = True  # CPU: server/engine/csrc/, built at start (server/engine/kernels.py)
     native_layers: bool = True  # with native_kernels: a pass's layers in one C++ call (decoder.Decoder.stack)
     kernel_dir: Path = field(default_factory=default_cache_dir)  # where the kernels are built and cached
-    cuda_graphs: bool = True  # CUDA: decode steps at bucketed fixed shapes, recorded at start as CUDA graphs and replayed
+    cuda_graphs: bool = (
+        True  # CUDA: decode steps at bucketed fixed shapes, recorded at start as CUDA graphs and replayed
+    )
     # The fixed-shape decode step without graphs (run eagerly): None = wherever graphs are recorded;
     # True also on a CPU (tests; no speed-up there: the native kernels take any shape).
     static_decode: bool | None = None
@@ -67,7 +71,9 @@ class _Layout:
     width: int  # T, key columns per row
     queries: int  # Tq, query rows per row (1 for decode)
     q_index: torch.Tensor | None  # [N] where each packed token sits in [B * Tq] (None: decode, N == B)
-    mask: torch.Tensor | None  # decode: [H_kv * B, 1, T] additive float (None: the native kernel); prefill: [B, 1, Tq, T] bool
+    mask: (
+        torch.Tensor | None
+    )  # decode: [H_kv * B, 1, T] additive float (None: the native kernel); prefill: [B, 1, Tq, T] bool
     lengths: torch.Tensor  # [B] key columns in use per row
     # With the native kernel every query token is a row (B = N, Tq = 1), prefill included.
 
@@ -113,7 +119,9 @@ class Runner:
         self.lm = lm
         self.device = lm.device
         self.dtype = lm.dtype
-        self.ops = kernels.load(accel.kernel_dir) if accel.native_kernels and self.device.type == "cpu" else None
+        self.ops = (
+            kernels.load(accel.kernel_dir) if accel.native_kernels and self.device.type == "cpu" else None
+        )
         self.decoder = Decoder(
             lm.model,
             max_context,
@@ -129,7 +137,12 @@ class Runner:
         kv_cache_bytes = kv_cache_bytes or default_kv_cache_bytes(self.device)
         num_blocks = max(2, kv_cache_bytes // (self.bytes_per_token * block_size))
         self.pool = BlockPool(num_blocks, block_size)
-        shape = (self.decoder.num_layers, self.decoder.num_kv_heads, num_blocks * block_size, self.decoder.head_dim)
+        shape = (
+            self.decoder.num_layers,
+            self.decoder.num_kv_heads,
+            num_blocks * block_size,
+            self.decoder.head_dim,
+        )
         # Uninitialised, so the memory is only committed as blocks get used: every slot is written
         # before it is read, except the reserved block's, which padding reads (masked out) and padding
         # rows of a static step write: zeroed, so it holds finite values from the start.
@@ -140,7 +153,9 @@ class Runner:
         graphs = accel.cuda_graphs and self.device.type == "cuda"
         static = graphs if accel.static_decode is None else accel.static_decode
         recorder = CudaGraphRecorder(self.device) if graphs else None
-        self.static = StaticDecode(self._static_step, self.device, max_rows, max_context, recorder) if static else None
+        self.static = (
+            StaticDecode(self._static_step, self.device, max_rows, max_context, recorder) if static else None
+        )
         if self.static is not None:
             with torch.inference_mode():
                 self.static.record_all()  # at start, so that no request pays for it
@@ -155,7 +170,9 @@ class Runner:
         tensors: list[torch.Tensor] = list(self.lm.model.parameters())
         for lin in self.decoder.linears():
             tensors += [t for t in (lin.weight, lin.panels, lin.scales, lin.packed) if t is not None]
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()
+        }
         return sum(storages.values())
 
     @torch.inference_mode()
@@ -195,7 +212,9 @@ class Runner:
         self.v.index_copy_(2, slots, kv[:, 1].to(self.dtype))
 
     @torch.inference_mode()
-    def prefill(self, requests: list[Request], new_prefixes: Sequence[tuple[PrefixEntry, SoftPrompt]] = ()) -> torch.Tensor:
+    def prefill(
+        self, requests: list[Request], new_prefixes: Sequence[tuple[PrefixEntry, SoftPrompt]] = ()
+    ) -> torch.Tensor:
         """Feed each request's uncomputed tokens (its input, plus what it generated before a
         preemption, less the blocks found in the token block cache); returns next-token logits [B, V].
 
@@ -207,7 +226,10 @@ class Runner:
         ids = [(r.input_ids + r.output_ids)[s.own_len :] for r, s in zip(requests, seqs)]
         flat = device_tensor([t for row in ids for t in row], torch.int64, self.device)
         embeds = self.decoder.embed_tokens(flat).split([len(row) for row in ids])  # each [L_i, hidden]
-        chunks = [Chunk(seq=s, embeds=e, start=r.virtual_tokens + s.own_len) for r, s, e in zip(requests, seqs, embeds)]
+        chunks = [
+            Chunk(seq=s, embeds=e, start=r.virtual_tokens + s.own_len)
+            for r, s, e in zip(requests, seqs, embeds)
+        ]
         return self._forward(prefix_chunks + chunks, logit_from=len(prefix_chunks))
 
     @torch.inference_mode()
@@ -233,7 +255,9 @@ class Runner:
         (None: no logits, an empty tensor)."""
         lengths = [int(c.embeds.shape[0]) for c in chunks]
         layout = self._layout(chunks, lengths)
-        positions = device_tensor([c.start + j for c, n in zip(chunks, lengths) for j in range(n)], torch.int64, self.device)
+        positions = device_tensor(
+            [c.start + j for c, n in zip(chunks, lengths) for j in range(n)], torch.int64, self.device
+        )
         embeds = torch.cat([c.embeds for c in chunks]).to(self.dtype)  # [N, hidden]
         ends = device_tensor(lengths, torch.int64, self.device).cumsum(0) - 1  # [B] last token of each row
         rows = ends[:0] if logit_from is None else ends[logit_from:]
@@ -283,15 +307,31 @@ class Runner:
             # Every query token is a row of its own: its sequence's slots, of which it sees those up to
             # itself. A token's attention then is the same arithmetic alone or in any batch, and the same
             # as a decode step's.
-            keys = keys.view(len(lengths), width).repeat_interleave(torch.tensor(lengths, device=dev), dim=0).view(-1)
-            key_lengths = torch.cat([torch.arange(ctx + 1, ctx + n + 1, device=dev) for ctx, n in zip(contexts, lengths)])
+            keys = (
+                keys.view(len(lengths), width)
+                .repeat_interleave(torch.tensor(lengths, device=dev), dim=0)
+                .view(-1)
+            )
+            key_lengths = torch.cat(
+                [torch.arange(ctx + 1, ctx + n + 1, device=dev) for ctx, n in zip(contexts, lengths)]
+            )
         rows = int(write.shape[0])
-        return _Layout(write=write, keys=keys, rows=rows, width=width, queries=1, q_index=None, mask=None, lengths=key_lengths)
+        return _Layout(
+            write=write,
+            keys=keys,
+            rows=rows,
+            width=width,
+            queries=1,
+            q_index=None,
+            mask=None,
+            lengths=key_lengths,
+        )
 
     def _torch_layout(
         self, write: torch.Tensor, keys: torch.Tensor, contexts: list[int], lengths: list[int], width: int
     ) -> _Layout:
-        """The torch path's: padded rows and a mask (decode: additive for baddbmm; prefill: causal for SDPA)."""
+        """The torch path's: padded rows and a mask (decode: additive for baddbmm; prefill:
+        causal for SDPA)."""
         dev = self.device
         b, queries = len(lengths), max(lengths)
         key_lengths = device_tensor([ctx + n for ctx, n in zip(contexts, lengths)], torch.int64, dev)
@@ -303,14 +343,26 @@ class Runner:
         else:
             ctx_t = device_tensor(contexts, torch.int64, dev)[:, None, None]  # [B, 1, 1]
             qi = torch.arange(queries, device=dev)[None, :, None]  # [1, Tq, 1]
-            mask = ((col[:, None, :] < total_t[:, :, None]) & (col[:, None, :] <= ctx_t + qi))[:, None]  # [B, 1, Tq, T]
-            q_index = device_tensor([i * queries + j for i, n in enumerate(lengths) for j in range(n)], torch.int64, dev)
+            mask = ((col[:, None, :] < total_t[:, :, None]) & (col[:, None, :] <= ctx_t + qi))[
+                :, None
+            ]  # [B, 1, Tq, T]
+            q_index = device_tensor(
+                [i * queries + j for i, n in enumerate(lengths) for j in range(n)], torch.int64, dev
+            )
         return _Layout(
-            write=write, keys=keys, rows=b, width=width, queries=queries, q_index=q_index, mask=mask, lengths=key_lengths
+            write=write,
+            keys=keys,
+            rows=b,
+            width=width,
+            queries=queries,
+            q_index=q_index,
+            mask=mask,
+            lengths=key_lengths,
         )
 
     def _decode_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
-        """lengths [B] visible key columns per row -> additive mask [H_kv * B, 1, T=width], the bmm batch order."""
+        """lengths [B] visible key columns per row -> additive mask [H_kv * B, 1, T=width],
+        the bmm batch order."""
         hidden = torch.arange(width, device=self.device)[None, :] >= lengths[:, None]  # [B, T]
         dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         mask = torch.zeros(hidden.shape[0], 1, width, dtype=dtype, device=self.device)
@@ -322,7 +374,9 @@ class Runner:
         row; it writes k/v itself), else torch ops over gathered keys."""
         if lay.mask is None:
             assert self.ops is not None
-            return PoolAttention(self.ops, self.k, self.v, lay.write, lay.keys.view(lay.rows, lay.width), lay.lengths)
+            return PoolAttention(
+                self.ops, self.k, self.v, lay.write, lay.keys.view(lay.rows, lay.width), lay.lengths
+            )
         return lambda i, q, k, v, s: self._attend(lay, i, q, k, v, s)
 
     def _attend(
@@ -348,7 +402,9 @@ class Runner:
             out = torch.bmm(scores.softmax(dim=-1), values).to(q.dtype)  # [H_kv * B, G, D]
             return out.view(hk, b, g, d).transpose(0, 1).reshape(b, h * d)
         tq = lay.queries
-        qp = q.new_zeros(b * tq, h, d).index_copy_(0, lay.q_index, q).view(b, tq, h, d).transpose(1, 2)  # [B, H, Tq, D]
+        qp = (
+            q.new_zeros(b * tq, h, d).index_copy_(0, lay.q_index, q).view(b, tq, h, d).transpose(1, 2)
+        )  # [B, H, Tq, D]
         out = F.scaled_dot_product_attention(
             qp,
             keys.view(hk, b, t, d).transpose(0, 1),

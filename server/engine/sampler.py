@@ -1,7 +1,7 @@
 """Vectorised per-row sampling: every row its own logit bias, penalties, temperature, top-k, top-p and seed.
 
-The order, vLLM's: the structured-output mask, logit_bias, the repetition penalty (over input and output), the frequency and
-presence penalties (over generated tokens), temperature, top-k and top-p, then the draw.
+The order, vLLM's: the structured-output mask, logit_bias, the repetition penalty (over input and output), the
+frequency and presence penalties (over generated tokens), temperature, top-k and top-p, then the draw.
 
 Seeded sampling must not depend on the batch, so randomness is not drawn from a shared generator:
 each row's noise is a hash of (seed, step, token id). That makes a seeded row's draws identical
@@ -35,7 +35,9 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def row_uniforms(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """Uniform(0, 1) noise [B, V] that depends only on each row's (seed, step) and the token id."""
     seeds = seeds.to(torch.int64)
-    key = _hash32(_hash32(seeds) ^ _hash32((seeds >> 32) + 0x9E3779B9) ^ _hash32(steps.to(torch.int64) * 0x85EBCA6B))  # [B]
+    key = _hash32(
+        _hash32(seeds) ^ _hash32((seeds >> 32) + 0x9E3779B9) ^ _hash32(steps.to(torch.int64) * 0x85EBCA6B)
+    )  # [B]
     token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)  # [V]
     bits = _hash32(key[:, None] ^ _hash32(token * 0xC2B2AE35)[None, :])  # [B, V]
     return ((bits >> 8).to(torch.float64) + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
@@ -198,7 +200,9 @@ class SamplingBatch:
     mask: torch.Tensor | None = None  # [B, W] int32: tokens each row's grammar allows (None: no row has one)
 
 
-def prepare(requests: list[Request], vocab_size: int, device: torch.device, mask: torch.Tensor | None = None) -> SamplingBatch:
+def prepare(
+    requests: list[Request], vocab_size: int, device: torch.device, mask: torch.Tensor | None = None
+) -> SamplingBatch:
     """One rule for what a batch needs: per-row tensors, plus host-side flags that skip the work
     (and device syncs) no row asks for."""
     params = [r.params for r in requests]
@@ -219,7 +223,9 @@ def prepare(requests: list[Request], vocab_size: int, device: torch.device, mask
         counts = torch.zeros(len(requests), vocab_size, dtype=torch.float32, device=device)
         ones = torch.ones(len(cols), dtype=torch.float32, device=device)
         counts.index_put_(
-            (device_tensor(rows, torch.int64, device), device_tensor(cols, torch.int64, device)), ones, accumulate=True
+            (device_tensor(rows, torch.int64, device), device_tensor(cols, torch.int64, device)),
+            ones,
+            accumulate=True,
         )
     bias = None
     if biased:
@@ -236,8 +242,12 @@ def prepare(requests: list[Request], vocab_size: int, device: torch.device, mask
             top_p=device_tensor([p.top_p for p in params], torch.float32, device),
             repetition_penalty=device_tensor([p.repetition_penalty for p in params], torch.float32, device),
             seeds=device_tensor([r.seed for r in requests], torch.int64, device),
-            frequency_penalty=device_tensor([p.frequency_penalty for p in params], torch.float32, device) if openai else None,
-            presence_penalty=device_tensor([p.presence_penalty for p in params], torch.float32, device) if openai else None,
+            frequency_penalty=device_tensor([p.frequency_penalty for p in params], torch.float32, device)
+            if openai
+            else None,
+            presence_penalty=device_tensor([p.presence_penalty for p in params], torch.float32, device)
+            if openai
+            else None,
         ),
         steps=device_tensor([len(r.output_ids) for r in requests], torch.int64, device),
         seen=seen,

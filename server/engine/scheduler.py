@@ -44,7 +44,9 @@ class SchedulerConfig:
     max_batch_size: int = 32  # rows in the running batch
     max_batch_tokens: int = 16384  # tokens one prefill pass may feed
     max_queue: int = 256  # waiting requests of all tasks together
-    max_queue_per_task: int = 0  # cap on one task's waiting requests unless its task.json says (0: its share only)
+    max_queue_per_task: int = (
+        0  # cap on one task's waiting requests unless its task.json says (0: its share only)
+    )
     policy: Policy = Policy.FAIR
 
 
@@ -55,12 +57,20 @@ class Plan:
     admitted: list[Request] = field(default_factory=list)  # rows to prefill now
     dropped: list[Request] = field(default_factory=list)  # cancelled or expired while waiting
     rejected: list[Request] = field(default_factory=list)  # can never fit in the pool
-    preempted: list[Request] = field(default_factory=list)  # rows taken back for a starved task or a more urgent request
+    preempted: list[Request] = field(
+        default_factory=list
+    )  # rows taken back for a starved task or a more urgent request
     new_prefixes: list[tuple[PrefixEntry, SoftPrompt]] = field(default_factory=list)  # to fill before prefill
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool, prefixes: PrefixCache, blocks: BlockCache | None = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        pool: BlockPool,
+        prefixes: PrefixCache,
+        blocks: BlockCache | None = None,
+    ) -> None:
         """`blocks`: the cache of input-token blocks (None: off)."""
         self.config = config
         self.pool, self.prefixes, self.blocks = pool, prefixes, blocks
@@ -107,14 +117,20 @@ class Scheduler:
         quota = self.task_quota(settings)
         if quota is not None and waiting >= quota:
             queue.refused += 1
-            raise QueueFull(f"task {task!r} has {quota} requests waiting, its quota (task.json max_queue, --max-queue-per-task)")
+            raise QueueFull(
+                f"task {task!r} has {quota} requests waiting, its quota (task.json max_queue, "
+                "--max-queue-per-task)"
+            )
         if total < size:
             return
         share = self._queues.share(task, settings.weight, size)
         if self.config.policy is Policy.FAIR and waiting < share and total < 2 * size:
             return
         queue.refused += 1
-        raise QueueFull(f"queue is full ({total} waiting requests; task {task!r} holds {waiting}, its share is {share:.0f})")
+        raise QueueFull(
+            f"queue is full ({total} waiting requests; task {task!r} holds {waiting}, "
+            f"its share is {share:.0f})"
+        )
 
     def wait_for_work(self, timeout: float) -> None:
         """Block the engine thread until something is waiting (or timeout)."""
@@ -142,7 +158,8 @@ class Scheduler:
         return len(self._queues)
 
     def task_stats(self) -> dict[str, dict[str, float | int]]:
-        """Per task: waiting, running, weight, fairness counter, tokens served, admitted, refused, preempted."""
+        """Per task: waiting, running, weight, fairness counter, tokens served, admitted, refused,
+        preempted."""
         with self._lock:
             return self._queues.stats()
 
@@ -154,7 +171,9 @@ class Scheduler:
     @property
     def held_tokens(self) -> int:
         """Token slots held by running rows' own blocks (their tasks' shared prefixes not counted)."""
-        return sum(len(r.kv.own_blocks) for r in list(self.running) if r.kv is not None) * self.pool.block_size
+        return (
+            sum(len(r.kv.own_blocks) for r in list(self.running) if r.kv is not None) * self.pool.block_size
+        )
 
     # ---- engine thread ------------------------------------------------------------------------
     def schedule(self) -> Plan:
@@ -193,7 +212,8 @@ class Scheduler:
         return plan
 
     def _drop_ended(self, plan: Plan, now: float) -> None:
-        """Waiting requests whose client left or whose deadline passed leave the queue (caller holds the lock)."""
+        """Waiting requests whose client left or whose deadline passed leave the queue (caller holds the
+        lock)."""
         ended = [r for r in self._queues if r.ended_reason(now) is not None]
         for r in ended:
             self._queues.remove(r)
@@ -204,7 +224,13 @@ class Scheduler:
         victim = self._queues.victim_for(head, [r for r in self.running if r not in plan.admitted])
         if victim is None:
             return False
-        log.debug("request %d of task %r takes the row of request %d (task %r)", head.id, head.task, victim.id, victim.task)
+        log.debug(
+            "request %d of task %r takes the row of request %d (task %r)",
+            head.id,
+            head.task,
+            victim.id,
+            victim.task,
+        )
         self._take_back(victim)
         plan.preempted.append(victim)
         return True
@@ -212,7 +238,10 @@ class Scheduler:
     def _why(self, head: Request, heads: list[Request]) -> str:
         stats = self._queues.task(head.task)
         rivals = ", ".join(f"{r.task}={self._queues.task(r.task).counter:.0f}" for r in heads[1:4])
-        return f"priority {head.priority}, counter {stats.counter:.0f}, {stats.running} running; next in line: {rivals or 'none'}"
+        return (
+            f"priority {head.priority}, counter {stats.counter:.0f}, {stats.running} running; "
+            f"next in line: {rivals or 'none'}"
+        )
 
     def _admit(self, req: Request, plan: Plan) -> str:
         """Give `req` its blocks: 'ok', 'wait' (not now) or 'never' (larger than the whole pool)."""
@@ -227,7 +256,9 @@ class Scheduler:
             return "never"
         headroom = len(self.running)  # about one growth block per running row
         keep = set(cached)
-        if not self._ensure_free(need + headroom, key, keep) and not (not self.running and self._ensure_free(need, key, keep)):
+        if not self._ensure_free(need + headroom, key, keep) and not (
+            not self.running and self._ensure_free(need, key, keep)
+        ):
             return "wait"
         entry = prefixes.lookup(key)  # counted once, on admission
         if entry is None:
@@ -242,7 +273,12 @@ class Scheduler:
             self.blocks.record_hit(len(cached))
         return "ok"
 
-    def _ensure_free(self, blocks: int, key: tuple[str, str] | None = None, keep: set[int] = frozenset()) -> bool:  # type: ignore[assignment]
+    def _ensure_free(
+        self,
+        blocks: int,
+        key: tuple[str, str] | None = None,
+        keep: set[int] = frozenset(),  # type: ignore[assignment]
+    ) -> bool:
         """Evict what no row uses until `blocks` are free: token blocks first, then task prefixes."""
         if self.pool.num_free >= blocks:
             return True
@@ -250,7 +286,9 @@ class Scheduler:
             return True
         return self.prefixes.free_blocks(blocks, key)
 
-    def prefilled(self, requests: list[Request], prefixes: Sequence[tuple[PrefixEntry, SoftPrompt]] = ()) -> None:
+    def prefilled(
+        self, requests: list[Request], prefixes: Sequence[tuple[PrefixEntry, SoftPrompt]] = ()
+    ) -> None:
         """After a prefill pass: the new prefixes and every row's tokens are now in their slots (the
         runner writes, the scheduler counts); the rows' full blocks of input tokens are offered to the
         token block cache."""
@@ -284,7 +322,9 @@ class Scheduler:
         own = self.pool.allocate(private)
         shared = kv.own_blocks[:full]
         self.pool.share(shared + parent.prefix_blocks)
-        child.kv = SeqBlocks(bs, prefix_slots=list(kv.prefix_slots), own_blocks=shared + own, own_len=kv.own_len)
+        child.kv = SeqBlocks(
+            bs, prefix_slots=list(kv.prefix_slots), own_blocks=shared + own, own_len=kv.own_len
+        )
         child.prefix_blocks = list(parent.prefix_blocks)
         with self._lock:
             self._queues.joined(child)

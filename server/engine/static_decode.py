@@ -12,8 +12,8 @@ reserved block) and sees only that slot; padded columns of a real row read NULL_
 out. Every op of the step is row-wise, so padded rows never touch real rows' results; what they
 write into NULL_SLOT is finite (token 0's keys), and masked columns weigh 0.
 
-Inputs reach the device in one copy that does not wait for the GPU (pageable memory is staged at
-once), so the step's one host sync stays the engine's read of the sampled tokens.
+Inputs reach the device in one copy from one of two pinned host buffers used in turn (a DMA the host
+does not wait for), so the step's one host sync stays the engine's read of the sampled tokens.
 
 On a CPU the same static step runs eagerly (`Acceleration.static_decode=True`): there the native
 kernels already take any shape, so it is there to be tested. tests/test_static_decode.py checks it
@@ -127,6 +127,12 @@ class StaticDecode:
         self.widths = width_buckets(max_context)
         r, w = self.rows[-1], self.widths[-1]
         self.buffer = torch.zeros(4 * r + r * w, dtype=torch.int64, device=device)
+        # Two host buffers the step's inputs are written into, in turn: pinned on a GPU, so the copy to
+        # `buffer` is a DMA the host does not wait for, and one step's copy can still be in flight while
+        # the next step's inputs are written into the other.
+        pin = device.type == "cuda"
+        self._host = [torch.zeros(self.buffer.shape[0], dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._turn = 0
         self.arange = torch.arange(r, dtype=torch.int64, device=device)
         self.recorder = recorder
         self._inputs: dict[tuple[int, int], StaticInputs] = {}
@@ -150,7 +156,9 @@ class StaticDecode:
             )
         return self._inputs[key]
 
-    def decode(self, tokens: list[int], positions: list[int], key_tables: list[list[int]]) -> torch.Tensor | None:
+    def decode(
+        self, tokens: list[int], positions: list[int], key_tables: list[list[int]]
+    ) -> torch.Tensor | None:
         """One step for B = len(tokens) rows: key_tables[i] = row i's slots, its new token's last;
         returns logits [B, V] (a view of a fixed buffer: valid until the next step), or None when the
         rows or a key table are past the largest bucket (the caller runs the eager step)."""
@@ -168,8 +176,9 @@ class StaticDecode:
             flat += t
             flat += [NULL_SLOT] * (width - len(t))
         flat += [NULL_SLOT] * (width * pad)
-        host = torch.tensor(flat, dtype=torch.int64)
-        self.buffer[: host.shape[0]].copy_(host, non_blocking=True)  # staged at once: no wait on the GPU
+        host, self._turn = self._host[self._turn], 1 - self._turn
+        host.numpy()[: len(flat)] = flat  # one conversion of the list, into the pinned buffer
+        self.buffer[: len(flat)].copy_(host[: len(flat)], non_blocking=True)
         return self._run(rows, width)[:n]
 
     def _run(self, rows: int, width: int) -> torch.Tensor:

@@ -57,7 +57,9 @@ class MaskStats:
     grammar_errors: int = 0  # rows failed because their matcher refused a token or broke a limit
 
     def __post_init__(self) -> None:
-        self.recent: deque[tuple[float, float]] = deque(maxlen=4096)  # (fill, waited) per pass, for percentiles
+        self.recent: deque[tuple[float, float]] = deque(
+            maxlen=4096
+        )  # (fill, waited) per pass, for percentiles
 
     def record(self, fill: float, waited: float) -> None:
         self.passes += 1

@@ -8,9 +8,9 @@ the same box, a 2-thread engine fell from ~6.7 decode steps/s to ~0.4, where a 1
 ~5.8. The sign is cheap to read: the engine thread's own CPU time falls far below the wall time of
 its passes (it sleeps in barriers; uncontended it computes or spins nearly all the time).
 
-`ThreadGovernor` reads that ratio over recent passes, drops to one thread while it stays low, and
-tries the full team again every few seconds (one verdict later it stays, or drops again). Results do not depend on the team size: every kernel
-computes each output in one thread, in one order (tests/test_kernels.py).
+`ThreadGovernor` reads that ratio over recent passes, drops to one thread while it stays low, and tries the
+full team again every few seconds (one verdict later it stays, or drops again). Results do not depend on the
+team size: every kernel computes each output in one thread, in one order (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ MIN_PASS_S = 0.002  # shorter passes say little (timer resolution, Python overhe
 class ThreadGovernor:
     """Engine thread only. `observe(wall, cpu)` after each forward pass."""
 
-    def __init__(self, threads: int, set_threads: Callable[[int], None], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, threads: int, set_threads: Callable[[int], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.full = threads
         self.current = threads
         self._set = set_threads
@@ -60,7 +62,10 @@ class ThreadGovernor:
         self._passes = 0
         if self.current > 1 and ratio < CONTENDED:
             self.drops += 1
-            log.info("cores contended (engine thread busy %.0f%% of its passes): running passes on 1 thread", 100 * ratio)
+            log.info(
+                "cores contended (engine thread busy %.0f%% of its passes): running passes on 1 thread",
+                100 * ratio,
+            )
             self._switch(1)
 
     def _switch(self, threads: int) -> None:

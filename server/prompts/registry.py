@@ -37,7 +37,8 @@ class TaskInfo:
 
 
 def folder_signature(folder: Path) -> Signature | None:
-    """Cheap change detector for hot reload: stat of the adapter files and task.json; None if the folder is gone."""
+    """Cheap change detector for hot reload: stat of the adapter files and task.json;
+    None if the folder is gone."""
     out = []
     for name in (CONFIG_FILE, WEIGHTS_FILE, SETTINGS_FILE):
         try:
@@ -80,7 +81,9 @@ class Registry:
         self.max_resident = max_resident
         self._lock = threading.Lock()
         self._info: dict[str, TaskInfo] = {}  # every servable task
-        self._prompts: OrderedDict[str, SoftPrompt] = OrderedDict()  # resident ones, least recently used first
+        self._prompts: OrderedDict[str, SoftPrompt] = (
+            OrderedDict()
+        )  # resident ones, least recently used first
         self._failures: dict[str, str] = {}
         self._folders: dict[str, tuple[Signature | None, list[str]]] = {}  # folder -> (signature, task names)
         self._missing: set[str] = set()  # folders seen gone once (removal needs two looks: see refresh)
@@ -132,7 +135,9 @@ class Registry:
     def _read_checked(self, folder: Path, folder_names: set[str], taken: set[str]) -> list[SoftPrompt]:
         loaded = self.read(folder)
         # A multitask sub-task `<folder>.<t>` must not shadow a folder of that name.
-        clash = [p.name for p in loaded if p.name != folder.name and (p.name in folder_names or p.name in taken)]
+        clash = [
+            p.name for p in loaded if p.name != folder.name and (p.name in folder_names or p.name in taken)
+        ]
         if clash:
             raise PromptError(f"sub-task name(s) {clash} collide with existing task names")
         return loaded
@@ -163,7 +168,8 @@ class Registry:
 
     # ---- single-folder changes (admin API, hot reload) -----------------------------------------
     def load_folder(self, name: str) -> list[SoftPrompt]:
-        """Read `store/name` and add or replace its task(s); raises PromptError (the registry is then unchanged)."""
+        """Read `store/name` and add or replace its task(s);
+        raises PromptError (the registry is then unchanged)."""
         validate_task_name(name)
         with self._write:
             return self._load_folder(self.store / name)
@@ -194,7 +200,8 @@ class Registry:
         return loaded
 
     def remove_folder(self, name: str) -> list[str]:
-        """Forget the task(s) of folder `name` (the files are the caller's business); returns the task names."""
+        """Forget the task(s) of folder `name` (the files are the caller's business);
+        returns the task names."""
         with self._write:
             return self._forget(name)
 
@@ -209,7 +216,8 @@ class Registry:
         return names
 
     def refresh(self) -> dict[str, list[str]]:
-        """Apply what changed in the store since the last look; returns {"loaded", "removed", "failed"} folder names.
+        """Apply what changed in the store since the last look; returns {"loaded", "removed", "failed"}
+        folder names.
 
         A folder counts as removed only when two consecutive looks miss it: replacing a task renames
         the old folder aside and the new one in, and a look between the two renames must not drop it.
@@ -278,7 +286,9 @@ class Registry:
         with self._lock:
             if self._info.get(name) is not info:  # replaced or removed meanwhile
                 return self._prompts.get(name)
-            if prompt.content_hash != info.content_hash or prompt.settings != info.settings:  # changed on disk: serve that
+            if (
+                prompt.content_hash != info.content_hash or prompt.settings != info.settings
+            ):  # changed on disk: serve that
                 self._info[name] = self._info_of(prompt)
             self._prompts[name] = prompt
             self._trim()
@@ -316,7 +326,8 @@ class Registry:
                     "name": p.name,
                     "peft_type": p.kind.value,
                     "num_virtual_tokens": p.num_virtual_tokens,
-                    "prefix_length": p.num_virtual_tokens,  # cache entries in front of every request of this task
+                    # cache entries in front of every request of this task
+                    "prefix_length": p.num_virtual_tokens,
                     "folder": p.folder.name,
                     "settings": p.settings.shown(),
                 }

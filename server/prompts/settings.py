@@ -53,24 +53,39 @@ class TaskSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    weight: float = Field(1.0, gt=0, le=1000, description="share of the server relative to other tasks (tokens served)")
-    max_queue: int | None = Field(
-        None, ge=1, le=1_000_000, description="waiting requests of this task at most (default: --max-queue-per-task)"
+    weight: float = Field(
+        1.0, gt=0, le=1000, description="share of the server relative to other tasks (tokens served)"
     )
-    max_running: int | None = Field(None, ge=1, le=100_000, description="rows of the running batch at most (default: no cap)")
-    priority: int = Field(0, ge=PRIORITY_RANGE[0], le=PRIORITY_RANGE[1], description="default priority; lower is served first")
+    max_queue: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="waiting requests of this task at most (default: --max-queue-per-task)",
+    )
+    max_running: int | None = Field(
+        None, ge=1, le=100_000, description="rows of the running batch at most (default: no cap)"
+    )
+    priority: int = Field(
+        0, ge=PRIORITY_RANGE[0], le=PRIORITY_RANGE[1], description="default priority; lower is served first"
+    )
     min_priority: int | None = Field(
         None,
         ge=PRIORITY_RANGE[0],
         le=PRIORITY_RANGE[1],
-        description="the most urgent (lowest) priority a request of this task may ask for (default: priority)",
+        description=(
+            "the most urgent (lowest) priority a request of this task may ask for (default: priority)"
+        ),
     )
 
     output: dict[str, object] | None = Field(
         None,
-        description="structured output binding every request: one of json, json_object, regex, choice, grammar",
+        description=(
+            "structured output binding every request: one of json, json_object, regex, choice, grammar"
+        ),
     )
-    defaults: TaskDefaults = Field(default_factory=TaskDefaults, description="parameters for requests that leave them unset")
+    defaults: TaskDefaults = Field(
+        default_factory=TaskDefaults, description="parameters for requests that leave them unset"
+    )
 
     @field_validator("output")
     @classmethod
@@ -90,7 +105,10 @@ class TaskSettings(BaseModel):
     @model_validator(mode="after")
     def _min_priority_not_above_default(self) -> TaskSettings:
         if self.min_priority is not None and self.min_priority > self.priority:
-            raise ValueError(f"min_priority ({self.min_priority}) must be <= priority ({self.priority}): lower is more urgent")
+            raise ValueError(
+                f"min_priority ({self.min_priority}) must be <= priority ({self.priority}): "
+                "lower is more urgent"
+            )
         return self
 
     @property
@@ -112,7 +130,9 @@ class SettingsError(ValueError):
 def parse_settings(data: bytes) -> TaskSettings:
     """`task.json`'s bytes -> TaskSettings; SettingsError naming the field and what is allowed."""
     if len(data) > MAX_SETTINGS_BYTES:
-        raise SettingsError(f"{SETTINGS_FILE} is {len(data)} bytes; at most {MAX_SETTINGS_BYTES} are accepted")
+        raise SettingsError(
+            f"{SETTINGS_FILE} is {len(data)} bytes; at most {MAX_SETTINGS_BYTES} are accepted"
+        )
     try:
         raw: Any = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

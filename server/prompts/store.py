@@ -29,7 +29,9 @@ from server.prompts.settings import (
 from server.prompts.types import PromptError, PromptGeometry, PromptKind, SoftPrompt
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-TASK_NAME_RULE = "1-64 characters from lowercase a-z, digits 0-9, '.', '_' and '-', starting with a letter or digit"
+TASK_NAME_RULE = (
+    "1-64 characters from lowercase a-z, digits 0-9, '.', '_' and '-', starting with a letter or digit"
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -85,7 +87,13 @@ def read_task_folder(folder: Path, geometry: PromptGeometry) -> list[SoftPrompt]
         kv = _cast_checked(kv, dtype=dtype, device=dev)
         return [
             SoftPrompt(
-                name=folder.name, kind=kind, embeddings=None, content_hash=digest, source=folder, prefix_kv=kv, settings=settings
+                name=folder.name,
+                kind=kind,
+                embeddings=None,
+                content_hash=digest,
+                source=folder,
+                prefix_kv=kv,
+                settings=settings,
             )
         ]
     if kind is PromptKind.MULTITASK_PROMPT_TUNING:
@@ -103,7 +111,16 @@ def read_task_folder(folder: Path, geometry: PromptGeometry) -> list[SoftPrompt]
         ]
     embeddings = _read_prompt_embeddings(tensors, config, kind, geometry)  # [P, H] in the file's dtype
     embeddings = _cast_checked(embeddings, dtype=dtype, device=dev)
-    return [SoftPrompt(name=folder.name, kind=kind, embeddings=embeddings, content_hash=digest, source=folder, settings=settings)]
+    return [
+        SoftPrompt(
+            name=folder.name,
+            kind=kind,
+            embeddings=embeddings,
+            content_hash=digest,
+            source=folder,
+            settings=settings,
+        )
+    ]
 
 
 def read_settings(folder: Path) -> TaskSettings:
@@ -164,7 +181,9 @@ def _parse_kind(config: Mapping[str, Any]) -> PromptKind:
         raise PromptError(f"{CONFIG_FILE} has no 'peft_type'; supported: {supported}")
     peft_type = config["peft_type"]
     if not isinstance(peft_type, str):
-        raise PromptError(f"{CONFIG_FILE} 'peft_type' must be a string, found {peft_type!r}; supported: {supported}")
+        raise PromptError(
+            f"{CONFIG_FILE} 'peft_type' must be a string, found {peft_type!r}; supported: {supported}"
+        )
     try:
         kind = PromptKind(peft_type)
     except ValueError:
@@ -216,7 +235,9 @@ def _floating(name: str, t: torch.Tensor) -> None:
 
 def _check_count(num_tokens: int, geometry: PromptGeometry) -> None:
     if not 1 <= num_tokens <= geometry.max_virtual_tokens:
-        raise PromptError(f"{EMBEDDINGS_KEY} has {num_tokens} virtual tokens; allowed: 1 to {geometry.max_virtual_tokens}")
+        raise PromptError(
+            f"{EMBEDDINGS_KEY} has {num_tokens} virtual tokens; allowed: 1 to {geometry.max_virtual_tokens}"
+        )
 
 
 def _read_prompt_embeddings(
@@ -239,14 +260,17 @@ def _read_prompt_embeddings(
     num_tokens, width = emb.shape
     if width != hidden_size:
         raise PromptError(
-            f"{EMBEDDINGS_KEY} has hidden size {width} (shape {list(emb.shape)}); the model's hidden size is {hidden_size}"
+            f"{EMBEDDINGS_KEY} has hidden size {width} (shape {list(emb.shape)}); "
+            f"the model's hidden size is {hidden_size}"
         )
     _check_count(num_tokens, geometry)
     _check_num_virtual_tokens(config, num_tokens)
     return emb  # [P, H]
 
 
-def _read_prefix(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], geometry: PromptGeometry) -> torch.Tensor:
+def _read_prefix(
+    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], geometry: PromptGeometry
+) -> torch.Tensor:
     """PREFIX_TUNING: `prompt_embeddings` [P, num_layers*2*kv_heads*head_dim] -> [L, 2, H_kv, P, D].
 
     PEFT lays a token's row out as (layer, key|value, kv head, head dim): layer i's key is slice
@@ -264,7 +288,8 @@ def _read_prefix(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
         got = _config_int(config, key)
         if got is not None and got != want:
             raise PromptError(
-                f"{CONFIG_FILE} '{key}' is {got}; the model needs {want} ({layers} layers, {heads} KV heads of dimension {dim})"
+                f"{CONFIG_FILE} '{key}' is {got}; the model needs {want} ({layers} layers, "
+                f"{heads} KV heads of dimension {dim})"
             )
     if emb.dim() != 2 or emb.shape[1] != width:
         raise PromptError(
@@ -291,7 +316,9 @@ def _read_multitask(
         _floating(name, t)
     hidden = geometry.hidden_size
     if emb.dim() != 2 or emb.shape[1] != hidden:
-        raise PromptError(f"{EMBEDDINGS_KEY} has shape {list(emb.shape)}; needs [num_virtual_tokens, {hidden}]")
+        raise PromptError(
+            f"{EMBEDDINGS_KEY} has shape {list(emb.shape)}; needs [num_virtual_tokens, {hidden}]"
+        )
     num_tokens = emb.shape[0]
     _check_count(num_tokens, geometry)
     _check_num_virtual_tokens(config, num_tokens)
@@ -309,7 +336,9 @@ def _read_multitask(
         )
     declared = _config_int(config, "num_tasks")
     if declared is not None and declared != cols.shape[0]:
-        raise PromptError(f"{CONFIG_FILE} says num_tasks={declared} but the tensors hold {cols.shape[0]} sub-tasks")
+        raise PromptError(
+            f"{CONFIG_FILE} says num_tasks={declared} but the tensors hold {cols.shape[0]} sub-tasks"
+        )
     e, c, r = emb.double(), cols.double(), rows.double()
     return [e * (c[t] @ r[t]) for t in range(cols.shape[0])]  # T x [P, H]
 
@@ -326,7 +355,9 @@ def _check_num_virtual_tokens(config: Mapping[str, Any], num_rows: int) -> None:
     declared = _config_int(config, "num_virtual_tokens")
     expected_rows = None if declared is None else declared * (submodules or 1)
     if expected_rows is not None and expected_rows != num_rows:
-        raise PromptError(f"{CONFIG_FILE} says num_virtual_tokens={declared} but {EMBEDDINGS_KEY} has {num_rows} rows")
+        raise PromptError(
+            f"{CONFIG_FILE} says num_virtual_tokens={declared} but {EMBEDDINGS_KEY} has {num_rows} rows"
+        )
 
 
 def _expect_keys(tensors: Mapping[str, torch.Tensor], expected: set[str]) -> None:
@@ -360,7 +391,8 @@ def _cast_checked(tensor: torch.Tensor, *, dtype: torch.dtype, device: torch.dev
         limit = torch.finfo(dtype).max
         raise PromptError(
             f"{EMBEDDINGS_KEY} has {overflow} value(s) that become inf when cast to the model dtype "
-            f"{_dtype_name(dtype)} (largest magnitude {largest:.4g}; {_dtype_name(dtype)} holds up to {limit:.4g})"
+            f"{_dtype_name(dtype)} (largest magnitude {largest:.4g}; "
+            f"{_dtype_name(dtype)} holds up to {limit:.4g})"
         )
     return cast.to(device).contiguous()
 

@@ -63,7 +63,9 @@ class PromptGeometry:
     kv_shape: KVShape | None = None  # the model's layers, KV heads, head dim: needed to accept PREFIX_TUNING
 
     @classmethod
-    def of(cls, lm: LoadedModel, max_virtual_tokens: int, *, device: torch.device | str | None = None) -> PromptGeometry:
+    def of(
+        cls, lm: LoadedModel, max_virtual_tokens: int, *, device: torch.device | str | None = None
+    ) -> PromptGeometry:
         """For a loaded model (prompts land on its device unless `device` says otherwise)."""
         return cls(
             hidden_size=lm.hidden_size,
@@ -91,7 +93,9 @@ class SoftPrompt:
     embeddings: torch.Tensor | None  # [P, H] in model dtype and on the model's device; None for prefix tuning
     content_hash: str  # sha256 over adapter_config.json and adapter_model.safetensors bytes
     source: Path  # the adapter folder it was read from
-    prefix_kv: torch.Tensor | None = None  # [num_layers, 2, H_kv, P, D]: keys then values (prefix tuning only)
+    prefix_kv: torch.Tensor | None = (
+        None  # [num_layers, 2, H_kv, P, D]: keys then values (prefix tuning only)
+    )
     settings: TaskSettings = DEFAULT_SETTINGS  # the folder's task.json: weight, queue quota, priority class
 
     @property

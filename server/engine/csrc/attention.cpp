@@ -34,7 +34,8 @@ void softmax_rows(acc_t* scores, int64_t G, int64_t Tpad, int64_t n) {
 // row's keys and values in the pool at row_slots[0..n); out [G, D].
 template <typename scalar_t, typename acc_t>
 void attend_item(const acc_t* qf, int64_t G, int64_t D, const scalar_t* keys, const scalar_t* values,
-                 const int64_t* row_slots, int64_t n, acc_t scale, acc_t* scores, int64_t Tpad, acc_t* acc, scalar_t* out) {
+                 const int64_t* row_slots, int64_t n, acc_t scale, acc_t* scores, int64_t Tpad, acc_t* acc,
+                 scalar_t* out) {
   for (int64_t t = 0; t < n; ++t) {
     const scalar_t* kr = keys + row_slots[t] * D;
     for (int64_t g = 0; g < G; ++g) {
@@ -70,16 +71,19 @@ inline void prefetch_row(const scalar_t* row, int64_t D) {
 
 // Lane j: the sum of a[j]'s 8 lanes, ((0+1)+(2+3))+((4+5)+(6+7)) for every j alike.
 inline __m256 sum_lanes8(const __m256* a) {
-  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // [j lanes 0-3 | j lanes 4-7], j=0..3
+  // s0123: [j lanes 0-3 | j lanes 4-7], j=0..3
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
   const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
 // scores[g * Tpad + j] = scale * q_g . rows[j] for 8 key rows and the G query heads: one FMA chain
 // per key over d (8 independent chains), the 8 sums then in one vector. A key's score is the same
 // arithmetic whichever of the 8 places it takes.
 template <typename scalar_t>
-void scores8(const float* qf, int64_t G, int64_t D, const scalar_t* const* rows, float scale, float* scores, int64_t Tpad) {
+void scores8(const float* qf, int64_t G, int64_t D, const scalar_t* const* rows, float scale, float* scores,
+             int64_t Tpad) {
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = qf + g * D;
     __m256 acc[8];
@@ -108,8 +112,8 @@ struct Ahead {
 // GB x W vectors (8 W lanes of d) accumulate in registers across all t, so each line of a value row
 // is read once per group of heads. While the first lanes are summed, `ahead`'s rows are asked for.
 template <int GB, int W, typename scalar_t>
-void weighted_values_heads(const float* p, int64_t Tpad, const scalar_t* values, const int64_t* row_slots, int64_t n,
-                           int64_t D, scalar_t* out, const Ahead<scalar_t>& ahead) {
+void weighted_values_heads(const float* p, int64_t Tpad, const scalar_t* values, const int64_t* row_slots,
+                           int64_t n, int64_t D, scalar_t* out, const Ahead<scalar_t>& ahead) {
   for (int64_t d0 = 0; d0 < D; d0 += 8 * W) {
     __m256 acc[GB][W];
     for (int g = 0; g < GB; ++g)
@@ -134,8 +138,9 @@ void weighted_values_heads(const float* p, int64_t Tpad, const scalar_t* values,
 
 // weighted_values_heads over all G heads, in groups that keep GB x W <= 12 accumulators in registers.
 template <int W, typename scalar_t>
-void weighted_values(const float* p, int64_t G, int64_t Tpad, const scalar_t* values, const int64_t* row_slots, int64_t n,
-                     int64_t D, scalar_t* out, const Ahead<scalar_t>& ahead) {
+void weighted_values(const float* p, int64_t G, int64_t Tpad, const scalar_t* values,
+                     const int64_t* row_slots, int64_t n, int64_t D, scalar_t* out,
+                     const Ahead<scalar_t>& ahead) {
   constexpr int kHeads = std::min(4, 12 / W);
   for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
     const float* pg = p + g0 * Tpad;
@@ -202,7 +207,8 @@ void softmax_heads(float* scores, int64_t G, int64_t Tpad, int64_t n, float* sum
 template <typename scalar_t>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
                            torch::Tensor& kpool, torch::Tensor& vpool, const torch::Tensor& write,
-                           const torch::Tensor& slots, const torch::Tensor& lengths, double scale, torch::Tensor& out) {
+                           const torch::Tensor& slots, const torch::Tensor& lengths, double scale,
+                           torch::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hk = k_new.size(1), S = kpool.size(1);
   const int64_t T = slots.size(1), G = H / Hk;
   const int64_t* wr = write.data_ptr<int64_t>();
@@ -244,7 +250,8 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_new, c
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hk, h = item % Hk, n = len[b];
       const int64_t* row_slots = sl + b * T;
-      for (int64_t t = 0; t < n; ++t) TORCH_CHECK(row_slots[t] >= 0 && row_slots[t] < S, "key slot out of range");
+      for (int64_t t = 0; t < n; ++t)
+        TORCH_CHECK(row_slots[t] >= 0 && row_slots[t] < S, "key slot out of range");
       for (int64_t g = 0; g < G; ++g) {
         const scalar_t* qsrc = qd + b * qs0 + (h * G + g) * qs1;
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<acc_t>(qsrc[d]);
@@ -264,12 +271,16 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_new, c
           // of heads, and the next item asked for while this one sums its values (`Ahead`): 0.80-0.83x
           // at 640 keys, 0.85-0.86x at 68, outputs bit for bit the same (AVX2 EPYC, both builds
           // alternating over the same pool).
-          for (int64_t t = 0; t < std::min<int64_t>(16, n); ++t) prefetch_row<_MM_HINT_T0>(keys + row_slots[t] * D, D);
+          for (int64_t t = 0; t < std::min<int64_t>(16, n); ++t)
+            prefetch_row<_MM_HINT_T0>(keys + row_slots[t] * D, D);
           for (int64_t t0 = 0; t0 < n; t0 += 8) {
-            for (int64_t t = t0 + 16; t < std::min(t0 + 24, n); ++t) prefetch_row<_MM_HINT_T0>(keys + row_slots[t] * D, D);
-            for (int64_t t = t0; t < std::min(t0 + 8, n); ++t) prefetch_row<_MM_HINT_T1>(values + row_slots[t] * D, D);
+            for (int64_t t = t0 + 16; t < std::min(t0 + 24, n); ++t)
+              prefetch_row<_MM_HINT_T0>(keys + row_slots[t] * D, D);
+            for (int64_t t = t0; t < std::min(t0 + 8, n); ++t)
+              prefetch_row<_MM_HINT_T1>(values + row_slots[t] * D, D);
             const scalar_t* rows[8];
-            for (int64_t j = 0; j < 8; ++j) rows[j] = t0 + j < n ? keys + row_slots[t0 + j] * D : zero_row.data();
+            for (int64_t j = 0; j < 8; ++j)
+              rows[j] = t0 + j < n ? keys + row_slots[t0 + j] * D : zero_row.data();
             scores8(qf.data(), G, D, rows, static_cast<float>(ascale), scores.data() + t0, Tpad);
           }
           softmax_heads(scores.data(), G, Tpad, n, sums.data());
@@ -287,7 +298,8 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_new, c
         }
       }
 #endif
-      if (!done) attend_item(qf.data(), G, D, keys, values, row_slots, n, ascale, scores.data(), Tpad, acc.data(), o);
+      if (!done)
+        attend_item(qf.data(), G, D, keys, values, row_slots, n, ascale, scores.data(), Tpad, acc.data(), o);
     }
   });
 }

@@ -12,7 +12,8 @@
 //   greedy            each row's argmax and whether it is finite, in one pass over the logits
 //   panel_linear      x W^T + b over weights repacked in panels, for decode-sized inputs (panel_linear.cpp)
 //   DecoderStack      every layer of a llama-like decoder for one pass, calling the above (layers.cpp)
-// decode_attention lives in attention.cpp, the 8-lane helpers they share in vec8.h, the entry points in ops.h.
+// decode_attention lives in attention.cpp, the 8-lane helpers they share in vec8.h, the entry points in
+// ops.h.
 // Compiled with -ffp-contract=off so that a*b + c*d rounds as the separate torch ops do.
 
 #include <torch/extension.h>
@@ -38,18 +39,20 @@ bool elementwise_dtype(const torch::Tensor& t) {
 
 }  // namespace
 
-#define SOFTMUX_DISPATCH(dtype, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, NAME, __VA_ARGS__)
+#define SOFTMUX_DISPATCH(dtype, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, NAME, __VA_ARGS__)
 
 template <typename scalar_t>
-void rms_norm_impl(scalar_t* hd, const scalar_t* rd, const scalar_t* wd, scalar_t* od, int64_t N, int64_t C, float eps,
-                   bool gemma) {
+void rms_norm_impl(scalar_t* hd, const scalar_t* rd, const scalar_t* wd, scalar_t* od, int64_t N, int64_t C,
+                   float eps, bool gemma) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> x(C);
     for (int64_t n = begin; n < end; ++n) {
       scalar_t* hrow = hd + n * C;
       if (rd != nullptr) {
         const scalar_t* r = rd + n * C;
-        for (int64_t c = 0; c < C; ++c) hrow[c] = static_cast<scalar_t>(static_cast<float>(hrow[c]) + static_cast<float>(r[c]));
+        for (int64_t c = 0; c < C; ++c)
+          hrow[c] = static_cast<scalar_t>(static_cast<float>(hrow[c]) + static_cast<float>(r[c]));
       }
       for (int64_t c = 0; c < C; ++c) x[c] = static_cast<float>(hrow[c]);
       float ss = 0.f;
@@ -58,9 +61,11 @@ void rms_norm_impl(scalar_t* hd, const scalar_t* rd, const scalar_t* wd, scalar_
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
       scalar_t* o = od + n * C;
       if (gemma) {  // (1 + w) * normed, in float32, rounded once
-        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>((1.f + static_cast<float>(wd[c])) * (x[c] * inv));
+        for (int64_t c = 0; c < C; ++c)
+          o[c] = static_cast<scalar_t>((1.f + static_cast<float>(wd[c])) * (x[c] * inv));
       } else {  // w * normed.to(dtype): the normed value is rounded first
-        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(static_cast<float>(wd[c]) * rnd<scalar_t>(x[c] * inv));
+        for (int64_t c = 0; c < C; ++c)
+          o[c] = static_cast<scalar_t>(static_cast<float>(wd[c]) * rnd<scalar_t>(x[c] * inv));
       }
     }
   });
@@ -69,25 +74,30 @@ void rms_norm_impl(scalar_t* hd, const scalar_t* rd, const scalar_t* wd, scalar_
 // h [N, C] contiguous, float32/bfloat16/float16; residual (optional, [N, C], h's dtype) is added into h
 // first (h += residual), then RMSNorm as LlamaRMSNorm (offset 0: w * normed.to(dtype)) and GemmaRMSNorm
 // (offset 1: (1 + w) * normed, in float32) compute it: statistics in float32, roundings where they round.
-torch::Tensor rms_norm(torch::Tensor h, const c10::optional<torch::Tensor>& residual, const torch::Tensor& w, double eps,
-                       double offset) {
-  TORCH_CHECK(elementwise_dtype(h) && h.is_contiguous() && h.dim() == 2, "h must be contiguous float32/bfloat16/float16 [N, C]");
-  TORCH_CHECK(w.scalar_type() == h.scalar_type() && w.is_contiguous() && w.numel() == h.size(1), "w must be [C] in h's dtype");
+torch::Tensor rms_norm(torch::Tensor h, const c10::optional<torch::Tensor>& residual, const torch::Tensor& w,
+                       double eps, double offset) {
+  TORCH_CHECK(elementwise_dtype(h) && h.is_contiguous() && h.dim() == 2,
+              "h must be contiguous float32/bfloat16/float16 [N, C]");
+  TORCH_CHECK(w.scalar_type() == h.scalar_type() && w.is_contiguous() && w.numel() == h.size(1),
+              "w must be [C] in h's dtype");
   TORCH_CHECK(offset == 0.0 || offset == 1.0, "offset must be 0 (llama-like) or 1 (gemma)");
   if (residual.has_value())
-    TORCH_CHECK(residual->scalar_type() == h.scalar_type() && residual->is_contiguous() && residual->sizes() == h.sizes(),
+    TORCH_CHECK(residual->scalar_type() == h.scalar_type() && residual->is_contiguous() &&
+                    residual->sizes() == h.sizes(),
                 "residual must be contiguous like h");
   auto out = torch::empty_like(h);
   SOFTMUX_DISPATCH(h.scalar_type(), "rms_norm", [&] {
-    rms_norm_impl<scalar_t>(h.data_ptr<scalar_t>(), residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
-                            w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), h.size(0), h.size(1), static_cast<float>(eps),
-                            offset == 1.0);
+    rms_norm_impl<scalar_t>(h.data_ptr<scalar_t>(),
+                            residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
+                            w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), h.size(0), h.size(1),
+                            static_cast<float>(eps), offset == 1.0);
   });
   return out;
 }
 
 template <typename scalar_t>
-void rotary_impl(scalar_t* xd, const scalar_t* cd, const scalar_t* sd, int64_t N, int64_t Hx, int64_t D, int64_t s0, int64_t s1) {
+void rotary_impl(scalar_t* xd, const scalar_t* cd, const scalar_t* sd, int64_t N, int64_t Hx, int64_t D,
+                 int64_t s0, int64_t s1) {
   const int64_t half = D / 2;
   at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -97,7 +107,8 @@ void rotary_impl(scalar_t* xd, const scalar_t* cd, const scalar_t* sd, int64_t N
         scalar_t* v = xd + n * s0 + h * s1;
         int64_t i = 0;
 #ifdef SOFTMUX_AVX2_EXP
-        if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {  // the compiler leaves bfloat16 scalar: ~10x
+        // the compiler leaves bfloat16 scalar: ~10x
+        if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
           const __m256 sign = _mm256_set1_ps(-0.f);
           for (; i + 8 <= half; i += 8) {
             const __m256 x1 = load8(v + i), x2 = load8(v + i + half);
@@ -126,13 +137,15 @@ void rotary_impl(scalar_t* xd, const scalar_t* cd, const scalar_t* sd, int64_t N
 // x [N, Hx, D] (q and k heads side by side; strides free but the last), rotated in place by cos/sin
 // [N, D] of x's dtype: x * cos + rotate_half(x) * sin, each product and the sum rounded as torch's ops do.
 void rotary(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  TORCH_CHECK(elementwise_dtype(x) && x.dim() == 3 && x.stride(2) == 1, "x must be float32/bfloat16/float16 [N, Hx, D]");
-  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() && cos.is_contiguous() &&
-                  sin.is_contiguous() && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && sin.sizes() == cos.sizes(),
+  TORCH_CHECK(elementwise_dtype(x) && x.dim() == 3 && x.stride(2) == 1,
+              "x must be float32/bfloat16/float16 [N, Hx, D]");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() &&
+                  cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == x.size(0) &&
+                  cos.size(1) == x.size(2) && sin.sizes() == cos.sizes(),
               "cos and sin must be contiguous [N, D] in x's dtype");
   SOFTMUX_DISPATCH(x.scalar_type(), "rotary", [&] {
-    rotary_impl<scalar_t>(x.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(), x.size(0), x.size(1),
-                          x.size(2), x.stride(0), x.stride(1));
+    rotary_impl<scalar_t>(x.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
+                          x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1));
   });
 }
 
@@ -145,7 +158,8 @@ void silu_mul_range(const scalar_t* g, const scalar_t* u, scalar_t* o, int64_t i
   if constexpr (std::is_same<scalar_t, float>::value || std::is_same<scalar_t, c10::BFloat16>::value) {
     for (; i + 8 <= end; i += 8) {  // whole groups in registers: ~3x the copying loop below
       const __m256 x = load8(g + i);
-      const __m256 s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+      const __m256 s =
+          _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
       store8(o + i, _mm256_mul_ps(round8(s, o), load8(u + i)));
     }
   }
@@ -154,23 +168,26 @@ void silu_mul_range(const scalar_t* g, const scalar_t* u, scalar_t* o, int64_t i
     const int64_t n = std::min<int64_t>(8, end - i);
     for (int64_t j = 0; j < 8; ++j) xs[j] = j < n ? static_cast<float>(g[i + j]) : 0.f;
     silu8(xs, ss);
-    for (int64_t j = 0; j < n; ++j) o[i + j] = static_cast<scalar_t>(rnd<scalar_t>(ss[j]) * static_cast<float>(u[i + j]));
+    for (int64_t j = 0; j < n; ++j)
+      o[i + j] = static_cast<scalar_t>(rnd<scalar_t>(ss[j]) * static_cast<float>(u[i + j]));
   }
 }
 
-// silu(gate) * up, [N, I] each, float32/bfloat16/float16 (silu rounded to the dtype before the product, as torch's two ops).
+// silu(gate) * up, [N, I] each, float32/bfloat16/float16 (silu rounded to the dtype before the product, as
+// torch's two ops).
 // Every value goes through the same 8-lane silu (a partial last group is padded), so a value's
 // result does not depend on where it sits: the batch does not change it.
 torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
-  TORCH_CHECK(elementwise_dtype(gate) && up.scalar_type() == gate.scalar_type() && gate.is_contiguous() && up.is_contiguous() &&
-                  gate.sizes() == up.sizes(),
+  TORCH_CHECK(elementwise_dtype(gate) && up.scalar_type() == gate.scalar_type() && gate.is_contiguous() &&
+                  up.is_contiguous() && gate.sizes() == up.sizes(),
               "gate and up must be contiguous, of one shape and one dtype (float32/bfloat16/float16)");
   auto out = torch::empty_like(gate);
   SOFTMUX_DISPATCH(gate.scalar_type(), "silu_mul", [&] {
     const scalar_t* g = gate.data_ptr<scalar_t>();
     const scalar_t* u = up.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, gate.numel(), 4096, [&](int64_t begin, int64_t end) { silu_mul_range<scalar_t>(g, u, o, begin, end); });
+    at::parallel_for(0, gate.numel(), 4096,
+                     [&](int64_t begin, int64_t end) { silu_mul_range<scalar_t>(g, u, o, begin, end); });
   });
   return out;
 }
@@ -197,10 +214,12 @@ void greedy_row(const scalar_t* row, int64_t V, int64_t* token, bool* finite) {
         for (int j = 0; j < 8; ++j) buf[j] = static_cast<float>(row[i + j]);
         x = _mm256_loadu_ps(buf);
       }
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));  // inf - inf, NaN
+      // inf - inf, NaN
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));
       const __m256 gt = _mm256_cmp_ps(x, vbest, _CMP_GT_OQ);
       vbest = _mm256_blendv_ps(vbest, x, gt);
-      vbest_i = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vbest_i), _mm256_castsi256_ps(vidx), gt));
+      vbest_i =
+          _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vbest_i), _mm256_castsi256_ps(vidx), gt));
       vidx = _mm256_add_epi32(vidx, eight);
     }
     alignas(32) float lane_best[8];
@@ -210,7 +229,8 @@ void greedy_row(const scalar_t* row, int64_t V, int64_t* token, bool* finite) {
     best_i = lane_i[0];
     best = lane_best[0];
     for (int j = 1; j < 8; ++j)
-      if (lane_best[j] > best || (lane_best[j] == best && lane_i[j] < best_i)) best = lane_best[j], best_i = lane_i[j];
+      if (lane_best[j] > best || (lane_best[j] == best && lane_i[j] < best_i))
+        best = lane_best[j], best_i = lane_i[j];
     ok = _mm256_movemask_ps(bad) == 0;
   }
 #endif
@@ -226,7 +246,8 @@ void greedy_row(const scalar_t* row, int64_t V, int64_t* token, bool* finite) {
 // logits [B, V] contiguous, float32/bfloat16/float16 -> (tokens [B] int64: each row's torch.argmax,
 // finite [B] bool: the row holds no NaN or infinity). One pass over the logits, rows split between threads.
 std::tuple<torch::Tensor, torch::Tensor> greedy(const torch::Tensor& logits) {
-  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous() && elementwise_dtype(logits),
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous() &&
+                  elementwise_dtype(logits),
               "logits must be a contiguous [B, V] CPU tensor, float32/bfloat16/float16");
   const int64_t B = logits.size(0), V = logits.size(1);
   TORCH_CHECK(V > 0 && V < (int64_t(1) << 31), "vocabulary size out of range");
@@ -246,16 +267,19 @@ std::tuple<torch::Tensor, torch::Tensor> greedy(const torch::Tensor& logits) {
 }  // namespace softmux
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &softmux::decode_attention, "write new keys/values into the pool and attend each row to its slots");
+  m.def("decode_attention", &softmux::decode_attention,
+        "write new keys/values into the pool and attend each row to its slots");
   m.def("rms_norm", &softmux::rms_norm, "optional residual add, then RMSNorm");
   m.def("rotary", &softmux::rotary, "rotary embedding in place");
   m.def("silu_mul", &softmux::silu_mul, "silu(gate) * up");
   m.def("greedy", &softmux::greedy, "each row's argmax and whether the row is finite");
   m.def("pack_panels", &softmux::pack_panels, "a weight in panels of 16 output columns, for panel_linear");
-  m.def("pack_panels_int8", &softmux::pack_panels_int8, "a weight quantized to int8 per output channel, in panels");
+  m.def("pack_panels_int8", &softmux::pack_panels_int8,
+        "a weight quantized to int8 per output channel, in panels");
   m.def("panel_linear", &softmux::panel_linear, "x W^T + b over panel-packed weights, float32 accumulation",
         pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("n"), pybind11::arg("bias"),
         pybind11::arg("scales") = pybind11::none());
-  m.def("panel_linear_vectorized", &softmux::panel_linear_vectorized, "whether panel_linear is vectorised here");
+  m.def("panel_linear_vectorized", &softmux::panel_linear_vectorized,
+        "whether panel_linear is vectorised here");
   softmux::bind_decoder_stack(m);
 }

@@ -44,31 +44,35 @@ class DecoderStack {
   // Per layer, in order: 2 norms (input, post), 5 linears (qkv, o, up, gate, down; scales for int8 panels).
   DecoderStack(const std::vector<torch::Tensor>& norm_weights, const std::vector<double>& norm_eps,
                const std::vector<double>& norm_offsets, const std::vector<torch::Tensor>& panels,
-               const std::vector<c10::optional<torch::Tensor>>& biases, const std::vector<int64_t>& out_features,
-               const std::vector<c10::optional<torch::Tensor>>& scales, const std::vector<double>& scalings, int64_t heads,
-               int64_t kv_heads, int64_t head_dim)
+               const std::vector<c10::optional<torch::Tensor>>& biases,
+               const std::vector<int64_t>& out_features,
+               const std::vector<c10::optional<torch::Tensor>>& scales, const std::vector<double>& scalings,
+               int64_t heads, int64_t kv_heads, int64_t head_dim)
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim) {
     const size_t L = scalings.size();
     TORCH_CHECK(norm_weights.size() == 2 * L && norm_eps.size() == 2 * L && norm_offsets.size() == 2 * L,
                 "two norms per layer");
-    TORCH_CHECK(panels.size() == 5 * L && biases.size() == 5 * L && out_features.size() == 5 * L && scales.size() == 5 * L,
+    TORCH_CHECK(panels.size() == 5 * L && biases.size() == 5 * L && out_features.size() == 5 * L &&
+                    scales.size() == 5 * L,
                 "five linears per layer");
     auto linear = [&](size_t j) { return Linear{panels[j], biases[j], out_features[j], scales[j]}; };
     auto norm = [&](size_t j) { return Norm{norm_weights[j], norm_eps[j], norm_offsets[j]}; };
     for (size_t i = 0; i < L; ++i) {
-      layers_.push_back(Layer{norm(2 * i), norm(2 * i + 1), linear(5 * i), linear(5 * i + 1), linear(5 * i + 2),
-                              linear(5 * i + 3), linear(5 * i + 4), scalings[i]});
+      layers_.push_back(Layer{norm(2 * i), norm(2 * i + 1), linear(5 * i), linear(5 * i + 1),
+                              linear(5 * i + 2), linear(5 * i + 3), linear(5 * i + 4), scalings[i]});
     }
   }
 
   // h [N, C] the residual stream (updated in place), cos/sin [N, D] in h's dtype, kpool/vpool
   // [L, H_kv, slots, D], write [N], slots [N, T], lengths [N] as decode_attention takes them
   // -> (h, residual): the last layer's MLP output is not added yet, as in Decoder.forward.
-  std::tuple<torch::Tensor, torch::Tensor> forward(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
-                                                   const torch::Tensor& kpool, const torch::Tensor& vpool,
-                                                   const torch::Tensor& write, const torch::Tensor& slots,
+  std::tuple<torch::Tensor, torch::Tensor> forward(torch::Tensor h, const torch::Tensor& cos,
+                                                   const torch::Tensor& sin, const torch::Tensor& kpool,
+                                                   const torch::Tensor& vpool, const torch::Tensor& write,
+                                                   const torch::Tensor& slots,
                                                    const torch::Tensor& lengths) const {
-    TORCH_CHECK(kpool.dim() == 4 && kpool.size(0) == static_cast<int64_t>(layers_.size()) && vpool.sizes() == kpool.sizes(),
+    TORCH_CHECK(kpool.dim() == 4 && kpool.size(0) == static_cast<int64_t>(layers_.size()) &&
+                    vpool.sizes() == kpool.sizes(),
                 "kpool and vpool must be [layers, H_kv, slots, D]");
     const int64_t n = h.size(0), H = heads_, Hk = kv_heads_, D = head_dim_;
     c10::optional<torch::Tensor> residual;
@@ -80,7 +84,8 @@ class DecoderStack {
       torch::Tensor q = qkv.narrow(1, 0, H * D).view({n, H, D});
       torch::Tensor k = qkv.narrow(1, H * D, Hk * D).view({n, Hk, D});
       torch::Tensor v = qkv.narrow(1, (H + Hk) * D, Hk * D).view({n, Hk, D});
-      torch::Tensor attn = decode_attention(q, k, v, kpool.select(0, i), vpool.select(0, i), write, slots, lengths, layer.scaling);
+      torch::Tensor attn = decode_attention(q, k, v, kpool.select(0, i), vpool.select(0, i), write, slots,
+                                            lengths, layer.scaling);
       x = layer.post_norm(h, layer.o(attn));
       torch::Tensor up = layer.up(x);
       residual = layer.down(silu_mul(layer.gate(x), up));
@@ -96,9 +101,11 @@ class DecoderStack {
 }  // namespace
 
 void bind_decoder_stack(pybind11::module& m) {
-  pybind11::class_<DecoderStack>(m, "DecoderStack", "every layer of a llama-like decoder for one pass, over these kernels")
-      .def(pybind11::init<const std::vector<torch::Tensor>&, const std::vector<double>&, const std::vector<double>&,
-                          const std::vector<torch::Tensor>&, const std::vector<c10::optional<torch::Tensor>>&,
+  pybind11::class_<DecoderStack>(m, "DecoderStack",
+                                 "every layer of a llama-like decoder for one pass, over these kernels")
+      .def(pybind11::init<const std::vector<torch::Tensor>&, const std::vector<double>&,
+                          const std::vector<double>&, const std::vector<torch::Tensor>&,
+                          const std::vector<c10::optional<torch::Tensor>>&,
                           const std::vector<int64_t>&, const std::vector<c10::optional<torch::Tensor>>&,
                           const std::vector<double>&, int64_t, int64_t, int64_t>())
       .def("forward", &DecoderStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -8,8 +8,8 @@
 namespace softmux {
 
 // cpu_ops.cpp
-torch::Tensor rms_norm(torch::Tensor h, const c10::optional<torch::Tensor>& residual, const torch::Tensor& w, double eps,
-                       double offset);
+torch::Tensor rms_norm(torch::Tensor h, const c10::optional<torch::Tensor>& residual, const torch::Tensor& w,
+                       double eps, double offset);
 void rotary(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up);
 std::tuple<torch::Tensor, torch::Tensor> greedy(const torch::Tensor& logits);
@@ -21,7 +21,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ne
 bool panel_linear_vectorized();
 torch::Tensor pack_panels(const torch::Tensor& weight);
 std::tuple<torch::Tensor, torch::Tensor> pack_panels_int8(const torch::Tensor& weight);
-torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n, const c10::optional<torch::Tensor>& bias,
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n,
+                           const c10::optional<torch::Tensor>& bias,
                            const c10::optional<torch::Tensor>& scales = c10::nullopt);
 // layers.cpp
 void bind_decoder_stack(pybind11::module& m);

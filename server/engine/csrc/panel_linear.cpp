@@ -64,7 +64,9 @@ inline __m256 load8(const at::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
-inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 // int8 (quantized) weights: 8 bytes sign-extended to 32 bits and converted (exact).
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -73,15 +75,17 @@ inline __m256 load8(const int8_t* p) {
 // MR rows of x (row r's k-th value at a[k * ak + r * ar]) against one panel ([K, kCols]) -> y rows
 // (stride ldy), `cols` valid. scale (int8 panels: one float per output column, else null) multiplies
 // each column's finished sum: per-channel weights factor out of it exactly.
-// Each output is kChains<w_t> chains of FMAs (chain j takes k = j, j + S, ...; then chain 0 + chain 1):
-// one chain for float and 16-bit weights (the order their answers have always had), two for int8,
-// whose one-row steps are otherwise bound by the FMA latency of a single chain rather than by memory.
+// Each output is kChains<w_t> chains of FMAs (chain j takes k = j, j + S, ...; then chain 0 +
+// chain 1): one chain for float and 16-bit weights (the order their answers have always had), two for
+// int8, whose one-row steps are otherwise bound by the FMA latency of a single chain rather than by
+// memory.
 // While it computes, a tile prefetches lines pf, pf + pf_step, ... of the next panel into L2 (one
 // line per k): the row tiles of a panel share its next panel's lines, so that memory latency hides
 // behind arithmetic instead of stalling the first tile of every panel.
 template <typename w_t, typename y_t, int MR>
-void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias, const float* scale, y_t* y,
-          int64_t ldy, int64_t cols, const w_t* next, int64_t pf, int64_t pf_step) {
+void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias,
+          const float* scale, y_t* y, int64_t ldy, int64_t cols, const w_t* next, int64_t pf,
+          int64_t pf_step) {
   constexpr int S = kChains<w_t>;
   // Every loop over r and s is unrolled so that the accumulators live in registers (not on the stack).
   __m256 acc[S][MR][2];
@@ -89,7 +93,8 @@ void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, c
   for (int s = 0; s < S; ++s)
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) acc[s][r][0] = acc[s][r][1] = _mm256_setzero_ps();
-  constexpr int64_t kLineK = 64 / (kCols * sizeof(w_t)) > 0 ? 64 / (kCols * sizeof(w_t)) : 1;  // k values per line
+  // k values per line
+  constexpr int64_t kLineK = 64 / (kCols * sizeof(w_t)) > 0 ? 64 / (kCols * sizeof(w_t)) : 1;
   for (int64_t k0 = 0; k0 < K; k0 += S) {
 #pragma GCC unroll 2
     for (int s = 0; s < S; ++s) {
@@ -123,8 +128,9 @@ void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, c
 }
 
 template <typename w_t, typename y_t>
-void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias,
-               const float* scale, y_t* y, int64_t ldy, int64_t cols, const w_t* next, int64_t pf, int64_t pf_step) {
+void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K,
+               const float* bias, const float* scale, y_t* y, int64_t ldy, int64_t cols, const w_t* next,
+               int64_t pf, int64_t pf_step) {
   switch (mr) {
     case 1: return tile<w_t, y_t, 1>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
     case 2: return tile<w_t, y_t, 2>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
@@ -137,14 +143,16 @@ void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* pa
 #else
 // The same chains of float32 multiply-adds per output, one output at a time.
 template <typename w_t, typename y_t>
-void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias,
-               const float* scale, y_t* y, int64_t ldy, int64_t cols, const w_t*, int64_t, int64_t) {
+void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K,
+               const float* bias, const float* scale, y_t* y, int64_t ldy, int64_t cols, const w_t*, int64_t,
+               int64_t) {
   constexpr int S = kChains<w_t>;
   float sums[kCols];
   for (int64_t r = 0; r < mr; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
       float part[S] = {};
-      for (int64_t k = 0; k < K; ++k) part[k % S] = std::fma(a[k * ak + r * ar], widen(panel[k * kCols + c]), part[k % S]);
+      for (int64_t k = 0; k < K; ++k)
+        part[k % S] = std::fma(a[k * ak + r * ar], widen(panel[k * kCols + c]), part[k % S]);
       float total = part[0];
       for (int j = 1; j < S; ++j) total += part[j];
       sums[c] = total;
@@ -158,11 +166,13 @@ void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* pa
 // Rows go in tiles of at most kRows. Over float32 weights the tiles are of near-equal sizes (32 rows:
 // 6, 6, 5, 5, 5, 5 rather than five of 6 and one of 2, whose 4 FMA chains cannot hide the FMA
 // latency): float32 steps at 20-32 rows 0.89-0.93x the time, at 64 0.96x; over bfloat16 weights the
-// same split measured 0.99-1.08x (no gain; AVX2 EPYC), so 16-bit weights keep tiles of kRows. The tiles only group rows: every
-// output is the same chain either way. One tile of float32 rows reads x where it lies; otherwise each
-// tile's rows are first copied (as float32) k-major ([K, rows]), so that a tile's k-th values are adjacent.
+// same split measured 0.99-1.08x (no gain; AVX2 EPYC), so 16-bit weights keep tiles of kRows. The
+// tiles only group rows: every output is the same chain either way. One tile of float32 rows reads x
+// where it lies; otherwise each tile's rows are first copied (as float32) k-major ([K, rows]), so that
+// a tile's k-th values are adjacent.
 template <typename w_t, typename x_t>
-void run(const x_t* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const float* bias, const float* scale, x_t* y) {
+void run(const x_t* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const float* bias, const float* scale,
+         x_t* y) {
   constexpr int64_t tr = kTileRows<w_t>;
   const int64_t panels = (N + kCols - 1) / kCols, chunks = (M + tr - 1) / tr;
   constexpr bool balance = std::is_same<w_t, float>::value || std::is_same<w_t, int8_t>::value;
@@ -191,7 +201,8 @@ void run(const x_t* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const flo
         const int64_t m0 = first_row(c), rows = first_row(c + 1) - m0;
         const float* a = direct ? reinterpret_cast<const float*>(x) : tiles.data() + m0 * K;
         tile_rows(rows, a, direct ? 1 : rows, direct ? K : 1, panel, K, bias != nullptr ? bias + n0 : nullptr,
-                  scale != nullptr ? scale + n0 : nullptr, y + m0 * N + n0, N, cols, panel + K * kCols, c, chunks);
+                  scale != nullptr ? scale + n0 : nullptr, y + m0 * N + n0, N, cols, panel + K * kCols, c,
+                  chunks);
       }
     }
   });
@@ -237,7 +248,8 @@ std::tuple<torch::Tensor, torch::Tensor> pack_panels_int8(const torch::Tensor& w
     auto s = std::get<0>(w.abs().max(1)).div_(127.f);
     s.masked_fill_(s.eq(0), 1.f);
     scales.narrow(0, n0, rows).copy_(s);
-    q.narrow(0, n0, rows).copy_(w.div(s.unsqueeze(1)).round_().clamp_(-127, 127));  // w may be the weight itself: not in place
+    // w may be the weight itself: not in place
+    q.narrow(0, n0, rows).copy_(w.div(s.unsqueeze(1)).round_().clamp_(-127, 127));
   }
   return {q.view({panels, kCols, K}).transpose(1, 2).contiguous(), scales};
 }
@@ -246,28 +258,33 @@ std::tuple<torch::Tensor, torch::Tensor> pack_panels_int8(const torch::Tensor& w
 // or the panels' dtype) or pack_panels_int8 (then scales, its [n] float32 scales, is given); n = the
 // weight's N, bias [n] float32 or None -> [M, n] in x's dtype (16-bit: the float32 result rounded, as
 // `.to()` does).
-torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n, const c10::optional<torch::Tensor>& bias,
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n,
+                           const c10::optional<torch::Tensor>& bias,
                            const c10::optional<torch::Tensor>& scales) {
   TORCH_CHECK(x.device().is_cpu() && panels.device().is_cpu(), "panel_linear: CPU tensors only");
   const auto xt = x.scalar_type(), wt = panels.scalar_type();
   const bool quantized = wt == torch::kInt8;
   TORCH_CHECK(quantized == scales.has_value(), "scales are given exactly for int8 panels");
-  TORCH_CHECK((xt == torch::kFloat32 || xt == wt || (quantized && (xt == torch::kBFloat16 || xt == torch::kHalf))) &&
+  TORCH_CHECK((xt == torch::kFloat32 || xt == wt ||
+               (quantized && (xt == torch::kBFloat16 || xt == torch::kHalf))) &&
                   x.dim() == 2 && x.is_contiguous(),
               "x must be contiguous [M, K], float32 or the model's dtype");
-  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kCols && panels.is_contiguous() && panels.size(1) == x.size(1) &&
-                  n > (panels.size(0) - 1) * kCols && n <= panels.size(0) * kCols,
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kCols && panels.is_contiguous() &&
+                  panels.size(1) == x.size(1) && n > (panels.size(0) - 1) * kCols &&
+                  n <= panels.size(0) * kCols,
               "panels must come from pack_panels of an [n, K] weight with K = x.size(1)");
   const int64_t M = x.size(0), K = x.size(1);
   const float* bd = nullptr;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous(),
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 && bias->size(0) == n &&
+                    bias->is_contiguous(),
                 "bias must be contiguous float32 [n]");
     bd = bias->data_ptr<float>();
   }
   const float* sd = nullptr;
   if (quantized) {
-    TORCH_CHECK(scales->scalar_type() == torch::kFloat32 && scales->dim() == 1 && scales->size(0) == n && scales->is_contiguous(),
+    TORCH_CHECK(scales->scalar_type() == torch::kFloat32 && scales->dim() == 1 && scales->size(0) == n &&
+                    scales->is_contiguous(),
                 "scales must be contiguous float32 [n]");
     sd = scales->data_ptr<float>();
   }
@@ -277,7 +294,9 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
   auto over = [&](const auto* wp) {
     switch (xt) {
       case torch::kFloat32: run(x.data_ptr<float>(), M, K, wp, n, bd, sd, y.data_ptr<float>()); break;
-      case torch::kBFloat16: run(x.data_ptr<at::BFloat16>(), M, K, wp, n, bd, sd, y.data_ptr<at::BFloat16>()); break;
+      case torch::kBFloat16:
+        run(x.data_ptr<at::BFloat16>(), M, K, wp, n, bd, sd, y.data_ptr<at::BFloat16>());
+        break;
       case torch::kHalf: run(x.data_ptr<at::Half>(), M, K, wp, n, bd, sd, y.data_ptr<at::Half>()); break;
       default: TORCH_CHECK(false, "x dtype must be float32, bfloat16 or float16");
     }

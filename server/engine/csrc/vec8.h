@@ -28,7 +28,8 @@ inline void check_cpu(const torch::Tensor& t, const char* name) {
 inline __m256 exp8(__m256 x) {
   const __m256 big = _mm256_set1_ps(88.72283935546875f), small = _mm256_set1_ps(-87.33654022216797f);
   const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, small), big);
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  const __m256 n =
+      _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);
@@ -42,9 +43,11 @@ inline __m256 exp8(__m256 x) {
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i h = _mm256_srai_epi32(ni, 1);
   const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, _mm256_set1_epi32(127)), 23));
-  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), _mm256_set1_epi32(127)), 23));
   __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
-  y = _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _mm256_cmp_ps(x, big, _CMP_GT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                       _mm256_cmp_ps(x, big, _CMP_GT_OQ));
   y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, small, _CMP_LT_OQ));
   return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN stays NaN
 }
@@ -70,7 +73,8 @@ inline __m256 round8(__m256 x, c10::BFloat16*) { return _mm256_castsi256_ps(bf16
 inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
 inline void store8(c10::BFloat16* p, __m256 x) {
   const __m256i b = _mm256_srli_epi32(bf16_bits(x), 16);  // each lane's 16 bits, low
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 
 // silu(x) = x / (1 + exp(-x)) of 8 values, the formula torch uses.
