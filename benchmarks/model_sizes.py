@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.common import cpu_model
+from benchmarks.common import cpu_model, write_results
 from server.bench import start_server
 from server.config import Settings
 from server.models import ensure_default_model
@@ -282,10 +282,7 @@ def main() -> None:
                         f"{r['tokens_per_s_16']:.1f} | {same} |",
                         flush=True,
                     )
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps({"cpu": cpu_model(), "threads": args.threads, "rows": rows}, indent=1) + "\n"
-        )
+    write_results(args.json, args, {"cpu": cpu_model(), "threads": args.threads}, rows=rows)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ shapes (where the weights' bytes dominate) are in benchmarks/model_sizes.py --qu
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, cpu_model
+from benchmarks.common import ROOT, cpu_model, write_results
 from benchmarks.contracts import Run, answer_all
 from server.engine.engine import Engine
 from server.engine.runner import Acceleration
@@ -112,10 +111,7 @@ def main() -> None:
                 f"{same:.1%} | {b.seconds:.1f} / {q.seconds:.1f} |",
                 flush=True,
             )
-    if args.out is not None:
-        args.out.write_text(
-            json.dumps({"cpu": cpu_model(), "threads": args.threads, "rows": rows}, indent=1) + "\n"
-        )
+    write_results(args.out, args, {"cpu": cpu_model(), "threads": args.threads}, rows=rows)
 
 
 if __name__ == "__main__":

@@ -23,23 +23,19 @@ from typing import Any
 import torch
 
 from server.engine.block_cache import BlockCache
-from server.engine.blocks import KERNEL_DTYPES
 from server.engine.detok import IncrementalText
+from server.engine.emit import alternatives_of, append_token, finish_event
 from server.engine.masks import MaskWorker, Pending
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from server.engine.request import (
-    Alternatives,
     ErrorEvent,
     Event,
-    FinishEvent,
     FinishReason,
     Request,
     SamplingParams,
-    TokenEvent,
-    TokenLogprob,
 )
 from server.engine.runner import Acceleration, Runner
-from server.engine.sampler import SamplingBatch, prepare, sample_with_top
+from server.engine.sampler import choose, prepare
 from server.engine.scheduler import Plan, Scheduler, SchedulerConfig
 from server.engine.stats import EngineObserver, EngineStats, MaskStats
 from server.engine.threads import ThreadGovernor
@@ -56,16 +52,6 @@ WARM_UP_TASK = "_warmup"  # not a valid task name, so never a client's
 
 def _ignore(event: Event) -> None:
     pass
-
-
-def _alternatives(values: list[list[float]], ids: list[list[float]], row: int, k: int) -> Alternatives:
-    """Row `row`'s first k alternatives from the host copy of the top tensors (k lists of B values each);
-    tokens a filter removed (-inf) are left out."""
-    return tuple(
-        (int(ids[j][row]), values[j][row])
-        for j in range(min(k, len(values)))
-        if values[j][row] != float("-inf")
-    )
 
 
 # Torch's CPU build runs its threads on GNU OpenMP, which keeps each thread's OpenMP team alive
@@ -438,7 +424,7 @@ class Engine:
     ) -> None:
         """Choose each row's token, deliver it, and finish the rows that are done."""
         batch = prepare(rows, self.runner.vocab_size, logits.device, bitmask)
-        tokens, finite, logprobs, top = self._choose(logits, batch)
+        tokens, finite, logprobs, top = choose(logits, batch, self.runner.ops)
         parts = [tokens, finite.to(torch.int64)]
         if logprobs is not None:  # token ids are exact in float64
             parts = [tokens.double(), finite.double(), logprobs.double()]
@@ -453,87 +439,19 @@ class Engine:
             if not ok:
                 self._fail(req, "the model produced non-finite logits for this request")
                 continue
-            if (
-                req.matcher is not None and req.matcher.is_error()
-            ):  # never fail open: the row ends with the reason
+            if req.matcher is not None and req.matcher.is_error():  # never fail open: it ends with the reason
                 self._fail_grammar(req)
                 continue
             served.append(req)
-            alternatives = _alternatives(host[3 : 3 + k], host[3 + k : 3 + 2 * k], i, req.params.top_logprobs)
-            reason = self._append_token(req, tok, lp, alternatives)
+            alternatives = alternatives_of(
+                host[3 : 3 + k], host[3 + k : 3 + 2 * k], i, req.params.top_logprobs
+            )
+            reason = append_token(req, tok, lp, alternatives, self.eos_ids)
             if reason is not None:
                 self._finish(req, reason)
             elif req.matcher is not None and req.matcher.is_error():
                 self._fail_grammar(req)
         self.scheduler.served(served)
-
-    def _choose(
-        self, logits: torch.Tensor, batch: SamplingBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """logits [B, V] -> (tokens [B], finite [B] bool: a poisoned row must fail alone, log-probabilities
-        [B] or None, the top alternatives ([B, k] log-probabilities, [B, k] ids) or None)."""
-        flags, ops = batch.flags, self.runner.ops
-        fast = not (flags.sampling or flags.penalty or flags.logprobs or flags.masked)
-        if ops is not None and fast and logits.dtype in KERNEL_DTYPES:
-            tokens, finite = ops.greedy(logits.contiguous())  # argmax and the finite test in one pass (CPU)
-            return tokens, finite, None, None
-        # One reduction instead of an elementwise test: the sum is finite exactly when every logit
-        # is, unless they overflow float32 together (garbage anyway).
-        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
-        logits.masked_fill_(
-            ~finite[:, None], 0.0
-        )  # in place (the pass's own output): sampling needs finite rows
-        tokens, logprobs, top = sample_with_top(
-            logits,
-            batch.params,
-            batch.steps,
-            batch.seen,
-            batch.flags,
-            batch.counts,
-            batch.bias,
-            batch.top,
-            batch.mask,
-        )
-        return tokens, finite, logprobs, top
-
-    def _append_token(
-        self, req: Request, tok: int, logprob: float, alternatives: Alternatives = ()
-    ) -> FinishReason | None:
-        if not req.output_ids:
-            req.first_token_at = time.monotonic()
-        req.output_ids.append(tok)
-        if req.params.logprobs:
-            req.logprobs.append(TokenLogprob(tok, logprob, alternatives))
-        text = req.text
-        is_eos = tok in self.eos_ids
-        ends = (
-            is_eos and not req.params.ignore_eos
-        )  # an ignored eos is an ordinary token (its text: none when special)
-        complete = False  # the grammar is satisfied and allows nothing more: the answer is whole
-        if req.matcher is not None and not ends:
-            complete = req.matcher.consume_token(tok) and req.matcher.is_stopped()
-        delta = text.add(tok) if text is not None and not ends else ""
-        if ends or complete:
-            reason: FinishReason | None = FinishReason.EOS
-        elif text is not None and text.stopped:
-            reason = FinishReason.STOP
-        elif len(req.output_ids) >= req.params.max_new_tokens:
-            reason = FinishReason.LENGTH
-        else:
-            reason = None
-        if req.stream:
-            if reason is not None and text is not None:
-                delta += text.flush()  # text held back for a stop string that never came
-            event = TokenEvent(
-                token_id=tok,
-                text=delta,
-                logprob=logprob,
-                special=is_eos,
-                final=reason is not None,
-                top=alternatives,
-            )
-            req.sink(event)
-        return reason
 
     def _drop_ended(self, now: float) -> None:
         """Rows whose client left or whose deadline passed leave before the next pass."""
@@ -543,37 +461,14 @@ class Engine:
                 self._finish(req, reason)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
-        if req.text is not None:
-            generated = req.text.text
-        else:
-            ended_by_eos = (
-                reason is FinishReason.EOS and req.output_ids and req.output_ids[-1] in self.eos_ids
-            )
-            ids = (
-                req.output_ids[:-1] if ended_by_eos else req.output_ids
-            )  # a completed grammar's last token is text
-            generated = str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        event = finish_event(req, reason, self.eos_ids, self.tokenizer)
         if req in self.scheduler.running:
             self.scheduler.finish(req)
         for child in req.forks:  # never forked: the parent ended before its prefill
             self._finish(child, reason)
         req.forks = []
-        now = time.monotonic()
         self.stats.requests_finished += 1
-        req.sink(
-            FinishEvent(
-                generated_text=generated,
-                finish_reason=reason,
-                generated_tokens=len(req.output_ids),
-                input_tokens=len(req.input_ids),
-                virtual_tokens=req.virtual_tokens,
-                seed=req.seed if req.params.sampling else None,
-                queue_time=(req.admitted or now) - req.arrival,
-                total_time=now - req.arrival,
-                first_token_time=None if req.first_token_at is None else req.first_token_at - req.arrival,
-                logprobs=tuple(req.logprobs),
-            )
-        )
+        req.sink(event)
 
     def _fail_grammar(self, req: Request) -> None:
         assert req.matcher is not None

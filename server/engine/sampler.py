@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.blocks import KERNEL_DTYPES
+from server.engine.kernels import Kernels
 from server.engine.masks import apply_mask
 from server.engine.request import Request
 from server.engine.transfer import device_tensor
@@ -263,3 +265,24 @@ def prepare(
         mask=mask,
         top=max(p.top_logprobs for p in params) if any(p.logprobs for p in params) else 0,
     )
+
+
+def choose(
+    logits: torch.Tensor, batch: SamplingBatch, ops: Kernels | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """logits [B, V] -> (tokens [B], finite [B] bool: a poisoned row must fail alone, log-probabilities
+    [B] or None, the top alternatives ([B, k] log-probabilities, [B, k] ids) or None)."""
+    flags = batch.flags
+    fast = not (flags.sampling or flags.penalty or flags.logprobs or flags.masked)
+    if ops is not None and fast and logits.dtype in KERNEL_DTYPES:
+        tokens, finite = ops.greedy(logits.contiguous())  # argmax and the finite test in one pass (CPU)
+        return tokens, finite, None, None
+    # One reduction instead of an elementwise test: the sum is finite exactly when every logit
+    # is, unless they overflow float32 together (garbage anyway).
+    finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+    logits.masked_fill_(~finite[:, None], 0.0)  # in place (the pass's own output): sampling needs finite rows
+    b = batch
+    tokens, logprobs, top = sample_with_top(
+        logits, b.params, b.steps, b.seen, b.flags, b.counts, b.bias, b.top, b.mask
+    )
+    return tokens, finite, logprobs, top
