@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 _ANSWERS = os.fdopen(os.dup(1), "w", buffering=1)
 os.dup2(2, 1)  # vLLM logs to stdout: keep the answer channel clean
@@ -77,8 +78,14 @@ def main() -> None:
         # schemas; the setting needs a named backend): vLLM 0.32 reads this engine-wide
         # setting only (the request's own `disable_any_whitespace` is ignored), and with free whitespace
         # the 135M model fills answers with newlines until the token limit (63 of 64, measured).
+        # The context window vLLM reserves a request's key/value room for: the model's own, capped (a
+        # 131072-token window, as Llama 3's, does not fit its default CPU cache; this workload needs ~80).
+        config_file = Path(args.model) / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        max_len = min(int(config.get("max_position_embeddings", 16384)), 16384)
         llm = LLM(
             model=args.model,
+            max_model_len=max_len,
             enable_prompt_embeds=True,
             dtype=args.dtype,
             max_num_seqs=args.max_num_seqs,

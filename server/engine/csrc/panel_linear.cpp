@@ -36,12 +36,9 @@ namespace {
 
 constexpr int64_t kCols = 16;  // output columns per panel (two 8-wide vectors)
 constexpr int64_t kRows = 6;   // rows of x per register tile
-// Chains of FMAs per output (see tile) and rows per tile, by weight type: int8's two chains take twice
-// the accumulators, so its tiles hold 3 rows (12 accumulators of the 16 registers).
+// Chains of FMAs per output (see tile), by weight type.
 template <typename w_t>
 constexpr int kChains = std::is_same<w_t, int8_t>::value ? 2 : 1;
-template <typename w_t>
-constexpr int64_t kTileRows = std::is_same<w_t, int8_t>::value ? 3 : kRows;
 
 inline float widen(float v) { return v; }
 inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
@@ -127,17 +124,67 @@ void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, c
   for (int r = 0; r < MR; ++r) store(out[r], bias, scale, y + r * ldy, cols);
 }
 
+// int8 tiles of 4-6 rows: the same two chains per output as `tile`, in one pass over the panel each
+// (chain 0, then chain 1 added to it as `tile` adds them: the same bits), so that each int8 value
+// widened serves up to 6 rows instead of 3 (two chains of 6 rows would not fit the 16 registers).
+template <typename y_t, int MR>
+void tile_two_pass(const float* a, int64_t ak, int64_t ar, const int8_t* panel, int64_t K, const float* bias,
+                   const float* scale, y_t* y, int64_t ldy, int64_t cols, const int8_t* next, int64_t pf,
+                   int64_t pf_step) {
+  constexpr int64_t kLineK = 64 / kCols;  // k values per line
+  alignas(32) float out[MR][kCols];
+#pragma GCC unroll 2
+  for (int s = 0; s < 2; ++s) {
+    __m256 acc[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = s; k < K; k += 2) {
+      if (s == 0 && k >= pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + pf * kLineK * kCols), _MM_HINT_T1);
+        pf += pf_step;
+      }
+      const __m256 b0 = load8(panel + k * kCols), b1 = load8(panel + k * kCols + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m256 av = _mm256_broadcast_ss(a + k * ak + r * ar);
+        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      if (s == 1) {
+        acc[r][0] = _mm256_add_ps(_mm256_load_ps(out[r]), acc[r][0]);
+        acc[r][1] = _mm256_add_ps(_mm256_load_ps(out[r] + 8), acc[r][1]);
+      }
+      _mm256_store_ps(out[r], acc[r][0]);
+      _mm256_store_ps(out[r] + 8, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) store(out[r], bias, scale, y + r * ldy, cols);
+}
+
+template <typename w_t, typename y_t, int MR>
+void tile_any(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, const float* bias,
+              const float* scale, y_t* y, int64_t ldy, int64_t cols, const w_t* next, int64_t pf,
+              int64_t pf_step) {
+  if constexpr (std::is_same<w_t, int8_t>::value && MR > 3)
+    tile_two_pass<y_t, MR>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+  else
+    tile<w_t, y_t, MR>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+}
+
 template <typename w_t, typename y_t>
 void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K,
                const float* bias, const float* scale, y_t* y, int64_t ldy, int64_t cols, const w_t* next,
                int64_t pf, int64_t pf_step) {
   switch (mr) {
-    case 1: return tile<w_t, y_t, 1>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
-    case 2: return tile<w_t, y_t, 2>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
-    case 3: return tile<w_t, y_t, 3>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
-    case 4: return tile<w_t, y_t, 4>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
-    case 5: return tile<w_t, y_t, 5>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
-    default: return tile<w_t, y_t, 6>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    case 1: return tile_any<w_t, y_t, 1>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    case 2: return tile_any<w_t, y_t, 2>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    case 3: return tile_any<w_t, y_t, 3>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    case 4: return tile_any<w_t, y_t, 4>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    case 5: return tile_any<w_t, y_t, 5>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
+    default: return tile_any<w_t, y_t, 6>(a, ak, ar, panel, K, bias, scale, y, ldy, cols, next, pf, pf_step);
   }
 }
 #else
@@ -173,7 +220,7 @@ void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* pa
 template <typename w_t, typename x_t>
 void run(const x_t* x, int64_t M, int64_t K, const w_t* wp, int64_t N, const float* bias, const float* scale,
          x_t* y) {
-  constexpr int64_t tr = kTileRows<w_t>;
+  constexpr int64_t tr = kRows;
   const int64_t panels = (N + kCols - 1) / kCols, chunks = (M + tr - 1) / tr;
   constexpr bool balance = std::is_same<w_t, float>::value || std::is_same<w_t, int8_t>::value;
   auto first_row = [&](int64_t c) {  // of tile c; first_row(chunks) == M
