@@ -143,10 +143,10 @@ class Settings:
         default="none",
         metadata={
             "help": (
-                "CPU, with the native kernels: none | int8 (each decoder linear quantized at load, symmetric "
-                "per output channel, into its only copy: about half a 16-bit model's weight memory and "
-                "faster decode; the head and embeddings stay in the model's dtype; answers differ slightly "
-                "from the unquantized model: docs/configuration.md#quantization)"
+                "none | int8 (each decoder linear quantized at load, symmetric per output channel, into its "
+                "only copy: about half a 16-bit model's weight memory and faster decode; the native CPU "
+                "kernels read it, elsewhere torch's own int8 kernel; the head and embeddings stay in the "
+                "model's dtype; answers differ slightly: docs/configuration.md#quantization)"
             ),
             "choices": ("none", "int8"),
         },

@@ -346,10 +346,39 @@ def test_int8_engine_matches_the_model_with_dequantized_weights(family, ops, tmp
     assert (decoder.stack is not None) == (family != "gpt2")  # the native layer stack reads int8 panels too
 
 
-def test_quantize_without_the_native_kernels_is_refused_with_the_reason(tmp_path, default_model_dir):
+def test_int8_without_the_native_kernels_runs_torchs_kernel_and_matches_the_dequantized_model(
+    tmp_path, default_model_dir
+):
+    """quantize="int8" where the panel kernel does not serve (a GPU, no native kernels): ATen's
+    _weight_int8pack_mm over int8 weights; a mixed staggered batch gives the dequantized model's greedy
+    answers, and blocks.quantize_int8 is the kernels' own quantization."""
     build(tmp_path / "llama", default_model_dir, "llama", **FAMILIES["llama"])
     lm = load_model(str(tmp_path / "llama"), dtype="float32")
-    with pytest.raises(UnsupportedModel, match="--quantize int8 needs the native CPU kernels"):
-        Engine(
-            lm, SchedulerConfig(4, 1000, 10), None, accel=Acceleration(quantize="int8", native_kernels=False)
-        )
+    reference = load_model(str(tmp_path / "llama"), dtype="float32")
+    dequantize_linears_in_place(reference.model)
+    reference = LoadedModel(
+        reference.model.double(), reference.tokenizer, torch.device("cpu"), torch.float64, "llama"
+    )
+    prompts = [make_prompt(f"llama{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
+    accel = Acceleration(quantize="int8", native_kernels=False)
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=accel)
+    engine.start()
+    try:
+        rng = random.Random(4)
+        specs = [
+            (prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 7) % 40)], 4 + k % 4)
+            for k in range(6)
+        ]
+        tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
+        for t in tracked:
+            engine.submit(t.request)
+        for t, (p, ids, n) in zip(tracked, specs):
+            assert t.done.wait(60) and t.request.output_ids == reference_greedy(
+                reference, p.embeddings.double(), ids, n
+            )
+    finally:
+        engine.stop()
+    lin = engine.runner.decoder.layers[0].up
+    assert (
+        lin.int8 is not None and lin.int8[0].dtype == torch.int8 and lin.weight is None and lin.panels is None
+    )

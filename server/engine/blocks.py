@@ -66,8 +66,10 @@ class Linear:
     about the GEMM's rate on an AVX2 CPU) and the plain weight is dropped (`weight` is None): the
     panels are the only copy. The caller releases the transformers module's own reference.
 
-    `quantize` ("int8"; needs the panel kernel): the weight is quantized once, symmetric per output
-    channel (scale = max |w| / 127), into int8 panels that are its only copy; the kernel widens them
+    `quantize` ("int8"): the weight is quantized once, symmetric per output channel (scale =
+    max |w| / 127). Where the panel kernel serves, into int8 panels that are its only copy; elsewhere (a
+    GPU, no native kernels) into an int8 [out, in] copy for ATen's `_weight_int8pack_mm` (torch's own
+    weight-only int8 kernel, CPU and CUDA). The panel kernel widens them
     in registers and multiplies each column's float32 chain by its scale, so x stays in the model's
     dtype and a row's result still does not depend on the other rows.
     """
@@ -95,10 +97,15 @@ class Linear:
         self.packed_bias = bias  # in the packed weight's dtype
         self.widen = False  # run a 16-bit model's oneDNN product in float32
         self.max_rows = self.PANEL_MAX_ROWS  # rows up to which the repacked weight serves
+        # int8 [out, in] and its scales in the model's dtype, for torch's own weight-only int8 kernel
+        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        if quantize is not None and quantize != "int8":
+            raise UnsupportedModel(f"unknown quantization {quantize!r} (supported: int8)")
         if quantize is not None and not (pack and weight.device.type == "cpu" and _panels_apply(ops, weight)):
-            raise UnsupportedModel(
-                f"--quantize {quantize} needs the native CPU kernels (--native-kernels, --prepack-weights)"
-            )
+            # GPU, or a CPU without the native kernels: ATen's _weight_int8pack_mm (CPU and CUDA kernels)
+            q, scale = quantize_int8(weight)
+            self.int8, self.weight, self.max_rows = (q, scale.to(weight.dtype)), None, 1 << 62
+            return
         if not pack or weight.device.type != "cpu":
             return
         if _panels_apply(ops, weight):
@@ -137,9 +144,12 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
-            if self.weight is None:  # the panels are the only copy
+            if self.weight is None:  # the panels (or the int8 weight) are the only copy
                 return self(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
             return F.linear(x, self.weight, self.bias)
+        if self.int8 is not None:
+            y = torch._weight_int8pack_mm(x.contiguous(), *self.int8)  # [M, out] in x's dtype
+            return y if self.bias is None else y + self.bias
         if self.panels is not None:
             assert self.ops is not None
             if x.shape[0] <= self.max_rows:
@@ -164,6 +174,22 @@ class Linear:
             x.float() if self.widen else x, self.packed, self.packed_bias, "none", [], ""
         )
         return y.to(x.dtype)  # a no-op unless widened
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q [N, K] int8, scale [N] float32): symmetric per output channel, as
+    csrc/panel_linear.cpp's pack_panels_int8 (scale = max |w| / 127, 1 for an all-zero channel, rounded
+    half to even), in blocks of 256 channels so the float32 working copy stays small."""
+    n = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    for start in range(0, n, 256):
+        w = weight[start : start + 256].float()
+        s = w.abs().amax(1) / 127
+        s[s == 0] = 1
+        scale[start : start + 256] = s
+        q[start : start + 256] = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
 
 
 def _panels_apply(ops: Kernels | None, weight: torch.Tensor) -> bool:

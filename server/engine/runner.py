@@ -169,7 +169,8 @@ class Runner:
         model's parameters and of the decoder's own layouts (panels, oneDNN copies), each counted once."""
         tensors: list[torch.Tensor] = list(self.lm.model.parameters())
         for lin in self.decoder.linears():
-            tensors += [t for t in (lin.weight, lin.panels, lin.scales, lin.packed) if t is not None]
+            layouts = (lin.weight, lin.panels, lin.scales, lin.packed, *(lin.int8 or ()))
+            tensors += [t for t in layouts if t is not None]
         storages = {
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()
         }
