@@ -297,23 +297,18 @@ def dequantize_linears_in_place(model: torch.nn.Module) -> int:
     return count
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2.5", "llama3.1", "gpt2"])
-def test_int8_engine_matches_the_model_with_dequantized_weights(family, ops, tmp_path, default_model_dir):
-    """quantize="int8": every decoder linear quantized into int8 panels (its only copy, the module's
-    weight released); a mixed staggered batch gives, token for token, the greedy answers of the
-    transformers model whose linears hold the dequantized weights (float64, solo, no cache)."""
-    build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
-    lm = load_model(str(tmp_path / family), dtype="float32")
-    reference = load_model(str(tmp_path / family), dtype="float32")
+def int8_answers_match_the_dequantized_model(folder: Path, family: str, accel: Acceleration) -> Engine:
+    """An engine with `accel` (int8) over a fresh load of `folder`: every answer of a mixed staggered batch
+    equals, token for token, the greedy answer of the transformers model holding the dequantized weights
+    (float64, solo, no cache). Returns the stopped engine."""
+    lm = load_model(str(folder), dtype="float32")
+    reference = load_model(str(folder), dtype="float32")
     layers = FAMILIES[family].get("num_hidden_layers", FAMILIES[family].get("n_layer"))
     assert dequantize_linears_in_place(reference.model) == layers * (4 if family == "gpt2" else 7)
-    reference = LoadedModel(
-        reference.model.double(), reference.tokenizer, torch.device("cpu"), torch.float64, family
-    )
+    device = torch.device("cpu")
+    reference = LoadedModel(reference.model.double(), reference.tokenizer, device, torch.float64, family)
     prompts = [make_prompt(f"{family}{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
-    engine = Engine(
-        lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=Acceleration(quantize="int8")
-    )
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=accel)
     engine.start()
     try:
         rng = random.Random(3)
@@ -330,6 +325,17 @@ def test_int8_engine_matches_the_model_with_dequantized_weights(family, ops, tmp
             assert t.request.output_ids == want, f"{family}: {p.name} L={len(ids)}"
     finally:
         engine.stop()
+    return engine
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2.5", "llama3.1", "gpt2"])
+def test_int8_engine_matches_the_model_with_dequantized_weights(family, ops, tmp_path, default_model_dir):
+    """quantize="int8": every decoder linear quantized into int8 panels (its only copy, the module's
+    weight released), pinned to the dequantized model in mixed batches (the check fails unquantized)."""
+    build(tmp_path / family, default_model_dir, family, **FAMILIES[family])
+    engine = int8_answers_match_the_dequantized_model(
+        tmp_path / family, family, Acceleration(quantize="int8")
+    )
     decoder = engine.runner.decoder
     lins = [
         lin
@@ -340,45 +346,19 @@ def test_int8_engine_matches_the_model_with_dequantized_weights(family, ops, tmp
     assert all(
         lin.panels is not None and lin.panels.dtype == torch.int8 and lin.weight is None for lin in lins
     )
-    assert (
-        decoder.lm_head.panels is not None and decoder.lm_head.panels.dtype == torch.float32
-    )  # the head is not quantized
+    head = decoder.lm_head.panels
+    assert head is not None and head.dtype == torch.float32  # the head is not quantized
     assert (decoder.stack is not None) == (family != "gpt2")  # the native layer stack reads int8 panels too
 
 
 def test_int8_without_the_native_kernels_runs_torchs_kernel_and_matches_the_dequantized_model(
     tmp_path, default_model_dir
 ):
-    """quantize="int8" where the panel kernel does not serve (a GPU, no native kernels): ATen's
-    _weight_int8pack_mm over int8 weights; a mixed staggered batch gives the dequantized model's greedy
-    answers, and blocks.quantize_int8 is the kernels' own quantization."""
+    """Where the panel kernel does not serve (a GPU, no native kernels): ATen's _weight_int8pack_mm over
+    int8 [out, in] weights (blocks.quantize_int8), pinned to the dequantized model the same way."""
     build(tmp_path / "llama", default_model_dir, "llama", **FAMILIES["llama"])
-    lm = load_model(str(tmp_path / "llama"), dtype="float32")
-    reference = load_model(str(tmp_path / "llama"), dtype="float32")
-    dequantize_linears_in_place(reference.model)
-    reference = LoadedModel(
-        reference.model.double(), reference.tokenizer, torch.device("cpu"), torch.float64, "llama"
-    )
-    prompts = [make_prompt(f"llama{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
     accel = Acceleration(quantize="int8", native_kernels=False)
-    engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=accel)
-    engine.start()
-    try:
-        rng = random.Random(4)
-        specs = [
-            (prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 7) % 40)], 4 + k % 4)
-            for k in range(6)
-        ]
-        tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
-        for t in tracked:
-            engine.submit(t.request)
-        for t, (p, ids, n) in zip(tracked, specs):
-            assert t.done.wait(60) and t.request.output_ids == reference_greedy(
-                reference, p.embeddings.double(), ids, n
-            )
-    finally:
-        engine.stop()
+    engine = int8_answers_match_the_dequantized_model(tmp_path / "llama", "llama", accel)
     lin = engine.runner.decoder.layers[0].up
-    assert (
-        lin.int8 is not None and lin.int8[0].dtype == torch.int8 and lin.weight is None and lin.panels is None
-    )
+    assert lin.int8 is not None and lin.int8[0].dtype == torch.int8
+    assert lin.weight is None and lin.panels is None
