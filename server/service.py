@@ -91,9 +91,10 @@ class Service:
 
     def _live_state(self) -> LiveState:
         engine, registry = self.engine, self.registry
+        waiting, running = (None, None) if engine is None else engine.load()
         return LiveState(
-            waiting=None if engine is None else engine.load()[0],
-            running=None if engine is None else engine.load()[1],
+            waiting=waiting,
+            running=running,
             prompt_load_failures=None if registry is None else len(registry.failures()),
             tasks=None if registry is None else len(registry),
             per_task=None if engine is None else engine.task_stats(),

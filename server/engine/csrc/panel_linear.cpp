@@ -69,6 +69,18 @@ inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// One k of a tile: row r's value (a[r * ar]) times the panel's 16 columns at this k, into acc[r].
+template <int MR, typename w_t>
+inline void fma_rows(__m256 (&acc)[MR][2], const float* a, int64_t ar, const w_t* row) {
+  const __m256 b0 = load8(row), b1 = load8(row + 8);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m256 av = _mm256_broadcast_ss(a + r * ar);
+    acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+    acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+  }
+}
+
 // MR rows of x (row r's k-th value at a[k * ak + r * ar]) against one panel ([K, kCols]) -> y rows
 // (stride ldy), `cols` valid. scale (int8 panels: one float per output column, else null) multiplies
 // each column's finished sum: per-channel weights factor out of it exactly.
@@ -101,13 +113,7 @@ void tile(const float* a, int64_t ak, int64_t ar, const w_t* panel, int64_t K, c
         _mm_prefetch(reinterpret_cast<const char*>(next + pf * kLineK * kCols), _MM_HINT_T1);
         pf += pf_step;
       }
-      const __m256 b0 = load8(panel + k * kCols), b1 = load8(panel + k * kCols + 8);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const __m256 av = _mm256_broadcast_ss(a + k * ak + r * ar);
-        acc[s][r][0] = _mm256_fmadd_ps(av, b0, acc[s][r][0]);
-        acc[s][r][1] = _mm256_fmadd_ps(av, b1, acc[s][r][1]);
-      }
+      fma_rows<MR>(acc[s], a + k * ak, ar, panel + k * kCols);
     }
   }
   alignas(32) float out[MR][kCols];
@@ -143,13 +149,7 @@ void tile_two_pass(const float* a, int64_t ak, int64_t ar, const int8_t* panel, 
         _mm_prefetch(reinterpret_cast<const char*>(next + pf * kLineK * kCols), _MM_HINT_T1);
         pf += pf_step;
       }
-      const __m256 b0 = load8(panel + k * kCols), b1 = load8(panel + k * kCols + 8);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const __m256 av = _mm256_broadcast_ss(a + k * ak + r * ar);
-        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
-      }
+      fma_rows<MR>(acc, a + k * ak, ar, panel + k * kCols);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
