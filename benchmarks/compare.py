@@ -29,7 +29,6 @@ from transformers.cache_utils import DynamicCache
 
 from benchmarks.common import add_model_arguments, cpu_model, linear_weights, load_for_bench
 from server.engine.engine import Engine
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishEvent, Request, SamplingParams
 from server.engine.scheduler import Policy, SchedulerConfig
 from server.models import LoadedModel
@@ -116,7 +115,7 @@ def run_engine(
     engine = Engine(
         lm,
         SchedulerConfig(concurrency, 1 << 30, len(jobs) + 1, policy=policy),
-        PrefixCache(1 << 30),
+        1 << 30,
         observer=timer,
         max_context=longest(prompts, jobs, new_tokens),
     )

@@ -34,7 +34,6 @@ from benchmarks.compare import (
     where,
 )
 from server.engine.engine import Engine
-from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import Acceleration
 from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel
@@ -58,7 +57,7 @@ def build(
     engine = Engine(
         lm,
         SchedulerConfig(concurrency, 1 << 30, requests + 1),
-        PrefixCache(1 << 30),
+        1 << 30,
         observer=timer,
         max_context=max_context,
         accel=accel,

@@ -21,7 +21,6 @@ from benchmarks.common import cpu_model
 from benchmarks.compare import bench_request, make_jobs, make_prompts
 from server.config import Settings
 from server.engine.engine import Engine
-from server.engine.prefix_cache import PrefixCache
 from server.engine.scheduler import SchedulerConfig
 from server.models import load_model
 
@@ -31,7 +30,7 @@ def step_times(dtype: str, rows: int, steps: int, input_len: int) -> dict[str, f
     lm = load_model("default", device="cpu", dtype=dtype, cache_dir=Settings().cache_dir)
     prompts = make_prompts(lm, 8, 20, seed=0)
     jobs = make_jobs(rows, 8, input_len // 2, input_len + input_len // 2, seed=1)
-    engine = Engine(lm, SchedulerConfig(rows, 1 << 30, rows + 1), PrefixCache(1 << 30))
+    engine = Engine(lm, SchedulerConfig(rows, 1 << 30, rows + 1), 1 << 30)
     engine.eos_ids = set()  # every row keeps decoding
     decoder = engine.runner.decoder
     native = decoder.stack

@@ -15,7 +15,6 @@ import torch
 from benchmarks.common import cpu_model
 from benchmarks.compare import Job, longest, make_jobs, make_prompts
 from server.engine.engine import Engine
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel, load_model
@@ -28,7 +27,7 @@ def tokens_per_s(
     engine = Engine(
         lm,
         SchedulerConfig(32, 1 << 30, len(jobs) + 1),
-        PrefixCache(1 << 30),
+        1 << 30,
         max_context=longest(prompts, jobs, 32),
     )
     engine.eos_ids = set()  # every request generates exactly max_new_tokens

@@ -24,7 +24,6 @@ import torch
 
 from benchmarks.common import add_model_arguments, cpu_model, load_for_bench
 from server.engine.engine import Engine
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.prompts.types import PromptKind, SoftPrompt
@@ -62,7 +61,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     table = lm.model.get_input_embeddings().weight.detach()
     shared = torch.randint(100, 40_000, (args.shared,), generator=g).tolist()
-    engine = Engine(lm, SchedulerConfig(8, 1 << 20, 100), PrefixCache(1 << 30))
+    engine = Engine(lm, SchedulerConfig(8, 1 << 20, 100), 1 << 30)
     times: dict[str, list[float]] = {"cold": [], "task": [], "shared": []}
     for i in range(args.repeats + 1):
         prompt = SoftPrompt(

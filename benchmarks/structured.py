@@ -31,7 +31,6 @@ from benchmarks.compare import Job, alternating_medians, longest, make_jobs, mak
 from benchmarks.schemas import CHOICES, REGEXES, SCHEMAS
 from server.engine.engine import Engine
 from server.engine.grammar import GrammarCompiler, GrammarError, OutputKind, OutputSpec
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishEvent, FinishReason, Request, SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel, load_model
@@ -116,7 +115,7 @@ def validity(lm: LoadedModel, max_new: int = 128) -> dict[str, Any]:
         source=Path("."),
         embeddings=lm.model.get_input_embeddings()(torch.tensor(newline)).detach(),
     )
-    engine = Engine(lm, SchedulerConfig(32, 1 << 30, 10_000), PrefixCache(1 << 30))
+    engine = Engine(lm, SchedulerConfig(32, 1 << 30, 10_000), 1 << 30)
     results: list[tuple[str, OutputSpec, FinishEvent]] = []
     for name, spec in constraints():
         try:
@@ -169,7 +168,7 @@ def workload_run(
     engine = Engine(
         lm,
         SchedulerConfig(32, 1 << 30, len(jobs) + 1),
-        PrefixCache(1 << 30),
+        1 << 30,
         max_context=longest(prompts, jobs, new_tokens),
     )
     engine.eos_ids = set()  # every request generates exactly new_tokens (the schema cannot end in 32 tokens)
@@ -210,7 +209,7 @@ def samples_run(
     engine = Engine(
         lm,
         SchedulerConfig(32, 1 << 30, 10_000),
-        PrefixCache(1 << 30),
+        1 << 30,
         max_context=longest(prompts, jobs, new_tokens),
     )
     engine.eos_ids = set()

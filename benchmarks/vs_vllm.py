@@ -41,7 +41,6 @@ from benchmarks.machine import CpuWatch, machine_line
 from benchmarks.peer import Peer, PeerUnavailable
 from server.config import Settings
 from server.engine.engine import Engine
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, FinishEvent
 from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel, load_model, resolve_model
@@ -52,10 +51,10 @@ from server.prompts.types import SoftPrompt
 def build_softmux_engine(lm: LoadedModel, max_rows: int, observer: PassTimer | None = None) -> Engine:
     """softmux's engine as the harness runs it; when the engine's constructor changes, adapt only this.
 
-    Today: `Engine(lm, SchedulerConfig(max_batch_size, max_batch_tokens, max_queue), PrefixCache(bytes),
+    Today: `Engine(lm, SchedulerConfig(max_batch_size, max_batch_tokens, max_queue), prefix cache bytes,
     observer=)`; the token budget and the queue are unbounded here, only rows are limited.
     """
-    engine = Engine(lm, SchedulerConfig(max_rows, 1 << 30, 1 << 16), PrefixCache(1 << 30), observer=observer)
+    engine = Engine(lm, SchedulerConfig(max_rows, 1 << 30, 1 << 16), 1 << 30, observer=observer)
     engine.eos_ids = set()  # bench only: every request generates exactly new_tokens (vLLM: ignore_eos=True)
     return engine
 

@@ -34,7 +34,6 @@ from benchmarks.structured import PEOPLE
 from benchmarks.vs_vllm import Results, Setup, VllmSide, build_softmux_engine, prepare
 from server.engine.engine import Engine
 from server.engine.grammar import GrammarCompiler, OutputKind, OutputSpec
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishEvent, FinishReason, Request, SamplingParams
 from server.engine.scheduler import SchedulerConfig
 
@@ -82,7 +81,7 @@ def softmux_answers(
     setup: Setup, compiler: GrammarCompiler, schema: dict, max_tokens: int
 ) -> tuple[list[str], list[str]]:
     """Answers that end where the grammar (or eos) does: (texts, finish reasons as vLLM names them)."""
-    engine = Engine(setup.lm32, SchedulerConfig(32, 1 << 30, 1 << 16), PrefixCache(1 << 30))
+    engine = Engine(setup.lm32, SchedulerConfig(32, 1 << 30, 1 << 16), 1 << 30)
     compiled = compiler.compile(OutputSpec.of(OutputKind.JSON_SCHEMA, schema))
     ends: list[list[FinishEvent]] = []
     for job in setup.jobs:

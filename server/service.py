@@ -22,7 +22,6 @@ import torch
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.grammar import COMPILE_TIMEOUT, Compiled, GrammarCompiler
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
 from server.engine.runner import Acceleration
 from server.engine.scheduler import Policy, SchedulerConfig
@@ -137,9 +136,7 @@ class Service:
             limits = SchedulerConfig(
                 s.max_batch_size, s.max_batch_tokens, s.max_queue, s.max_queue_per_task, Policy(s.scheduling)
             )
-            prefix_cache = (
-                PrefixCache(self.settings.prefix_cache_bytes) if self.settings.prefix_cache else None
-            )
+            prefix_cache_bytes = self.settings.prefix_cache_bytes if self.settings.prefix_cache else None
             kv_bytes = self.settings.kv_cache_bytes  # 0: the runner sizes it from what the weights leave
             max_context = (
                 self.settings.max_virtual_tokens
@@ -149,7 +146,7 @@ class Service:
             self.engine = Engine(
                 self.lm,
                 limits,
-                prefix_cache,
+                prefix_cache_bytes,
                 observer=self.metrics,
                 kv_cache_bytes=kv_bytes,
                 max_context=max_context,

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from server.engine.engine import Engine
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import (
     ErrorEvent,
     Event,
@@ -122,12 +121,13 @@ def make_engine(
     max_batch_size: int = 16,
     max_batch_tokens: int = 100_000,
     max_queue: int = 1000,
-    prefix_cache: PrefixCache | None = None,
+    prefix_cache_bytes: int | None = None,
     **options: Any,
 ) -> Engine:
     """The one place tests construct an engine: adapt it here when the engine's constructor changes.
     `options`: Engine's keyword arguments (kv_cache_bytes, max_context, observer, accel)."""
-    return Engine(lm, SchedulerConfig(max_batch_size, max_batch_tokens, max_queue), prefix_cache, **options)
+    limits = SchedulerConfig(max_batch_size, max_batch_tokens, max_queue)
+    return Engine(lm, limits, prefix_cache_bytes, **options)
 
 
 def start_engine(lm: LoadedModel, **limits: Any) -> Engine:

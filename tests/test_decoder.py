@@ -14,7 +14,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from server.engine.decoder import Decoder, PoolAttention, UnsupportedModel
 from server.engine.engine import Engine
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
 from server.engine.runner import Acceleration
 from server.engine.scheduler import SchedulerConfig
@@ -95,7 +94,7 @@ def test_family_mixed_staggered_batch_matches_solo_reference(family, tmp_path, d
         (prompts[k % 3], [rng.randrange(40_000) for _ in range(1 + (k * 7) % 19)], 5 + k % 6)
         for k in range(9)
     ]
-    engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30))
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 100), 1 << 30)
     engine.start()
     try:
         tracked = [make_request(p, ids, SamplingParams(max_new_tokens=n)) for p, ids, n in specs]
@@ -232,9 +231,7 @@ def test_one_copy_of_the_weights_gives_the_same_tokens_and_releases_the_models_o
         lm = load_model(str(tmp_path / family), dtype=dtype)
         before = weight_bytes(lm.model)
         prompts = [make_prompt(f"{family}{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
-        engine = Engine(
-            lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=Acceleration(one_copy=one_copy)
-        )
+        engine = Engine(lm, SchedulerConfig(16, 100_000, 100), 1 << 30, accel=Acceleration(one_copy=one_copy))
         engine.start()
         try:
             rng = random.Random(2)
@@ -308,7 +305,7 @@ def int8_answers_match_the_dequantized_model(folder: Path, family: str, accel: A
     device = torch.device("cpu")
     reference = LoadedModel(reference.model.double(), reference.tokenizer, device, torch.float64, family)
     prompts = [make_prompt(f"{family}{i}", p, lm, seed=i) for i, p in enumerate([3, 7, 20])]
-    engine = Engine(lm, SchedulerConfig(16, 100_000, 100), PrefixCache(1 << 30), accel=accel)
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 100), 1 << 30, accel=accel)
     engine.start()
     try:
         rng = random.Random(3)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from server.engine.engine import Engine
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishReason, SamplingParams, TokenEvent
 from server.engine.runner import Acceleration
 from server.engine.scheduler import Policy, SchedulerConfig, ShuttingDown
@@ -487,9 +486,7 @@ def test_preemption_in_a_tiny_pool_keeps_every_answer_exact(lm, prompts):
     specs = [(prompts[k % 4], random_ids(rng, 2 + k % 5), 30 + 3 * (k % 7)) for k in range(8)]
     block_bytes = Engine(lm, SchedulerConfig(1, 1, 1)).runner.block_bytes
     # 13 usable blocks of 16 tokens: the four prefixes take 5, each row grows to 3 blocks.
-    engine = Engine(
-        lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=14 * block_bytes
-    )
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), 1 << 30, kv_cache_bytes=14 * block_bytes)
     engine.start()
     try:
         tracked = submit_and_check_solo(engine, lm, specs)
@@ -502,7 +499,7 @@ def test_preemption_in_a_tiny_pool_keeps_every_answer_exact(lm, prompts):
 
 def test_memory_per_row_is_its_own_tokens_only(lm, prompts):
     """Rows of one task hold blocks for their own tokens; the task's prefix is stored once."""
-    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30))
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), 1 << 30)
     prompt = prompts[3]  # 20 virtual tokens
     tracked = [make_request(prompt, [5] * 3, SamplingParams(max_new_tokens=8)) for _ in range(6)]
     for t in tracked:
@@ -526,7 +523,7 @@ def test_requests_sharing_a_token_prefix_reuse_its_blocks_and_stay_exact(lm, pro
     tokens prefills only what follows them; another task with the same tokens reuses nothing."""
     rng = random.Random(11)
     shared = random_ids(rng, 40)
-    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30))
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), 1 << 30)
     engine.start()
     try:
 
@@ -636,7 +633,7 @@ def test_a_starved_task_gets_a_row_at_the_next_step_and_every_answer_stays_exact
     admits it at the next step by preempting the flood's youngest row (FIFO makes it wait out the
     wave), and every answer, the preempted row's included, is its solo reference."""
     rng = random.Random(11)
-    engine = Engine(lm, SchedulerConfig(4, 100_000, 100, policy=policy), PrefixCache(1 << 30))
+    engine = Engine(lm, SchedulerConfig(4, 100_000, 100, policy=policy), 1 << 30)
     flood = [
         make_request(prompts[0], random_ids(rng, 4), SamplingParams(max_new_tokens=24)) for _ in range(6)
     ]

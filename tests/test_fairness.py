@@ -49,8 +49,7 @@ def sched(
     rows: int = 4, queue: int = 1000, per_task: int = 0, blocks: int = 10_000, policy: Policy = Policy.FAIR
 ) -> Scheduler:
     pool = BlockPool(blocks + 1, BS)
-    cache = PrefixCache(1 << 20)
-    cache.bind(pool, block_bytes=1)
+    cache = PrefixCache(pool, 1, 1 << 20)
     return Scheduler(SchedulerConfig(rows, 1 << 20, queue, per_task, policy), pool, cache)
 
 

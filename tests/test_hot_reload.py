@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 
 from server.api.app import create_app
 from server.config import Settings
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
 from server.models import LoadedModel
 from server.prompts.install import install, temp_folder
@@ -87,7 +86,7 @@ def test_replaced_task_old_request_finishes_with_old_prompt(lm, tmp_path):
     store = tmp_path / "store"
     old_emb = write(store / "t", lm.hidden_size, 3, seed=0)
     registry = registry_for(lm, store)
-    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30))
+    engine = start_engine(lm, prefix_cache_bytes=1 << 30)
     try:
         ids = [5, 6, 7, 8]
         old = make_request(registry.get("t"), ids, SamplingParams(max_new_tokens=40), stream=True)

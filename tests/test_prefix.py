@@ -119,7 +119,7 @@ def test_all_kinds_mixed_in_one_batch_match_peft(lm, store, tiny_model_dir, use_
         for k in range(12)
     ]
     engine = start_engine(
-        lm, prefix_cache=PrefixCache(1 << 30) if use_cache else None, accel=Acceleration(static_decode=static)
+        lm, prefix_cache_bytes=1 << 30 if use_cache else None, accel=Acceleration(static_decode=static)
     )
     try:
         tracked = [
@@ -152,8 +152,8 @@ def test_cache_on_and_off_give_the_same_tokens_over_time(lm, store):
         for k in range(6)
     ]
     outputs = []
-    for cache in (PrefixCache(1 << 30), None):
-        engine = start_engine(lm, prefix_cache=cache)
+    for cache in (1 << 30, None):
+        engine = start_engine(lm, prefix_cache_bytes=cache)
         try:
             got = []
             for name, ids, m in specs:
@@ -187,7 +187,7 @@ def test_prefix_equals_prepended_embeddings_numerically(lm, store):
     transformers model gives (what prepending computes), alone or next to a longer prompt."""
     registry = make_registry(lm, store)
     prompt = registry.get("pt")
-    engine = make_engine(lm, prefix_cache=PrefixCache(1 << 30))
+    engine = make_engine(lm, prefix_cache_bytes=1 << 30)
     out = lm.model(inputs_embeds=prompt.embeddings[None], use_cache=True)
     expected = torch.stack(
         [torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers]
@@ -201,8 +201,7 @@ def test_prefix_equals_prepended_embeddings_numerically(lm, store):
 
 def test_prefix_cache_hit_miss_lru_eviction_and_in_use_protection() -> None:
     pool = BlockPool(64, block_size=4)
-    cache = PrefixCache(capacity_bytes=2 * 3)  # block_bytes 1: room for two 3-block prefixes
-    cache.bind(pool, block_bytes=1)
+    cache = PrefixCache(pool, 1, 2 * 3)  # block_bytes 1: room for two 3-block prefixes
     a, b, c = ("a", "1"), ("b", "1"), ("c", "1")
     assert cache.lookup(a) is None and cache.stats.misses == 1
     for key in (a, b):
@@ -230,7 +229,7 @@ def test_replaced_task_is_invalidated_and_serves_the_new_prompt(lm, store, tmp_p
     live.mkdir()
     shutil.copytree(store / "pt", live / "task")
     registry = make_registry(lm, live)
-    engine = start_engine(lm, prefix_cache=PrefixCache(1 << 30))
+    engine = start_engine(lm, prefix_cache_bytes=1 << 30)
     try:
         ids = [11, 22, 33, 44]
 

@@ -50,8 +50,7 @@ def sched(
     **config: Any,
 ) -> Scheduler:
     pool = BlockPool(blocks + 1, BS)  # + the reserved block
-    cache = PrefixCache(prefix_bytes)
-    cache.bind(pool, block_bytes=1)
+    cache = PrefixCache(pool, 1, prefix_bytes)
     return Scheduler(
         SchedulerConfig(max_batch_size=rows, max_batch_tokens=tokens, max_queue=queue, **config), pool, cache
     )
@@ -364,8 +363,7 @@ def test_concurrent_add_while_the_engine_thread_schedules() -> None:
 
 def sched_with_blocks(blocks: int = 1000) -> Scheduler:
     pool = BlockPool(blocks + 1, BS)
-    cache = PrefixCache(1 << 20)
-    cache.bind(pool, block_bytes=1)
+    cache = PrefixCache(pool, 1, 1 << 20)
     return Scheduler(
         SchedulerConfig(max_batch_size=100, max_batch_tokens=10_000, max_queue=100),
         pool,

@@ -13,7 +13,6 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from server.engine.engine import Engine
 from server.engine.pool import NULL_SLOT
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import SamplingParams
 from server.engine.runner import Acceleration
 from server.engine.scheduler import SchedulerConfig
@@ -109,9 +108,7 @@ def test_padding_rows_and_columns_write_nothing_but_the_null_slot(lm, prompts):
 
 def test_rows_past_the_largest_width_bucket_run_the_eager_step(lm, prompts):
     """Key tables wider than the largest bucket (here 64 columns) fall back to the eager step."""
-    engine = Engine(
-        lm, SchedulerConfig(4, 100_000, 100), PrefixCache(1 << 30), max_context=64, accel=STATIC["plain"]
-    )
+    engine = Engine(lm, SchedulerConfig(4, 100_000, 100), 1 << 30, max_context=64, accel=STATIC["plain"])
     prompt = prompts[3]  # 20 virtual tokens
     ids = [5, 17, 2000, 31, 9]
     out = staggered_outputs(engine, [(prompt, ids, SamplingParams(max_new_tokens=50))], 1)[0]
@@ -131,7 +128,7 @@ def test_preemption_with_the_static_step_keeps_every_answer_exact(lm, prompts):
     engine = Engine(
         lm,
         SchedulerConfig(16, 100_000, 1000),
-        PrefixCache(1 << 30),
+        1 << 30,
         kv_cache_bytes=14 * block_bytes,
         accel=STATIC["accelerated"],
     )
@@ -162,7 +159,7 @@ def test_seeded_sampling_and_token_block_hits_with_the_static_step(lm, prompts, 
         )
         params = greedy if k % 3 == 0 else sampled
         specs.append((prompts[k % 2], ids, params))  # two tasks: the shared opening hits within each
-    engine = make_engine(lm, accel=accel, prefix_cache=PrefixCache(1 << 30))
+    engine = make_engine(lm, accel=accel, prefix_cache_bytes=1 << 30)
     mixed = staggered_outputs(engine, specs, join_every=3)
     assert engine.block_cache is not None and engine.block_cache.stats.hit_tokens > 0
     alone = [staggered_outputs(make_engine(lm, accel=accel), [spec], 1)[0] for spec in specs]

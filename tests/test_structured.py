@@ -14,7 +14,6 @@ import torch
 from server.engine.engine import Engine
 from server.engine.grammar import Compiled, GrammarCompiler, GrammarError, OutputKind, OutputSpec
 from server.engine.masks import MaskWorker, allowed_tokens
-from server.engine.prefix_cache import PrefixCache
 from server.engine.request import FinishReason, SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel
@@ -232,9 +231,7 @@ def test_a_preempted_constrained_row_resumes_its_matcher_exactly(lm, prompts, co
     spec = OutputSpec.of(OutputKind.JSON_SCHEMA, numbers)
     block_bytes = Engine(lm, SchedulerConfig(1, 1, 1)).runner.block_bytes
     # 9 usable blocks of 16 tokens: three prefixes take 3, and six rows grow to 3 blocks each.
-    engine = Engine(
-        lm, SchedulerConfig(16, 100_000, 1000), PrefixCache(1 << 30), kv_cache_bytes=10 * block_bytes
-    )
+    engine = Engine(lm, SchedulerConfig(16, 100_000, 1000), 1 << 30, kv_cache_bytes=10 * block_bytes)
     engine.start()
     rng = random.Random(11)
     try:

@@ -68,7 +68,7 @@ class Engine:
         self,
         lm: LoadedModel,
         limits: SchedulerConfig,
-        prefix_cache: PrefixCache | None = None,
+        prefix_cache_bytes: int | None = None,
         observer: EngineObserver | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         max_context: int | None = None,
@@ -79,12 +79,10 @@ class Engine:
         self.runner = Runner(
             lm, kv_cache_bytes, max_context=max_context, accel=accel, max_rows=limits.max_batch_size
         )
-        # None: prefixes are still computed once and shared by the rows running at the same time,
-        # but not kept once the last of them leaves.
-        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
-        self.prefix_cache.bind(self.runner.pool, self.runner.block_bytes)
-        # Input-token blocks are cached only with the prefix cache on (--no-prefix-cache: neither).
-        self.block_cache = BlockCache(self.runner.pool) if prefix_cache is not None else None
+        # None (--no-prefix-cache): prefixes are still computed once and shared by the rows running at
+        # the same time, but not kept once the last of them leaves; input-token blocks are not cached.
+        self.prefix_cache = PrefixCache(self.runner.pool, self.runner.block_bytes, prefix_cache_bytes or 0)
+        self.block_cache = BlockCache(self.runner.pool) if prefix_cache_bytes is not None else None
         self.scheduler = Scheduler(limits, self.runner.pool, self.prefix_cache, self.block_cache)
         self.tokenizer = lm.tokenizer
         self.eos_ids = lm.eos_token_ids

@@ -34,22 +34,15 @@ class PrefixEntry:
 
 
 class PrefixCache:
-    """Engine-thread only (no lock). `bind` attaches it to the pool before use."""
+    """Engine-thread only (no lock). Built over the pool it allocates from; `block_bytes` (what one
+    block holds across every layer) turns the byte budget into blocks."""
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, pool: BlockPool, block_bytes: int, capacity_bytes: int) -> None:
+        self.pool = pool
+        self.block_bytes = block_bytes
         self.capacity_bytes = capacity_bytes
         self._entries: OrderedDict[Key, PrefixEntry] = OrderedDict()
         self.stats = PrefixCacheStats()
-        self._pool: BlockPool | None = None
-        self.block_bytes = 0
-
-    def bind(self, pool: BlockPool, block_bytes: int) -> None:
-        self._pool, self.block_bytes = pool, block_bytes
-
-    @property
-    def pool(self) -> BlockPool:
-        assert self._pool is not None, "PrefixCache.bind(pool, block_bytes) first"
-        return self._pool
 
     def __len__(self) -> int:
         return len(self._entries)
