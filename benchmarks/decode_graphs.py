@@ -5,6 +5,8 @@ Variants, each one engine built once and run `--repeats` times, alternating:
   static  fixed shapes (rows and key columns padded to buckets), run eagerly
   graphs  fixed shapes, recorded once per bucket at start and replayed (CUDA only; on a CPU the
           variant is left out: the native kernels take any shape there)
+  compiled  fixed shapes, the step compiled by torch.compile (inductor) once per bucket, through the
+          native kernels' ops; compiled in the warm-up run (one run of the whole workload: every bucket)
 Prints tokens/s, the median decode step at the most common batch size, what recording cost at
 start (seconds, graphs, GPU memory), and whether the variants' greedy answers agree: graphs and
 static must be identical (a replay runs the recorded kernels on the same shapes).
@@ -43,11 +45,12 @@ VARIANTS = {
     "eager": Acceleration(cuda_graphs=False),
     "static": Acceleration(cuda_graphs=False, static_decode=True),
     "graphs": Acceleration(cuda_graphs=True),
+    "compiled": Acceleration(cuda_graphs=False, static_decode=True),
 }
 
 
 def build(
-    lm: LoadedModel, accel: Acceleration, concurrency: int, requests: int, max_context: int
+    lm: LoadedModel, accel: Acceleration, concurrency: int, requests: int, max_context: int, compiled: bool
 ) -> tuple[Engine, PassTimer, dict[str, float]]:
     """An engine and what building it cost (graph recording happens here)."""
     timer = PassTimer()
@@ -67,6 +70,9 @@ def build(
     after = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else 0
     engine.eos_ids = set()  # every request generates exactly new_tokens: equal work in every variant
     static = engine.runner.static
+    if compiled:
+        assert static is not None
+        static.step = torch.compile(engine.runner._static_step, fullgraph=True, dynamic=False)
     cost = {
         "build_s": seconds,
         "graphs": float(0 if static is None else static.recorded),
@@ -82,7 +88,7 @@ def run(
     requests = [bench_request(prompts[j.task], j.input_ids, new_tokens, lambda event: None) for j in jobs]
     start = time.perf_counter()
     for r in requests:
-        engine.scheduler.add(r)
+        engine.enqueue(r)
     engine.run_until_idle()
     sync(engine.lm)
     elapsed = time.perf_counter() - start
@@ -95,6 +101,7 @@ def main() -> None:
     add_model_arguments(ap)
     add_workload_arguments(ap, input_min=8, input_max=24)  # issue 10's workload, as benchmarks/vs_vllm.py
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="a subset (eager always runs)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     lm, prompts, jobs = load_workload(args)
@@ -107,10 +114,16 @@ def main() -> None:
         flush=True,
     )
     names = [n for n in VARIANTS if n != "graphs" or lm.device.type == "cuda"]
+    if args.variants:
+        names = [n for n in names if n == "eager" or n in args.variants]
     context = longest(prompts, jobs, args.new_tokens)
-    built = {n: build(lm, VARIANTS[n], args.concurrency, args.requests, context) for n in names}
-    for engine, _, _ in built.values():  # warm-up: allocator, kernels, the prefix cache's entries
-        run(engine, prompts, jobs[: args.concurrency // 2], 4)
+    built = {
+        n: build(lm, VARIANTS[n], args.concurrency, args.requests, context, n == "compiled") for n in names
+    }
+    for engine, _, cost in built.values():  # warm-up: allocator, kernels, the prefix cache's entries
+        start = time.perf_counter()
+        run(engine, prompts, jobs, args.new_tokens)  # every bucket the runs will meet (compiled: compiles)
+        cost["warm_s"] = time.perf_counter() - start
     speeds: dict[str, list[float]] = {n: [] for n in names}
     answers: dict[str, list[list[int]]] = {}
     for _ in range(args.repeats):
@@ -118,8 +131,8 @@ def main() -> None:
             tps, answers[n] = run(built[n][0], prompts, jobs, args.new_tokens)
             speeds[n].append(tps)
     print()
-    print("| variant | tokens/s | vs eager | decode step (rows) | build s | graphs | graph memory MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | tokens/s | vs eager | decode step (rows) | build s | warm-up s | graphs | graph MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     results: dict[str, dict[str, float]] = {}
     base = statistics.median(speeds["eager"])
     for n in names:
@@ -130,6 +143,7 @@ def main() -> None:
         results[n] = {"tokens_per_s": tps, "step_s": step, "step_rows": float(rows), **cost}
         print(
             f"| {n} | {tps:.1f} | {tps / base:.2f}x | {step * 1e3:.2f} ms ({rows}) | {cost['build_s']:.1f} | "
+            f"{cost['warm_s']:.1f} | "
             f"{cost['graphs']:.0f} | {cost['device_mib']:.0f} |"
         )
         stats = engine.static_decode_stats()

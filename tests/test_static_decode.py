@@ -171,16 +171,21 @@ def test_seeded_sampling_and_token_block_hits_with_the_static_step(lm, prompts, 
     assert static is not None and static.eager_steps > 0
 
 
-def test_the_static_step_compiles_whole_once_per_bucket(tiny_model_dir, prompts):
+COMPILED = {**STATIC, "kernels-loop": Acceleration(static_decode=True, native_layers=False)}
+
+
+@pytest.mark.parametrize("accel", list(COMPILED), ids=list(COMPILED))
+def test_the_static_step_compiles_whole_once_per_bucket(tiny_model_dir, prompts, accel):
     """torch.compile(fullgraph=True, dynamic=False) of the step: no graph break (no host sync, no
     data-dependent shape or Python branch on tensor values) and, per bucket, one compile whatever
-    the rows hold, step after step: what recording a CUDA graph once per bucket relies on."""
+    the rows hold, step after step: what recording a CUDA graph once per bucket relies on. With the
+    native kernels too: their ops carry schemas, so the trace goes through them (softmux:: nodes)."""
     lm32 = load_model(str(tiny_model_dir), dtype="float32")
     prompts32 = [make_prompt(p.name, p.num_virtual_tokens, lm32, seed=i) for i, p in enumerate(prompts)]
     specs = specs_for(prompts32, 9, seed=11)
     expected = staggered_outputs(make_engine(lm32, accel=PLAIN, max_batch_size=4), specs, 3)
 
-    engine = make_engine(lm32, accel=STATIC["plain"], max_batch_size=4)
+    engine = make_engine(lm32, accel=COMPILED[accel], max_batch_size=4)
     static = engine.runner.static
     assert static is not None
     graphs: list[torch.fx.GraphModule] = []
@@ -201,6 +206,14 @@ def test_the_static_step_compiles_whole_once_per_bucket(tiny_model_dir, prompts)
     assert staggered_outputs(engine, specs, 3) == expected
     assert len(buckets) > len(set(buckets)) >= 2  # several buckets, each used many times
     assert len(graphs) == len(set(buckets))
+    kernel_ops = {str(n.target) for g in graphs for n in g.graph.nodes if "softmux" in str(n.target)}
+    loop = {f"softmux.{op}.default" for op in ("rms_norm", "rotary", "decode_attention", "silu_mul")}
+    expected_ops = {  # the stack is one node; greedy is the sampler's, outside the step
+        "plain": set(),
+        "accelerated": {f"softmux.{op}.default" for op in ("decoder_stack", "rms_norm", "panel_linear")},
+        "kernels-loop": loop | {"softmux.panel_linear.default"},
+    }[accel]
+    assert kernel_ops == expected_ops
     torch._dynamo.reset()
 
 

@@ -315,8 +315,9 @@ class Decoder:
             and h.shape[0] <= self.stack_rows
             and h.dtype == rope[0].dtype == self.lm_head.dtype
         ):  # _layers whole in C++: the same kernels in the same order, no Python between them
-            h, residual = self.stack.forward(
-                h, *rope, attend.k, attend.v, attend.write, attend.slots, attend.lengths
+            assert self.ops is not None
+            h, residual = self.ops.run_stack(
+                self.stack, h, *rope, attend.k, attend.v, attend.write, attend.slots, attend.lengths
             )
         else:
             h, residual = self._layers(h, rope, attend)

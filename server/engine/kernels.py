@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -45,27 +45,30 @@ _loaded: dict[str, Kernels | None] = {}
 
 
 class DecoderStack(Protocol):
-    """Every layer of a llama-like decoder for one pass (csrc/layers.cpp)."""
+    """Every layer of a llama-like decoder for one pass (csrc/layers.cpp), named to the op by `handle`."""
 
-    def forward(
-        self,
-        h: torch.Tensor,  # [N, C] the residual stream, updated in place
-        cos: torch.Tensor,  # [N, D] in h's dtype
-        sin: torch.Tensor,  # [N, D]
-        kpool: torch.Tensor,  # [L, H_kv, slots, D]
-        vpool: torch.Tensor,  # [L, H_kv, slots, D]
-        write: torch.Tensor,  # [N] int64
-        slots: torch.Tensor,  # [N, T] int64
-        lengths: torch.Tensor,  # [N] int64
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # (h, the last layer's MLP output, not yet added)
-        ...
+    @property
+    def handle(self) -> int: ...
 
 
 class Kernels:
-    """The compiled kernels behind typed methods, one per kernel (csrc/ops.h has the C++ side)."""
+    """The compiled kernels behind typed methods, one per kernel (csrc/ops.h has the C++ side).
+
+    A pass's kernels are operators with schemas (`torch.ops.softmux.*`, registered by the library's
+    TORCH_LIBRARY block; their output shapes by `_register_shapes`), so torch.compile and make_fx trace
+    through them; the load-time helpers (packing weights) are plain functions of the module."""
 
     def __init__(self, module: ModuleType) -> None:
         self._m = module
+        _register_shapes()
+        ops = torch.ops.softmux  # each op's one overload, held: ~1 us less per call than the packet
+        self._decode_attention = ops.decode_attention.default
+        self._rms_norm = ops.rms_norm.default
+        self._rotary = ops.rotary.default
+        self._silu_mul = ops.silu_mul.default
+        self._greedy = ops.greedy.default
+        self._panel_linear = ops.panel_linear.default
+        self._decoder_stack = ops.decoder_stack.default
 
     @property
     def library(self) -> Path:
@@ -84,7 +87,7 @@ class Kernels:
         lengths: torch.Tensor,  # [N] int64
         scale: float,
     ) -> torch.Tensor:  # [N, H * D]
-        out: torch.Tensor = self._m.decode_attention(
+        out: torch.Tensor = self._decode_attention(
             q, k_new, v_new, kpool, vpool, write, slots, lengths, scale
         )
         return out
@@ -93,21 +96,21 @@ class Kernels:
         self, h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, offset: float
     ) -> torch.Tensor:
         """h [N, C] (+= residual in place, when given) -> the norm of h, [N, C]."""
-        out: torch.Tensor = self._m.rms_norm(h, residual, weight, eps, offset)
+        out: torch.Tensor = self._rms_norm(h, residual, weight, eps, offset)
         return out
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """x [N, heads, D] rotated in place by cos/sin [N, D]."""
-        self._m.rotary(x, cos, sin)
+        self._rotary(x, cos, sin)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up, [N, I]."""
-        out: torch.Tensor = self._m.silu_mul(gate, up)
+        out: torch.Tensor = self._silu_mul(gate, up)
         return out
 
     def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, V] -> (argmax [B] int64, finite [B] bool)."""
-        tokens, finite = self._m.greedy(logits)
+        tokens, finite = self._greedy(logits)
         return tokens, finite
 
     def panel_linear_vectorized(self) -> bool:
@@ -131,7 +134,7 @@ class Kernels:
         bias: torch.Tensor | None,  # [n] float32
         scales: torch.Tensor | None = None,  # [n] float32, exactly for int8 panels
     ) -> torch.Tensor:  # [M, n] in x's dtype
-        out: torch.Tensor = self._m.panel_linear(x, panels, n, bias, scales)
+        out: torch.Tensor = self._panel_linear(x, panels, n, bias, scales)
         return out
 
     def decoder_stack(
@@ -148,6 +151,7 @@ class Kernels:
         kv_heads: int,
         head_dim: int,
     ) -> DecoderStack:
+        """A stack holding these weights (by reference) for `run_stack`; it lives as long as the object."""
         stack: DecoderStack = self._m.DecoderStack(
             norm_weights,
             norm_eps,
@@ -162,6 +166,65 @@ class Kernels:
             head_dim,
         )
         return stack
+
+    def run_stack(
+        self,
+        stack: DecoderStack,
+        h: torch.Tensor,  # [N, C] the residual stream, updated in place
+        cos: torch.Tensor,  # [N, D] in h's dtype
+        sin: torch.Tensor,  # [N, D]
+        kpool: torch.Tensor,  # [L, H_kv, slots, D]
+        vpool: torch.Tensor,  # [L, H_kv, slots, D]
+        write: torch.Tensor,  # [N] int64
+        slots: torch.Tensor,  # [N, T] int64
+        lengths: torch.Tensor,  # [N] int64
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (h, the last layer's MLP output, not yet added)
+        residual: torch.Tensor = self._decoder_stack(
+            stack.handle, h, cos, sin, kpool, vpool, write, slots, lengths
+        )
+        return h, residual
+
+
+_shapes_registered = False
+
+
+def _register_shapes() -> None:
+    """Each op's output for tensors without data (torch.compile and make_fx trace with these); once
+    per process. The C++ checks inputs at run time; these give shapes and dtypes only."""
+    global _shapes_registered
+    if _shapes_registered or not hasattr(torch.ops.softmux, "rms_norm"):
+        return
+    _shapes_registered = True
+
+    def same_as_first(x: torch.Tensor, *rest: Any) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    def nothing(*args: Any) -> None:
+        return None
+
+    def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = logits.shape[0]
+        return logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.bool)
+
+    def attention(q: torch.Tensor, *rest: Any) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+    def panel_linear(x: torch.Tensor, panels: torch.Tensor, n: int, *rest: Any) -> torch.Tensor:
+        return x.new_empty(x.shape[0], n)
+
+    def stack(handle: int, h: torch.Tensor, *rest: Any) -> torch.Tensor:
+        return torch.empty_like(h)
+
+    for name, shape in (
+        ("rms_norm", same_as_first),
+        ("rotary", nothing),
+        ("silu_mul", same_as_first),
+        ("greedy", greedy),
+        ("decode_attention", attention),
+        ("panel_linear", panel_linear),
+        ("decoder_stack", stack),
+    ):
+        torch.library.register_fake(f"softmux::{name}", shape)
 
 
 def cpuinfo(field: str) -> str:

@@ -266,19 +266,38 @@ std::tuple<torch::Tensor, torch::Tensor> greedy(const torch::Tensor& logits) {
 
 }  // namespace softmux
 
+// The kernels a pass runs, as operators with schemas: torch.ops.softmux.<name>. The schema says which
+// arguments a kernel writes (Tensor(a!)), so torch.compile and make_fx trace through them with the shapes
+// that server/engine/kernels.py registers (register_fake), and the dispatcher checks every call's types.
+TORCH_LIBRARY(softmux, m) {
+  m.def("rms_norm(Tensor(a!) h, Tensor? residual, Tensor weight, float eps, float offset) -> Tensor");
+  m.def("rotary(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("greedy(Tensor logits) -> (Tensor, Tensor)");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) kpool, Tensor(b!) vpool, "
+      "Tensor write, Tensor slots, Tensor lengths, float scale) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor panels, int n, Tensor? bias, Tensor? scales) -> Tensor");
+  m.def(
+      "decoder_stack(int stack, Tensor(a!) h, Tensor cos, Tensor sin, Tensor(b!) kpool, Tensor(c!) vpool, "
+      "Tensor write, Tensor slots, Tensor lengths) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(softmux, CPU, m) {
+  m.impl("rms_norm", &softmux::rms_norm);
+  m.impl("rotary", &softmux::rotary);
+  m.impl("silu_mul", &softmux::silu_mul);
+  m.impl("greedy", &softmux::greedy);
+  m.impl("decode_attention", &softmux::decode_attention);
+  m.impl("panel_linear", &softmux::panel_linear);
+  m.impl("decoder_stack", &softmux::decoder_stack);
+}
+
+// Load-time helpers (no tensors of a pass) stay plain Python functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &softmux::decode_attention,
-        "write new keys/values into the pool and attend each row to its slots");
-  m.def("rms_norm", &softmux::rms_norm, "optional residual add, then RMSNorm");
-  m.def("rotary", &softmux::rotary, "rotary embedding in place");
-  m.def("silu_mul", &softmux::silu_mul, "silu(gate) * up");
-  m.def("greedy", &softmux::greedy, "each row's argmax and whether the row is finite");
   m.def("pack_panels", &softmux::pack_panels, "a weight in panels of 16 output columns, for panel_linear");
   m.def("pack_panels_int8", &softmux::pack_panels_int8,
         "a weight quantized to int8 per output channel, in panels");
-  m.def("panel_linear", &softmux::panel_linear, "x W^T + b over panel-packed weights, float32 accumulation",
-        pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("n"), pybind11::arg("bias"),
-        pybind11::arg("scales") = pybind11::none());
   m.def("panel_linear_vectorized", &softmux::panel_linear_vectorized,
         "whether panel_linear is vectorised here");
   softmux::bind_decoder_stack(m);

@@ -8,7 +8,10 @@
 
 #include <torch/extension.h>
 
+#include <atomic>
+#include <mutex>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "ops.h"
@@ -48,7 +51,7 @@ class DecoderStack {
                const std::vector<int64_t>& out_features,
                const std::vector<c10::optional<torch::Tensor>>& scales, const std::vector<double>& scalings,
                int64_t heads, int64_t kv_heads, int64_t head_dim)
-      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim) {
+      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), handle_(next_handle_++) {
     const size_t L = scalings.size();
     TORCH_CHECK(norm_weights.size() == 2 * L && norm_eps.size() == 2 * L && norm_offsets.size() == 2 * L,
                 "two norms per layer");
@@ -61,6 +64,27 @@ class DecoderStack {
       layers_.push_back(Layer{norm(2 * i), norm(2 * i + 1), linear(5 * i), linear(5 * i + 1),
                               linear(5 * i + 2), linear(5 * i + 3), linear(5 * i + 4), scalings[i]});
     }
+    std::lock_guard<std::mutex> guard(registry_lock_);
+    registry_[handle_] = this;
+  }
+
+  ~DecoderStack() {
+    std::lock_guard<std::mutex> guard(registry_lock_);
+    registry_.erase(handle_);
+  }
+
+  DecoderStack(const DecoderStack&) = delete;
+  DecoderStack& operator=(const DecoderStack&) = delete;
+
+  // The op softmux::decoder_stack names a stack by this number: an operator's schema takes tensors and
+  // scalars, not a C++ object, and the number stays valid exactly while the Python object lives.
+  int64_t handle() const { return handle_; }
+
+  static const DecoderStack& find(int64_t handle) {
+    std::lock_guard<std::mutex> guard(registry_lock_);
+    auto it = registry_.find(handle);
+    TORCH_CHECK(it != registry_.end(), "no DecoderStack with handle ", handle, " (released?)");
+    return *it->second;
   }
 
   // h [N, C] the residual stream (updated in place), cos/sin [N, D] in h's dtype, kpool/vpool
@@ -96,9 +120,19 @@ class DecoderStack {
  private:
   std::vector<Layer> layers_;
   int64_t heads_, kv_heads_, head_dim_;
+  int64_t handle_;
+  static inline std::atomic<int64_t> next_handle_{1};
+  static inline std::mutex registry_lock_;
+  static inline std::unordered_map<int64_t, const DecoderStack*> registry_;
 };
 
 }  // namespace
+
+torch::Tensor decoder_stack(int64_t stack, torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
+                            torch::Tensor kpool, torch::Tensor vpool, const torch::Tensor& write,
+                            const torch::Tensor& slots, const torch::Tensor& lengths) {
+  return std::get<1>(DecoderStack::find(stack).forward(h, cos, sin, kpool, vpool, write, slots, lengths));
+}
 
 void bind_decoder_stack(pybind11::module& m) {
   pybind11::class_<DecoderStack>(m, "DecoderStack",
@@ -108,7 +142,7 @@ void bind_decoder_stack(pybind11::module& m) {
                           const std::vector<c10::optional<torch::Tensor>>&,
                           const std::vector<int64_t>&, const std::vector<c10::optional<torch::Tensor>>&,
                           const std::vector<double>&, int64_t, int64_t, int64_t>())
-      .def("forward", &DecoderStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def_property_readonly("handle", &DecoderStack::handle);
 }
 
 }  // namespace softmux

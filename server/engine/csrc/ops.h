@@ -26,5 +26,10 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
                            const c10::optional<torch::Tensor>& scales = c10::nullopt);
 // layers.cpp
 void bind_decoder_stack(pybind11::module& m);
+// h [N, C] updated in place through every layer of the stack `stack` (DecoderStack.handle) -> the last
+// layer's MLP output [N, C], not yet added to h.
+torch::Tensor decoder_stack(int64_t stack, torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
+                            torch::Tensor kpool, torch::Tensor vpool, const torch::Tensor& write,
+                            const torch::Tensor& slots, const torch::Tensor& lengths);
 
 }  // namespace softmux
