@@ -131,7 +131,7 @@ def run_engine(
     # the OpenMP note).
     start = time.perf_counter()
     for job in jobs:
-        engine.scheduler.add(bench_request(prompts[job.task], job.input_ids, new_tokens, sink))
+        engine.enqueue(bench_request(prompts[job.task], job.input_ids, new_tokens, sink))
     engine.run_until_idle()
     assert finished[0] == len(jobs)
     sync(lm)

@@ -180,7 +180,7 @@ def answer_all(
             task=prompt.name, prompt=prompt, input_ids=list(ids), params=params, seed=0, sink=sink_for(i)
         )
         request.matcher = None if compiled is None else compiled.matcher()
-        engine.scheduler.add(request)
+        engine.enqueue(request)
     with torch.inference_mode():
         engine.run_until_idle()
     seconds = time.perf_counter() - started

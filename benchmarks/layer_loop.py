@@ -39,7 +39,7 @@ def step_times(dtype: str, rows: int, steps: int, input_len: int) -> dict[str, f
             "the native layer loop does not apply here (no C++ compiler, or the model's ops have no kernel)"
         )
     for job in jobs:
-        engine.scheduler.add(bench_request(prompts[job.task], job.input_ids, steps + 8, lambda event: None))
+        engine.enqueue(bench_request(prompts[job.task], job.input_ids, steps + 8, lambda event: None))
     for _ in range(4):  # the prefill pass, then warm-up steps
         engine.step()
     times: dict[str, list[float]] = {"native": [], "python": []}

@@ -34,7 +34,7 @@ def tokens_per_s(
     started = time.perf_counter()
     for job in jobs:
         prompt = prompts[job.task]
-        engine.scheduler.add(
+        engine.enqueue(
             Request(
                 task=prompt.name,
                 prompt=prompt,

@@ -39,7 +39,7 @@ def ttft(engine: Engine, prompt: SoftPrompt, ids: list[int]) -> float:
         seed=0,
         sink=lambda event: None,
     )
-    engine.scheduler.add(req)
+    engine.enqueue(req)
     started = time.perf_counter()
     engine.step()  # admit, fill the prefix if missing, prefill, sample: the request ends with its one token
     elapsed = time.perf_counter() - started

@@ -135,7 +135,7 @@ def validity(lm: LoadedModel, max_new: int = 128) -> dict[str, Any]:
                 task="plain", prompt=prompt, input_ids=ids, params=params, seed=k, sink=events.append
             )
             req.matcher = compiled.matcher()
-            engine.scheduler.add(req)
+            engine.enqueue(req)
             results.append((name, spec, events))  # type: ignore[arg-type]
     began = time.perf_counter()
     engine.run_until_idle()
@@ -186,7 +186,7 @@ def workload_run(
         )
         if every and i % every == 0:
             req.matcher = compiled.matcher()
-        engine.scheduler.add(req)
+        engine.enqueue(req)
     began = time.perf_counter()
     engine.run_until_idle()
     elapsed = time.perf_counter() - began
@@ -229,10 +229,10 @@ def samples_run(
         ]
         if forked:
             reqs[0].forks = reqs[1:]
-            engine.scheduler.add(reqs[0])
+            engine.enqueue(reqs[0])
         else:
             for r in reqs:
-                engine.scheduler.add(r)
+                engine.enqueue(r)
     began = time.perf_counter()
     engine.run_until_idle()
     elapsed = time.perf_counter() - began

@@ -86,7 +86,7 @@ def run_softmux(
     # as vLLM's LLM.generate runs its engine on the caller's thread.
     start = time.perf_counter()
     for req in requests:
-        engine.scheduler.add(req)
+        engine.enqueue(req)
     engine.run_until_idle()
     seconds = time.perf_counter() - start
     assert done.is_set()

@@ -67,7 +67,7 @@ def softmux_run(
             sink=lambda e: None,
         )
         req.matcher = None if compiled is None else compiled.matcher()
-        engine.scheduler.add(req)
+        engine.enqueue(req)
     began = time.perf_counter()
     engine.run_until_idle()
     seconds = time.perf_counter() - began
@@ -96,7 +96,7 @@ def softmux_answers(
             sink=events.append,  # type: ignore[arg-type]
         )
         req.matcher = compiled.matcher()
-        engine.scheduler.add(req)
+        engine.enqueue(req)
         ends.append(events)
     engine.run_until_idle()
     finals = [e[-1] for e in ends]

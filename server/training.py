@@ -245,22 +245,15 @@ def generate_batch(
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
     for i, ids in enumerate(inputs):
-        engine.scheduler.add(
+        engine.enqueue(
             Request(
                 task=prompt.name, prompt=prompt, input_ids=list(ids), params=params, seed=0, sink=sink_for(i)
             )
         )
     with torch.inference_mode():
-        while len(results) < len(inputs):
-            # step() is False when its batch emptied and nothing was admitted yet; only an empty
-            # queue with nothing running and answers missing means stuck.
-            if (
-                not engine.step()
-                and engine.scheduler.num_waiting == 0
-                and not engine.scheduler.running
-                and len(results) < len(inputs)
-            ):
-                raise RuntimeError("the engine stopped with requests unfinished")
+        engine.run_until_idle()
+    if len(results) < len(inputs):
+        raise RuntimeError(f"the engine stopped with {len(inputs) - len(results)} requests unfinished")
     return [results[i].generated_text for i in range(len(inputs))]
 
 

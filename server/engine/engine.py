@@ -134,6 +134,10 @@ class Engine:
             raise RuntimeError("the engine is not running")
         self.scheduler.add(request)
 
+    def enqueue(self, request: Request) -> None:
+        """Queue a request for `run_until_idle` on this thread (no loop thread needed)."""
+        self.scheduler.add(request)
+
     def check_room(self, task: str, settings: TaskSettings) -> None:
         """Thread-safe. Raises QueueFull when the task could not queue one more request now."""
         self.scheduler.check_room(task, settings)
@@ -199,7 +203,7 @@ class Engine:
 
     def run_until_idle(self) -> None:
         """Drive the loop on the calling thread until nothing waits or runs (benchmarks, batch jobs:
-        requests go in with `scheduler.add` first). Why not `start()` there: the OpenMP note at the top."""
+        requests go in with `enqueue` first). Why not `start()` there: the OpenMP note at the top."""
         while not self.scheduler.idle:
             self.step()
 
