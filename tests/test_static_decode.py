@@ -252,10 +252,11 @@ def test_the_stand_in_recorder_freezes_host_reads_like_a_capture():
     assert out_device.tolist() == [10.0, 14.0] and out_host.tolist() == [2.0, 4.0]
 
 
-def test_recorded_steps_replay_from_the_fixed_buffers(lm, prompts):
+@pytest.mark.parametrize("accel", list(STATIC), ids=list(STATIC))
+def test_recorded_steps_replay_from_the_fixed_buffers(lm, prompts, accel):
     """Every bucket recorded at start (largest first), every step then a replay of the traced step;
-    answers == solo reference."""
-    engine = make_engine(lm, accel=STATIC["plain"], max_batch_size=4, max_context=64)
+    answers == solo reference. With the native kernels too: make_fx records their ops as graph nodes."""
+    engine = make_engine(lm, accel=STATIC[accel], max_batch_size=4, max_context=64)
     static = engine.runner.static
     assert static is not None and static.rows == [1, 2, 4] and static.widths == [64]
     recorder = TracingRecorder()
