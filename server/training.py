@@ -400,7 +400,9 @@ def optimise(
     a batch remain, so a run is reproducible from the config. Returns (trained embeddings [P, H]
     float32 on the CPU, the loss of every step, seconds spent in the optimiser steps alone).
     """
-    soft = torch.nn.Parameter(init.to(lm.device))  # [P, H] float32, the only trainable tensor
+    # [P, H] float32, the only trainable tensor; a copy (on the CPU .to() would alias `init`, and the
+    # optimiser would rewrite the caller's initial prompt in place)
+    soft = torch.nn.Parameter(init.detach().to(lm.device, copy=True))
     opt = torch.optim.AdamW([soft], lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(steps, cfg.warmup))
     rng = random.Random(cfg.seed)

@@ -24,6 +24,7 @@ from server.training import (
     encode,
     generate_batch,
     initial_prompt,
+    optimise,
     split_data,
     train,
 )
@@ -90,6 +91,16 @@ def test_training_lowers_loss_raises_the_score_and_writes_a_valid_adapter(lm, da
     card = (store / "toy" / "README.md").read_text()
     assert "toy.jsonl" in card and "trained prompt:" in card and "<|im_start|>user" in card
     assert written.num_virtual_tokens == 4
+
+
+def test_optimising_leaves_the_initial_prompt_as_it_was(lm, data, tmp_path):
+    """The trained prompt is a new tensor: the caller's initial embeddings are not trained in place."""
+    cfg = TrainConfig(task="toy", data=data, store=tmp_path, num_virtual_tokens=4, init="random", lr=0.3)
+    init, _ = initial_prompt(lm, cfg)
+    kept = init.clone()
+    encoded = [encode(lm, cfg.template, {"input": "red and blue", "output": "yes"})]
+    trained, losses, _ = optimise(cfg, lm, init, encoded, steps=3)
+    assert torch.equal(init, kept) and not torch.equal(trained, kept) and len(losses) == 3
 
 
 def test_peft_reads_the_adapter_as_softmux_serves_it(lm, data, tiny_model_dir, tmp_path):
