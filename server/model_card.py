@@ -12,12 +12,11 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:  # server.training imports this module; the config is only a type here
-    from server.training import TrainConfig
+from server.train_config import TrainConfig
 
 
 def file_sha(path: Path | None) -> str:
