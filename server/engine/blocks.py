@@ -56,11 +56,12 @@ class Linear:
 
     Without the native kernels (`--no-native-kernels`, or no compiler), `pack` reorders the weight
     into oneDNN's blocked layout for inputs of at most `PANEL_MAX_ROWS` rows.
-    bfloat16/float16 on a CPU without native 16-bit GEMM (no AVX512-BF16/AMX, e.g. AVX2): torch's
-    16-bit matmul there is ~7x slower than float32, so every input size runs the panel kernel (or,
-    without it, a float32 oneDNN copy of the 16-bit values): products of the exact 16-bit values
-    accumulated in float32 and rounded back to the model's dtype, what a 16-bit GEMM with float32
-    accumulation computes. Where the CPU has native 16-bit GEMM, longer inputs use it.
+    bfloat16/float16 on a CPU without native 16-bit GEMM (no AVX512-BF16/AMX, e.g. AVX2): torch's 16-bit
+    matmul there is several times slower than float32 (docs/benchmarks.md), so every input size runs
+    the panel kernel (or, without it, a float32 oneDNN copy of the 16-bit values): products of the
+    exact 16-bit values accumulated in float32 and rounded back to the model's dtype, what a 16-bit
+    GEMM with float32 accumulation computes. Where the CPU has native 16-bit GEMM, longer inputs use
+    it.
     Memory: one more copy of the weights (float32 for 16-bit models served through oneDNN), unless
     `one_copy`: where the panel kernel serves, it then serves every input size (prefill included, at
     about the GEMM's rate on an AVX2 CPU) and the plain weight is dropped (`weight` is None): the

@@ -185,7 +185,7 @@ class Decoder:
             attn, mlp = block.self_attn, block.mlp
             qkv_w, qkv_b = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
             # gate and up stay two multiplies: fused into one [2I, hidden] weight they measured slower
-            # (1.9 vs 1.5 ms at 32 rows for SmolLM2's I = 1536, float32, AVX2)
+            # at decode sizes (docs/how-it-works.md)
             self.layers.append(
                 Layer(
                     input_norm=Norm(block.input_layernorm, self.ops),

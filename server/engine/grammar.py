@@ -1,9 +1,9 @@
 """Structured outputs: constraints (server/structured.py) compiled into a matcher per row.
 
 A constraint compiles with llguidance (docs/architecture.md says why that library) into a template matcher;
-each request gets a copy (~1 us) that follows its own tokens. Compiling runs on a small thread pool, never on
-the engine thread, bounded by the parser's limits and a timeout; results are cached by the constraint's text,
-failures included, so a bad schema sent again is refused at once.
+each request gets a copy (cheap: no compiling) that follows its own tokens. Compiling runs on a small thread
+pool, never on the engine thread, bounded by the parser's limits and a timeout; results are cached by the
+constraint's text, failures included, so a bad schema sent again is refused at once.
 
 A constraint that does not compile, or uses what the library cannot enforce, is an error
 (`GrammarError`) before the request is queued: a row never runs unconstrained by accident.

@@ -34,7 +34,7 @@ class Acceleration:
     rounding (tests/test_kernels.py, tests/test_static_decode.py, and the reference tests run both ways)."""
 
     prepack_weights: bool = (
-        True  # CPU: weights also repacked for decode-sized inputs (blocks.Linear): ~1x weights more memory
+        True  # CPU: weights also repacked for decode-sized inputs (blocks.Linear): one more copy in memory
     )
     native_kernels: bool = True  # CPU: server/engine/csrc/, built at start (server/engine/kernels.py)
     native_layers: bool = True  # with native_kernels: a pass's layers in one C++ call (decoder.Decoder.stack)

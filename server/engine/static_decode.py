@@ -1,11 +1,11 @@
 """A decode step of fixed shapes, recorded once per shape and replayed as a CUDA graph.
 
-Why: the eager decode step has new shapes every step (rows join and leave, contexts grow), so it
-launches some twenty kernels per layer from Python, and at 135M parameters a GPU waits on those
-launches (557 tok/s on an H200, launch-bound). Here the rows are padded up to a bucket of rows and
-each row's key table up to a bucket of columns, every input lives in one fixed device buffer, and
-the step's kernels for each (rows, columns) bucket are recorded once at start and replayed with a
-single launch. Only decode is static: prefill feeds a different number of tokens every time.
+Why: the eager decode step has new shapes every step (rows join and leave, contexts grow), so it launches
+some twenty kernels per layer from Python, and at 135M parameters a GPU waits on those launches (an H200
+measured launch-bound at this size: docs/benchmarks.md). Here the rows are padded up to a bucket of rows and
+each row's key table up to a bucket of columns, every input lives in one fixed device buffer, and the step's
+kernels for each (rows, columns) bucket are recorded once at start and replayed with a single launch. Only
+decode is static: prefill feeds a different number of tokens every time.
 
 Padding: a padded row feeds token 0 at position 0, writes its key and value into NULL_SLOT (in the
 reserved block) and sees only that slot; padded columns of a real row read NULL_SLOT and are masked

@@ -1,12 +1,12 @@
 """How many threads the engine's passes use while another process or thread wants the same cores.
 
-Torch's CPU ops and softmux's kernels split each pass into hundreds of OpenMP regions, each ending at
-a barrier that waits for every thread of the team. While the cores are all busy (clients on the same
-box, a refusal storm on the event loop, another service), a team member loses its core and every
-region waits out a scheduler time slice: measured on a 2-core EPYC with a 320-client load generator on
-the same box, a 2-thread engine fell from ~6.7 decode steps/s to ~0.4, where a 1-thread engine kept
-~5.8. The sign is cheap to read: the engine thread's own CPU time falls far below the wall time of
-its passes (it sleeps in barriers; uncontended it computes or spins nearly all the time).
+Torch's CPU ops and softmux's kernels split each pass into hundreds of OpenMP regions, each ending at a
+barrier that waits for every thread of the team. While the cores are all busy (clients on the same box, a
+refusal storm on the event loop, another service), a team member loses its core and every region waits out a
+scheduler time slice, and a 2-thread engine falls far below a 1-thread one (the measurement:
+docs/architecture.md, "Tasks as tenants", the contended-cores item). The sign is cheap to read: the engine
+thread's own CPU time falls far below the wall time of its passes (it sleeps in barriers; uncontended it
+computes or spins nearly all the time).
 
 `ThreadGovernor` reads that ratio over recent passes, drops to one thread while it stays low, and tries the
 full team again every few seconds (one verdict later it stays, or drops again). Results do not depend on the

@@ -265,12 +265,10 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_new, c
         if (D % 8 == 0) {
           // Blocks sit at random places in the pool, past the hardware prefetcher's reach: keys are asked
           // for two groups of 8 ahead, and each group's values as its keys are read (used after the
-          // softmax). Over a 30-layer pool at 32 rows, float32, attend_item's loops -> these: 640 keys 92 ->
-          // 66 ms a step (75 without the prefetches), 64 keys 13.8 -> 8.5 ms (9.5). Then the softmax's
-          // max vectorised and its sums interleaved across heads, each value line read once per group
-          // of heads, and the next item asked for while this one sums its values (`Ahead`): 0.80-0.83x
-          // at 640 keys, 0.85-0.86x at 68, outputs bit for bit the same (AVX2 EPYC, both builds
-          // alternating over the same pool).
+          // softmax). The softmax's max is vectorised and its sums interleaved across heads, each value
+          // line read once per group of heads, and the next item asked for while this one sums its
+          // values (`Ahead`); outputs bit for bit those of the plain loop (the step times each change
+          // bought: docs/architecture.md, "Attention").
           for (int64_t t = 0; t < std::min<int64_t>(16, n); ++t)
             prefetch_row<_MM_HINT_T0>(keys + row_slots[t] * D, D);
           for (int64_t t0 = 0; t0 < n; t0 += 8) {

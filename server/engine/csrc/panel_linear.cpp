@@ -1,8 +1,8 @@
 // y = x W^T + b for the few-to-a-hundred rows of a decode step, built with cpu_ops.cpp.
 //
 // Why: a decode step multiplies 1-128 rows by every weight of the model. oneDNN's packed GEMM
-// reaches ~90 GFLOP/s at 32 rows on a 2-core AVX2 EPYC whose large GEMMs run at ~170, and at one row
-// it streams the weights at ~21 GB/s where memory gives ~27; a 16-bit model has no native GEMM on
+// stays well below the CPU's large-GEMM rate at 32 rows and below the memory bandwidth at one row
+// (docs/architecture.md, "Panel linears", has the figures); a 16-bit model has no native GEMM on
 // AVX2 at all (served through a float32 widening of its weights: twice the bytes). Here the weight
 // is repacked once, at load, into panels of 16 output columns ([N/16, K, 16], zero-padded, in the
 // model's own dtype: 16-bit weights stay 16-bit and are widened in registers), and each thread
@@ -212,8 +212,8 @@ void tile_rows(int64_t mr, const float* a, int64_t ak, int64_t ar, const w_t* pa
 // x [M, K] row-major, float32 or the weight's 16-bit dtype (widened exactly); y [M, N] the same dtype.
 // Rows go in tiles of at most kRows. Over float32 weights the tiles are of near-equal sizes (32 rows:
 // 6, 6, 5, 5, 5, 5 rather than five of 6 and one of 2, whose 4 FMA chains cannot hide the FMA
-// latency): float32 steps at 20-32 rows 0.89-0.93x the time, at 64 0.96x; over bfloat16 weights the
-// same split measured 0.99-1.08x (no gain; AVX2 EPYC), so 16-bit weights keep tiles of kRows. The
+// latency: faster for float32, no gain measured for 16-bit weights, which keep tiles of kRows;
+// docs/architecture.md, "Panel linears"). The
 // tiles only group rows: every output is the same chain either way. One tile of float32 rows reads x
 // where it lies; otherwise each tile's rows are first copied (as float32) k-major ([K, rows]), so that
 // a tile's k-th values are adjacent.
