@@ -29,13 +29,13 @@ import torch
 from benchmarks.common import cpu_model
 from benchmarks.compare import Job, alternating_medians, longest, make_jobs, make_prompts
 from benchmarks.schemas import CHOICES, REGEXES, SCHEMAS
+from server.admission import sample_seed
 from server.engine.engine import Engine
 from server.engine.grammar import GrammarCompiler, GrammarError, OutputKind, OutputSpec
 from server.engine.request import FinishEvent, FinishReason, Request, SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel, load_model
 from server.prompts.types import PromptKind, SoftPrompt
-from server.service import sample_seed
 
 PEOPLE = {
     "type": "array",

@@ -13,60 +13,47 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
 import torch
 
+from server.admission import (
+    Prepared,
+    context_window,
+    contract_for,
+    fit_lengths,
+    priority_for,
+    sample_seed,
+    with_defaults,
+)
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.grammar import COMPILE_TIMEOUT, Compiled, GrammarCompiler
-from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams, TokenEvent
+from server.engine.request import ErrorEvent, Event, FinishEvent, Request, SamplingParams
 from server.engine.runner import Acceleration
 from server.engine.scheduler import Policy, SchedulerConfig
 from server.errors import (
     DomainError,
     ErrorKind,
-    GenerationFailed,
     InvalidRequest,
     Overloaded,
     QueueFull,
     Unavailable,
     UnknownTask,
-    error_of,
 )
+from server.generation import Generation, result
 from server.metrics import UNKNOWN_TASK, LiveState, Metrics
 from server.models import LoadedModel, load_model
 from server.prompts.install import clean_leftovers
 from server.prompts.registry import Registry
 from server.prompts.settings import TaskSettings
-from server.prompts.types import PromptGeometry, SoftPrompt
+from server.prompts.types import PromptGeometry
 from server.prompts.watcher import StoreWatcher
 from server.structured import GrammarError, OutputSpec
 
 log = logging.getLogger("softmux.service")
-
-
-@dataclass
-class Prepared:
-    """A validated request, ready for the engine."""
-
-    task: str
-    input_ids: list[int]
-    params: SamplingParams
-    seed: int
-    deadline: float | None = None  # time.monotonic() after which the engine ends it with TIMEOUT
-    priority: int = 0  # lower is served first; the task's default unless the request asked
-    grammar: Compiled | None = (
-        None  # the structured output every answer must match (each row gets its own matcher)
-    )
-    n: int = 1  # samples of this prompt (OpenAI's n): one prefill, forked into n rows
-
-
-def sample_seed(seed: int, i: int) -> int:
-    """Sample i's own seed stream: sample 0 keeps the request's seed (n=1 answers do not change)."""
-    return (seed + i * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
 class Service:
@@ -311,9 +298,9 @@ class Service:
         prompt = registry.get(task)
         if prompt is None:
             raise UnknownTask(task, known=registry.names())
-        priority = _priority(prompt, *asked_priority)
-        params = _with_defaults(params, prompt.settings, explicit)
-        spec, field = _contract(prompt, *output)
+        priority = priority_for(prompt, *asked_priority)
+        params = with_defaults(params, prompt.settings, explicit)
+        spec, field = contract_for(prompt, *output)
         if spec is not None and params.ignore_eos:
             raise InvalidRequest(
                 f"ignore_eos cannot be combined with a structured output ({field})", "ignore_eos"
@@ -330,7 +317,7 @@ class Service:
         except QueueFull as exc:
             raise Overloaded(f"{exc}; retry later") from exc
         s = self.settings
-        inputs_name, limit_name = names
+        limit_name = names[1]
         if params.max_new_tokens > s.max_new_tokens and not fit_new_tokens:
             raise InvalidRequest(
                 f"{limit_name} must be <= {s.max_new_tokens} (got {params.max_new_tokens})", limit_name
@@ -338,37 +325,9 @@ class Service:
         ids: list[int] = await anyio.to_thread.run_sync(
             lambda: lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         )
-        if len(ids) > s.max_input_tokens:
-            raise InvalidRequest(
-                f"{inputs_name} is {len(ids)} tokens; at most {s.max_input_tokens} are allowed", inputs_name
-            )
-        if not ids:
-            raise InvalidRequest(f"{inputs_name} must not be empty", inputs_name)
-        max_pos = getattr(lm.model.config, "max_position_embeddings", None)
-        if fit_new_tokens:
-            room = min(s.max_new_tokens, s.max_batch_tokens - prompt.num_virtual_tokens - len(ids))
-            if max_pos is not None:
-                room = min(room, max_pos - prompt.num_virtual_tokens - len(ids))
-            params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
-        total = prompt.num_virtual_tokens + len(ids) + params.max_new_tokens
-        if total > s.max_batch_tokens:
-            raise InvalidRequest(
-                f"virtual tokens ({prompt.num_virtual_tokens}) + input tokens ({len(ids)}) + {limit_name} "
-                f"({params.max_new_tokens}) = {total} exceeds max_batch_tokens ({s.max_batch_tokens})",
-                limit_name,
-            )
-        if max_pos is not None and total > max_pos:
-            raise InvalidRequest(
-                f"virtual + input + {limit_name} = {total} exceeds the model's context ({max_pos})",
-                limit_name,
-            )
-        pool_tokens = engine.pool_tokens
-        if total > pool_tokens:
-            raise InvalidRequest(
-                f"virtual + input + {limit_name} = {total} exceeds the key/value pool ({pool_tokens} tokens, "
-                "--kv-cache-bytes)",
-                limit_name,
-            )
+        params = fit_lengths(
+            s, prompt.num_virtual_tokens, len(ids), params, lm, engine.pool_tokens, fit_new_tokens, names
+        )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         grammar = None if spec is None else await self._compile(spec, field)
         return Prepared(
@@ -477,115 +436,7 @@ class Service:
         fails the call (the others are cancelled)."""
         generations = self.submit_samples(prepared, stream=False)
         try:
-            return list(await asyncio.gather(*(_result(g) for g in generations)))
+            return list(await asyncio.gather(*(result(g) for g in generations)))
         finally:
             for g in generations:
                 g.cancel()
-
-
-async def _result(generation: Generation) -> FinishEvent:
-    async for event in generation:
-        if isinstance(event, ErrorEvent):
-            raise error_of(event.kind, event.message)
-        if isinstance(event, FinishEvent):
-            return event
-    raise GenerationFailed("the request ended without a result")
-
-
-def _with_defaults(
-    params: SamplingParams, settings: TaskSettings, explicit: frozenset[str] | None
-) -> SamplingParams:
-    """The task's default parameters for those the request left unset."""
-    if explicit is None:
-        return params
-    given = {k: v for k, v in settings.defaults.given().items() if k not in explicit}
-    return replace(params, **given) if given else params  # type: ignore[arg-type]
-
-
-def _contract(prompt: SoftPrompt, asked: OutputSpec | None, field: str) -> tuple[OutputSpec | None, str]:
-    """The structured output a request runs under: its task's contract binds; a request may repeat it,
-    not replace it."""
-    bound = prompt.settings.output_spec
-    if bound is None:
-        return asked, field
-    if asked is not None and asked != bound:
-        raise InvalidRequest(
-            f"task {prompt.name!r} fixes its output ({bound.kind.value}, in its task.json); "
-            f"{field} asks another: leave it out",
-            field,
-        )
-    return bound, f"task {prompt.name!r} output"
-
-
-def context_window(lm: LoadedModel) -> int | None:
-    """The longest sequence the model's positions cover (None: the config does not say)."""
-    config = lm.model.config.get_text_config()
-    window = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return int(window) if window else None
-
-
-def _priority(prompt: SoftPrompt, asked: int | None, field: str) -> int:
-    """The request's priority: the task's default, or what it asked within what its task.json allows."""
-    if asked is None:
-        return prompt.settings.priority
-    low, high = prompt.settings.allowed_priorities()
-    if not low <= asked <= high:
-        raise InvalidRequest(
-            f"{field} must be between {low} and {high} for task {prompt.name!r} (lower is served first; "
-            f"got {asked})",
-            field,
-        )
-    return asked
-
-
-class Generation:
-    """One submitted request: iterate it for its events (the last is a FinishEvent or an
-    ErrorEvent). `cancel()` (idempotent, a no-op once it ended) makes the engine drop its row
-    at its next step; callers must call it when they stop listening early."""
-
-    def __init__(self, request: Request, queue: asyncio.Queue[Event], engine: Engine) -> None:
-        self.request = request
-        self._queue = queue
-        self._engine = engine
-        self.done = False
-
-    def __aiter__(self) -> Generation:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self.done:
-            raise StopAsyncIteration
-        while True:
-            try:  # wake up now and then: a request must not wait forever on an engine that died
-                event = await asyncio.wait_for(self._queue.get(), timeout=1.0)
-                break
-            except TimeoutError:
-                if not self._engine.alive and self._queue.empty():
-                    # A loop that died fails what it held with this same event; its own may still be in
-                    # flight to this queue, and the answer must not depend on which arrives first.
-                    error = self._engine.error
-                    event = (
-                        ErrorEvent(f"engine failure: {error}", ErrorKind.GENERATION_FAILED)
-                        if error is not None
-                        else ErrorEvent("the engine stopped: shut down", ErrorKind.UNAVAILABLE)
-                    )
-                    break
-        if not isinstance(event, TokenEvent):
-            self.done = True
-            how = (
-                event.finish_reason.value if isinstance(event, FinishEvent) else f"error ({event.kind.value})"
-            )
-            log.info(
-                "request %d (task %r) ended: %s, %d token(s)",
-                self.request.id,
-                self.request.task,
-                how,
-                len(self.request.output_ids),
-            )
-        return event
-
-    def cancel(self) -> None:
-        if not self.done:
-            self.done = True
-            self.request.cancel()
-            self._engine.notify()

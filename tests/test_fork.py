@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from server.admission import sample_seed
 from server.engine.request import FinishReason, SamplingParams
 from server.models import LoadedModel
-from server.service import sample_seed
 from tests.support import Tracked, make_prompt, make_request, reference_greedy, start_engine
 
 

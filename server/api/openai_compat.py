@@ -35,9 +35,10 @@ from server.engine.request import (
     TokenLogprob,
 )
 from server.errors import InvalidRequest, UnknownTask, error_of
+from server.generation import Generation
 from server.prompts.registry import Registry
 from server.prompts.settings import DEFAULT_SETTINGS
-from server.service import Generation, Service
+from server.service import Service
 from server.structured import OutputSpec
 
 router = APIRouter(prefix="/v1", tags=["openai"])

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 import server
+from server.admission import Prepared
 from server.api.errors import ApiError, tgi_error
 from server.api.logprobs import token_text
 from server.api.outputs import from_tgi_grammar
@@ -28,7 +29,8 @@ from server.api.sse import EventStream, sse
 from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, SamplingParams, TokenEvent
 from server.errors import ErrorKind, Unavailable
-from server.service import Generation, Prepared, Service
+from server.generation import Generation
+from server.service import Service
 
 router = APIRouter()
 
