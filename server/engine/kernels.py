@@ -7,10 +7,14 @@ instruction-set flags (it is compiled for this CPU: -march=native). Where it can
 loaded (no compiler, another platform), `load()` returns None, says why in the log once, and the
 engine runs the same computation with torch ops. `--no-native-kernels` turns them off.
 
-The boundary is typed: `Kernels` wraps the compiled module with one method per kernel (the shapes in
-its docstrings, the checks in the C++), so every call site is checked by mypy and the compiled module
-never leaks as `Any`. `softmux build-kernels` builds them ahead of time (the Dockerfile and `make`
-call it); the first start builds them otherwise.
+The boundary is typed twice: the library registers a pass's kernels as operators with schemas
+(`torch.ops.softmux.*`, which arguments they write included; their output shapes are registered here), so
+torch.compile and make_fx trace through them; and `Kernels` calls them behind one typed method each (the
+shapes in its docstrings, the checks in the C++), so every call site is checked by mypy and nothing
+leaks as `Any`. One library per process: the operator names are global.
+
+`softmux build-kernels` builds them ahead of time (the Dockerfile and `make` call it); the first start
+builds them otherwise.
 
 Builds are safe against a build killed halfway (Ctrl-C during the first `make serve`, a worker shut
 down): one process builds at a time under an OS file lock (released when its holder dies, unlike
