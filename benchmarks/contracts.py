@@ -41,7 +41,9 @@ from server.models import LoadedModel, load_model
 from server.prompts.store import read_task_folder
 from server.prompts.types import PromptGeometry, SoftPrompt
 from server.structured import OutputKind, OutputSpec
-from server.training import CHATML_TEMPLATE, default_max_new_tokens, encode, read_jsonl
+from server.train_config import CHATML_TEMPLATE
+from server.train_data import encode, read_jsonl
+from server.train_eval import default_max_new_tokens
 
 Example = dict[str, str]
 

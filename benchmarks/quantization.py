@@ -29,7 +29,9 @@ from server.engine.scheduler import SchedulerConfig
 from server.models import load_model
 from server.prompts.store import read_task_folder
 from server.prompts.types import PromptGeometry, SoftPrompt
-from server.training import CHATML_TEMPLATE, default_max_new_tokens, encode, read_jsonl
+from server.train_config import CHATML_TEMPLATE
+from server.train_data import encode, read_jsonl
+from server.train_eval import default_max_new_tokens
 
 Example = dict[str, str]
 

@@ -28,14 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.make_datasets import CONTRACTS, SIZES, generate  # noqa: E402
 from server.models import DEFAULT_MODEL_ID, LoadedModel, load_model  # noqa: E402
-from server.training import (  # noqa: E402
-    CHATML_TEMPLATE,
-    TrainConfig,
-    default_max_new_tokens,
-    evaluate,
-    read_jsonl,
-    train,
-)
+from server.train_config import CHATML_TEMPLATE, TrainConfig  # noqa: E402
+from server.train_data import read_jsonl  # noqa: E402
+from server.train_eval import default_max_new_tokens, evaluate  # noqa: E402
+from server.training import train  # noqa: E402
 
 # name -> (hand-written instruction, training settings)
 TASKS: dict[str, tuple[str, dict]] = {

@@ -1,22 +1,21 @@
 """`softmux train`: prompt tuning (PEFT) on the frozen model the server uses, written into the store.
 
-The data is JSON lines `{"input": ..., "output": ...}`. Each input is wrapped in the input
-template (default: one ChatML user turn plus the assistant header, `CHATML_TEMPLATE`) and the
+The data is JSON lines `{"input": ..., "output": ...}`. Each input is wrapped in the input template
+(default: one ChatML user turn plus the assistant header, `CHATML_TEMPLATE` in train_config.py) and the
 target is the output followed by the tokenizer's end-of-sequence token (`<|im_end|>` for
-SmolLM2-Instruct). Clients must send `/generate` the same template around their text; the card
-written next to the adapter says which. A task may also get a contract on its answers (`output`,
-`defaults`): written as task.json beside the adapter, the server then holds every request to it.
+SmolLM2-Instruct). Clients must send `/generate` the same template around their text; the card written
+next to the adapter says which. A task may also get a contract on its answers (`output`, `defaults`):
+written as task.json beside the adapter, the server then holds every request to it.
 
 Training runs the base model on `cat(soft_prompt, embed(input + output))` with right padding, so
 virtual tokens take positions 0..P-1 and input tokens P.. exactly as the engine serves them; the
 loss is cross-entropy on the output tokens only. Evaluation is greedy decoding through the
-serving engine itself (`Engine`, `Scheduler`, `Request`), batched, so a held-out score is what
-the server would answer.
+serving engine itself, batched (train_eval.py), so a held-out score is what the server would answer;
+the data and its split are train_data.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -29,19 +28,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from server.engine.engine import Engine
-from server.engine.request import Event, FinishEvent, Request, SamplingParams
-from server.engine.runner import Acceleration
-from server.engine.scheduler import SchedulerConfig
 from server.model_card import render_card
 from server.models import DEFAULT_MODEL, DEFAULT_MODEL_ID, LoadedModel
 from server.prompts.install import check_folder, install, temp_folder
 from server.prompts.settings import SETTINGS_FILE, parse_settings
 from server.prompts.store import read_adapter, validate_task_name
-from server.prompts.types import PromptGeometry, PromptKind, SoftPrompt
+from server.prompts.types import PromptGeometry
 from server.structured import MAX_CHOICES
-from server.train_config import CHATML_TEMPLATE as CHATML_TEMPLATE
 from server.train_config import INITS, TrainConfig
+from server.train_data import encode, read_jsonl, split_data
+from server.train_eval import default_max_new_tokens, evaluate
 
 
 @dataclass
@@ -55,54 +51,6 @@ class TrainResult:
     n_eval: int
     samples: list[dict[str, str]] = field(default_factory=list)  # a few held-out predictions after training
     train_seconds: float = 0.0  # the optimiser steps alone
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-def read_jsonl(path: Path) -> list[dict[str, str]]:
-    rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("input"), str)
-            or not isinstance(row.get("output"), str)
-        ):
-            raise ValueError(f"{path}:{i}: each line must be an object with string 'input' and 'output'")
-        rows.append({"input": row["input"], "output": row["output"]})
-    if not rows:
-        raise ValueError(f"{path}: no examples")
-    return rows
-
-
-def split_data(cfg: TrainConfig) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    rows = read_jsonl(cfg.data)
-    if cfg.eval_data is not None:
-        held = read_jsonl(cfg.eval_data)
-    else:
-        rng = random.Random(cfg.seed)
-        rows = rows[:]
-        rng.shuffle(rows)
-        n = int(cfg.holdout) if cfg.holdout >= 1 else int(round(len(rows) * cfg.holdout))
-        n = max(1, min(n, len(rows) - 1))
-        held, rows = rows[:n], rows[n:]
-    if cfg.max_eval is not None:
-        held = held[: cfg.max_eval]
-    return rows, held
-
-
-def encode(lm: LoadedModel, template: str, example: dict[str, str]) -> tuple[list[int], list[int]]:
-    """(input ids exactly as the server tokenises the templated input, output ids + end token)."""
-    tok = lm.tokenizer
-    input_ids = tok(template.format(input=example["input"]), add_special_tokens=True)["input_ids"]
-    output_ids = tok(example["output"], add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None:
-        output_ids = output_ids + [int(tok.eos_token_id)]
-    return input_ids, output_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,78 +117,6 @@ def batch_loss(
         hidden[b_idx, t_idx]
     )  # [N, V]: the lm head on output positions only
     return F.cross_entropy(logits.float(), torch.tensor(targets, device=dev))
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation through the serving engine
-
-
-def as_soft_prompt(lm: LoadedModel, embeddings: torch.Tensor, name: str = "eval") -> SoftPrompt:
-    emb = embeddings.detach().to(device=lm.device, dtype=lm.dtype).contiguous()  # [P, H]
-    digest = hashlib.sha256(emb.float().cpu().numpy().tobytes()).hexdigest()
-    return SoftPrompt(
-        name=name, kind=PromptKind.PROMPT_TUNING, embeddings=emb, content_hash=digest, source=Path(name)
-    )
-
-
-def generate_batch(
-    lm: LoadedModel,
-    prompt: SoftPrompt,
-    inputs: Sequence[list[int]],
-    max_new_tokens: int,
-    batch_size: int = 32,
-) -> list[str]:
-    """Greedy answers for many inputs, through the engine exactly as served (driven on this thread)."""
-    total = sum(len(i) for i in inputs) + len(inputs) * (prompt.num_virtual_tokens + max_new_tokens)
-    # Eager steps: each evaluation builds its own engine, and its few hundred steps would not repay
-    # recording every bucket's CUDA graph again (graphs are recorded once per serving engine).
-    accel = Acceleration(cuda_graphs=False)
-    engine = Engine(lm, SchedulerConfig(batch_size, max(total, 1), len(inputs) + 1), accel=accel)
-    results: dict[int, FinishEvent] = {}
-
-    def sink_for(i: int) -> Callable[[Event], None]:
-        def sink(event: Event) -> None:
-            if isinstance(event, FinishEvent):
-                results[i] = event
-            elif not hasattr(event, "token_id"):  # an ErrorEvent
-                raise RuntimeError(f"evaluation request failed: {event}")
-
-        return sink
-
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    for i, ids in enumerate(inputs):
-        engine.enqueue(
-            Request(
-                task=prompt.name, prompt=prompt, input_ids=list(ids), params=params, seed=0, sink=sink_for(i)
-            )
-        )
-    with torch.inference_mode():
-        engine.run_until_idle()
-    if len(results) < len(inputs):
-        raise RuntimeError(f"the engine stopped with {len(inputs) - len(results)} requests unfinished")
-    return [results[i].generated_text for i in range(len(inputs))]
-
-
-def exact_match(predictions: Sequence[str], examples: Sequence[dict[str, str]]) -> float:
-    hits = sum(p.strip() == e["output"].strip() for p, e in zip(predictions, examples))
-    return hits / max(1, len(examples))
-
-
-def evaluate(
-    lm: LoadedModel,
-    embeddings: torch.Tensor,
-    examples: Sequence[dict[str, str]],
-    template: str,
-    max_new_tokens: int,
-    batch_size: int = 32,
-) -> tuple[float, list[str]]:
-    inputs = [encode(lm, template, e)[0] for e in examples]
-    preds = generate_batch(lm, as_soft_prompt(lm, embeddings), inputs, max_new_tokens, batch_size)
-    return exact_match(preds, examples), preds
-
-
-def default_max_new_tokens(lm: LoadedModel, examples: Sequence[dict[str, str]]) -> int:
-    return max(len(lm.tokenizer(e["output"], add_special_tokens=False)["input_ids"]) for e in examples) + 4
 
 
 # ---------------------------------------------------------------------------------------------

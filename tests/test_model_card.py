@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from server.model_card import loss_ends, render_card
-from server.training import CHATML_TEMPLATE, TrainConfig
+from server.train_config import CHATML_TEMPLATE, TrainConfig
 
 
 def card_for(tmp_path: Path, **overrides) -> tuple[str, TrainConfig]:

@@ -17,17 +17,10 @@ from server.config import Settings
 from server.models import LoadedModel, load_model
 from server.prompts.store import read_adapter
 from server.prompts.types import PromptGeometry
-from server.training import (
-    CHATML_TEMPLATE,
-    TrainConfig,
-    as_soft_prompt,
-    encode,
-    generate_batch,
-    initial_prompt,
-    optimise,
-    split_data,
-    train,
-)
+from server.train_config import CHATML_TEMPLATE, TrainConfig
+from server.train_data import encode, split_data
+from server.train_eval import as_soft_prompt, generate_batch
+from server.training import initial_prompt, optimise, train
 from tests.support import reference_greedy
 
 COLOURS = ["red", "green", "blue", "black", "white", "pink", "grey", "brown"]
