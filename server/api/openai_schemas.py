@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.outputs import ResponseFormat, from_response_format, from_structured_outputs, one_of
-from server.api.schemas import MAX_SEED, MAX_STOP, finite_or_none
+from server.api.schemas import MAX_SEED, MAX_STOP, finite_or_none, frequency_penalty_field
 from server.engine.request import SamplingParams
 from server.structured import OutputSpec
 
@@ -72,12 +72,7 @@ class _Common(BaseModel):
         description="vLLM's extension: lower is served first; default and range from the task's task.json",
     )
 
-    frequency_penalty: float | None = Field(
-        None,
-        ge=-2.0,
-        le=2.0,
-        description="logit -= its count among the generated tokens x this (OpenAI's formula)",
-    )
+    frequency_penalty: float | None = frequency_penalty_field()
     presence_penalty: float | None = Field(
         None, ge=-2.0, le=2.0, description="logit -= this once a token was generated"
     )

@@ -26,6 +26,16 @@ _TGI_NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
+def frequency_penalty_field(note: str = "") -> Any:
+    """OpenAI's frequency penalty, as both APIs take it: optional, within [-2, 2]."""
+    return Field(
+        None,
+        ge=-2.0,
+        le=2.0,
+        description=f"logit -= its count among the generated tokens x this (OpenAI's formula{note})",
+    )
+
+
 def finite_or_none(v: float | None) -> float | None:
     """Field validator shared with the OpenAI schemas: JSON NaN and Infinity are refused."""
     if v is not None and not math.isfinite(v):
@@ -87,12 +97,7 @@ class GenerateParameters(BaseModel):
             "and details.tokens with each token's logprob)"
         ),
     )
-    frequency_penalty: float | None = Field(
-        None,
-        ge=-2.0,
-        le=2.0,
-        description="logit -= its count among the generated tokens x this (OpenAI's formula; 0: off)",
-    )
+    frequency_penalty: float | None = frequency_penalty_field("; 0: off")
     grammar: TgiGrammar | None = Field(
         None,
         description=(
