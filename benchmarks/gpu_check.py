@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +24,6 @@ import torch
 from benchmarks.common import add_model_arguments, write_results
 from benchmarks.compare import add_workload_arguments, bench_request, load_workload, longest, sync, where
 from server.engine.engine import Engine
-from server.engine.request import FinishEvent
 from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel
 from server.prompts.types import SoftPrompt
@@ -73,18 +71,7 @@ def main() -> None:
     pool_mib = (engine.runner.k.numel() + engine.runner.v.numel()) * engine.runner.k.element_size() / 2**20
     if lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lm.device)
-    answers: dict[int, list[int]] = {}
-
-    def sink_for(i: int) -> Callable[[object], None]:
-        def sink(event: object) -> None:
-            if isinstance(event, FinishEvent):
-                answers[i] = list(requests[i].output_ids)
-
-        return sink
-
-    requests = [
-        bench_request(prompts[j.task], j.input_ids, args.new_tokens, sink_for(i)) for i, j in enumerate(jobs)
-    ]
+    requests = [bench_request(prompts[j.task], j.input_ids, args.new_tokens, lambda _: None) for j in jobs]
     for r in requests:
         engine.enqueue(r)
     with torch.inference_mode():
@@ -92,8 +79,8 @@ def main() -> None:
     sync(lm)
     now, peak = memory_mib(lm)
     same = sum(
-        answers.get(i) == solo_reference(lm, prompts[j.task], j.input_ids, args.new_tokens)
-        for i, j in enumerate(jobs)
+        r.output_ids == solo_reference(lm, prompts[j.task], j.input_ids, args.new_tokens)
+        for r, j in zip(requests, jobs)
     )
     stats = engine.static_decode_stats()
     print(f"engine built in {build_s:.1f} s; static decode: {stats}")

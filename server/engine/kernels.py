@@ -25,6 +25,7 @@ loader would rebuild it whenever the sources' path differs).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -189,16 +190,10 @@ class Kernels:
         return h, residual
 
 
-_shapes_registered = False
-
-
+@functools.cache
 def _register_shapes() -> None:
     """Each op's output for tensors without data (torch.compile and make_fx trace with these); once
     per process. The C++ checks inputs at run time; these give shapes and dtypes only."""
-    global _shapes_registered
-    if _shapes_registered or not hasattr(torch.ops.softmux, "rms_norm"):
-        return
-    _shapes_registered = True
 
     def same_as_first(x: torch.Tensor, *rest: Any) -> torch.Tensor:
         return torch.empty_like(x)
