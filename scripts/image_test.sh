@@ -1,57 +1,20 @@
 #!/usr/bin/env bash
 # Build the image with podman (Docker's engine does not run here), run it, POST /generate, stop it.
-# Not part of `make test`. Needs root and the Debian packages podman, runc and debootstrap.
-#
-# No image registry is reachable, so the base is a Debian bookworm made with debootstrap and
-# imported once (kept in WORK); the Dockerfile installs Python 3.11 into it from Debian. pip
-# inside the build uses this machine's CA bundle (a build secret) and the host network; a local
-# torch CPU wheel, when there is one, is staged into docker/wheels/ and preferred over any index.
+# Not part of `make test`. Needs root and the Debian packages podman, runc, debootstrap and curl.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/podman_image.sh  # IMAGE, PODMAN, ULIMITS, require_tools, build_image
 
-IMAGE=${IMAGE:-softmux:test}
-BASE=${BASE:-localhost/softmux-bookworm:latest}
-WORK=${WORK:-/var/tmp/softmux-image}
 PORT=${PORT:-18080}
 NAME=softmux-image-test-$$
-CA=${CA:-/etc/ssl/certs/ca-certificates.crt}
-PODMAN=(podman --runtime runc)
-cd "$(dirname "$0")/.."
-
-for tool in podman runc debootstrap curl; do
-    command -v "$tool" >/dev/null || { echo "image-test: $tool is missing (apt-get install -y podman runc debootstrap curl)" >&2; exit 1; }
-done
-
-if ! "${PODMAN[@]}" image exists "$BASE"; then
-    if [ ! -x "$WORK/rootfs/bin/sh" ]; then
-        echo "== debootstrap bookworm into $WORK/rootfs"
-        mkdir -p "$WORK"
-        debootstrap --variant=minbase bookworm "$WORK/rootfs"
-    fi
-    echo "== import $BASE"
-    tar -C "$WORK/rootfs" -c . | "${PODMAN[@]}" import - "$BASE"
-fi
-
-staged=()
-for wheel in /opt/wheels/torch-2.13.0*cpu*.whl; do
-    [ -e "$wheel" ] || continue
-    cp -n "$wheel" docker/wheels/ && staged+=("docker/wheels/$(basename "$wheel")")
-done
-cleanup() {
-    "${PODMAN[@]}" rm -f "$NAME" >/dev/null 2>&1 || true
-    for f in "${staged[@]}"; do rm -f "$f"; done
-}
-trap cleanup EXIT
-
-echo "== build $IMAGE from $BASE"
-"${PODMAN[@]}" build --format docker --network host --secret "id=ca,src=$CA" \
-    --build-arg "BASE_IMAGE=$BASE" --build-arg "TORCH_INDEX_URL=" \
-    -t "$IMAGE" -f Dockerfile .
+require_tools podman runc debootstrap curl
+trap '"${PODMAN[@]}" rm -f "$NAME" >/dev/null 2>&1 || true' EXIT
+build_image
 
 echo "== run $IMAGE on 127.0.0.1:$PORT"
-# Explicit ulimits: runc here cannot apply podman's defaults (EPERM on RLIMIT_NOFILE/NPROC).
 # No systemd here to time the healthcheck: it is disabled as a timer and run by hand below.
 "${PODMAN[@]}" run -d --name "$NAME" --network host -e SOFTMUX_PORT="$PORT" -e SOFTMUX_HOST=127.0.0.1 \
-    --ulimit nofile=8192:8192 --ulimit nproc=8192:8192 --health-interval disable \
+    "${ULIMITS[@]}" --health-interval disable \
     -v "$PWD/prompts_store:/app/prompts_store:ro" "$IMAGE" >/dev/null
 for _ in $(seq 1 120); do
     if curl -fsS "127.0.0.1:$PORT/ready" >/dev/null 2>&1; then break; fi
@@ -62,6 +25,9 @@ for _ in $(seq 1 120); do
 done
 curl -fsS "127.0.0.1:$PORT/ready"; echo
 echo "== user in the container: $("${PODMAN[@]}" exec "$NAME" id -un)"
+echo "== native kernels: $("${PODMAN[@]}" logs "$NAME" 2>&1 | grep -o 'native kernels [a-z]*' | head -1)"
+"${PODMAN[@]}" logs "$NAME" 2>&1 | grep -q 'native kernels loaded' \
+    || { echo "image-test: the server runs without its native kernels" >&2; exit 1; }
 "${PODMAN[@]}" healthcheck run "$NAME" 2>/dev/null && echo "== HEALTHCHECK (GET /ready inside the container): healthy" \
     || { echo "image-test: the image's HEALTHCHECK failed" >&2; exit 1; }
 echo "== POST /generate"

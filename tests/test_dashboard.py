@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from scripts.dashboard_queries import FAILURE_PANELS, concrete, expressions, panels
 from server.api.app import create_app
 from tests.api_support import make_store, open_client, settings_for
 
@@ -53,22 +53,6 @@ def test_metric_names_parse_promql():
 # ---- the dashboard -------------------------------------------------------------------------------------
 def load_dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
-
-
-def panels(items: list[dict]) -> Iterator[dict]:
-    """Every panel, including those inside collapsed rows."""
-    for panel in items:
-        yield panel
-        yield from panels(panel.get("panels", []))
-
-
-def expressions(dashboard: dict) -> list[str]:
-    exprs = [t["expr"] for p in panels(dashboard["panels"]) for t in p.get("targets", []) if t.get("expr")]
-    for variable in dashboard.get("templating", {}).get("list", []):
-        query = variable.get("query")
-        if variable.get("type") == "query" and query:
-            exprs.append(query["query"] if isinstance(query, dict) else query)
-    return exprs
 
 
 def exported_series(text: str) -> dict[str, tuple[str, str]]:
@@ -188,3 +172,12 @@ def test_compose_provisions_grafana_from_the_files_that_exist():
     for ds in provisioned_datasources():
         host = re.match(r"https?://([^:/]+)", ds["url"])
         assert host and host.group(1) in services, ds["url"]
+
+
+def test_the_query_script_names_real_panels_and_leaves_no_grafana_variable():
+    """scripts/dashboard_queries.py evaluates the dashboard outside Grafana: every panel it lets stay
+    empty must exist, and every expression must be concrete PromQL once Grafana's variables are set."""
+    dashboard = load_dashboard()
+    titles = {panel.get("title") for panel in panels(dashboard["panels"])}
+    assert FAILURE_PANELS <= titles, FAILURE_PANELS - titles
+    assert not [e for e in expressions(dashboard) if "$" in concrete(e)]

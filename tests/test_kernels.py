@@ -325,3 +325,14 @@ def test_a_build_clears_a_stale_torch_lock_and_replaces_a_library_that_does_not_
     loaded = kernels.load(tmp_path)
     assert loaded is not None and loaded._m is built  # the freshly built module, behind the typed wrapper
     assert seen == {"torch_lock": False, "library": False}
+
+
+def test_the_build_finds_the_ninja_dependency_without_an_activated_venv(monkeypatch, tmp_path):
+    """`.venv/bin/softmux serve` runs with the venv's bin/ off PATH (and images have no system ninja):
+    the build must still find the `ninja` the package depends on, or the server silently runs torch ops."""
+    import ninja  # a dependency of the package (pyproject.toml)
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH, as in a bare image's shell
+    assert shutil.which("ninja") is None
+    kernels._put_ninja_on_path()
+    assert shutil.which("ninja") == str(Path(ninja.BIN_DIR) / "ninja")

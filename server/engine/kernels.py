@@ -31,6 +31,7 @@ import importlib.util
 import logging
 import os
 import platform
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -287,6 +288,7 @@ def _import_or_build(build_dir: Path, name: str) -> ModuleType:
                 library.unlink()
         # torch's own lock file, if one is here, was left by a build that died: only our lock's holder builds.
         (build_dir / "lock").unlink(missing_ok=True)
+        _put_ninja_on_path()
         from torch.utils import cpp_extension
 
         return cpp_extension.load(
@@ -297,6 +299,18 @@ def _import_or_build(build_dir: Path, name: str) -> ModuleType:
             build_directory=str(build_dir),
             verbose=os.environ.get("SOFTMUX_KERNELS_VERBOSE") == "1",
         )
+
+
+def _put_ninja_on_path() -> None:
+    """torch builds with the `ninja` it finds on PATH. The `ninja` package (a dependency) puts one beside
+    the venv's python, which is on PATH only in an activated venv, not for `.venv/bin/softmux serve`."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:  # torch's error then names what is missing
+        return
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
 def _import(library: Path, name: str) -> ModuleType:
