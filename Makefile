@@ -76,6 +76,8 @@ fuzz: venv model
 image-test:
 	bash scripts/image_test.sh
 
+# docker-compose.yml's softmux and Prometheus with podman-compose, under `softmux bench` load; every
+# dashboard expression must answer (same needs as image-test). PREVIEW=file.png draws the panels.
 compose-test: venv
 	bash scripts/compose_test.sh
 

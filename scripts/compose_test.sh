@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `docker compose up` checked with podman-compose (Docker's engine does not run here): docker-compose.yml's
-# softmux and Prometheus services as written, a minute of mixed-task load, then Prometheus must scrape
+# softmux and Prometheus services as written, `softmux bench` load over every task, then Prometheus must scrape
 # softmux by its service name and every expression of the Grafana dashboard must answer
 # (scripts/dashboard_queries.py). Not part of `make test`: needs root, the Debian packages podman, runc,
 # debootstrap and curl, and PyPI for podman-compose (installed into WORK).
@@ -19,7 +19,10 @@ source scripts/podman_image.sh  # IMAGE, BASE, WORK, PODMAN, ULIMITS, require_to
 
 PROJECT=softmux-compose-test
 PYTHON=${PYTHON:-.venv/bin/python}
-LOAD_SECONDS=${LOAD_SECONDS:-75}
+CONCURRENCY=${CONCURRENCY:-4 16 48}  # the load's levels, one after another (compose sets 32 rows a pass)
+PREVIEW=${PREVIEW:-}  # a PNG path: draw the dashboard's panels over the load (scripts/dashboard_preview.py)
+# requests per level: enough for the check, or a few minutes of load for a preview worth looking at
+REQUESTS=${REQUESTS:-$([ -n "$PREVIEW" ] && echo 1500 || echo 240)}
 PROMETHEUS_IMAGE=docker.io/prom/prometheus:latest
 require_tools podman runc debootstrap curl
 [ -x "$PYTHON" ] || { echo "compose-test: $PYTHON is missing (make venv)" >&2; exit 1; }
@@ -48,9 +51,7 @@ CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prome
 EOF
 fi
 
-load_pids=()
 down() {
-    for pid in "${load_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     "${COMPOSE[@]}" down -t 10 >/dev/null 2>&1 || true
 }
 trap down EXIT
@@ -83,21 +84,12 @@ for i in $(seq 1 30); do
 done
 echo "== Prometheus ready on the published port 9090"
 
-echo "== ${LOAD_SECONDS} s of load: four clients, four tasks, through the published port 8000"
-for task in sentiment topic iso-date extract-json; do
-    (
-        end=$((SECONDS + LOAD_SECONDS))
-        while [ "$SECONDS" -lt "$end" ]; do
-            curl -sS -o /dev/null -w '%{http_code}\n' 127.0.0.1:8000/generate -H 'content-type: application/json' \
-                -d "{\"task\": \"$task\", \"inputs\": \"The parcel came on 3 May, two days late.\", \"parameters\": {\"max_new_tokens\": 24}}"
-        done > "$WORK/load-$task.codes"
-    ) &
-    load_pids+=($!)
-done
-wait "${load_pids[@]}"
-load_pids=()
-echo "   responses by status: $(cat "$WORK"/load-*.codes | sort | uniq -c | xargs)"
-grep -qx 200 "$WORK"/load-*.codes || { echo "compose-test: no request succeeded" >&2; exit 1; }
+echo "== load: softmux bench through the published port 8000, every task, ${CONCURRENCY} clients in turn"
+load_start=$SECONDS
+# shellcheck disable=SC2086  # CONCURRENCY is a list of levels
+"$PYTHON" -m server.cli bench --url http://127.0.0.1:8000 --tasks 0 --concurrency $CONCURRENCY \
+    --requests "$REQUESTS" --max-new-tokens 32 --no-progress \
+    || { echo "compose-test: requests failed under load (errors column above)" >&2; exit 1; }
 
 echo "== Prometheus's scrape target (softmux:8000, by compose service name)"
 targets=$(curl -fsS 127.0.0.1:9090/api/v1/targets)
@@ -108,4 +100,10 @@ echo "$targets" | grep -q '"health":"up"' || { echo "compose-test: Prometheus ca
 
 echo "== the dashboard's expressions against compose's Prometheus"
 "$PYTHON" scripts/dashboard_queries.py --prometheus http://127.0.0.1:9090
+if [ -n "$PREVIEW" ]; then
+    echo "== the dashboard's panels over the load, drawn into $PREVIEW"
+    "$PYTHON" scripts/dashboard_preview.py --prometheus http://127.0.0.1:9090 --out "$PREVIEW" \
+        --minutes "$(( (SECONDS - load_start) / 60 + 2 ))" \
+        --caption "softmux dashboard panels under softmux bench (concurrency ${CONCURRENCY// /, }), drawn from compose's Prometheus; $(date -u +%F)"
+fi
 echo "compose-test: OK (softmux and Prometheus; Grafana left out, see the head of this script)"

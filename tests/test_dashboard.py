@@ -181,3 +181,20 @@ def test_the_query_script_names_real_panels_and_leaves_no_grafana_variable():
     titles = {panel.get("title") for panel in panels(dashboard["panels"])}
     assert FAILURE_PANELS <= titles, FAILURE_PANELS - titles
     assert not [e for e in expressions(dashboard) if "$" in concrete(e)]
+
+
+def test_the_preview_draws_every_panel_under_its_row_with_grafanas_legends():
+    from scripts.dashboard_preview import legend, sections
+
+    dashboard = load_dashboard()
+    every = list(panels(dashboard["panels"]))
+    bands = sections(dashboard)
+    assert [title for title, _ in bands] == [p["title"] for p in every if p["type"] == "row"]
+    drawn = [p["title"] for _, lines in bands for line in lines for p in line]
+    assert sorted(drawn) == sorted(p["title"] for p in every if p["type"] != "row")
+    for _, lines in bands:  # each line is one gridPos.y, left to right
+        for line in lines:
+            assert len({p["gridPos"]["y"] for p in line}) == 1
+            assert [p["gridPos"]["x"] for p in line] == sorted(p["gridPos"]["x"] for p in line)
+    assert legend("{{task}} {{ phase }}", {"task": "topic", "phase": "decode"}) == "topic decode"
+    assert legend("p95", {"le": "1"}) == "p95"
