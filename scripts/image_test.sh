@@ -30,11 +30,11 @@ echo "== native kernels: $("${PODMAN[@]}" logs "$NAME" 2>&1 | grep -o 'native ke
     || { echo "image-test: the server runs without its native kernels" >&2; exit 1; }
 "${PODMAN[@]}" healthcheck run "$NAME" 2>/dev/null && echo "== HEALTHCHECK (GET /ready inside the container): healthy" \
     || { echo "image-test: the image's HEALTHCHECK failed" >&2; exit 1; }
-echo "== POST /generate"
+echo "== POST /generate (the README's first request: its answer is pinned there)"
 out=$(curl -fsS "127.0.0.1:$PORT/generate" -H 'content-type: application/json' -H 'x-request-id: image-test-1' \
-    -d '{"task": "sentiment", "inputs": "<|im_start|>user\nThe battery died after a day.<|im_end|>\n<|im_start|>assistant\n", "parameters": {"max_new_tokens": 16}}')
+    -d '{"task": "iso-date-trained", "inputs": "<|im_start|>user\nthe fourth of July 2021<|im_end|>\n<|im_start|>assistant\n"}')
 echo "$out"
-echo "$out" | grep -q '"generated_text"' || { echo "image-test: no generated_text" >&2; exit 1; }
+echo "$out" | grep -q '"generated_text":"2021-07-04"' || { echo "image-test: not the README's answer (2021-07-04)" >&2; exit 1; }
 echo "== stop"
 "${PODMAN[@]}" stop -t 10 "$NAME" >/dev/null
 echo "image-test: OK"
