@@ -336,3 +336,30 @@ def test_the_build_finds_the_ninja_dependency_without_an_activated_venv(monkeypa
     assert shutil.which("ninja") is None
     kernels._put_ninja_on_path()
     assert shutil.which("ninja") == str(Path(ninja.BIN_DIR) / "ninja")
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        (  # torch's message as a bare Debian python3 gives it: the compiler's error is lines down
+            "Error building extension 'softmux_cpu_ops_1': [1/5] c++ -MMD -O3 -c attention.cpp\n"
+            "FAILED: [code=1] attention.o\n"
+            "In file included from torch/include/torch/extension.h:10,\n"
+            "torch/csrc/python_headers.h:13:10: fatal error: Python.h: No such file or directory\n"
+            "compilation terminated.\n",
+            "error: Python.h: No such file or directory; "
+            "install Python's headers (apt-get install python3-dev)",
+        ),
+        (
+            "Ninja is required to load C++ extensions (pip install ninja to get it)",
+            "Ninja is required to load C++ extensions (pip install ninja to get it); pip install ninja",
+        ),
+        (
+            "[1/5] c++ -c x.cpp\n/bin/sh: 1: c++: not found\n",
+            "/bin/sh: 1: c++: not found; install a C++ compiler (apt-get install g++)",
+        ),
+        ("something else\nmore", "something else"),
+    ],
+)
+def test_a_failed_build_says_why_and_what_to_install(output, expected):
+    assert kernels.build_failure(RuntimeError(output)) == expected

@@ -266,13 +266,36 @@ def load(cache_dir: Path) -> Kernels | None:
                 module = Kernels(_import_or_build(build_dir, f"softmux_cpu_ops_{key}"))
                 log.info("native kernels loaded from %s", build_dir)
             except Exception as exc:  # no compiler, headers or linker: the torch path serves the same results
-                log.warning(
-                    "native kernels unavailable (%s); using torch ops",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                )
+                log.warning("native kernels unavailable (%s); using torch ops", build_failure(exc))
                 module = None
         _loaded[key] = module
         return module
+
+
+# What a failed build's output says -> what to install (Debian/Ubuntu names; other systems have the same).
+_REMEDIES = {
+    "Python.h": "install Python's headers (apt-get install python3-dev)",
+    "Ninja is required": "pip install ninja",
+    "c++: not found": "install a C++ compiler (apt-get install g++)",
+    "omp.h": "install a compiler with OpenMP (apt-get install g++)",
+}
+
+
+def build_failure(exc: Exception) -> str:
+    """One line on why the build failed and what to do: the compiler's first error, not the ninja
+    command line that torch's message starts with."""
+    text = str(exc) or type(exc).__name__
+    lines = text.splitlines()
+    reason = lines[0]
+    for line in lines:
+        if "error:" in line:
+            reason = line[line.index("error:") :]
+            break
+        if "not found" in line:  # the shell's answer for a missing compiler
+            reason = line
+            break
+    remedy = next((fix for needle, fix in _REMEDIES.items() if needle in text), "")
+    return f"{reason.strip()}; {remedy}" if remedy else reason.strip()
 
 
 def _import_or_build(build_dir: Path, name: str) -> ModuleType:
