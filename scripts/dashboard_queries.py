@@ -74,13 +74,14 @@ def main() -> int:
                     continue
                 total += 1
                 series, error = evaluate(client, target["expr"])
-                optional = panel["title"] in FAILURE_PANELS
                 if series is None:
                     failures += 1
                     status = f"ERROR {error}"
+                elif series == 0 and panel["title"] in FAILURE_PANELS:
+                    status = "empty (nothing failed)"
                 elif series == 0:
-                    empty += 0 if optional else 1
-                    status = "empty (nothing failed)" if optional else "EMPTY"
+                    empty += 1
+                    status = "EMPTY"
                 else:
                     status = f"{series} series"
                 print(f"{panel['title']:<60} {status:<24} {concrete(target['expr'])}")
