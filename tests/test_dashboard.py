@@ -1,6 +1,7 @@
 """The Grafana dashboard (deploy/grafana/) against the server and docker-compose.yml, so that it cannot
 rot unnoticed: every metric its PromQL names is one a live app exports on /metrics, every panel uses
-the provisioned datasource, and compose mounts the provisioning files that exist where Grafana reads them."""
+the provisioned datasource, Grafana's own schema reads it as written (tests/grafana_schema.py), and
+compose mounts the provisioning files that exist where Grafana reads them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scripts.dashboard_queries import FAILURE_PANELS, concrete, expressions, panels
 from server.api.app import create_app
 from tests.api_support import make_store, open_client, settings_for
+from tests.grafana_schema import schema_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -117,6 +119,33 @@ def test_every_metric_the_dashboard_reads_is_exported(metrics_text):
         "softmux_request_count",
     ):
         assert family in families, family
+
+
+def test_grafanas_own_schema_reads_the_dashboard_as_written():
+    assert schema_problems(load_dashboard()) == []
+
+
+def _mutated(change) -> dict:
+    dashboard = load_dashboard()
+    change(dashboard, next(p for p in dashboard["panels"] if p["type"] == "timeseries"))
+    return dashboard
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d, p: p["targets"][0].update(legendFormt="{{task}}"), "legendFormt: not a field"),
+        (lambda d, p: d.update(refresh_interval="10s"), "refresh_interval: not a field"),
+        (lambda d, p: p["options"]["legend"].update(displayMode="lst"), "'lst' is not one of"),
+        (lambda d, p: p["fieldConfig"]["defaults"].update(min="0"), "'0' is not a float"),
+        (lambda d, p: p["gridPos"].update(w="12"), "'12' is not a int"),
+        (lambda d, p: p.update(type="timeseriez"), "no panel plugin of type 'timeseriez'"),
+    ],
+    ids=["misspelt query field", "unknown top-level field", "enum", "number as string", "int", "panel type"],
+)
+def test_the_schema_check_finds_what_grafana_would_not_read(change, expected):
+    problems = schema_problems(_mutated(change))
+    assert any(expected in problem for problem in problems), problems
 
 
 def provisioned_datasources() -> list[dict]:
