@@ -78,9 +78,10 @@ def schema_problems(dashboard: dict) -> list[str]:
     decoded = grafana.Dashboard.from_json(copy.deepcopy(dashboard))
     kept = json.loads(json.dumps(decoded, cls=JSONEncoder))
     problems = [*_dropped(dashboard, kept), *_mistyped(decoded)]
-    for panel in decoded.panels or []:
+    rows = [p for p in decoded.panels or [] if isinstance(p, grafana.RowPanel)]
+    for panel in [*(decoded.panels or []), *(p for row in rows for p in row.panels or [])]:
         if not isinstance(panel, grafana.Panel):
-            continue  # a row: its fields are checked above
+            continue  # a row: its fields are checked above; a collapsed row's panels are in the list
         if isinstance(panel.options, dict):
             problems.append(f"panel {panel.title!r}: no panel plugin of type {panel.type_val!r}")
         for target in panel.targets or []:

@@ -148,6 +148,15 @@ def test_the_schema_check_finds_what_grafana_would_not_read(change, expected):
     assert any(expected in problem for problem in problems), problems
 
 
+def test_the_schema_check_reads_the_panels_of_a_collapsed_row():
+    dashboard = load_dashboard()
+    row, inner = dashboard["panels"][0], dashboard["panels"][1:5]  # a row and the panels under it
+    inner[0]["type"] = "timeseriez"
+    row.update(collapsed=True, panels=inner)  # Grafana keeps a collapsed row's panels inside it
+    dashboard["panels"] = [row, *dashboard["panels"][5:]]
+    assert any("no panel plugin of type 'timeseriez'" in p for p in schema_problems(dashboard))
+
+
 def provisioned_datasources() -> list[dict]:
     files = sorted((PROVISIONING / "datasources").glob("*.y*ml"))
     return [ds for f in files for ds in yaml.safe_load(f.read_text())["datasources"]]
